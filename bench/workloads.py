@@ -1,0 +1,271 @@
+"""The workloads, and the worker process that times one run of one workload on a mounted tree.
+
+The runner starts `python workloads.py NAME ROOT PARAMS` for each run, so a hung filesystem costs only
+that child (the runner kills it at --timeout). The child prints one JSON line with its seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import dataset as D
+
+BLOCK = 1 * D.MiB
+PAGE = 4 * D.KiB
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    summary: str
+    # Cold runs start with the page, dentry and inode caches dropped; warm runs first do one untimed pass.
+    cache: str  # "cold" or "warm"
+    # Paths of the merged tree this workload changes; on the native directory they are restored before a
+    # run (union mounts get a fresh upper instead).
+    touches: tuple[str, ...] = ()
+
+
+WORKLOADS: tuple[Workload, ...] = (
+    Workload("seqread-cold", "read a lower file sequentially, 1 MiB at a time, caches dropped", "cold"),
+    Workload("seqread-warm", "the same read again right after an untimed first pass", "warm"),
+    Workload("seqwrite", "write a new file sequentially, 1 MiB at a time, fsync at the end", "cold"),
+    Workload("randread", "random 4 KiB reads from the big lower file", "cold"),
+    Workload("randwrite", "random 4 KiB writes into a lower file (opening it copies it up), fsync",
+             "cold", (D.RANDWRITE_FILE,)),
+    Workload("copyup-append", "append one byte to a lower file and fsync it", "cold", (D.APPEND_FILE,)),
+    Workload("chmod-10k", "chmod 0600 every lower file of a tree", "cold", (D.CHMOD_DIR,)),
+    Workload("find-cold", "find -type f with a stat of each file, over a tree merged from two lowers", "cold"),
+    Workload("find-warm", "the same find right after an untimed first pass", "warm"),
+    Workload("readdir-50k", "list and stat one directory merged from both lowers and the upper", "cold"),
+    Workload("create-remove-10k", "create small files in a new directory, then remove them all", "cold"),
+    Workload("realjob", "untar a CPython Lib tree, python -m compileall it, stat-walk it like git status",
+             "cold"),
+)
+BY_NAME = {w.name: w for w in WORKLOADS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """What the worker needs to know besides the mounted root; passed as JSON on its command line."""
+
+    scale: dict
+    tarball: str
+    use_fio: bool
+    drop_caches: bool
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run a tool whose output we do not need; its stderr becomes the error message if it fails."""
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
+        raise RuntimeError(f"{cmd[0]} exited {proc.returncode}: {' | '.join(tail)}")
+    return proc
+
+
+def _read_all(path: Path) -> int:
+    buf = bytearray(BLOCK)
+    total = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while n := os.readv(fd, [buf]):
+            total += n
+    finally:
+        os.close(fd)
+    return total
+
+
+def _fio(root: Path, rel: str, rw: str, p: Params) -> None:
+    cmd = ["fio", "--name", rw, "--filename", str(root / rel), "--rw", rw, "--bs", "4k",
+           "--io_size", str(p.scale["rand_ios"] * PAGE), "--ioengine", "psync", "--randrepeat", "1",
+           # The file exists in a lower layer: fio must neither create, lay out nor invalidate it.
+           "--allow_file_create", "0", "--invalidate", "0", "--fallocate", "none"]
+    if rw == "randwrite":
+        cmd += ["--end_fsync", "1"]
+    _run(cmd)
+
+
+def _random_offsets(size: int, count: int) -> list[int]:
+    rng = random.Random(4096)
+    pages = size // PAGE
+    return [rng.randrange(pages) * PAGE for _ in range(count)]
+
+
+# ---- workload bodies: each takes the mounted root and returns optional phase timings ----------------
+
+def seqread(root: Path, p: Params) -> None:
+    got = _read_all(root / D.SEQ_FILE)
+    if got != p.scale["seq_bytes"]:
+        raise RuntimeError(f"read {got} bytes, expected {p.scale['seq_bytes']}")
+
+
+def seqwrite(root: Path, p: Params) -> None:
+    (root / D.SCRATCH_DIR).mkdir(exist_ok=True)
+    block = os.urandom(BLOCK)
+    fd = os.open(root / D.SCRATCH_DIR / "seqwrite.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        left = p.scale["seq_bytes"]
+        while left:
+            left -= os.write(fd, block[: min(left, BLOCK)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def randread(root: Path, p: Params) -> None:
+    if p.use_fio:
+        return _fio(root, D.SEQ_FILE, "randread", p)
+    fd = os.open(root / D.SEQ_FILE, os.O_RDONLY)
+    try:
+        for off in _random_offsets(p.scale["seq_bytes"], p.scale["rand_ios"]):
+            os.pread(fd, PAGE, off)
+    finally:
+        os.close(fd)
+
+
+def randwrite(root: Path, p: Params) -> None:
+    if p.use_fio:
+        return _fio(root, D.RANDWRITE_FILE, "randwrite", p)
+    page = os.urandom(PAGE)
+    fd = os.open(root / D.RANDWRITE_FILE, os.O_WRONLY)
+    try:
+        for off in _random_offsets(p.scale["randwrite_bytes"], p.scale["rand_ios"]):
+            os.pwrite(fd, page, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copyup_append(root: Path, p: Params) -> None:
+    fd = os.open(root / D.APPEND_FILE, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, b"!")
+        # Kernel overlayfs syncs the copied-up data itself; the fsync makes every implementation pay that.
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def chmod_tree(root: Path, p: Params) -> None:
+    base = root / D.CHMOD_DIR
+    for i in range(p.scale["chmod_files"]):
+        os.chmod(base / f"c{i // 100:03d}" / f"f{i:05d}", 0o600)
+
+
+def find_tree(root: Path, p: Params) -> None:
+    # %s and %T force an lstat of every file, as `find -ls` would, without formatting cost.
+    _run(["find", str(root / D.TREE_DIR), "-type", "f", "-printf", "%s %T@\n"])
+
+
+def readdir_wide(root: Path, p: Params) -> None:
+    _run(["find", str(root / D.WIDE_DIR), "-mindepth", "1", "-maxdepth", "1", "-printf", "%s %T@\n"])
+
+
+def create_remove(root: Path, p: Params) -> None:
+    d = root / D.SCRATCH_DIR / "create-remove"
+    d.mkdir(parents=True)
+    payload = b"y" * 100
+    names = [d / f"n{i:05d}" for i in range(p.scale["create_files"])]
+    for path in names:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, payload)
+        os.close(fd)
+    for path in names:
+        os.unlink(path)
+    d.rmdir()
+
+
+def realjob(root: Path, p: Params) -> dict[str, float]:
+    dest = root / D.SCRATCH_DIR / "job"
+    dest.mkdir(parents=True)
+    phases = {}
+    t = time.perf_counter()
+    _run(["tar", "-xf", p.tarball, "-C", str(dest)])
+    phases["untar"] = time.perf_counter() - t
+    t = time.perf_counter()
+    # -j 0: one compiler process per core, as a build would use the machine.
+    _run([sys.executable, "-m", "compileall", "-q", "-j", "0", str(dest / "Lib")])
+    phases["compileall"] = time.perf_counter() - t
+    t = time.perf_counter()
+    phases["files_walked"] = _status_walk(dest)
+    phases["statwalk"] = time.perf_counter() - t
+    return phases
+
+
+def _status_walk(top: Path) -> int:
+    """What `git status` does to a clean work tree: read every directory and lstat every entry."""
+    count = 0
+    stack = [str(top)]
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                count += 1
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif st.st_size < 0:
+                    raise RuntimeError(f"bad size for {entry.path}")
+    return count
+
+
+BODIES: dict[str, Callable[[Path, Params], dict | None]] = {
+    "seqread-cold": seqread,
+    "seqread-warm": seqread,
+    "seqwrite": seqwrite,
+    "randread": randread,
+    "randwrite": randwrite,
+    "copyup-append": copyup_append,
+    "chmod-10k": chmod_tree,
+    "find-cold": find_tree,
+    "find-warm": find_tree,
+    "readdir-50k": readdir_wide,
+    "create-remove-10k": create_remove,
+    "realjob": realjob,
+}
+assert set(BODIES) == set(BY_NAME)
+
+
+def worker(name: str, root: Path, params: Params) -> dict:
+    """Run one timed pass of `name` on `root`, with the untimed preparation its cache state asks for."""
+    workload = BY_NAME[name]
+    body = BODIES[name]
+    if workload.cache == "warm":
+        body(root, params)
+    elif params.drop_caches:
+        drop_caches()
+    start = time.perf_counter()
+    phases = body(root, params)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "phases": phases or {}}
+
+
+def main(argv: list[str]) -> int:
+    name, root, params_json = argv
+    params = Params(**json.loads(params_json))
+    try:
+        result = worker(name, Path(root), params)
+    except Exception as e:  # reported to the runner, which records it in the table
+        result = {"error": f"{type(e).__name__}: {e}"}
+    print(json.dumps(result), flush=True)
+    return 0 if "error" not in result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
