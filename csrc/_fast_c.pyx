@@ -1,0 +1,327 @@
+# cython: language_level=3
+"""Hot-path primitives in Cython: confined path resolution and per-entry checks.
+
+Twin of ``unionfs/_fast_py.py``, which is its specification: same names, same behaviour, same
+exceptions. Calls openat2(2), fstatat(2) and renameat2(2) directly and builds ``os.stat_result``
+the way CPython's own ``os.stat`` does.
+"""
+
+import errno
+import os
+
+from cpython.object cimport PyTypeObject
+from cpython.ref cimport Py_INCREF
+from libc.errno cimport errno as c_errno, ENOENT, ENOSYS, ENOTDIR, ELOOP
+from libc.string cimport memchr
+from libc.stdint cimport uint64_t
+
+cdef extern from *:
+    """
+    #include <fcntl.h>
+    #include <stdio.h>
+    #include <sys/stat.h>
+    #include <sys/syscall.h>
+    #include <unistd.h>
+    #ifndef SYS_openat2
+    #define SYS_openat2 437
+    #endif
+    /* struct open_how of <linux/openat2.h>, spelt out so the build needs no kernel headers. */
+    struct unionfs_open_how { uint64_t flags; uint64_t mode; uint64_t resolve; };
+
+    static int unionfs_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode,
+                               uint64_t resolve)
+    {
+        struct unionfs_open_how how = { flags, mode, resolve };
+        return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
+    }
+    """
+    int unionfs_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode,
+                        uint64_t resolve) nogil
+
+cdef extern from "<sys/stat.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    ctypedef unsigned long long dev_t
+    ctypedef unsigned long long ino_t
+    ctypedef unsigned int uid_t
+    ctypedef unsigned int gid_t
+    struct stat:
+        dev_t st_dev
+        ino_t st_ino
+        unsigned int st_mode
+        unsigned long st_nlink
+        uid_t st_uid
+        gid_t st_gid
+        dev_t st_rdev
+        long long st_size
+        long st_blksize
+        long long st_blocks
+        timespec st_atim
+        timespec st_mtim
+        timespec st_ctim
+    int fstatat(int dirfd, const char *path, stat *buf, int flags)
+    int AT_FDCWD
+    int AT_SYMLINK_NOFOLLOW
+
+cdef extern from "<fcntl.h>" nogil:
+    int O_CLOEXEC
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+
+cdef extern from "<stdio.h>" nogil:
+    int c_renameat2 "renameat2"(int olddirfd, const char *oldpath, int newdirfd,
+                                const char *newpath, unsigned int flags)
+
+cdef extern from "Python.h":
+    object PyStructSequence_New(PyTypeObject *type)
+    void PyStructSequence_SetItem(object seq, Py_ssize_t pos, object item)
+
+IMPLEMENTATION = "cython"
+
+__all__ = ["IMPLEMENTATION", "RESOLVE_BENEATH", "RESOLVE_NO_SYMLINKS", "RESOLVE_NO_MAGICLINKS",
+           "RESOLVE_NO_XDEV", "open_beneath", "open_dir", "stat_at", "stat_beneath", "is_whiteout",
+           "renameat2", "merge_names"]
+
+# openat2(2) resolve flags, from <linux/openat2.h>.
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+cdef uint64_t _CONFINED = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+
+cdef int _O_PATH = os.O_PATH
+cdef int _O_DIRECTORY = os.O_DIRECTORY
+
+# A module global, not a cdef one, so that tests can switch it off as they do in the twin.
+_have_openat2 = True
+
+cdef object _stat_result = os.stat_result
+
+
+cdef inline bytes _fsencode(object path):
+    if type(path) is bytes:
+        return <bytes>path
+    return os.fsencode(path)
+
+
+cdef inline OSError _oserror(int err, object filename):
+    return OSError(err, os.strerror(err), filename)
+
+
+cdef inline void _set(object seq, Py_ssize_t i, object item):
+    # PyStructSequence_SetItem steals a reference; Cython keeps its own.
+    Py_INCREF(item)
+    PyStructSequence_SetItem(seq, i, item)
+
+
+cdef inline object _dev(dev_t dev):
+    # As CPython's _PyLong_FromDev: all bits set reads as -1.
+    if dev == <dev_t>-1:
+        return -1
+    return dev
+
+
+cdef inline object _id(unsigned int i):
+    # As CPython's _PyLong_FromUid/_PyLong_FromGid: (uid_t)-1 reads as -1.
+    if i == <unsigned int>-1:
+        return -1
+    return i
+
+
+cdef inline void _fill_time(object res, Py_ssize_t index, timespec ts):
+    cdef double f = <double>ts.tv_sec + ts.tv_nsec * 1e-9
+    _set(res, index, ts.tv_sec)
+    _set(res, index + 3, f)
+    # The same integer as CPython's sec * 10**9 + nsec; Python ints cannot overflow.
+    if -9000000000 < ts.tv_sec < 9000000000:
+        _set(res, index + 6, ts.tv_sec * 1000000000LL + ts.tv_nsec)
+    else:
+        _set(res, index + 6, <object>ts.tv_sec * 1000000000 + ts.tv_nsec)
+
+
+cdef object _make_stat(stat *st):
+    """An os.stat_result with the fields and types that posixmodule.c gives it on Linux."""
+    res = PyStructSequence_New(<PyTypeObject *>_stat_result)
+    _set(res, 0, <long>st.st_mode)
+    _set(res, 1, <unsigned long long>st.st_ino)
+    _set(res, 2, _dev(st.st_dev))
+    _set(res, 3, <long>st.st_nlink)
+    _set(res, 4, _id(st.st_uid))
+    _set(res, 5, _id(st.st_gid))
+    _set(res, 6, <long long>st.st_size)
+    _fill_time(res, 7, st.st_atim)
+    _fill_time(res, 8, st.st_mtim)
+    _fill_time(res, 9, st.st_ctim)
+    _set(res, 16, <long>st.st_blksize)
+    _set(res, 17, <long>st.st_blocks)
+    _set(res, 18, _dev(st.st_rdev))
+    return res
+
+
+cdef bint _layout_ok():
+    # The field order above is posixmodule.c's on Linux for the Python versions we know. Check it
+    # once against os.lstat itself; where it differs, stat_at asks os.stat instead.
+    if _stat_result.n_sequence_fields != 10 or _stat_result.n_fields != 19:
+        return False
+    cdef stat st
+    if fstatat(AT_FDCWD, b"/", &st, AT_SYMLINK_NOFOLLOW) != 0:
+        return False
+    mine = _make_stat(&st)
+    theirs = os.lstat(b"/")
+    return all(getattr(mine, n) == getattr(theirs, n) and
+               type(getattr(mine, n)) is type(getattr(theirs, n))
+               for n in dir(theirs) if n.startswith("st_")) and tuple(mine) == tuple(theirs)
+
+
+cdef bint _build_stat = _layout_ok()
+
+
+def _walk_nofollow(dirfd, path, flags, mode):
+    # Fallback for kernels without openat2: one component at a time, never following a symlink.
+    parts = [p for p in path.split(b"/") if p and p != b"."]
+    if b".." in parts:
+        raise OSError(errno.EXDEV, "path escapes the layer", path)
+    fd = os.open(b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        for part in parts[:-1]:
+            nfd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        if not parts:
+            return os.open(b".", flags | os.O_CLOEXEC, mode, dir_fd=fd)
+        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+cdef inline int _openat2(int dirfd, const char *path, long long flags, unsigned long long mode) noexcept:
+    """The fd, or -errno."""
+    cdef int fd
+    with nogil:
+        fd = unionfs_openat2(dirfd, path, <uint64_t>(flags | O_CLOEXEC), mode, _CONFINED)
+        if fd < 0:
+            fd = -c_errno
+    return fd
+
+
+def open_beneath(int dirfd, path, long long flags, unsigned long long mode=0):
+    """Open ``path`` (bytes, relative) below ``dirfd``, never following a symlink nor leaving the tree.
+
+    A symlink anywhere on the path fails with ELOOP, except that O_PATH|O_NOFOLLOW returns the
+    symlink itself as the last component.
+    """
+    global _have_openat2
+    cdef int fd
+    if not path:
+        path = b"."
+    cdef bytes bpath = _fsencode(path)
+    if _have_openat2:
+        fd = _openat2(dirfd, bpath, flags, mode)
+        if fd >= 0:
+            return fd
+        if fd != -ENOSYS:
+            raise _oserror(-fd, path)
+        _have_openat2 = False
+    return _walk_nofollow(dirfd, bpath, flags, mode)
+
+
+def open_dir(int dirfd, path):
+    """An O_PATH fd of the directory ``path`` below ``dirfd``."""
+    return open_beneath(dirfd, path, _O_PATH | _O_DIRECTORY)
+
+
+cdef object _stat_at(int dirfd, object name):
+    cdef bytes bname = _fsencode(name)
+    cdef const char *cname = bname
+    cdef stat st
+    cdef int rc
+    if memchr(cname, 0, len(bname)) != NULL:
+        raise ValueError("embedded null byte")
+    if not _build_stat:
+        try:
+            return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+    with nogil:
+        rc = fstatat(dirfd, cname, &st, AT_SYMLINK_NOFOLLOW)
+        if rc != 0:
+            rc = c_errno
+    if rc != 0:
+        if rc == ENOENT:
+            return None
+        raise _oserror(rc, name)
+    return _make_stat(&st)
+
+
+def stat_at(dirfd, name):
+    """lstat of ``name`` in the directory ``dirfd``; None when it does not exist."""
+    return _stat_at(AT_FDCWD if dirfd is None else <int>dirfd, name)
+
+
+def stat_beneath(int rootfd, dirpath, name):
+    """lstat of ``dirpath/name`` below ``rootfd``; None when it or a parent does not exist."""
+    cdef int fd = -ENOSYS
+    if _have_openat2:
+        if not dirpath:
+            dirpath = b"."
+        fd = _openat2(rootfd, _fsencode(dirpath), _O_PATH | _O_DIRECTORY, 0)
+        # A symlink where a directory was expected is not a directory for us.
+        if fd == -ENOENT or fd == -ENOTDIR or fd == -ELOOP:
+            return None
+        if fd < 0 and fd != -ENOSYS:
+            raise _oserror(-fd, dirpath)
+    if fd == -ENOSYS:
+        # No openat2 here: the slow path, with its own errors, as the twin does it.
+        try:
+            fd = open_dir(rootfd, dirpath)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return None
+            raise
+    try:
+        return _stat_at(fd, name)
+    finally:
+        close(fd)
+
+
+def is_whiteout(st):
+    """A kernel-format whiteout: a character device 0/0."""
+    cdef unsigned long mode = st.st_mode
+    return (mode & 0o170000) == 0o020000 and st.st_rdev == 0
+
+
+def renameat2(int olddirfd, oldname, int newdirfd, newname, unsigned int flags):
+    cdef bytes bold = _fsencode(oldname)
+    cdef bytes bnew = _fsencode(newname)
+    cdef const char *cold = bold
+    cdef const char *cnew = bnew
+    cdef int rc
+    with nogil:
+        rc = c_renameat2(olddirfd, cold, newdirfd, cnew, flags)
+        if rc != 0:
+            rc = c_errno
+    if rc != 0:
+        raise OSError(rc, os.strerror(rc), oldname, None, newname)
+
+
+def merge_names(listings):
+    """Merge directory listings, topmost first, into the names a process sees, in a stable order.
+
+    ``listings`` is a sequence of ``(names, hidden)`` pairs: ``names`` the visible entries of one
+    layer's directory, ``hidden`` the names that layer whites out for the layers below it. A name
+    keeps the position where it first appears, so entries of upper layers come first.
+    """
+    cdef set seen = set()
+    cdef list merged = []
+    for names, hidden in listings:
+        for name in names:
+            if name not in seen:
+                seen.add(name)
+                merged.append(name)
+        seen.update(hidden)
+    return merged

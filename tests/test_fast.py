@@ -1,0 +1,371 @@
+"""In-process tests of the hot-path twins, unionfs._fast_py and unionfs._fast_c, on real directories.
+
+No FUSE here: each function of both twins runs on a tree in tmp_path, and both must agree.
+"""
+
+import errno
+import importlib
+import os
+import stat
+import types
+
+import pytest
+
+RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
+TWINS = ["unionfs._fast_py", "unionfs._fast_c"]
+
+
+def _load(name):
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        # scripts/test.sh builds the extension and sets this, so that a broken build fails there.
+        if os.environ.get("UNIONFS_REQUIRE_EXT", "") not in ("", "0"):
+            pytest.fail(f"{name} is required (UNIONFS_REQUIRE_EXT=1) but does not import: {e}")
+        pytest.skip(f"{name} is not built ({e}); `pip install -e .` builds it")
+
+
+@pytest.fixture(params=TWINS, ids=["python", "cython"])
+def fast(request):
+    return _load(request.param)
+
+
+@pytest.fixture
+def twins():
+    return [_load(name) for name in TWINS]
+
+
+@pytest.fixture(params=[True, False], ids=["openat2", "walk"])
+def fast_any_path(request, fast, monkeypatch):
+    """Each twin, once through openat2 and once through the fallback walk for kernels without it."""
+    if not request.param:
+        monkeypatch.setattr(fast, "_have_openat2", False)
+    return fast
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """root/{d/sub/file, d/link_file -> sub/file, link_dir -> d, abs_link -> /etc, file}."""
+    root = tmp_path / "root"
+    (root / "d" / "sub").mkdir(parents=True)
+    (root / "d" / "sub" / "file").write_bytes(b"deep\n")
+    (root / "file").write_bytes(b"top\n")
+    (root / "d" / "link_file").symlink_to("sub/file")
+    (root / "link_dir").symlink_to("d")
+    (root / "abs_link").symlink_to("/etc")
+    (tmp_path / "outside").write_bytes(b"outside\n")
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    yield types.SimpleNamespace(path=root, fd=fd)
+    os.close(fd)
+
+
+def _read(fast, rootfd, path):
+    fd = fast.open_beneath(rootfd, path, os.O_RDONLY)
+    try:
+        return os.read(fd, 100)
+    finally:
+        os.close(fd)
+
+
+def _errno(fn, *args):
+    with pytest.raises(OSError) as exc:
+        fn(*args)
+    return exc.value.errno
+
+
+def test_same_api(twins):
+    py, c = twins
+    assert py.__all__ == c.__all__
+    for name in py.__all__:
+        assert hasattr(c, name), name
+        if name.startswith("RESOLVE_"):
+            assert getattr(c, name) == getattr(py, name)
+    assert (py.IMPLEMENTATION, c.IMPLEMENTATION) == ("python", "cython")
+
+
+def test_selector_honours_pure_python(monkeypatch):
+    import unionfs._fast
+
+    monkeypatch.setenv("UNIONFS_PURE_PYTHON", "1")
+    assert importlib.reload(unionfs._fast).IMPLEMENTATION == "python"
+    monkeypatch.delenv("UNIONFS_PURE_PYTHON")
+    expected = "cython" if importlib.util.find_spec("unionfs._fast_c") else "python"
+    assert importlib.reload(unionfs._fast).IMPLEMENTATION == expected
+
+
+# open_beneath / open_dir
+
+def test_open_beneath_reads_inside(fast_any_path, tree):
+    assert _read(fast_any_path, tree.fd, b"d/sub/file") == b"deep\n"
+    assert _read(fast_any_path, tree.fd, b"./d//sub/./file") == b"deep\n"
+
+
+def test_open_beneath_sets_cloexec(fast_any_path, tree):
+    import fcntl
+
+    fd = fast_any_path.open_beneath(tree.fd, b"file", os.O_RDONLY)
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    finally:
+        os.close(fd)
+
+
+def test_open_beneath_empty_path_is_the_root(fast_any_path, tree):
+    fd = fast_any_path.open_beneath(tree.fd, b"", os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert os.fstat(fd).st_ino == tree.path.stat().st_ino
+    finally:
+        os.close(fd)
+
+
+def test_open_beneath_creates_with_mode(fast_any_path, tree):
+    old = os.umask(0o022)
+    try:
+        fd = fast_any_path.open_beneath(tree.fd, b"d/new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    finally:
+        os.umask(old)
+    os.close(fd)
+    assert stat.S_IMODE((tree.path / "d" / "new").stat().st_mode) == 0o640
+    assert _errno(fast_any_path.open_beneath, tree.fd, b"d/new", os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                  0o640) == errno.EEXIST
+
+
+def test_open_beneath_refuses_symlink_at_the_end(fast_any_path, tree):
+    assert _errno(fast_any_path.open_beneath, tree.fd, b"d/link_file", os.O_RDONLY) == errno.ELOOP
+    assert _errno(fast_any_path.open_beneath, tree.fd, b"abs_link", os.O_RDONLY) == errno.ELOOP
+
+
+def test_open_beneath_refuses_symlink_in_the_middle(fast, tree):
+    assert _errno(fast.open_beneath, tree.fd, b"link_dir/sub/file", os.O_RDONLY) == errno.ELOOP
+    assert _errno(fast.open_beneath, tree.fd, b"abs_link/passwd", os.O_RDONLY) == errno.ELOOP
+
+
+def test_walk_refuses_symlink_in_the_middle(fast, tree, monkeypatch):
+    # Without openat2 the walk opens each parent O_PATH|O_DIRECTORY|O_NOFOLLOW: a symlink there
+    # fails with ENOTDIR rather than ELOOP; either way it is not followed.
+    monkeypatch.setattr(fast, "_have_openat2", False)
+    assert _errno(fast.open_beneath, tree.fd, b"link_dir/sub/file", os.O_RDONLY) == errno.ENOTDIR
+
+
+@pytest.mark.parametrize("path", [b"..", b"../outside", b"d/../../outside", b"d/sub/../../../outside"])
+def test_open_beneath_refuses_dotdot_escape(fast_any_path, tree, path):
+    assert _errno(fast_any_path.open_beneath, tree.fd, path, os.O_RDONLY) == errno.EXDEV
+
+
+def test_open_beneath_refuses_absolute_path(fast, tree):
+    assert _errno(fast.open_beneath, tree.fd, b"/etc/passwd", os.O_RDONLY) == errno.EXDEV
+
+
+def test_open_beneath_dotdot_inside_the_tree(fast, tree):
+    # openat2 with RESOLVE_BENEATH allows ".." that stays inside; only the walk refuses every "..".
+    assert _read(fast, tree.fd, b"d/sub/../sub/file") == b"deep\n"
+
+
+def test_open_beneath_o_path_nofollow_returns_the_symlink(fast_any_path, tree):
+    fd = fast_any_path.open_beneath(tree.fd, b"d/link_file", os.O_PATH | os.O_NOFOLLOW)
+    try:
+        assert stat.S_ISLNK(os.fstat(fd).st_mode)
+        assert os.readlink(b"", dir_fd=fd) == b"sub/file"
+    finally:
+        os.close(fd)
+
+
+def test_open_beneath_error_names_the_path(fast, tree):
+    with pytest.raises(FileNotFoundError) as exc:
+        fast.open_beneath(tree.fd, b"d/missing", os.O_RDONLY)
+    assert exc.value.filename == b"d/missing"
+
+
+def test_open_dir(fast_any_path, tree):
+    fd = fast_any_path.open_dir(tree.fd, b"d/sub")
+    try:
+        assert os.fstat(fd).st_ino == (tree.path / "d" / "sub").stat().st_ino
+        assert os.stat(b"file", dir_fd=fd).st_size == 5
+    finally:
+        os.close(fd)
+    assert _errno(fast_any_path.open_dir, tree.fd, b"file") == errno.ENOTDIR
+    assert _errno(fast_any_path.open_dir, tree.fd, b"missing") == errno.ENOENT
+
+
+# stat_at / stat_beneath
+
+def _same_stat(a, b):
+    assert type(a) is os.stat_result
+    assert tuple(a) == tuple(b)
+    for field in dir(b):
+        if field.startswith("st_"):
+            assert getattr(a, field) == getattr(b, field), field
+            assert type(getattr(a, field)) is type(getattr(b, field)), field
+
+
+@pytest.mark.parametrize("name", [b"file", b"d", b"link_dir", b"abs_link", b"."])
+def test_stat_at_is_lstat(fast, tree, name):
+    _same_stat(fast.stat_at(tree.fd, name), os.stat(name, dir_fd=tree.fd, follow_symlinks=False))
+
+
+def test_stat_at_fractional_times(fast, tree):
+    os.utime(tree.path / "file", ns=(1_500_000_000_123_456_789, 1_600_000_000_987_654_321))
+    st = fast.stat_at(tree.fd, b"file")
+    _same_stat(st, os.lstat(tree.path / "file"))
+    assert st.st_mtime_ns == 1_600_000_000_987_654_321
+    assert st.st_atime_ns == 1_500_000_000_123_456_789
+
+
+def test_stat_at_missing_is_none(fast, tree):
+    assert fast.stat_at(tree.fd, b"missing") is None
+    assert fast.stat_at(tree.fd, b"d/missing") is None
+
+
+def test_stat_at_other_errors_raise(fast, tree):
+    with pytest.raises(NotADirectoryError) as exc:
+        fast.stat_at(tree.fd, b"file/x")
+    assert exc.value.filename == b"file/x"
+
+
+def test_stat_beneath(fast_any_path, tree):
+    _same_stat(fast_any_path.stat_beneath(tree.fd, b"d/sub", b"file"), os.lstat(tree.path / "d/sub/file"))
+    _same_stat(fast_any_path.stat_beneath(tree.fd, b"", b"file"), os.lstat(tree.path / "file"))
+    # The name itself is not followed.
+    assert stat.S_ISLNK(fast_any_path.stat_beneath(tree.fd, b"d", b"link_file").st_mode)
+
+
+@pytest.mark.parametrize("dirpath, name", [
+    (b"d", b"missing"),          # missing name
+    (b"missing", b"file"),       # missing parent
+    (b"file", b"x"),             # a parent that is not a directory (ENOTDIR)
+    (b"link_dir", b"sub"),       # a symlinked parent
+    (b"link_dir/sub", b"file"),  # a symlink further up
+    (b"abs_link", b"passwd"),    # a symlink out of the tree
+])
+def test_stat_beneath_none(fast_any_path, tree, dirpath, name):
+    assert fast_any_path.stat_beneath(tree.fd, dirpath, name) is None
+
+
+def test_stat_beneath_dotdot_escape_raises(fast, tree):
+    assert _errno(fast.stat_beneath, tree.fd, b"../root", b"file") == errno.EXDEV
+
+
+# is_whiteout
+
+def _mknod(path, mode, dev):
+    try:
+        os.mknod(path, mode, dev)
+    except PermissionError:
+        pytest.skip("mknod of a character device needs CAP_MKNOD (run as root)")
+
+
+def test_is_whiteout_on_a_real_whiteout(fast, tree):
+    _mknod(tree.path / "wh", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    assert fast.is_whiteout(fast.stat_at(tree.fd, b"wh")) is True
+    assert fast.is_whiteout(os.lstat(tree.path / "wh")) is True
+
+
+def test_is_whiteout_other_entries(fast, tree):
+    _mknod(tree.path / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    for name in [b"null", b"file", b"d", b"link_dir"]:
+        assert fast.is_whiteout(fast.stat_at(tree.fd, name)) is False, name
+    # A block device 0/0 is no whiteout either.
+    assert fast.is_whiteout(types.SimpleNamespace(st_mode=stat.S_IFBLK | 0o600, st_rdev=0)) is False
+    assert fast.is_whiteout(types.SimpleNamespace(st_mode=stat.S_IFCHR | 0o600, st_rdev=0)) is True
+
+
+# renameat2
+
+def test_renameat2_plain(fast, tree):
+    dfd = os.open(tree.path / "d", os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert fast.renameat2(tree.fd, b"file", dfd, b"moved", 0) is None
+    finally:
+        os.close(dfd)
+    assert (tree.path / "d" / "moved").read_bytes() == b"top\n"
+    assert not (tree.path / "file").exists()
+
+
+def test_renameat2_noreplace(fast, tree):
+    (tree.path / "other").write_bytes(b"other\n")
+    with pytest.raises(FileExistsError) as exc:
+        fast.renameat2(tree.fd, b"file", tree.fd, b"other", RENAME_NOREPLACE)
+    assert (exc.value.filename, exc.value.filename2) == (b"file", b"other")
+    assert (tree.path / "other").read_bytes() == b"other\n"
+    fast.renameat2(tree.fd, b"file", tree.fd, b"fresh", RENAME_NOREPLACE)
+    assert (tree.path / "fresh").read_bytes() == b"top\n"
+
+
+def test_renameat2_exchange(fast, tree):
+    fast.renameat2(tree.fd, b"file", tree.fd, b"d", RENAME_EXCHANGE)
+    assert (tree.path / "d").read_bytes() == b"top\n"
+    assert (tree.path / "file" / "sub" / "file").read_bytes() == b"deep\n"
+    assert _errno(fast.renameat2, tree.fd, b"file", tree.fd, b"missing", RENAME_EXCHANGE) == errno.ENOENT
+
+
+def test_renameat2_whiteout(fast, tree):
+    try:
+        fast.renameat2(tree.fd, b"file", tree.fd, b"moved", RENAME_WHITEOUT)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
+            pytest.skip(f"RENAME_WHITEOUT not available here: {e}")
+        raise
+    assert (tree.path / "moved").read_bytes() == b"top\n"
+    assert fast.is_whiteout(fast.stat_at(tree.fd, b"file"))
+
+
+def test_renameat2_bad_flags(fast, tree):
+    assert _errno(fast.renameat2, tree.fd, b"file", tree.fd, b"x",
+                  RENAME_NOREPLACE | RENAME_EXCHANGE) == errno.EINVAL
+
+
+# merge_names
+
+def test_merge_names_order_and_hiding(fast):
+    listings = [
+        ([b"u1", b"shared", b"u2"], {b"gone"}),
+        ([b"l1", b"shared", b"gone", b"l2"], {b"deep"}),
+        ([b"deep", b"l1", b"b1"], set()),
+    ]
+    assert fast.merge_names(listings) == [b"u1", b"shared", b"u2", b"l1", b"l2", b"b1"]
+
+
+def test_merge_names_edge_cases(fast):
+    assert fast.merge_names([]) == []
+    assert fast.merge_names([([], set())]) == []
+    # A layer's own whiteouts hide only the layers below it.
+    assert fast.merge_names([([b"a"], {b"a"}), ([b"a", b"b"], set())]) == [b"a", b"b"]
+    # Hiding is not undone by a lower layer, and generators work as inputs.
+    assert fast.merge_names(iter([([b"x"], [b"y"]), (iter([b"y", b"z"]), []), ([b"y"], [])])) == [b"x", b"z"]
+    with pytest.raises((TypeError, ValueError)):
+        fast.merge_names([([b"a"],)])
+
+
+# Both twins, same answers
+
+def _outcome(fn, *args):
+    try:
+        result = fn(*args)
+    except OSError as e:
+        return ("error", type(e), e.errno, e.filename, e.filename2)
+    if isinstance(result, os.stat_result):
+        return ("stat",) + tuple(getattr(result, f) for f in dir(result) if f.startswith("st_"))
+    return ("value", result)
+
+
+def test_twins_agree(twins, tree):
+    py, c = twins
+    paths = [b"", b".", b"file", b"d", b"d/sub", b"d/sub/file", b"d/link_file", b"link_dir",
+             b"link_dir/sub", b"abs_link", b"missing", b"file/x", b"..", b"d/../..", b"d/sub/../sub"]
+    for dirpath in paths:
+        for name in [b"file", b"sub", b"missing", b"link_file"]:
+            assert _outcome(py.stat_beneath, tree.fd, dirpath, name) == \
+                _outcome(c.stat_beneath, tree.fd, dirpath, name), (dirpath, name)
+        assert _outcome(py.stat_at, tree.fd, dirpath) == _outcome(c.stat_at, tree.fd, dirpath), dirpath
+        for flags in [os.O_RDONLY, os.O_PATH, os.O_PATH | os.O_NOFOLLOW, os.O_PATH | os.O_DIRECTORY]:
+            results = []
+            for twin in (py, c):
+                out = _outcome(twin.open_beneath, tree.fd, dirpath, flags)
+                if out[0] == "value":
+                    st = os.fstat(out[1])
+                    os.close(out[1])
+                    out = ("fd", st.st_ino, stat.S_IFMT(st.st_mode))
+                results.append(out)
+            assert results[0] == results[1], (dirpath, flags)
+    listings = [([b"a", b"b"], {b"c"}), ([b"c", b"d", b"a"], {b"e"}), ([b"e", b"f"], set())]
+    assert py.merge_names(listings) == c.merge_names(listings)
