@@ -1,0 +1,370 @@
+"""Every system call on a layer tree, and only here: *at() calls relative to layer root fds.
+
+Paths are bytes relative to a layer root and are resolved with ``_fast.open_beneath``, which never
+follows a symlink and never leaves the layer. Each call is debug-logged with its result.
+"""
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+
+from . import _fast
+
+log = logging.getLogger("unionfs.sys")
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+FICLONE = 0x40049409
+_COPY_CHUNK = 1 << 24
+
+
+def join(dirpath, name):
+    return dirpath + b"/" + name if dirpath else name
+
+
+def split(path):
+    head, _, tail = path.rpartition(b"/")
+    return head, tail
+
+
+def _trace(what, *args):
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s%r", what, args)
+
+
+class ParentDir:
+    """``with ParentDir(layer, path) as (dfd, name)``: an O_PATH fd of path's parent, and its name."""
+    __slots__ = ("layer", "path", "fd", "name")
+
+    def __init__(self, layer, path):
+        self.layer = layer
+        self.path = path
+
+    def __enter__(self):
+        dirpath, self.name = split(self.path)
+        self.fd = _fast.open_dir(self.layer.fd, dirpath)
+        return self.fd, self.name
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def _proc(dfd, name):
+    # A path through our own fd of the parent: the kernel resolves the fd, the last component is
+    # looked up in it and, with follow_symlinks=False, never followed. With no name the path is the
+    # fd's own magic link, which must be followed (follow_symlinks=not name).
+    return b"/proc/self/fd/%d/%s" % (dfd, name) if name else b"/proc/self/fd/%d" % dfd
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+def lstat(layer, path):
+    """lstat of path in layer, or None."""
+    if not path:
+        return os.stat(layer.fd)
+    dirpath, name = split(path)
+    st = _fast.stat_beneath(layer.fd, dirpath, name)
+    _trace("lstat", layer.index, path, st is not None)
+    return st
+
+
+def open_file(layer, path, flags, mode=0):
+    fd = _fast.open_beneath(layer.fd, path, flags, mode)
+    _trace("open", layer.index, path, flags, fd)
+    return fd
+
+
+def open_path(layer, path):
+    """An O_PATH fd of the entry itself (a symlink is not followed)."""
+    return _fast.open_beneath(layer.fd, path, os.O_PATH | os.O_NOFOLLOW)
+
+
+def readlink(layer, path):
+    with ParentDir(layer, path) as (dfd, name):
+        return os.readlink(name, dir_fd=dfd)
+
+
+def statvfs(layer):
+    return os.statvfs(layer.fd)
+
+
+def _xattr_target(layer, path):
+    return ParentDir(layer, path) if path else _RootDir(layer)
+
+
+class _RootDir:
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __enter__(self):
+        return self.layer.fd, b""
+
+    def __exit__(self, *exc):
+        pass
+
+
+def getxattr(layer, path, attr):
+    """The value of one xattr of the entry, or None where it has none (or cannot have any)."""
+    with _xattr_target(layer, path) as (dfd, name):
+        try:
+            return os.getxattr(_proc(dfd, name), attr, follow_symlinks=not name)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                return None
+            raise
+
+
+def listxattr(layer, path):
+    with _xattr_target(layer, path) as (dfd, name):
+        try:
+            return [a.encode() if isinstance(a, str) else a
+                    for a in os.listxattr(_proc(dfd, name), follow_symlinks=not name)]
+        except OSError as e:
+            if e.errno in (errno.ENOTSUP, errno.EPERM):
+                return []
+            raise
+
+
+def getxattr_strict(layer, path, attr):
+    with _xattr_target(layer, path) as (dfd, name):
+        return os.getxattr(_proc(dfd, name), attr, follow_symlinks=not name)
+
+
+def dir_state(layer, path, prefixes):
+    """Markers of a directory in one layer: (xattrs by name for our prefixes, has .wh..wh..opq)."""
+    fd = _fast.open_dir(layer.fd, path)
+    try:
+        p = _proc(fd, b"")
+        found = {}
+        try:
+            names = os.listxattr(p)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EPERM):
+                raise
+            names = []
+        for a in names:
+            ab = a.encode()
+            if ab.startswith(prefixes):
+                try:
+                    found[ab] = os.getxattr(p, a)
+                except OSError:
+                    pass
+        has_opq = _fast.stat_at(fd, b".wh..wh..opq") is not None
+    finally:
+        os.close(fd)
+    return found, has_opq
+
+
+def scandir(layer, path):
+    """The entries of a directory in one layer: (name, d_type-ish kind, lazy stat function)."""
+    fd = _fast.open_beneath(layer.fd, path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with os.scandir(fd) as it:
+            out = []
+            for entry in it:
+                name = os.fsencode(entry.name)
+                if entry.is_dir(follow_symlinks=False):
+                    kind = stat.S_IFDIR
+                elif entry.is_symlink():
+                    kind = stat.S_IFLNK
+                elif entry.is_file(follow_symlinks=False):
+                    kind = stat.S_IFREG
+                else:
+                    st = _fast.stat_at(fd, name)
+                    if st is None:
+                        continue
+                    kind = stat.S_IFMT(st.st_mode)
+                    if _fast.is_whiteout(st):
+                        kind = 0
+                out.append((name, kind))
+            return out
+    finally:
+        os.close(fd)
+
+
+def is_xattr_whiteout(layer, dirpath, name, prefix):
+    return getxattr(layer, join(dirpath, name), prefix + b"whiteout") is not None
+
+
+# --- writing (upper layer and work directory only) -----------------------------------------------
+
+def mkdir(layer, path, mode):
+    with ParentDir(layer, path) as (dfd, name):
+        os.mkdir(name, mode, dir_fd=dfd)
+    _trace("mkdir", layer.index, path, oct(mode))
+
+
+def mknod(layer, path, mode, rdev=0):
+    with ParentDir(layer, path) as (dfd, name):
+        os.mknod(name, mode, rdev, dir_fd=dfd)
+    _trace("mknod", layer.index, path, oct(mode), rdev)
+
+
+def symlink(layer, path, target):
+    with ParentDir(layer, path) as (dfd, name):
+        os.symlink(target, name, dir_fd=dfd)
+    _trace("symlink", layer.index, path, target)
+
+
+def link(src_layer, src, dst_layer, dst):
+    with ParentDir(src_layer, src) as (sfd, sname), ParentDir(dst_layer, dst) as (dfd, dname):
+        os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+    _trace("link", src_layer.index, src, dst_layer.index, dst)
+
+
+def unlink(layer, path):
+    with ParentDir(layer, path) as (dfd, name):
+        os.unlink(name, dir_fd=dfd)
+    _trace("unlink", layer.index, path)
+
+
+def rmdir(layer, path):
+    with ParentDir(layer, path) as (dfd, name):
+        os.rmdir(name, dir_fd=dfd)
+    _trace("rmdir", layer.index, path)
+
+
+def rename(src_layer, src, dst_layer, dst, flags=0):
+    with ParentDir(src_layer, src) as (sfd, sname), ParentDir(dst_layer, dst) as (dfd, dname):
+        if flags:
+            _fast.renameat2(sfd, sname, dfd, dname, flags)
+        else:
+            os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+    _trace("rename", src_layer.index, src, dst_layer.index, dst, flags)
+
+
+def setxattr(layer, path, attr, value, flags=0):
+    with _xattr_target(layer, path) as (dfd, name):
+        os.setxattr(_proc(dfd, name), attr, value, flags, follow_symlinks=not name)
+    _trace("setxattr", layer.index, path, attr)
+
+
+def removexattr(layer, path, attr):
+    with _xattr_target(layer, path) as (dfd, name):
+        os.removexattr(_proc(dfd, name), attr, follow_symlinks=not name)
+    _trace("removexattr", layer.index, path, attr)
+
+
+def chown(layer, path, uid, gid):
+    with ParentDir(layer, path) as (dfd, name):
+        os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+
+
+def chmod(layer, path, mode):
+    fd = open_path(layer, path)
+    try:
+        # chmod through the O_PATH fd: the fd names the entry itself, so nothing is followed.
+        os.chmod(b"/proc/self/fd/%d" % fd, mode)
+    finally:
+        os.close(fd)
+
+
+def utime(layer, path, atime_ns=None, mtime_ns=None):
+    """Set times with nanoseconds; None leaves a time as it is (UTIME_OMIT)."""
+    with ParentDir(layer, path) as (dfd, name):
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        ns = (st.st_atime_ns if atime_ns is None else atime_ns,
+              st.st_mtime_ns if mtime_ns is None else mtime_ns)
+        os.utime(name, ns=ns, dir_fd=dfd, follow_symlinks=False)
+
+
+def truncate(layer, path, size):
+    fd = open_file(layer, path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def remove_tree(layer, path):
+    """Remove path and everything below it, never following a symlink (work directory cleanup)."""
+    st = lstat(layer, path)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        for name, _kind in scandir(layer, path):
+            remove_tree(layer, join(path, name))
+        rmdir(layer, path)
+    else:
+        unlink(layer, path)
+
+
+def copy_data(src_fd, dst_fd, size):
+    """Copy file data keeping holes: a reflink where the filesystem can, else data extents only."""
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+        return
+    except OSError:
+        pass
+    off = 0
+    while off < size:
+        try:
+            data = os.lseek(src_fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:       # only a hole is left
+                break
+            raise
+        hole = os.lseek(src_fd, data, os.SEEK_HOLE)
+        pos = data
+        while pos < hole:
+            n = min(hole - pos, _COPY_CHUNK)
+            try:
+                done = os.copy_file_range(src_fd, dst_fd, n, pos, pos)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                buf = os.pread(src_fd, n, pos)
+                done = os.pwrite(dst_fd, buf, pos) if buf else 0
+            if done == 0:
+                break
+            pos += done
+        off = hole
+    os.ftruncate(dst_fd, size)
+
+
+# --- open files (by fd, for entries that may no longer have a name) ------------------------------
+
+def fd_path(fd):
+    """A path that names the file behind ``fd`` itself, for calls that take no fd."""
+    return b"/proc/self/fd/%d" % fd
+
+
+def fd_setattr(fd, mode=None, uid=-1, gid=-1, atime_ns=None, mtime_ns=None, size=None):
+    p = fd_path(fd)
+    if size is not None:
+        wfd = os.open(p, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(wfd, size)
+        finally:
+            os.close(wfd)
+    if uid != -1 or gid != -1:
+        os.chown(p, uid, gid)
+    if mode is not None:
+        os.chmod(p, mode)
+    if atime_ns is not None or mtime_ns is not None:
+        st = os.stat(p)
+        os.utime(p, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
+                        st.st_mtime_ns if mtime_ns is None else mtime_ns))
+
+
+def pread(fd, size, off):
+    return os.pread(fd, size, off)
+
+
+def pwrite(fd, data, off):
+    return os.pwrite(fd, data, off)
+
+
+def ftruncate(fd, size):
+    os.ftruncate(fd, size)
+
+
+def fsync(fd, datasync):
+    (os.fdatasync if datasync else os.fsync)(fd)
+
+
+def close(fd):
+    os.close(fd)

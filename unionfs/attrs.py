@@ -1,0 +1,99 @@
+"""Attributes and extended attributes: setattr, readlink, get/set/list/removexattr, statfs.
+
+Reads come from the topmost copy; every change copies the entry up first. Our own markers
+(``trusted.overlay.*``, ``user.overlay.*``) never show and cannot be set through the mount.
+"""
+
+import errno
+import stat
+
+import pyfuse3
+
+from . import _sys
+from .copyup import copy_up
+from .whiteout import is_private_xattr
+
+
+def _top(u, node):
+    """(layer, path) of the topmost copy."""
+    if node.upper:
+        return u.stack.upper, node.path()
+    index, path = node.lowers[0]
+    return u.stack.layer(index), path
+
+
+async def setattr(u, node, attr, fields, fh):
+    u.require_writable()
+    truncating_to_zero = fields.update_size and attr.st_size == 0
+    if not node.unlinked:
+        await copy_up(u, node, data=not truncating_to_zero)
+    size = attr.st_size if fields.update_size else None
+    mode = stat.S_IMODE(attr.st_mode) if fields.update_mode else None
+    uid = attr.st_uid if fields.update_uid else -1
+    gid = attr.st_gid if fields.update_gid else -1
+    atime = attr.st_atime_ns if fields.update_atime else None
+    mtime = attr.st_mtime_ns if fields.update_mtime else None
+    handle = u.handles.get(fh) if fh else None
+    fd = handle.fd if handle is not None and handle.upper else node.pinned_fd
+    if node.unlinked or (fd is not None and size is not None):
+        if fd is None:
+            raise OSError(errno.ENOENT, "entry was removed")
+        _sys.fd_setattr(fd, mode, uid, gid, atime, mtime, size)
+        return u.attrs(node)
+    upper, path = u.stack.upper, node.path()
+    if size is not None:
+        _sys.truncate(upper, path, size)
+    if uid != -1 or gid != -1:
+        _sys.chown(upper, path, uid, gid)
+    if mode is not None and node.kind != stat.S_IFLNK:
+        _sys.chmod(upper, path, mode)
+    if atime is not None or mtime is not None:
+        _sys.utime(upper, path, atime, mtime)
+    return u.attrs(node)
+
+
+def readlink(u, node):
+    return _sys.readlink(*_top(u, node))
+
+
+def _check_name(name):
+    if is_private_xattr(name):
+        raise OSError(errno.EOPNOTSUPP, "private xattr")
+
+
+def getxattr(u, node, name):
+    _check_name(name)
+    value = _sys.getxattr(*_top(u, node), name)
+    if value is None:
+        raise OSError(pyfuse3.ENOATTR, "no such xattr")
+    return value
+
+
+def listxattr(u, node):
+    return [a for a in _sys.listxattr(*_top(u, node)) if not is_private_xattr(a)]
+
+
+async def setxattr(u, node, name, value):
+    u.require_writable()
+    _check_name(name)
+    await copy_up(u, node)
+    _sys.setxattr(u.stack.upper, node.path(), name, value)
+
+
+async def removexattr(u, node, name):
+    u.require_writable()
+    _check_name(name)
+    if _sys.getxattr(*_top(u, node), name) is None:
+        raise OSError(pyfuse3.ENOATTR, "no such xattr")
+    await copy_up(u, node)
+    _sys.removexattr(u.stack.upper, node.path(), name)
+
+
+def statfs(u):
+    top = u.stack.upper or u.stack.lowers[0]
+    sv = _sys.statvfs(top)
+    out = pyfuse3.StatvfsData()
+    for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                  "f_ffree", "f_favail", "f_namemax"):
+        setattr(out, field, getattr(sv, field))
+    return out

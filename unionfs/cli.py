@@ -1,0 +1,131 @@
+"""unionmount's command line: argument parsing only; every error is one line and a non-zero exit.
+
+    unionmount LOWER1[:LOWER2...] UPPER MOUNTPOINT [-o OPTIONS] [-f] [-d]
+    unionmount LOWER1[:LOWER2...] MOUNTPOINT              (no upper: a read-only union)
+    unionmount -o lowerdir=L1:L2[,upperdir=U,workdir=W] [SOURCE] MOUNTPOINT   (fuse-overlayfs style)
+"""
+
+import sys
+
+from .options import MountOptions, UsageError, parse_lowerdir, split_options, unescape
+
+PROG = "unionmount"
+USAGE = f"""usage: {PROG} LOWER1[:LOWER2...] [UPPER] MOUNTPOINT [-o OPTIONS] [-f] [-d]
+       {PROG} -o lowerdir=L1[:L2...][,upperdir=U,workdir=W] [SOURCE] MOUNTPOINT
+
+Mounts the union of the lower layers (leftmost topmost) under a copy-on-write upper layer.
+  -f            stay in the foreground
+  -d            log every request (implies nothing else)
+  -o OPTIONS    workdir=DIR, timeout=SECONDS, fsync=0, volatile, ro, and the fuse-overlayfs
+                form lowerdir=,upperdir=,workdir=
+Unmount with: fusermount3 -u MOUNTPOINT"""
+
+# Accepted and ignored: FUSE generic options we always set, or have no use for.
+_IGNORED = {"allow_other", "default_permissions", "rw", "dev", "suid", "exec", "auto", "noauto",
+            "nodev", "nosuid", "noexec", "user", "nouser", "_netdev", "defaults", "context",
+            "fscontext", "defcontext", "rootcontext", "noatime", "relatime", "atime", "nofail"}
+
+
+def _float(key, value):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"option {key} needs a number, got {value!r}") from None
+    if v < 0:
+        raise UsageError(f"option {key} must not be negative")
+    return v
+
+
+def parse(argv):
+    """argv (without the program name) -> MountOptions. Raises UsageError."""
+    positional, opts = [], []
+    foreground = debug = False
+    it = iter(argv)
+    for arg in it:
+        if arg == "-o":
+            try:
+                opts.extend(split_options(next(it)))
+            except StopIteration:
+                raise UsageError("-o needs an argument") from None
+        elif arg.startswith("-o") and len(arg) > 2:
+            opts.extend(split_options(arg[2:]))
+        elif arg == "-f":
+            foreground = True
+        elif arg == "-d":
+            debug = True
+        elif arg in ("-h", "--help"):
+            raise SystemExit(print(USAGE))
+        elif arg == "--":
+            positional.extend(it)
+        elif arg.startswith("-") and arg != "-":
+            raise UsageError(f"unknown argument {arg!r} (see {PROG} --help)")
+        else:
+            positional.append(arg)
+
+    kw = {}
+    lowerdir = upperdir = workdir = None
+    unknown = []
+    for key, value in opts:
+        if key in ("lowerdir", "upperdir", "workdir") and not value:
+            raise UsageError(f"option {key} needs a path")
+        if key == "lowerdir":
+            lowerdir = parse_lowerdir(value)
+        elif key == "upperdir":
+            upperdir = unescape(value)
+        elif key == "workdir":
+            workdir = unescape(value)
+        elif key == "timeout":
+            kw["timeout"] = _float(key, value)
+        elif key == "fsync":
+            if value not in ("0", "1"):
+                raise UsageError("option fsync takes 0 or 1")
+            kw["fsync"] = value == "1"
+        elif key == "volatile":
+            kw["fsync"] = False
+        elif key == "ro":
+            kw["readonly"] = True
+        elif key == "fsname":
+            kw["source"] = value or "unionfs"
+        elif key in _IGNORED:
+            pass
+        else:
+            unknown.append(key if value is None else f"{key}={value}")
+
+    if lowerdir is not None:
+        if len(positional) == 2:
+            kw["source"] = positional.pop(0)
+        if len(positional) != 1:
+            raise UsageError("with -o lowerdir=, give only [SOURCE] MOUNTPOINT")
+        lowers, upper, mountpoint = lowerdir, upperdir, positional[0]
+    else:
+        if upperdir is not None:
+            raise UsageError("upperdir= needs lowerdir= too")
+        if len(positional) == 3:
+            lowers, upper, mountpoint = parse_lowerdir(positional[0]), positional[1], positional[2]
+        elif len(positional) == 2:
+            lowers, upper, mountpoint = parse_lowerdir(positional[0]), None, positional[1]
+        else:
+            raise UsageError(f"expected LOWERS [UPPER] MOUNTPOINT (see {PROG} --help)")
+    if upper is None and workdir is not None:
+        raise UsageError("workdir= needs an upper layer")
+    if kw.get("readonly"):
+        upper = None
+        workdir = None
+    return MountOptions(lowers=lowers, upper=upper, mountpoint=mountpoint, workdir=workdir,
+                        foreground=foreground, debug=debug, unknown=tuple(unknown), **kw)
+
+
+def main(argv=None):
+    from . import mount
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        opts = parse(argv)
+        for item in opts.unknown:
+            print(f"{PROG}: warning: unknown option {item!r} ignored", file=sys.stderr)
+        return mount.main(opts)
+    except UsageError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,104 @@
+"""Copy-up: give a lower entry its own copy in the upper layer before it changes.
+
+Parents first; each entry is built in the work directory (data, then xattrs, then owner, mode and
+times) and renamed into place, so a crash leaves either no copy or a whole one. Large files are
+copied in a worker thread so that other requests keep being served.
+"""
+
+import errno
+import os
+import stat
+
+import trio
+
+from . import _sys
+from .core import ORIGIN_XATTR
+from .whiteout import is_private_xattr, work_name
+
+# Below this size a copy is cheaper than a trip to a worker thread.
+THREAD_THRESHOLD = 1 << 20
+
+
+async def copy_up(u, node, data=True):
+    """Make ``node`` exist in the upper layer. ``data=False`` when it is about to be truncated."""
+    if node.upper:
+        return
+    u.require_writable()
+    chain = []
+    p = node
+    while not p.upper:
+        if p.unlinked:
+            raise OSError(errno.ENOENT, "entry was removed")
+        chain.append(p)
+        p = p.parent
+    for n in reversed(chain):
+        await _copy_up_one(u, n, data or n is not node)
+
+
+async def _copy_up_one(u, node, data):
+    while node.ino in u.copyups:
+        await u.copyups[node.ino].wait()
+    if node.upper:
+        return
+    done = u.copyups[node.ino] = trio.Event()
+    try:
+        await _build(u, node, data)
+    finally:
+        del u.copyups[node.ino]
+        done.set()
+
+
+def _build_file(src_layer, src_path, work, tmp, size, data, fsync):
+    src = _sys.open_file(src_layer, src_path, os.O_RDONLY)
+    try:
+        dst = _sys.open_file(work, tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            if data:
+                _sys.copy_data(src, dst, size)
+            if fsync:
+                os.fsync(dst)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+async def _build(u, node, data):
+    stack = u.stack
+    index, lpath = node.lowers[0]
+    src = stack.layer(index)
+    st = _sys.lstat(src, lpath)
+    if st is None:
+        raise OSError(errno.ENOENT, "lower entry vanished")
+    work, tmp = stack.work, work_name()
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        args = (src, lpath, work, tmp, st.st_size, data, u.fsync)
+        if data and st.st_size >= THREAD_THRESHOLD:
+            await trio.to_thread.run_sync(_build_file, *args)
+        else:
+            _build_file(*args)
+    elif stat.S_ISDIR(mode):
+        _sys.mkdir(work, tmp, 0o700)
+    elif stat.S_ISLNK(mode):
+        _sys.symlink(work, tmp, _sys.readlink(src, lpath))
+    else:
+        _sys.mknod(work, tmp, mode, st.st_rdev)
+    try:
+        for attr in _sys.listxattr(src, lpath):
+            if not is_private_xattr(attr):
+                _sys.setxattr(work, tmp, attr, _sys.getxattr_strict(src, lpath, attr))
+        if not stat.S_ISDIR(mode):
+            # The number a process saw stays the file's number after copy-up, also after a remount.
+            _sys.setxattr(work, tmp, stack.xattr_prefix + ORIGIN_XATTR, b"%d" % node.ino)
+        _sys.chown(work, tmp, st.st_uid, st.st_gid)
+        if not stat.S_ISLNK(mode):
+            _sys.chmod(work, tmp, stat.S_IMODE(mode))
+        _sys.utime(work, tmp, st.st_atime_ns, st.st_mtime_ns)
+        # No await from here to the rename: the destination is computed and used in one step.
+        _sys.rename(work, tmp, stack.upper, node.path())
+    except BaseException:
+        _sys.remove_tree(work, tmp)
+        raise
+    node.upper = True
+    u.table.add_key(node, _sys.lstat(stack.upper, node.path()))

@@ -1,0 +1,154 @@
+"""The mounted union's state (layer stack, inode table, open handles) and name -> node lookup.
+
+The FUSE handlers in operations.py call into this and into the modules that act on it
+(copyup, dirops, attrs, files, readdir); everything here raises OSError, never FUSEError.
+"""
+
+import errno
+import logging
+import os
+import stat
+
+import pyfuse3
+
+from . import _sys
+from .inodes import InodeTable
+from .lookup import resolve
+
+log = logging.getLogger("unionfs")
+
+ORIGIN_XATTR = b"unionfs.origin"     # under the stack's xattr prefix: the ino a copy-up came from
+
+
+class Union:
+    def __init__(self, stack, timeout=1.0, fsync=True):
+        self.stack = stack
+        self.timeout = timeout
+        self.fsync = fsync
+        fs_index = {}
+        for layer in (stack.upper, *stack.lowers):
+            if layer is not None and layer.st_dev not in fs_index:
+                fs_index[layer.st_dev] = len(fs_index)
+        self.table = InodeTable(fs_index)
+        top = stack.upper or stack.lowers[0]
+        root_st = os.stat(top.fd)
+        lowers = tuple((layer.index, b"") for layer in stack.lowers)
+        keys = [(layer.st_dev, layer.st_ino) for layer in (stack.upper, *stack.lowers) if layer]
+        self.root = self.table.add_root(stat.S_IFDIR, stack.upper is not None, lowers, keys)
+        self.root_st = root_st
+        self.handles = {}
+        self._next_fh = 1
+        # copy-ups in progress, by ino: a second request for the same node waits on the first
+        self.copyups = {}
+
+    # --- handles --------------------------------------------------------------------------------
+
+    def add_handle(self, handle):
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = handle
+        return fh
+
+    def handle(self, fh):
+        try:
+            return self.handles[fh]
+        except KeyError:
+            raise OSError(errno.EBADF, "bad file handle") from None
+
+    # --- lookup ---------------------------------------------------------------------------------
+
+    def require_writable(self):
+        if self.stack.upper is None:
+            raise OSError(errno.EROFS, "read-only union")
+
+    def resolve(self, parent, name):
+        if not parent.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        return resolve(self.stack, parent.dirs(), name)
+
+    def lookup(self, parent, name):
+        """The node for ``name`` in ``parent``, or None. Does not count a lookup."""
+        found = self.resolve(parent, name)
+        if found is None:
+            return None
+        return self.node_for(parent, name, found)
+
+    def node_for(self, parent, name, found):
+        st = found.st
+        key = (st.st_dev, st.st_ino)
+        node = self.table.by_key(key)
+        if node is None and found.lower_st is not None:
+            lkey = (found.lower_st.st_dev, found.lower_st.st_ino)
+            node = self.table.by_key(lkey)
+            # A lower inode already copied up under another name: a hard link of that copy only
+            # while the copy is still linked in the upper layer.
+            if node is not None and found.upper:
+                node = None
+        if node is not None and not node.unlinked and node.kind == found.kind:
+            node.upper = found.upper or node.upper
+            if node.upper == found.upper:
+                node.lowers = found.lowers
+            self.table.add_alias(node, parent, name)
+            self.table.add_key(node, st)
+            return node
+        keys = [key]
+        if found.lower_st is not None:
+            keys.append((found.lower_st.st_dev, found.lower_st.st_ino))
+        node = self.table.new(parent, name, found.kind, found.upper, found.lowers, keys,
+                              self._ino_for(parent, name, found))
+        return node
+
+    def _ino_for(self, parent, name, found):
+        """The inode number a process sees: that of the lowest origin, so copy-up keeps it."""
+        if found.lower_st is not None:
+            return self.table.ino_for(found.lower_st)
+        if found.upper:
+            origin = _sys.getxattr(self.stack.upper, _sys.join(parent.path(), name),
+                                   self.stack.xattr_prefix + ORIGIN_XATTR)
+            if origin and origin.isdigit():
+                return int(origin)
+        return self.table.ino_for(found.st)
+
+    # --- attributes -----------------------------------------------------------------------------
+
+    def stat(self, node):
+        if node is self.root:
+            return os.stat(self.stack.upper.fd if self.stack.upper else self.stack.lowers[0].fd)
+        if node.pinned_fd is not None and node.unlinked:
+            return os.fstat(node.pinned_fd)
+        if node.upper:
+            st = _sys.lstat(self.stack.upper, node.path())
+        else:
+            index, path = node.lowers[0]
+            st = _sys.lstat(self.stack.layer(index), path)
+        if st is None:
+            raise OSError(errno.ENOENT, "entry vanished from its layer")
+        return st
+
+    def attrs(self, node, st=None):
+        if st is None:
+            st = self.stat(node)
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.st_mode = st.st_mode
+        a.st_nlink = st.st_nlink
+        if node.is_dir and len(node.dirs()) > 1:
+            a.st_nlink = 1      # as the kernel does for merged directories: not countable cheaply
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_blksize = st.st_blksize
+        a.st_blocks = st.st_blocks
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        a.entry_timeout = self.timeout
+        a.attr_timeout = self.timeout
+        return a
+
+    def entry(self, node):
+        """Attributes for a reply that hands the entry to the kernel: counts one lookup."""
+        a = self.attrs(node)
+        node.nlookup += 1
+        return a

@@ -1,0 +1,278 @@
+"""Namespace changes: create, mkdir, mknod, symlink, link, unlink, rmdir, rename.
+
+As overlayfs's dir.c: new entries are built in the work directory and renamed into place (over a
+whiteout where a lower entry was deleted, with the new directory made opaque); removing an entry
+that a lower layer still has leaves a whiteout; a moved directory with lower contents gets a
+redirect so that its contents follow it (the kernel's redirect_dir=on).
+"""
+
+import errno
+import os
+import stat
+
+from . import _fast, _sys
+from .copyup import copy_up
+from .lookup import Found, lower_entry_exists
+from .readdir import merged_names
+from .whiteout import make_whiteout, remove_oci_whiteout, set_opaque, set_redirect, work_name
+
+_OPEN_FLAGS_KEPT = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
+
+
+def _is_upper_whiteout(u, st):
+    return st is not None and _fast.is_whiteout(st)
+
+
+async def _prepare(u, parent, name):
+    u.require_writable()
+    if u.resolve(parent, name) is not None:
+        raise OSError(errno.EEXIST, "exists")
+    await copy_up(u, parent)
+    return _sys.join(parent.path(), name)
+
+
+def _owner(u, parent, ctx, is_dir):
+    """uid, gid and extra mode bits for a new entry, as the upper filesystem would choose them."""
+    pst = _sys.lstat(u.stack.upper, parent.path())
+    if pst.st_mode & stat.S_ISGID:
+        return ctx.uid, pst.st_gid, stat.S_ISGID if is_dir else 0
+    return ctx.uid, ctx.gid, 0
+
+
+def _place(u, parent, name, path, tmp, is_dir):
+    """Move the entry built at work/tmp to ``path`` in the upper layer, over a whiteout if any."""
+    stack = u.stack
+    upper_st = _sys.lstat(stack.upper, path)
+    try:
+        if _is_upper_whiteout(u, upper_st):
+            if is_dir:
+                # What was deleted below stays deleted: the new directory does not merge with it.
+                set_opaque(stack, stack.work, tmp)
+                _sys.rename(stack.work, tmp, stack.upper, path, _sys.RENAME_EXCHANGE)
+                _sys.unlink(stack.work, tmp)
+                return
+        elif upper_st is not None:
+            raise OSError(errno.EEXIST, "exists in the upper layer")
+        elif stack.oci_whiteouts_in_upper:
+            if is_dir and lower_entry_exists(stack, parent.lowers, name):
+                set_opaque(stack, stack.work, tmp)
+            remove_oci_whiteout(stack, path)
+        _sys.rename(stack.work, tmp, stack.upper, path)
+    except BaseException:
+        _sys.remove_tree(stack.work, tmp)
+        raise
+
+
+def _new_node(u, parent, name, path):
+    st = _sys.lstat(u.stack.upper, path)
+    return u.node_for(parent, name, Found(st=st, upper=True, lowers=()))
+
+
+async def create(u, parent, name, mode, flags, ctx):
+    """A new regular file, opened: (node, fd)."""
+    path = await _prepare(u, parent, name)
+    uid, gid, _ = _owner(u, parent, ctx, False)
+    work, tmp = u.stack.work, work_name()
+    fd = _sys.open_file(work, tmp, os.O_CREAT | os.O_EXCL | (flags & _OPEN_FLAGS_KEPT),
+                        stat.S_IMODE(mode))
+    try:
+        os.fchown(fd, uid, gid)
+        _place(u, parent, name, path, tmp, False)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _new_node(u, parent, name, path), fd
+
+
+async def mknod(u, parent, name, mode, rdev, ctx):
+    return await _make(u, parent, name, ctx, stat.S_ISDIR(mode),
+                       lambda work, tmp: _sys.mknod(work, tmp, mode, rdev),
+                       None if stat.S_ISDIR(mode) else stat.S_IMODE(mode))
+
+
+async def mkdir(u, parent, name, mode, ctx):
+    return await _make(u, parent, name, ctx, True,
+                       lambda work, tmp: _sys.mkdir(work, tmp, stat.S_IMODE(mode)),
+                       stat.S_IMODE(mode))
+
+
+async def symlink(u, parent, name, target, ctx):
+    return await _make(u, parent, name, ctx, False,
+                       lambda work, tmp: _sys.symlink(work, tmp, target), None)
+
+
+async def _make(u, parent, name, ctx, is_dir, build, mode):
+    path = await _prepare(u, parent, name)
+    uid, gid, extra = _owner(u, parent, ctx, is_dir)
+    work, tmp = u.stack.work, work_name()
+    build(work, tmp)
+    try:
+        _sys.chown(work, tmp, uid, gid)
+        if extra:
+            _sys.chmod(work, tmp, mode | extra)
+    except BaseException:
+        _sys.remove_tree(work, tmp)
+        raise
+    _place(u, parent, name, path, tmp, is_dir)
+    return _new_node(u, parent, name, path)
+
+
+async def link(u, node, parent, name):
+    if node.is_dir:
+        raise OSError(errno.EPERM, "hard link to a directory")
+    path = await _prepare(u, parent, name)
+    await copy_up(u, node)
+    work, tmp = u.stack.work, work_name()
+    _sys.link(u.stack.upper, node.path(), work, tmp)
+    _place(u, parent, name, path, tmp, False)
+    u.table.add_alias(node, parent, name)
+    return node
+
+
+def _lookup_existing(u, parent, name):
+    found = u.resolve(parent, name)
+    if found is None:
+        raise OSError(errno.ENOENT, "no such entry")
+    return found, u.node_for(parent, name, found)
+
+
+def _remove_upper(u, path, whiteout):
+    """Take the upper entry at path away, leaving a whiteout there if ``whiteout``."""
+    stack = u.stack
+    tmp = work_name()
+    if whiteout:
+        try:
+            _sys.rename(stack.upper, path, stack.work, tmp, _sys.RENAME_WHITEOUT)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            _sys.rename(stack.upper, path, stack.work, tmp)
+            make_whiteout(stack, path)
+    else:
+        _sys.rename(stack.upper, path, stack.work, tmp)
+    _sys.remove_tree(stack.work, tmp)
+
+
+def _forget_name(u, node, parent, name, found):
+    u.table.remove_alias(node, parent, name)
+    if node.unlinked and found.upper and (node.is_dir or found.st.st_nlink <= 1):
+        # The upper inode is gone; its number may now be given to a new file.
+        u.table.drop_keys(node)
+
+
+async def unlink(u, parent, name):
+    u.require_writable()
+    found, node = _lookup_existing(u, parent, name)
+    if found.is_dir:
+        raise OSError(errno.EISDIR, "is a directory")
+    whiteout = lower_entry_exists(u.stack, parent.lowers, name)
+    await copy_up(u, parent)
+    path = _sys.join(parent.path(), name)
+    u.table.pin(u.stack, node)
+    if found.upper:
+        if whiteout:
+            _remove_upper(u, path, True)
+        else:
+            _sys.unlink(u.stack.upper, path)
+    else:
+        make_whiteout(u.stack, path)
+    _forget_name(u, node, parent, name, found)
+
+
+async def rmdir(u, parent, name):
+    u.require_writable()
+    found, node = _lookup_existing(u, parent, name)
+    if not found.is_dir:
+        raise OSError(errno.ENOTDIR, "not a directory")
+    if merged_names(u.stack, node.dirs()):
+        raise OSError(errno.ENOTEMPTY, "directory not empty")
+    whiteout = lower_entry_exists(u.stack, parent.lowers, name)
+    await copy_up(u, parent)
+    path = _sys.join(parent.path(), name)
+    if found.upper:
+        _remove_upper(u, path, whiteout)
+    else:
+        make_whiteout(u.stack, path)
+    _forget_name(u, node, parent, name, found)
+
+
+def _mark_moved_dir(u, node, new_parent, new_name, new_path):
+    """Before a directory moves: its lower contents follow through a redirect (redirect_dir=on);
+    a directory with no lower contents must not merge with what lies below its new name."""
+    if not node.is_dir:
+        return
+    stack = u.stack
+    old_path = node.path()
+    if node.lowers:
+        lower_path = node.lowers[0][1]
+        if lower_path != new_path:
+            set_redirect(stack, stack.upper, old_path, lower_path)
+    elif lower_entry_exists(stack, new_parent.lowers, new_name):
+        set_opaque(stack, stack.upper, old_path)
+
+
+async def rename(u, p_old, n_old, p_new, n_new, flags):
+    u.require_writable()
+    exchange = flags & _sys.RENAME_EXCHANGE
+    src_found, src = _lookup_existing(u, p_old, n_old)
+    dst_found = u.resolve(p_new, n_new)
+    if dst_found is not None and flags & _sys.RENAME_NOREPLACE:
+        raise OSError(errno.EEXIST, "target exists")
+    if dst_found is None and exchange:
+        raise OSError(errno.ENOENT, "no target to exchange with")
+    dst = u.node_for(p_new, n_new, dst_found) if dst_found is not None else None
+    if dst is src:
+        return
+    if dst is not None and not exchange:
+        if src.is_dir and not dst.is_dir:
+            raise OSError(errno.ENOTDIR, "target is not a directory")
+        if not src.is_dir and dst.is_dir:
+            raise OSError(errno.EISDIR, "target is a directory")
+        if dst.is_dir and merged_names(u.stack, dst.dirs()):
+            raise OSError(errno.ENOTEMPTY, "target directory not empty")
+    if src.is_dir:
+        p = p_new
+        while p is not None:
+            if p is src:
+                raise OSError(errno.EINVAL, "cannot move a directory into itself")
+            p = p.parent
+    await copy_up(u, src)
+    await copy_up(u, p_new)
+    if exchange:
+        await copy_up(u, dst)
+    stack = u.stack
+    old_path = _sys.join(p_old.path(), n_old)
+    new_path = _sys.join(p_new.path(), n_new)
+    _mark_moved_dir(u, src, p_new, n_new, new_path)
+    if exchange:
+        _mark_moved_dir(u, dst, p_old, n_old, old_path)
+        _sys.rename(stack.upper, old_path, stack.upper, new_path, _sys.RENAME_EXCHANGE)
+        u.table.move(src, p_old, n_old, p_new, n_new)
+        u.table.move(dst, p_new, n_new, p_old, n_old)
+        return
+    src_whiteout = lower_entry_exists(stack, p_old.lowers, n_old)
+    upper_dst = _sys.lstat(stack.upper, new_path)
+    if dst is not None and dst.is_dir and dst_found.upper:
+        # Merged-empty, but its upper copy may still hold whiteouts: clear them first.
+        for child, _ in _sys.scandir(stack.upper, new_path):
+            _sys.remove_tree(stack.upper, _sys.join(new_path, child))
+    if dst is not None:
+        u.table.pin(stack, dst)
+    if _is_upper_whiteout(u, upper_dst) and src.is_dir:
+        # A directory cannot replace a device node: swap them, the whiteout lands at the old name.
+        _sys.rename(stack.upper, old_path, stack.upper, new_path, _sys.RENAME_EXCHANGE)
+        if not src_whiteout:
+            _sys.unlink(stack.upper, old_path)
+    elif src_whiteout:
+        try:
+            _sys.rename(stack.upper, old_path, stack.upper, new_path, _sys.RENAME_WHITEOUT)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            _sys.rename(stack.upper, old_path, stack.upper, new_path)
+            make_whiteout(stack, old_path)
+    else:
+        _sys.rename(stack.upper, old_path, stack.upper, new_path)
+    if dst is not None:
+        _forget_name(u, dst, p_new, n_new, dst_found)
+    u.table.move(src, p_old, n_old, p_new, n_new)

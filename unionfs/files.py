@@ -1,0 +1,79 @@
+"""Open files: open (copying up for writing), read, write, fsync, release.
+
+A file opened for reading on a lower copy follows a later copy-up of the same entry: the next read
+goes to the upper copy, so readers never mix old and new data.
+"""
+
+import errno
+import os
+
+from . import _sys
+from .copyup import copy_up
+
+_OPEN_FLAGS_KEPT = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC
+                    | os.O_NOATIME)
+
+
+class FileHandle:
+    __slots__ = ("fd", "node", "upper", "flags")
+
+    def __init__(self, fd, node, upper, flags):
+        self.fd = fd
+        self.node = node
+        self.upper = upper       # fd is on the upper copy
+        self.flags = flags
+
+
+def _for_writing(flags):
+    return (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+
+
+def _open_top(u, node, flags):
+    if node.upper:
+        return _sys.open_file(u.stack.upper, node.path(), flags), True
+    index, path = node.lowers[0]
+    return _sys.open_file(u.stack.layer(index), path, flags), False
+
+
+async def open(u, node, flags):
+    flags &= _OPEN_FLAGS_KEPT
+    if _for_writing(flags):
+        u.require_writable()
+        await copy_up(u, node, data=not flags & os.O_TRUNC)
+    if node.unlinked:
+        raise OSError(errno.ENOENT, "entry was removed")
+    fd, upper = _open_top(u, node, flags)
+    return u.add_handle(adopt(u, fd, node, upper, flags))
+
+
+def adopt(u, fd, node, upper, flags):
+    """A handle for an fd opened on ``node``: the node stays in the table while it is open."""
+    u.table.opened(node)
+    return FileHandle(fd, node, upper, flags & ~os.O_TRUNC)
+
+
+def read(u, fh, off, size):
+    h = u.handle(fh)
+    if not h.upper and h.node.upper and not h.node.unlinked:
+        # Copied up since it was opened: read what writers see from now on.
+        fd, _ = _open_top(u, h.node, os.O_RDONLY)
+        _sys.close(h.fd)
+        h.fd, h.upper = fd, True
+    return _sys.pread(h.fd, size, off)
+
+
+def write(u, fh, off, buf):
+    return _sys.pwrite(u.handle(fh).fd, buf, off)
+
+
+def fsync(u, fh, datasync):
+    if u.fsync:
+        _sys.fsync(u.handle(fh).fd, datasync)
+
+
+def release(u, fh):
+    h = u.handles.pop(fh, None)
+    if h is None:
+        raise OSError(errno.EBADF, "bad file handle")
+    _sys.close(h.fd)
+    u.table.closed(h.node)

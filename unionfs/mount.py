@@ -1,0 +1,282 @@
+"""Mount and serve: validate every input first, prepare the work directory, mount, run, clean up.
+
+Without -f the command forks: the child mounts and serves, the parent waits until the child says
+the mount is ready (exit 0) or why it failed (its one line, non-zero exit). Cleanup runs in reverse
+order of setup.
+"""
+
+import errno
+import logging
+import os
+import signal
+import stat
+import sys
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from . import _fast, _sys
+from .core import Union
+from .layers import LayerStack, open_layer
+from .operations import Operations
+from .options import UsageError
+from .whiteout import probe_xattr_support, work_name
+
+log = logging.getLogger("unionfs")
+
+WORK_SUBDIR = "work"      # the kernel's name inside workdir; it cleans it on mount, as we do
+
+
+@dataclass
+class Prepared:
+    lowers: list
+    upper: str | None
+    workdir: str | None
+    mountpoint: str
+    created_workdir: bool = False
+    oci_whiteouts: bool = False
+
+
+def _is_below(path, top):
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _dir(what, path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path}: no such directory") from None
+    except OSError as e:
+        raise UsageError(f"{what} {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{what} {path}: not a directory")
+    return os.path.realpath(path), st
+
+
+def _default_workdir(upper):
+    parent, base = os.path.split(upper.rstrip("/"))
+    return os.path.join(parent, f".{base}.unionfs-work")
+
+
+def check(opts):
+    """Every check that needs no change on disk, in the order a user would fix them."""
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        why = "no such device" if not os.path.exists("/dev/fuse") else "permission denied"
+        raise UsageError(f"cannot use /dev/fuse: {why}")
+    lowers = [_dir("lower layer", p) for p in opts.lowers]
+    upper = _dir("upper layer", opts.upper) if opts.upper is not None else None
+    mnt = _dir("mountpoint", opts.mountpoint)
+    if os.path.ismount(mnt[0]):
+        raise UsageError(f"mountpoint {opts.mountpoint}: already a mount point")
+    if os.listdir(mnt[0]):
+        raise UsageError(f"mountpoint {opts.mountpoint}: not empty")
+    workdir = None
+    if upper is not None:
+        workdir = opts.workdir or _default_workdir(upper[0])
+        parent = os.path.dirname(os.path.abspath(workdir).rstrip("/")) or "/"
+        if not os.path.exists(workdir):
+            _dir("parent of the work directory", parent)
+            wreal, wdev = os.path.join(os.path.realpath(parent), os.path.basename(workdir)), \
+                os.stat(parent).st_dev
+        else:
+            wreal, wst = _dir("work directory", workdir)
+            wdev = wst.st_dev
+        if wdev != upper[1].st_dev:
+            raise UsageError(f"work directory {workdir}: not on the upper layer's filesystem")
+        if _is_below(wreal, upper[0]) or _is_below(upper[0], wreal):
+            raise UsageError(f"work directory {workdir} and upper layer {opts.upper} "
+                             "must not contain each other")
+        workdir = wreal
+
+    named = [(f"lower layer {p}", r) for p, r in zip(opts.lowers, lowers)]
+    if upper is not None:
+        named.append((f"upper layer {opts.upper}", upper))
+    seen = {}
+    for what, (real, st) in named:
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            raise UsageError(f"{what}: same directory as {seen[key]}")
+        seen[key] = what
+    for what, (real, _) in named:
+        for other, (oreal, _) in named:
+            if what != other and _is_below(real, oreal):
+                raise UsageError(f"{what} is inside {other}")
+        # The mount inside a layer would send our own lookups back to us.
+        if _is_below(mnt[0], real) or _is_below(real, mnt[0]):
+            raise UsageError(f"mountpoint {opts.mountpoint} and {what} must not contain each other")
+        if workdir is not None and "upper" not in what and (
+                _is_below(workdir, real) or _is_below(real, workdir)):
+            raise UsageError(f"work directory {opts.workdir or workdir} and {what} "
+                             "must not contain each other")
+    return Prepared(lowers=[r for r, _ in lowers], upper=upper[0] if upper else None,
+                    workdir=workdir, mountpoint=mnt[0])
+
+
+def prepare_workdir(prep):
+    """Create the work directory if needed, clean leftovers of an earlier run, probe the upper
+    filesystem. On failure, whatever this created is removed again."""
+    if prep.upper is None:
+        return
+    if not os.path.exists(prep.workdir):
+        os.mkdir(prep.workdir, 0o700)
+        prep.created_workdir = True
+    try:
+        if not probe_xattr_support(prep.workdir):
+            raise UsageError(f"upper layer {prep.upper}: its filesystem has no trusted xattrs "
+                             "(overlay markers cannot be written)")
+        work_path = os.path.join(prep.workdir, WORK_SUBDIR)
+        wfd = os.open(prep.workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            work = open_layer(-1, prep.workdir)
+            try:
+                # Leftovers of a crash are half-built copies: never visible, now removed.
+                _sys.remove_tree(work, WORK_SUBDIR.encode())
+                _sys.mkdir(work, WORK_SUBDIR.encode(), 0o700)
+            finally:
+                os.close(work.fd)
+        finally:
+            os.close(wfd)
+        probe = os.path.join(work_path, work_name().decode())
+        try:
+            os.mknod(probe, stat.S_IFCHR | 0o600, 0)
+            os.unlink(probe)
+        except PermissionError:
+            prep.oci_whiteouts = True
+    except BaseException:
+        undo_workdir(prep)
+        raise
+
+
+def undo_workdir(prep):
+    if prep.created_workdir:
+        try:
+            work = open_layer(-1, prep.workdir)
+            _sys.remove_tree(work, WORK_SUBDIR.encode())
+            os.close(work.fd)
+            os.rmdir(prep.workdir)
+        except OSError:
+            pass
+
+
+def build_stack(prep):
+    lowers = tuple(open_layer(i + 1, p) for i, p in enumerate(prep.lowers))
+    upper = open_layer(0, prep.upper) if prep.upper else None
+    work = open_layer(-1, os.path.join(prep.workdir, WORK_SUBDIR)) if prep.workdir else None
+    return LayerStack(upper=upper, lowers=lowers, work=work,
+                      oci_whiteouts_in_upper=prep.oci_whiteouts)
+
+
+def fuse_options(opts, prep):
+    options = {f"fsname={opts.source}", "subtype=unionmount", "default_permissions",
+               "allow_other"}
+    if os.geteuid() == 0:
+        options |= {"dev", "suid"}       # a container's rootfs has device nodes and setuid files
+    if prep.upper is None:
+        options.add("ro")
+    return options
+
+
+async def _serve():
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _on_signal():
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for _ in signals:
+            pyfuse3.terminate()
+            return
+
+
+def serve(opts, prep, ready):
+    """Mount and serve until unmounted. ``ready(error)`` is called once: None when mounted."""
+    os.umask(0)     # modes come from the requests, already masked by the kernel
+    stack = build_stack(prep)
+    try:
+        union = Union(stack, timeout=opts.timeout, fsync=opts.fsync)
+        ops = Operations(union, debug=opts.debug)
+        try:
+            pyfuse3.init(ops, prep.mountpoint, fuse_options(opts, prep))
+        except Exception as e:
+            ready(f"cannot mount {opts.mountpoint}: {e}")
+            return 1
+        log.info("mounted %s (%s build)", prep.mountpoint, _fast.IMPLEMENTATION)
+        ready(None)
+        try:
+            trio.run(_serve)
+        finally:
+            pyfuse3.close(unmount=os.path.ismount(prep.mountpoint))
+    finally:
+        stack.close()
+    return 0
+
+
+def _setup_logging(debug):
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="unionmount[%(process)d] %(levelname)s %(name)s: %(message)s")
+
+
+def main(opts):
+    _setup_logging(opts.debug)
+    prep = check(opts)
+    try:
+        prepare_workdir(prep)
+    except OSError as e:
+        raise UsageError(f"work directory {prep.workdir}: {e.strerror}") from None
+    if opts.foreground:
+        def ready(error):
+            if error:
+                print(f"unionmount: {error}", file=sys.stderr)
+        code = serve(opts, prep, ready)
+        if code:
+            undo_workdir(prep)
+        return code
+    return _daemonize(opts, prep)
+
+
+def _daemonize(opts, prep):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.setsid()
+        code = 1
+
+        def ready(error):
+            os.write(w, (error or "ok").encode(errors="replace"))
+            os.close(w)
+            if error is None:
+                _detach_stdio(keep_stderr=opts.debug)
+        try:
+            code = serve(opts, prep, ready)
+        except BaseException as e:      # report, never raise out of a forked child
+            try:
+                os.write(w, f"internal error: {e!r}".encode())
+            except OSError:
+                log.exception("internal error")
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    while True:
+        data = os.read(r, 4096)
+        if not data:
+            break
+        chunks.append(data)
+    os.close(r)
+    msg = b"".join(chunks).decode(errors="replace")
+    if msg == "ok":
+        return 0
+    os.waitpid(pid, 0)
+    undo_workdir(prep)
+    raise UsageError(msg or "the daemon died before the mount was ready")
+
+
+def _detach_stdio(keep_stderr):
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1) if keep_stderr else (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)

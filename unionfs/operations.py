@@ -1,0 +1,213 @@
+"""The FUSE request handlers: each a few lines that call the core; errors converted in one place.
+
+Core code raises OSError; ``_handler`` turns it into FUSEError. Any other exception is a bug: it is
+logged once with its traceback and answered with EIO, and the mount keeps serving.
+"""
+
+import errno
+import functools
+import logging
+
+import pyfuse3
+
+from . import attrs, dirops, files
+from .readdir import DirHandle, merged_names
+
+log = logging.getLogger("unionfs.requests")
+
+
+def _handler(fn):
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        if self.debug:
+            log.debug("%s%r", name, args[:-1] if args and _is_ctx(args[-1]) else args)
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            if self.debug:
+                log.debug("%s -> %s", name, errno.errorcode.get(e.errno, e.errno))
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s%r", name, args)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+def _is_ctx(obj):
+    return isinstance(obj, pyfuse3.RequestContext)
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, union, debug=False):
+        super().__init__()
+        self.u = union
+        self.debug = debug
+
+    # --- names ----------------------------------------------------------------------------------
+
+    @_handler
+    async def lookup(self, parent_inode, name, ctx):
+        u = self.u
+        node = u.lookup(u.table[parent_inode], name)
+        if node is None:
+            # A negative entry the kernel may cache: nothing appears below us but through us.
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0
+            neg.entry_timeout = u.timeout
+            return neg
+        return u.entry(node)
+
+    @_handler
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            self.u.table.forget(ino, n)
+
+    @_handler
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        u = self.u
+        return u.entry(await dirops.mknod(u, u.table[parent_inode], name, mode, rdev, ctx))
+
+    @_handler
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        u = self.u
+        return u.entry(await dirops.mkdir(u, u.table[parent_inode], name, mode, ctx))
+
+    @_handler
+    async def symlink(self, parent_inode, name, target, ctx):
+        u = self.u
+        return u.entry(await dirops.symlink(u, u.table[parent_inode], name, target, ctx))
+
+    @_handler
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        u = self.u
+        node = await dirops.link(u, u.table[inode], u.table[new_parent_inode], new_name)
+        return u.entry(node)
+
+    @_handler
+    async def unlink(self, parent_inode, name, ctx):
+        await dirops.unlink(self.u, self.u.table[parent_inode], name)
+
+    @_handler
+    async def rmdir(self, parent_inode, name, ctx):
+        await dirops.rmdir(self.u, self.u.table[parent_inode], name)
+
+    @_handler
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        t = self.u.table
+        await dirops.rename(self.u, t[parent_inode_old], name_old, t[parent_inode_new], name_new,
+                            flags)
+
+    # --- attributes -----------------------------------------------------------------------------
+
+    @_handler
+    async def getattr(self, inode, ctx):
+        return self.u.attrs(self.u.table[inode])
+
+    @_handler
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        return await attrs.setattr(self.u, self.u.table[inode], attr, fields, fh)
+
+    @_handler
+    async def readlink(self, inode, ctx):
+        return attrs.readlink(self.u, self.u.table[inode])
+
+    @_handler
+    async def getxattr(self, inode, name, ctx):
+        return attrs.getxattr(self.u, self.u.table[inode], name)
+
+    @_handler
+    async def listxattr(self, inode, ctx):
+        return attrs.listxattr(self.u, self.u.table[inode])
+
+    @_handler
+    async def setxattr(self, inode, name, value, ctx):
+        await attrs.setxattr(self.u, self.u.table[inode], name, value)
+
+    @_handler
+    async def removexattr(self, inode, name, ctx):
+        await attrs.removexattr(self.u, self.u.table[inode], name)
+
+    @_handler
+    async def statfs(self, ctx):
+        return attrs.statfs(self.u)
+
+    @_handler
+    async def access(self, inode, mode, ctx):
+        return True
+
+    # --- files ----------------------------------------------------------------------------------
+
+    @_handler
+    async def open(self, inode, flags, ctx):
+        fh = await files.open(self.u, self.u.table[inode], flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_handler
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        u = self.u
+        node, fd = await dirops.create(u, u.table[parent_inode], name, mode, flags, ctx)
+        fh = u.add_handle(files.adopt(u, fd, node, True, flags))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), u.entry(node)
+
+    @_handler
+    async def read(self, fh, off, size):
+        return files.read(self.u, fh, off, size)
+
+    @_handler
+    async def write(self, fh, off, buf):
+        return files.write(self.u, fh, off, buf)
+
+    @_handler
+    async def flush(self, fh):
+        pass
+
+    @_handler
+    async def fsync(self, fh, datasync):
+        files.fsync(self.u, fh, datasync)
+
+    @_handler
+    async def release(self, fh):
+        files.release(self.u, fh)
+
+    # --- directories ----------------------------------------------------------------------------
+
+    @_handler
+    async def opendir(self, inode, ctx):
+        u = self.u
+        node = u.table[inode]
+        handle = DirHandle(node, merged_names(u.stack, node.dirs()))
+        u.table.opened(node)
+        return u.add_handle(handle)
+
+    @_handler
+    async def readdir(self, fh, start_id, token):
+        u = self.u
+        h = u.handle(fh)
+        if start_id == 0 and h.served:
+            h.names = merged_names(u.stack, h.node.dirs())     # rewinddir sees changes
+        h.served = True
+        for i in range(start_id, len(h.names)):
+            name = h.names[i]
+            node = u.lookup(h.node, name)
+            if node is None:
+                continue            # removed since the listing was taken
+            if not pyfuse3.readdir_reply(token, name, u.attrs(node), i + 1):
+                u.table.discard_if_unused(node)
+                break
+            node.nlookup += 1
+
+    @_handler
+    async def releasedir(self, fh):
+        h = self.u.handles.pop(fh)
+        self.u.table.closed(h.node)
+
+    @_handler
+    async def fsyncdir(self, fh, datasync):
+        pass

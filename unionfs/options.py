@@ -1,0 +1,85 @@
+"""Mount options as a frozen dataclass, and the parsing of lowerdir lists and -o strings.
+
+``\\:`` and ``\\,`` escape the separators inside paths, as overlayfs and fuse-overlayfs accept.
+"""
+
+from dataclasses import dataclass, field
+
+
+class UsageError(Exception):
+    """Bad command line or option: reported as one line, exit status 1, nothing done."""
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    lowers: tuple[str, ...]
+    upper: str | None
+    mountpoint: str
+    workdir: str | None = None
+    foreground: bool = False
+    debug: bool = False
+    timeout: float = 1.0
+    fsync: bool = True
+    readonly: bool = False
+    source: str = "unionfs"
+    unknown: tuple[str, ...] = field(default=())
+
+
+def split_escaped(text, sep):
+    """Split on ``sep`` except where it is escaped with a backslash; drop the escapes."""
+    parts, cur, i = [], [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            cur.append(text[i + 1])
+            i += 2
+            continue
+        if c == sep:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def parse_lowerdir(text):
+    lowers = split_escaped(text, ":")
+    if any(not p for p in lowers):
+        raise UsageError(f"empty path in lower layer list {text!r}")
+    return tuple(lowers)
+
+
+def split_options(text):
+    """``-o a,b=c,,d`` -> [("a", None), ("b", "c"), ("d", None)]; empty items are skipped.
+
+    Only the separating commas are split: a value keeps ``\\,`` and ``\\:`` escapes for its own
+    parser (lowerdir), other values have them removed by it.
+    """
+    items = []
+    cur, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            cur.append(text[i:i + 2])
+            i += 2
+            continue
+        if c == ",":
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    items.append("".join(cur))
+    out = []
+    for item in items:
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        out.append((key, value if eq else None))
+    return out
+
+
+def unescape(text):
+    return "".join(split_escaped(text, "\0"))

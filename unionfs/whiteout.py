@@ -1,0 +1,129 @@
+"""Whiteout, opaque and redirect markers: every form we read, and the one we write.
+
+Read: whiteouts as a 0/0 char device, as an OCI/AUFS ``.wh.NAME`` file, and as the kernel's xattr
+form (an empty file with ``overlay.whiteout``); opaque as ``overlay.opaque=y`` (trusted. or user.)
+and as ``.wh..wh..opq``; ``overlay.redirect`` on directories.
+Write: as the kernel does: char 0/0 whiteouts, ``<prefix>opaque=y``, ``<prefix>redirect``.
+"""
+
+import errno
+import itertools
+import os
+import stat
+from dataclasses import dataclass
+
+from . import _sys
+
+OCI_PREFIX = b".wh."
+OCI_OPAQUE = b".wh..wh..opq"
+PRIVATE_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+
+_tmp_counter = itertools.count()
+
+
+def is_private_xattr(name):
+    """Our own markers (and the kernel's): never shown through the mount."""
+    return name.startswith(PRIVATE_PREFIXES)
+
+
+@dataclass(frozen=True, slots=True)
+class DirMarkers:
+    opaque: bool = False
+    redirect: bytes | None = None
+    xattr_whiteouts: bool = False     # the kernel's "opaque=x": may hold xattr-form whiteouts
+
+
+NO_MARKERS = DirMarkers()
+
+
+def dir_markers(layer, path):
+    xattrs, has_opq = _sys.dir_state(layer, path, PRIVATE_PREFIXES)
+    if not xattrs and not has_opq:
+        return NO_MARKERS
+    opaque_values = {xattrs.get(p + b"opaque") for p in PRIVATE_PREFIXES}
+    redirect = xattrs.get(b"trusted.overlay.redirect") or xattrs.get(b"user.overlay.redirect")
+    return DirMarkers(opaque=has_opq or b"y" in opaque_values, redirect=redirect or None,
+                      xattr_whiteouts=b"x" in opaque_values)
+
+
+def is_whiteout(layer, path, st):
+    """Whether an existing entry is a whiteout, in the kernel's device or xattr form."""
+    if stat.S_ISCHR(st.st_mode):
+        return st.st_rdev == 0
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        return any(_sys.getxattr(layer, path, p + b"whiteout") is not None
+                   for p in PRIVATE_PREFIXES)
+    return False
+
+
+def list_dir(layer, path, read_oci, markers):
+    """One layer's directory: (visible names, names it whites out for the layers below)."""
+    names, hidden = [], set()
+    for name, kind in _sys.scandir(layer, path):
+        if kind == 0:
+            hidden.add(name)
+        elif read_oci and name.startswith(OCI_PREFIX):
+            if name != OCI_OPAQUE:
+                hidden.add(name[len(OCI_PREFIX):])
+        elif (markers.xattr_whiteouts and kind == stat.S_IFREG
+              and is_whiteout(layer, _sys.join(path, name), _sys.lstat(layer, _sys.join(path, name)))):
+            hidden.add(name)
+        else:
+            names.append(name)
+    return names, hidden
+
+
+def work_name(prefix=b"#"):
+    """A fresh name in the work directory (the kernel's are "#<hex>" too)."""
+    return prefix + b"%x.%x" % (os.getpid(), next(_tmp_counter))
+
+
+def make_whiteout(stack, path):
+    """Create a whiteout at ``path`` in the upper layer, atomically (built in the work directory)."""
+    tmp = work_name()
+    if stack.oci_whiteouts_in_upper:
+        dirpath, name = _sys.split(path)
+        fd = _sys.open_file(stack.upper, _sys.join(dirpath, OCI_PREFIX + name),
+                            os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        os.close(fd)
+        return
+    _sys.mknod(stack.work, tmp, stat.S_IFCHR, 0)   # c--------- 0/0, as the kernel makes them
+    try:
+        _sys.rename(stack.work, tmp, stack.upper, path)
+    except OSError:
+        _sys.unlink(stack.work, tmp)
+        raise
+
+
+def set_opaque(stack, layer, path):
+    if stack.oci_whiteouts_in_upper:
+        os.close(_sys.open_file(layer, _sys.join(path, OCI_OPAQUE),
+                                os.O_CREAT | os.O_WRONLY, 0o600))
+    else:
+        _sys.setxattr(layer, path, stack.xattr_prefix + b"opaque", b"y")
+
+
+def set_redirect(stack, layer, path, target):
+    """Record that the directory at ``path`` was ``target`` (absolute, in the lower layers)."""
+    _sys.setxattr(layer, path, stack.xattr_prefix + b"redirect", b"/" + target)
+
+
+def remove_oci_whiteout(stack, path):
+    """Drop a ``.wh.NAME`` marker of ours before NAME is created again (fallback mode only)."""
+    dirpath, name = _sys.split(path)
+    try:
+        _sys.unlink(stack.upper, _sys.join(dirpath, OCI_PREFIX + name))
+    except FileNotFoundError:
+        pass
+
+
+def probe_xattr_support(layer_fd_path):
+    """Whether the filesystem at this directory takes trusted.* xattrs; raises nothing."""
+    try:
+        os.setxattr(layer_fd_path, "trusted.overlay.unionfs-probe", b"1")
+        os.removexattr(layer_fd_path, "trusted.overlay.unionfs-probe")
+        return True
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return False
+        raise
