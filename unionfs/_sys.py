@@ -368,3 +368,24 @@ def fsync(fd, datasync):
 
 def close(fd):
     os.close(fd)
+
+
+def multiply_linked(layer):
+    """{st_ino: [path, ...]} of the non-directories with more than one link in a layer."""
+    out = {}
+    todo = [b""]
+    while todo:
+        dirpath = todo.pop()
+        try:
+            entries = scandir(layer, dirpath)
+        except OSError:
+            continue
+        for name, kind in entries:
+            path = join(dirpath, name)
+            if kind == stat.S_IFDIR:
+                todo.append(path)
+                continue
+            st = lstat(layer, path)
+            if st is not None and st.st_nlink > 1:
+                out.setdefault(st.st_ino, []).append(path)
+    return out

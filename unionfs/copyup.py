@@ -102,3 +102,29 @@ async def _build(u, node, data):
         raise
     node.upper = True
     u.table.add_key(node, _sys.lstat(stack.upper, node.path()))
+    if not node.is_dir and st.st_nlink > 1:
+        await _link_aliases(u, node, index, st)
+
+
+async def _link_aliases(u, node, index, st):
+    """Keep lower hard links linked: every other visible name of the same lower inode becomes a
+    link to the new copy, in the upper layer itself, so the kernel and a remount see them too."""
+    links = u.hardlinks.get(index)
+    if links is None:
+        links = u.hardlinks[index] = await trio.to_thread.run_sync(
+            _sys.multiply_linked, u.stack.layer(index))
+    for path in links.get(st.st_ino, ()):
+        chain = u.walk(path)
+        try:
+            if (not chain or chain[-1] is not node
+                    or _sys.lstat(u.stack.upper, path) is not None):
+                continue        # hidden, replaced, or already linked
+            parent = chain[-2] if len(chain) > 1 else u.root
+            await copy_up(u, parent)
+            tmp = work_name()
+            _sys.link(u.stack.upper, node.path(), u.stack.work, tmp)
+            _sys.rename(u.stack.work, tmp, u.stack.upper, path)
+            u.table.add_alias(node, parent, _sys.split(path)[1])
+        finally:
+            for n in reversed(chain):
+                u.table.discard_if_unused(n)

@@ -40,6 +40,8 @@ class Union:
         self._next_fh = 1
         # copy-ups in progress, by ino: a second request for the same node waits on the first
         self.copyups = {}
+        # per lower layer, filled when first needed: {st_ino: [paths]} of multiply-linked files
+        self.hardlinks = {}
 
     # --- handles --------------------------------------------------------------------------------
 
@@ -72,6 +74,23 @@ class Union:
         if found is None:
             return None
         return self.node_for(parent, name, found)
+
+    def walk(self, path):
+        """The nodes along a merged path (root excluded); shorter when a component is missing.
+        Nodes made here are not counted: the caller discards the unused ones."""
+        chain, node = [], self.root
+        for name in path.split(b"/"):
+            if not node.is_dir:
+                break
+            node = self.lookup(node, name)
+            if node is None:
+                break
+            chain.append(node)
+        if len(chain) != path.count(b"/") + 1:
+            for n in reversed(chain):
+                self.table.discard_if_unused(n)
+            return []
+        return chain
 
     def node_for(self, parent, name, found):
         st = found.st
