@@ -1,0 +1,89 @@
+# Shared set-up for scripts/test.sh, scripts/demo.sh and .ci/run; source it, do not run it.
+# Installs the Debian packages, makes .venv with the system python3 and installs unionfs into it
+# with its Cython extension.
+
+UNIONFS_TOP=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV="$UNIONFS_TOP/.venv"
+
+say() { printf '\n== %s\n' "$*"; }
+die() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; exit 1; }
+
+# Mounting, mknod of whiteouts and chroot all need root.
+require_root() {
+    [ "$(id -u)" -eq 0 ] && return 0
+    command -v sudo >/dev/null && exec sudo -E bash "$0" "$@"
+    die "run this as root (sudo is not installed)"
+}
+
+# Debian 12 and 13 name these the same; pkg-config is a transitional name for pkgconf in both,
+# so ask for whichever of the two the archive has.
+system_packages() {
+    local pc=pkgconf
+    apt-cache show pkgconf >/dev/null 2>&1 || pc=pkg-config
+    echo fuse3 libfuse3-dev "$pc" busybox-static attr fuse-overlayfs gcc libc6-dev \
+         python3-dev python3-venv e2fsprogs dosfstools
+}
+
+# With "always" (CI), updates and installs unconditionally; otherwise only when one is missing.
+install_system_packages() {
+    export DEBIAN_FRONTEND=noninteractive
+    if [ "${1:-}" != always ]; then
+        local pkgs have
+        pkgs=$(system_packages)
+        # shellcheck disable=SC2086
+        have=$(dpkg-query -W -f='${db:Status-Abbrev}\n' $pkgs 2>/dev/null | grep -c '^ii' || true)
+        [ "$have" -eq "$(echo $pkgs | wc -w)" ] && return 0
+    fi
+    say "apt-get update && apt-get install"
+    apt-get update -q
+    # shellcheck disable=SC2046
+    apt-get install -y -q --no-install-recommends $(system_packages) </dev/null
+}
+
+# FUSE needs /dev/fuse; a fresh container may have the module but not the node.
+ensure_dev_fuse() {
+    [ -c /dev/fuse ] && return 0
+    modprobe fuse 2>/dev/null || true
+    [ -c /dev/fuse ] || mknod -m 0666 /dev/fuse c 10 229
+}
+
+# The Debian python3 matches python3-dev and python3-venv; PYTHON=... picks another one.
+system_python() {
+    if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"
+    elif [ -x /usr/bin/python3 ]; then echo /usr/bin/python3
+    else command -v python3 || die "no python3 found"
+    fi
+}
+
+make_venv() {
+    local py want
+    py=$(system_python)
+    want=$("$py" -c 'import sys; print(sys.version.split()[0])')
+    say "venv $VENV with $py (Python $want)"
+    if [ -x "$VENV/bin/python" ] &&
+       [ "$("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])' 2>/dev/null)" = "$want" ]; then
+        return 0
+    fi
+    rm -rf "$VENV"
+    "$py" -m venv "$VENV"
+}
+
+# Editable install: the Cython extension is built into unionfs/ next to its twin, so the tests
+# (run from the repo) import the same files the console script runs. UNIONFS_NO_EXT=1 skips it.
+install_unionfs() {
+    say "pip install -e $UNIONFS_TOP[test]"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$UNIONFS_TOP[test]" </dev/null
+    local impl
+    impl=$(cd /tmp && "$VENV/bin/python" -c 'import unionfs._fast as f; print(f.IMPLEMENTATION)')
+    if [ -z "${UNIONFS_NO_EXT:-}" ] || [ "${UNIONFS_NO_EXT}" = 0 ]; then
+        [ "$impl" = cython ] || die "the Cython extension unionfs._fast_c was not built or does not import"
+    fi
+    echo "unionfs installed; hot paths: $impl"
+}
+
+setup_all() {
+    install_system_packages "$@"
+    ensure_dev_fuse
+    make_venv
+    install_unionfs
+}
