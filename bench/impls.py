@@ -10,7 +10,7 @@ import dataclasses
 import os
 import shutil
 import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,18 +70,22 @@ class Impl:
 
     def mount(self, stack: Stack) -> None:
         cmd = self.mount_cmd(stack)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=self.mount_env(),
-                                  stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise MountError(f"{cmd[0]} did not return within 60 s") from None
-        # Daemons return once mounted, but give a slow one a moment before calling it a failure.
-        deadline = time.monotonic() + 10
-        while not mounted_at(stack.mountpoint) and time.monotonic() < deadline and proc.returncode == 0:
-            time.sleep(0.05)
-        if not mounted_at(stack.mountpoint):
-            msg = (proc.stderr or proc.stdout).strip().splitlines()
-            raise MountError(f"not mounted (exit {proc.returncode}): {' | '.join(msg[-3:])}")
+        # Output goes to a file, not a pipe: a daemon that keeps the inherited stderr open would
+        # otherwise make us wait for EOF until the timeout.
+        with tempfile.TemporaryFile() as log:
+            try:
+                proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=60,
+                                      env=self.mount_env())
+            except subprocess.TimeoutExpired:
+                raise MountError(f"{cmd[0]} did not return within 60 s") from None
+            # Daemons return once mounted, but give a slow one a moment before calling it a failure.
+            deadline = time.monotonic() + 10
+            while not mounted_at(stack.mountpoint) and time.monotonic() < deadline and proc.returncode == 0:
+                time.sleep(0.05)
+            if not mounted_at(stack.mountpoint):
+                log.seek(0)
+                msg = log.read().decode(errors="replace").strip().splitlines()
+                raise MountError(f"not mounted (exit {proc.returncode}): {' | '.join(msg[-3:])}")
 
     def unmount(self, mountpoint: Path) -> None:
         """Unmount, escalating to an aborting and then a lazy unmount, so that no mount is left behind."""
@@ -183,17 +187,23 @@ class Unionmount(Impl):
         proc = self._probe("import pyfuse3, trio, unionfs")
         if proc.returncode != 0:
             return f"cannot import unionfs with {self.python}: {proc.stderr.strip().splitlines()[-1:]}"
-        if not self.pure_python:
-            # Refuse to report the pure-Python twin under the Cython label.
-            proc = self._probe("import unionfs._fast_c")
-            if proc.returncode != 0:
-                return "Cython build not importable (unionfs._fast_c); build the extension first"
+        # Ask the selector which twin it picks, so the pure-Python one is never reported as Cython.
+        want = "python" if self.pure_python else "cython"
+        if self.build() != want:
+            return (f"unionfs._fast selects the {self.build()!r} build, not {want!r}"
+                    + ("" if self.pure_python else "; build the extension (pip install -e .) first"))
         return None
+
+    def build(self) -> str:
+        proc = self._probe("import unionfs._fast as f; print(f.IMPLEMENTATION)")
+        return proc.stdout.strip() or f"unimportable: {proc.stderr.strip().splitlines()[-1:]}"
 
     def version(self) -> str:
         commit = _tool_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+        dirty = _tool_output(["git", "-C", str(REPO), "status", "--porcelain", "--", "unionfs", "csrc"])
         pyfuse3 = self._probe("import pyfuse3; print(pyfuse3.__version__)").stdout.strip()
-        return f"git {commit}, pyfuse3 {pyfuse3}, {'pure Python' if self.pure_python else 'Cython'}"
+        return (f"git {commit}{' (uncommitted changes)' if dirty else ''}, pyfuse3 {pyfuse3}, "
+                f"{self.build()} build, {self.python}")
 
     def mount_cmd(self, s: Stack) -> list[str]:
         lower = ":".join(map(str, s.lowers))

@@ -21,7 +21,7 @@ class Cell:
     impl: str
     label: str
     seconds: list[float] = dataclasses.field(default_factory=list)
-    phases: list[dict] = dataclasses.field(default_factory=list)
+    details: list[dict] = dataclasses.field(default_factory=list)
     error: str | None = None
 
     @property
@@ -54,7 +54,7 @@ def machine(data_dir: Path, impl_versions: dict[str, str]) -> dict:
                 break
     with open("/proc/meminfo") as f:
         mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
-    fs = _first_line(["findmnt", "-n", "-o", "FSTYPE,SOURCE,OPTIONS", "-T", str(data_dir)])
+    fs = " ".join(_first_line(["findmnt", "-n", "-o", "FSTYPE,SOURCE,OPTIONS", "-T", str(data_dir)]).split())
     return {
         "kernel": platform.release(),
         "os": _first_line(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
@@ -84,8 +84,8 @@ def rows(cells: list[Cell]) -> list[list[str]]:
     for c in cells:
         name = c.workload if c.workload != last else ""
         last = c.workload
-        if c.error:
-            out.append([name, c.label, f"error: {c.error}"])
+        if c.error or c.median is None:
+            out.append([name, c.label, f"error: {c.error or 'no runs'}"])
             continue
         out.append([
             name, c.label, f"{c.median:.3f}", f"{min(c.seconds):.3f}–{max(c.seconds):.3f}",

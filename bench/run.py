@@ -102,7 +102,7 @@ def run_worker(name: str, root: Path, params: workloads.Params, timeout: float,
         raise RunError(f"worker died (exit {proc.returncode}): {err.strip()[-200:]}") from None
     if "error" in result:
         raise RunError(result["error"])
-    return result["seconds"], result["phases"]
+    return result["seconds"], result["details"]
 
 
 def _fresh_dir(path: Path) -> None:
@@ -148,13 +148,13 @@ def run_cell(ds, impl, wl, params, args, cell: report.Cell, missing: str | None,
         return
     for i in range(args.runs):
         try:
-            seconds, phases = run_once(ds, impl, wl, params, args.timeout)
+            seconds, details = run_once(ds, impl, wl, params, args.timeout)
         except (RunError, impls.MountError, OSError, subprocess.SubprocessError) as e:
             cell.error = f"{type(e).__name__}: {e}" if not isinstance(e, RunError) else str(e)
             print(f"{progress} {wl.name:18} {impl.label:25} run {i + 1}: error: {cell.error}", flush=True)
             return
         cell.seconds.append(seconds)
-        cell.phases.append(phases)
+        cell.details.append(details)
         print(f"{progress} {wl.name:18} {impl.label:25} run {i + 1}/{args.runs}: {seconds:9.3f} s", flush=True)
     upper = ds.runs / impl.key / "upper"
     if upper.exists():
@@ -212,6 +212,8 @@ def main(argv: list[str]) -> int:
                 run_cell(ds, impl, wl, params, args, cell, missing[impl.key], f"[{len(cells)}/{total}]")
     except KeyboardInterrupt:
         interrupted = True
+        if cells and not cells[-1].error:
+            cells[-1].error = f"interrupted after {len(cells[-1].seconds)} runs"
         print("interrupted: writing the results so far", file=sys.stderr)
     finally:
         leftover = [i for i in all_impls if impls.mounted_at(ds.runs / i.key / "mnt")]

@@ -70,9 +70,9 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
-def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    """Run a tool whose output we do not need; its stderr becomes the error message if it fails."""
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+def _run(cmd: list[str], capture: bool = False) -> subprocess.CompletedProcess:
+    """Run a tool; its stderr becomes the error message if it fails."""
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE if capture else subprocess.DEVNULL, stderr=subprocess.PIPE)
     if proc.returncode != 0:
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
         raise RuntimeError(f"{cmd[0]} exited {proc.returncode}: {' | '.join(tail)}")
@@ -107,7 +107,7 @@ def _random_offsets(size: int, count: int) -> list[int]:
     return [rng.randrange(pages) * PAGE for _ in range(count)]
 
 
-# ---- workload bodies: each takes the mounted root and returns optional phase timings ----------------
+# ---- workload bodies: each takes the mounted root and may return details (counts, phase times) -------
 
 def seqread(root: Path, p: Params) -> None:
     got = _read_all(root / D.SEQ_FILE)
@@ -168,13 +168,16 @@ def chmod_tree(root: Path, p: Params) -> None:
         os.chmod(base / f"c{i // 100:03d}" / f"f{i:05d}", 0o600)
 
 
-def find_tree(root: Path, p: Params) -> None:
+def find_tree(root: Path, p: Params) -> dict:
     # %s and %T force an lstat of every file, as `find -ls` would, without formatting cost.
-    _run(["find", str(root / D.TREE_DIR), "-type", "f", "-printf", "%s %T@\n"])
+    out = _run(["find", str(root / D.TREE_DIR), "-type", "f", "-printf", "%s %T@\n"], capture=True).stdout
+    return {"files": out.count(b"\n")}
 
 
-def readdir_wide(root: Path, p: Params) -> None:
-    _run(["find", str(root / D.WIDE_DIR), "-mindepth", "1", "-maxdepth", "1", "-printf", "%s %T@\n"])
+def readdir_wide(root: Path, p: Params) -> dict:
+    out = _run(["find", str(root / D.WIDE_DIR), "-mindepth", "1", "-maxdepth", "1", "-printf", "%s %T@\n"],
+               capture=True).stdout
+    return {"entries": out.count(b"\n")}
 
 
 def create_remove(root: Path, p: Params) -> None:
@@ -242,6 +245,39 @@ BODIES: dict[str, Callable[[Path, Params], dict | None]] = {
 assert set(BODIES) == set(BY_NAME)
 
 
+def _expect(what: str, got, want) -> None:
+    if got != want:
+        raise RuntimeError(f"wrong result: {what} is {got!r}, expected {want!r}")
+
+
+def check(name: str, root: Path, p: Params, facts: dict) -> None:
+    """Untimed: make sure the pass did what it claims, so a broken implementation cannot look fast."""
+    s = p.scale
+    if name == "seqwrite":
+        _expect("size of the written file", os.stat(root / D.SCRATCH_DIR / "seqwrite.bin").st_size, s["seq_bytes"])
+    elif name == "randwrite":
+        _expect("size of the written file", os.stat(root / D.RANDWRITE_FILE).st_size, s["randwrite_bytes"])
+    elif name == "copyup-append":
+        _expect("size after the append", os.stat(root / D.APPEND_FILE).st_size, s["append_bytes"] + 1)
+        with open(root / D.APPEND_FILE, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            _expect("last byte", f.read(), b"!")
+    elif name == "chmod-10k":
+        modes = {os.lstat(root / D.CHMOD_DIR / f"c{i // 100:03d}" / f"f{i:05d}").st_mode & 0o7777
+                 for i in range(0, s["chmod_files"], 7)}
+        _expect("modes after chmod", modes, {0o600})
+    elif name.startswith("find-"):
+        _expect("files found", facts["files"], s["tree_files"])
+    elif name == "readdir-50k":
+        _expect("entries listed", facts["entries"], s["wide_entries"])
+    elif name == "create-remove-10k":
+        _expect("directory left behind", (root / D.SCRATCH_DIR / "create-remove").exists(), False)
+    elif name == "realjob":
+        pycs = sum(1 for _ in (root / D.SCRATCH_DIR / "job").rglob("*.pyc"))
+        if pycs == 0:
+            raise RuntimeError("wrong result: compileall wrote no .pyc file")
+
+
 def worker(name: str, root: Path, params: Params) -> dict:
     """Run one timed pass of `name` on `root`, with the untimed preparation its cache state asks for."""
     workload = BY_NAME[name]
@@ -251,9 +287,10 @@ def worker(name: str, root: Path, params: Params) -> dict:
     elif params.drop_caches:
         drop_caches()
     start = time.perf_counter()
-    phases = body(root, params)
+    details = body(root, params) or {}
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "phases": phases or {}}
+    check(name, root, params, details)
+    return {"seconds": seconds, "details": details}
 
 
 def main(argv: list[str]) -> int:
