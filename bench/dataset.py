@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -122,7 +121,7 @@ def _manifest(scale: Scale) -> dict:
 
 
 def prepare(data_dir: Path, scale: Scale, log=print) -> Dataset:
-    """Return the dataset for `scale`, building it first unless a complete build with the same manifest exists."""
+    """The dataset for `scale`; built first unless a complete build with the same manifest exists."""
     ds = Dataset(data_dir / scale.name, scale)
     manifest_path = ds.root / "manifest.json"
     want = _manifest(scale)
@@ -147,7 +146,7 @@ def prepare(data_dir: Path, scale: Scale, log=print) -> Dataset:
 
 
 def _write_file(path: Path, size: int, rng: random.Random) -> None:
-    """Write `size` bytes of incompressible data; a repeated 1 MiB block is enough for plain filesystems."""
+    """`size` bytes of incompressible data; a repeated 1 MiB block is enough for plain filesystems."""
     path.parent.mkdir(parents=True, exist_ok=True)
     block = rng.randbytes(MiB)
     with open(path, "wb") as f:
@@ -180,7 +179,7 @@ def _build_layers(ds: Dataset) -> None:
         layer = lower1 if i % 2 == 0 else lower2
         _small_file(layer / CHMOD_DIR / f"c{i // 100:03d}" / f"f{i:05d}", payload)
 
-    # find-*: the same directory skeleton in both lowers, files alternating, so every directory is merged.
+    # find-*: the same directory skeleton in both lowers, files alternating: every directory is merged.
     leaf_dirs = max(10, s.tree_files // 100)
     for i in range(s.tree_files):
         d = i % leaf_dirs
@@ -206,7 +205,8 @@ def _build_native(ds: Dataset) -> None:
 
 
 def _build_tarball(ds: Dataset) -> None:
-    """The realjob input: this Python's stdlib as a source tree (no site-packages, no bytecode, no build files)."""
+    """The realjob input: this Python's stdlib as a source tree, without site-packages, bytecode or
+    build files."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     skip_dirs = {"site-packages", "dist-packages", "__pycache__", "lib-dynload"}
 

@@ -56,7 +56,7 @@ class Impl:
     is_fuse = True
 
     def missing(self) -> str | None:
-        """Why this implementation cannot run here, with the command that would fix it; None if it can."""
+        """Why this implementation cannot run here, and the command that fixes it; None if it can."""
         return None
 
     def version(self) -> str:
@@ -74,13 +74,21 @@ class Impl:
         # otherwise make us wait for EOF until the timeout.
         with tempfile.TemporaryFile() as log:
             try:
-                proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=60,
-                                      env=self.mount_env())
+                proc = subprocess.run(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    timeout=60,
+                    env=self.mount_env(),
+                )
             except subprocess.TimeoutExpired:
                 raise MountError(f"{cmd[0]} did not return within 60 s") from None
             # Daemons return once mounted, but give a slow one a moment before calling it a failure.
             deadline = time.monotonic() + 10
-            while not mounted_at(stack.mountpoint) and time.monotonic() < deadline and proc.returncode == 0:
+            while (
+                not mounted_at(stack.mountpoint) and time.monotonic() < deadline and proc.returncode == 0
+            ):
                 time.sleep(0.05)
             if not mounted_at(stack.mountpoint):
                 log.seek(0)
@@ -88,7 +96,7 @@ class Impl:
                 raise MountError(f"not mounted (exit {proc.returncode}): {' | '.join(msg[-3:])}")
 
     def unmount(self, mountpoint: Path) -> None:
-        """Unmount, escalating to an aborting and then a lazy unmount, so that no mount is left behind."""
+        """Unmount, escalating to an aborting and then a lazy unmount: no mount is left behind."""
         polite = ["fusermount3", "-u", str(mountpoint)] if self.is_fuse else ["umount", str(mountpoint)]
         # A just-finished client may still hold the mount busy for a moment.
         for delay in (0, 0.2, 1.0):
@@ -125,39 +133,68 @@ class KernelOverlay(Impl):
 
     def mount_cmd(self, s: Stack) -> list[str]:
         lower = ":".join(map(str, s.lowers))
-        return ["mount", "-t", "overlay", "overlay", "-o",
-                f"lowerdir={lower},upperdir={s.upper},workdir={s.workdir}", str(s.mountpoint)]
+        return [
+            "mount",
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            f"lowerdir={lower},upperdir={s.upper},workdir={s.workdir}",
+            str(s.mountpoint),
+        ]
 
 
 class FuseOverlayfs(Impl):
     key, label = "fuse-overlayfs", "fuse-overlayfs"
 
     def missing(self) -> str | None:
-        return None if shutil.which("fuse-overlayfs") else "fuse-overlayfs not found (apt-get install fuse-overlayfs)"
+        return (
+            None
+            if shutil.which("fuse-overlayfs")
+            else "fuse-overlayfs not found (apt-get install fuse-overlayfs)"
+        )
 
     def version(self) -> str:
         return _tool_output(["fuse-overlayfs", "--version"]).splitlines()[0]
 
     def mount_cmd(self, s: Stack) -> list[str]:
         lower = ":".join(map(str, s.lowers))
-        return ["fuse-overlayfs", "-o", f"lowerdir={lower},upperdir={s.upper},workdir={s.workdir}",
-                str(s.mountpoint)]
+        return [
+            "fuse-overlayfs",
+            "-o",
+            f"lowerdir={lower},upperdir={s.upper},workdir={s.workdir}",
+            str(s.mountpoint),
+        ]
 
 
 class UnionfsFuse(Impl):
     key, label = "unionfs-fuse", "unionfs-fuse"
 
     def missing(self) -> str | None:
-        return None if shutil.which("unionfs") else "unionfs (unionfs-fuse) not found (apt-get install unionfs-fuse)"
+        return (
+            None
+            if shutil.which("unionfs")
+            else "unionfs (unionfs-fuse) not found (apt-get install unionfs-fuse)"
+        )
 
     def version(self) -> str:
         out = _tool_output(["dpkg-query", "-W", "-f", "${Version}", "unionfs-fuse"])
-        return f"unionfs-fuse {out}" if out and "unavailable" not in out else _tool_output(["unionfs", "--version"])
+        return (
+            f"unionfs-fuse {out}"
+            if out and "unavailable" not in out
+            else _tool_output(["unionfs", "--version"])
+        )
 
     def mount_cmd(self, s: Stack) -> list[str]:
         # unionfs-fuse takes branches top to bottom, each tagged =RW or =RO; it has no workdir.
         branches = ":".join([f"{s.upper}=RW", *(f"{lower}=RO" for lower in s.lowers)])
-        return ["unionfs", "-o", "cow,allow_other,use_ino,suid,dev,nonempty", branches, str(s.mountpoint)]
+        return [
+            "unionfs",
+            "-o",
+            "cow,allow_other,use_ino,suid,dev,nonempty",
+            branches,
+            str(s.mountpoint),
+        ]
 
 
 class Unionmount(Impl):
@@ -178,8 +215,14 @@ class Unionmount(Impl):
         return env
 
     def _probe(self, code: str) -> subprocess.CompletedProcess:
-        return subprocess.run([self.python, "-c", code], capture_output=True, text=True, timeout=60,
-                              env=self.mount_env(), cwd=REPO)
+        return subprocess.run(
+            [self.python, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=self.mount_env(),
+            cwd=REPO,
+        )
 
     def missing(self) -> str | None:
         if not (REPO / "unionfs" / "__main__.py").exists():
@@ -190,8 +233,9 @@ class Unionmount(Impl):
         # Ask the selector which twin it picks, so the pure-Python one is never reported as Cython.
         want = "python" if self.pure_python else "cython"
         if self.build() != want:
-            return (f"unionfs._fast selects the {self.build()!r} build, not {want!r}"
-                    + ("" if self.pure_python else "; build the extension (pip install -e .) first"))
+            return f"unionfs._fast selects the {self.build()!r} build, not {want!r}" + (
+                "" if self.pure_python else "; build the extension (pip install -e .) first"
+            )
         return None
 
     def build(self) -> str:
@@ -202,14 +246,31 @@ class Unionmount(Impl):
         commit = _tool_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
         dirty = _tool_output(["git", "-C", str(REPO), "status", "--porcelain", "--", "unionfs", "csrc"])
         pyfuse3 = self._probe("import pyfuse3; print(pyfuse3.__version__)").stdout.strip()
-        return (f"git {commit}{' (uncommitted changes)' if dirty else ''}, pyfuse3 {pyfuse3}, "
-                f"{self.build()} build, {self.python}")
+        return (
+            f"git {commit}{' (uncommitted changes)' if dirty else ''}, pyfuse3 {pyfuse3}, "
+            f"{self.build()} build, {self.python}"
+        )
 
     def mount_cmd(self, s: Stack) -> list[str]:
         lower = ":".join(map(str, s.lowers))
-        return [self.python, "-m", "unionfs", lower, str(s.upper), str(s.mountpoint), "-o", f"workdir={s.workdir}"]
+        return [
+            self.python,
+            "-m",
+            "unionfs",
+            lower,
+            str(s.upper),
+            str(s.mountpoint),
+            "-o",
+            f"workdir={s.workdir}",
+        ]
 
 
 def all_impls(python: str) -> list[Impl]:
-    return [Native(), KernelOverlay(), FuseOverlayfs(), UnionfsFuse(),
-            Unionmount(pure_python=False, python=python), Unionmount(pure_python=True, python=python)]
+    return [
+        Native(),
+        KernelOverlay(),
+        FuseOverlayfs(),
+        UnionfsFuse(),
+        Unionmount(pure_python=False, python=python),
+        Unionmount(pure_python=True, python=python),
+    ]

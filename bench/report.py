@@ -15,7 +15,7 @@ BASELINE = "native"
 
 @dataclasses.dataclass
 class Cell:
-    """All runs of one workload on one implementation. An error ends the cell; runs before it are kept."""
+    """All runs of one workload on one implementation. An error ends the cell; earlier runs are kept."""
 
     workload: str
     impl: str
@@ -54,7 +54,9 @@ def machine(data_dir: Path, impl_versions: dict[str, str]) -> dict:
                 break
     with open("/proc/meminfo") as f:
         mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
-    fs = " ".join(_first_line(["findmnt", "-n", "-o", "FSTYPE,SOURCE,OPTIONS", "-T", str(data_dir)]).split())
+    fs = " ".join(
+        _first_line(["findmnt", "-n", "-o", "FSTYPE,SOURCE,OPTIONS", "-T", str(data_dir)]).split()
+    )
     return {
         "kernel": platform.release(),
         "os": _first_line(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
@@ -87,10 +89,16 @@ def rows(cells: list[Cell]) -> list[list[str]]:
         if c.error or c.median is None:
             out.append([name, c.label, f"error: {c.error or 'no runs'}"])
             continue
-        out.append([
-            name, c.label, f"{c.median:.3f}", f"{min(c.seconds):.3f}–{max(c.seconds):.3f}",
-            _ratio(c, by_key.get((c.workload, REFERENCE))), _ratio(c, by_key.get((c.workload, BASELINE))),
-        ])
+        out.append(
+            [
+                name,
+                c.label,
+                f"{c.median:.3f}",
+                f"{min(c.seconds):.3f}–{max(c.seconds):.3f}",
+                _ratio(c, by_key.get((c.workload, REFERENCE))),
+                _ratio(c, by_key.get((c.workload, BASELINE))),
+            ]
+        )
     return out
 
 
@@ -101,7 +109,9 @@ ERROR_WIDTH = 90
 def text_table(cells: list[Cell]) -> str:
     table = [HEADER, *rows(cells)]
     # Error rows run across the number columns and do not count for their widths.
-    widths = [max(len(r[i]) for r in table if len(r) == len(HEADER) or i < 2) for i in range(len(HEADER))]
+    widths = [
+        max(len(r[i]) for r in table if len(r) == len(HEADER) or i < 2) for i in range(len(HEADER))
+    ]
     lines = []
     for r in table:
         if r[0] and lines:
@@ -109,7 +119,9 @@ def text_table(cells: list[Cell]) -> str:
         if len(r) < len(HEADER):
             lines.append(f"{r[0]:{widths[0]}}  {r[1]:{widths[1]}}  {r[2][:ERROR_WIDTH]}")
             continue
-        lines.append("  ".join(v.rjust(w) if i >= 2 else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))))
+        lines.append(
+            "  ".join(v.rjust(w) if i >= 2 else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
+        )
     return "\n".join(lines)
 
 
@@ -118,13 +130,13 @@ def markdown_table(cells: list[Cell]) -> str:
     for r in rows(cells):
         r = [v.replace("|", "/") for v in r]
         if len(r) < len(HEADER):
-            r = [r[0], r[1], "error", r[2][len("error: "):][:ERROR_WIDTH], "", ""]
+            r = [r[0], r[1], "error", r[2][len("error: ") :][:ERROR_WIDTH], "", ""]
         lines.append("| " + " | ".join(r) + " |")
     return "\n".join(lines)
 
 
 def chart(cells: list[Cell], path: Path, title: str) -> str:
-    """Draw one panel per workload (seconds differ by orders of magnitude between them); return a message."""
+    """One panel per workload, as their seconds differ by orders of magnitude; returns a message."""
     try:
         import matplotlib
 
@@ -136,8 +148,9 @@ def chart(cells: list[Cell], path: Path, title: str) -> str:
     labels = list(dict.fromkeys(c.label for c in cells))
     ncols = 3
     nrows = (len(workloads) + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 0.4 * len(labels) * nrows + 1.2 * nrows),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(5.2 * ncols, 0.4 * len(labels) * nrows + 1.2 * nrows), squeeze=False
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, wl in zip(axes.flat, workloads):
         mine = {c.label: c for c in cells if c.workload == wl}
@@ -155,7 +168,7 @@ def chart(cells: list[Cell], path: Path, title: str) -> str:
         ax.set_title(wl, fontsize=10)
         ax.set_xlabel("seconds (median, min–max)", fontsize=8)
         ax.tick_params(axis="x", labelsize=8)
-    for ax in list(axes.flat)[len(workloads):]:
+    for ax in list(axes.flat)[len(workloads) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()

@@ -41,18 +41,34 @@ def _split(values: list[str] | None) -> list[str]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=Path("/var/tmp/unionfs-bench"),
-                   help="where the layer data is built once and the per-run uppers live (default %(default)s)")
-    p.add_argument("--out", type=Path, default=HERE / "results",
-                   help="where the JSON, Markdown and PNG results go (default bench/results/)")
-    p.add_argument("--runs", type=int, default=3, help="timed runs per workload and implementation (default 3)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=Path("/var/tmp/unionfs-bench"),
+        help="where the layer data is built once and the per-run uppers live (default %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=HERE / "results",
+        help="where the JSON, Markdown and PNG results go (default bench/results/)",
+    )
+    p.add_argument(
+        "--runs", type=int, default=3, help="timed runs per workload and implementation (default 3)"
+    )
     p.add_argument("--only", action="append", metavar="W,...", help="run only these workloads")
     p.add_argument("--impl", action="append", metavar="I,...", help="run only these implementations")
     p.add_argument("--quick", action="store_true", help="every size scaled down 10-50x: a smoke run")
-    p.add_argument("--timeout", type=float, help="seconds one run may take before it is killed "
-                                                 "(default 900, with --quick 120)")
-    p.add_argument("--python", default=sys.executable,
-                   help="interpreter that runs `python -m unionfs` (default: this one)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds one run may take before it is killed (default 900, with --quick 120)",
+    )
+    p.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter that runs `python -m unionfs` (default: this one)",
+    )
     p.add_argument("--list", action="store_true", help="list workloads and implementations, then exit")
     args = p.parse_args(argv)
 
@@ -79,8 +95,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def run_worker(name: str, root: Path, params: workloads.Params, timeout: float,
-               impl: impls.Impl, mountpoint: Path | None) -> tuple[float, dict]:
+def run_worker(
+    name: str,
+    root: Path,
+    params: workloads.Params,
+    timeout: float,
+    impl: impls.Impl,
+    mountpoint: Path | None,
+) -> tuple[float, dict]:
     """Time one pass in a child process; on timeout abort the FUSE connection so the child can die."""
     cmd = [sys.executable, str(HERE / "workloads.py"), name, str(root), json.dumps(params.__dict__)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
@@ -111,8 +133,13 @@ def _fresh_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def run_once(ds: dataset.Dataset, impl: impls.Impl, wl: workloads.Workload, params: workloads.Params,
-             timeout: float) -> tuple[float, dict]:
+def run_once(
+    ds: dataset.Dataset,
+    impl: impls.Impl,
+    wl: workloads.Workload,
+    params: workloads.Params,
+    timeout: float,
+) -> tuple[float, dict]:
     if isinstance(impl, impls.Native):
         # No upper to throw away: put back what this workload changes, and remove what it creates.
         for rel in wl.touches:
@@ -151,11 +178,16 @@ def run_cell(ds, impl, wl, params, args, cell: report.Cell, missing: str | None,
             seconds, details = run_once(ds, impl, wl, params, args.timeout)
         except (RunError, impls.MountError, OSError, subprocess.SubprocessError) as e:
             cell.error = f"{type(e).__name__}: {e}" if not isinstance(e, RunError) else str(e)
-            print(f"{progress} {wl.name:18} {impl.label:25} run {i + 1}: error: {cell.error}", flush=True)
+            print(
+                f"{progress} {wl.name:18} {impl.label:25} run {i + 1}: error: {cell.error}", flush=True
+            )
             return
         cell.seconds.append(seconds)
         cell.details.append(details)
-        print(f"{progress} {wl.name:18} {impl.label:25} run {i + 1}/{args.runs}: {seconds:9.3f} s", flush=True)
+        print(
+            f"{progress} {wl.name:18} {impl.label:25} run {i + 1}/{args.runs}: {seconds:9.3f} s",
+            flush=True,
+        )
     upper = ds.runs / impl.key / "upper"
     if upper.exists():
         shutil.rmtree(upper)
@@ -192,14 +224,19 @@ def main(argv: list[str]) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     args.data.mkdir(parents=True, exist_ok=True)
     ds = dataset.prepare(args.data, scale)
-    params = workloads.Params(scale=scale.__dict__, tarball=str(ds.tarball), use_fio=use_fio,
-                              drop_caches=can_drop)
+    params = workloads.Params(
+        scale=scale.__dict__, tarball=str(ds.tarball), use_fio=use_fio, drop_caches=can_drop
+    )
     missing = {i.key: i.missing() for i in all_impls}
-    versions = {i.label: (i.version() if not missing[i.key] else f"unavailable: {missing[i.key]}")
-                for i in all_impls}
+    versions = {
+        i.label: (i.version() if not missing[i.key] else f"unavailable: {missing[i.key]}")
+        for i in all_impls
+    }
     machine = report.machine(args.data, versions)
-    print(f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, kernel {machine['kernel']}, "
-          f"data on {machine['data_fs']}")
+    print(
+        f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, "
+        f"kernel {machine['kernel']}, data on {machine['data_fs']}"
+    )
 
     cells: list[report.Cell] = []
     total = len(chosen) * len(all_impls)
@@ -223,7 +260,9 @@ def main(argv: list[str]) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}-{scale.name}"
-    title = f"unionfs bench ({scale.name}, {args.runs} runs) on {machine['cpu']}, kernel {machine['kernel']}"
+    title = (
+        f"unionfs bench ({scale.name}, {args.runs} runs) on {machine['cpu']}, kernel {machine['kernel']}"
+    )
     doc = {
         "started": started,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -26,7 +26,7 @@ PAGE = 4 * D.KiB
 class Workload:
     name: str
     summary: str
-    # Cold runs start with the page, dentry and inode caches dropped; warm runs first do one untimed pass.
+    # Cold runs start with page, dentry and inode caches dropped; warm runs first do one untimed pass.
     cache: str  # "cold" or "warm"
     # Paths of the merged tree this workload changes; on the native directory they are restored before a
     # run (union mounts get a fresh upper instead).
@@ -38,16 +38,25 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("seqread-warm", "the same read again right after an untimed first pass", "warm"),
     Workload("seqwrite", "write a new file sequentially, 1 MiB at a time, fsync at the end", "cold"),
     Workload("randread", "random 4 KiB reads from the big lower file", "cold"),
-    Workload("randwrite", "random 4 KiB writes into a lower file (opening it copies it up), fsync",
-             "cold", (D.RANDWRITE_FILE,)),
+    Workload(
+        "randwrite",
+        "random 4 KiB writes into a lower file (opening it copies it up), fsync",
+        "cold",
+        (D.RANDWRITE_FILE,),
+    ),
     Workload("copyup-append", "append one byte to a lower file and fsync it", "cold", (D.APPEND_FILE,)),
     Workload("chmod-10k", "chmod 0600 every lower file of a tree", "cold", (D.CHMOD_DIR,)),
-    Workload("find-cold", "find -type f with a stat of each file, over a tree merged from two lowers", "cold"),
+    Workload(
+        "find-cold", "find -type f with a stat of each file, over a tree merged from two lowers", "cold"
+    ),
     Workload("find-warm", "the same find right after an untimed first pass", "warm"),
     Workload("readdir-50k", "list and stat one directory merged from both lowers and the upper", "cold"),
     Workload("create-remove-10k", "create small files in a new directory, then remove them all", "cold"),
-    Workload("realjob", "untar a CPython Lib tree, python -m compileall it, stat-walk it like git status",
-             "cold"),
+    Workload(
+        "realjob",
+        "untar a CPython Lib tree, python -m compileall it, stat-walk it like git status",
+        "cold",
+    ),
 )
 BY_NAME = {w.name: w for w in WORKLOADS}
 
@@ -64,6 +73,7 @@ class Params:
 
 # ---- helpers ---------------------------------------------------------------------------------------
 
+
 def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -72,7 +82,9 @@ def drop_caches() -> None:
 
 def _run(cmd: list[str], capture: bool = False) -> subprocess.CompletedProcess:
     """Run a tool; its stderr becomes the error message if it fails."""
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE if capture else subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.run(
+        cmd, stdout=subprocess.PIPE if capture else subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     if proc.returncode != 0:
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
         raise RuntimeError(f"{cmd[0]} exited {proc.returncode}: {' | '.join(tail)}")
@@ -92,10 +104,30 @@ def _read_all(path: Path) -> int:
 
 
 def _fio(root: Path, rel: str, rw: str, p: Params) -> None:
-    cmd = ["fio", "--name", rw, "--filename", str(root / rel), "--rw", rw, "--bs", "4k",
-           "--io_size", str(p.scale["rand_ios"] * PAGE), "--ioengine", "psync", "--randrepeat", "1",
-           # The file exists in a lower layer: fio must neither create, lay out nor invalidate it.
-           "--allow_file_create", "0", "--invalidate", "0", "--fallocate", "none"]
+    cmd = [
+        "fio",
+        "--name",
+        rw,
+        "--filename",
+        str(root / rel),
+        "--rw",
+        rw,
+        "--bs",
+        "4k",
+        "--io_size",
+        str(p.scale["rand_ios"] * PAGE),
+        "--ioengine",
+        "psync",
+        "--randrepeat",
+        "1",
+        # The file exists in a lower layer: fio must neither create, lay out nor invalidate it.
+        "--allow_file_create",
+        "0",
+        "--invalidate",
+        "0",
+        "--fallocate",
+        "none",
+    ]
     if rw == "randwrite":
         cmd += ["--end_fsync", "1"]
     _run(cmd)
@@ -108,6 +140,7 @@ def _random_offsets(size: int, count: int) -> list[int]:
 
 
 # ---- workload bodies: each takes the mounted root and may return details (counts, phase times) -------
+
 
 def seqread(root: Path, p: Params) -> None:
     got = _read_all(root / D.SEQ_FILE)
@@ -156,7 +189,7 @@ def copyup_append(root: Path, p: Params) -> None:
     fd = os.open(root / D.APPEND_FILE, os.O_WRONLY | os.O_APPEND)
     try:
         os.write(fd, b"!")
-        # Kernel overlayfs syncs the copied-up data itself; the fsync makes every implementation pay that.
+        # Kernel overlayfs syncs copied-up data itself; the fsync makes every implementation pay that.
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -170,13 +203,17 @@ def chmod_tree(root: Path, p: Params) -> None:
 
 def find_tree(root: Path, p: Params) -> dict:
     # %s and %T force an lstat of every file, as `find -ls` would, without formatting cost.
-    out = _run(["find", str(root / D.TREE_DIR), "-type", "f", "-printf", "%s %T@\n"], capture=True).stdout
+    out = _run(
+        ["find", str(root / D.TREE_DIR), "-type", "f", "-printf", "%s %T@\n"], capture=True
+    ).stdout
     return {"files": out.count(b"\n")}
 
 
 def readdir_wide(root: Path, p: Params) -> dict:
-    out = _run(["find", str(root / D.WIDE_DIR), "-mindepth", "1", "-maxdepth", "1", "-printf", "%s %T@\n"],
-               capture=True).stdout
+    out = _run(
+        ["find", str(root / D.WIDE_DIR), "-mindepth", "1", "-maxdepth", "1", "-printf", "%s %T@\n"],
+        capture=True,
+    ).stdout
     return {"entries": out.count(b"\n")}
 
 
@@ -254,17 +291,25 @@ def check(name: str, root: Path, p: Params, facts: dict) -> None:
     """Untimed: make sure the pass did what it claims, so a broken implementation cannot look fast."""
     s = p.scale
     if name == "seqwrite":
-        _expect("size of the written file", os.stat(root / D.SCRATCH_DIR / "seqwrite.bin").st_size, s["seq_bytes"])
+        _expect(
+            "size of the written file",
+            os.stat(root / D.SCRATCH_DIR / "seqwrite.bin").st_size,
+            s["seq_bytes"],
+        )
     elif name == "randwrite":
-        _expect("size of the written file", os.stat(root / D.RANDWRITE_FILE).st_size, s["randwrite_bytes"])
+        _expect(
+            "size of the written file", os.stat(root / D.RANDWRITE_FILE).st_size, s["randwrite_bytes"]
+        )
     elif name == "copyup-append":
         _expect("size after the append", os.stat(root / D.APPEND_FILE).st_size, s["append_bytes"] + 1)
         with open(root / D.APPEND_FILE, "rb") as f:
             f.seek(-1, os.SEEK_END)
             _expect("last byte", f.read(), b"!")
     elif name == "chmod-10k":
-        modes = {os.lstat(root / D.CHMOD_DIR / f"c{i // 100:03d}" / f"f{i:05d}").st_mode & 0o7777
-                 for i in range(0, s["chmod_files"], 7)}
+        modes = {
+            os.lstat(root / D.CHMOD_DIR / f"c{i // 100:03d}" / f"f{i:05d}").st_mode & 0o7777
+            for i in range(0, s["chmod_files"], 7)
+        }
         _expect("modes after chmod", modes, {0o600})
     elif name.startswith("find-"):
         _expect("files found", facts["files"], s["tree_files"])
