@@ -35,9 +35,36 @@ def _trace(what, *args):
         log.debug("%s%r", what, args)
 
 
+# Directory fds by (layer index, path), so that a lookup costs one fstatat. Only the layers
+# (index >= 0) are cached, never the work directory, and only from the event loop's thread.
+# A lower layer never changes under the mount; the upper's entries are dropped whenever one of
+# its directories moves or goes away (rename, rmdir), which only we do.
+_DIRFD_MAX = 4096
+_dirfds = {}
+
+
+def dirfd(layer, dirpath):
+    """A borrowed O_PATH fd of a directory in a layer; valid until the next call into _sys."""
+    key = (layer.index, dirpath)
+    fd = _dirfds.get(key)
+    if fd is None:
+        fd = _fast.open_dir(layer.fd, dirpath)
+        if len(_dirfds) >= _DIRFD_MAX:
+            os.close(_dirfds.pop(next(iter(_dirfds))))
+        _dirfds[key] = fd
+    return fd
+
+
+def forget_dirs(layer):
+    """Directories of this layer moved or went away: cached fds may name the wrong ones now."""
+    stale = [k for k in _dirfds if k[0] == layer.index]
+    for k in stale:
+        os.close(_dirfds.pop(k))
+
+
 class ParentDir:
     """``with ParentDir(layer, path) as (dfd, name)``: an O_PATH fd of path's parent, and its name."""
-    __slots__ = ("layer", "path", "fd", "name")
+    __slots__ = ("layer", "path", "fd", "name", "owned")
 
     def __init__(self, layer, path):
         self.layer = layer
@@ -45,11 +72,13 @@ class ParentDir:
 
     def __enter__(self):
         dirpath, self.name = split(self.path)
-        self.fd = _fast.open_dir(self.layer.fd, dirpath)
+        self.owned = self.layer.index < 0
+        self.fd = _fast.open_dir(self.layer.fd, dirpath) if self.owned else dirfd(self.layer, dirpath)
         return self.fd, self.name
 
     def __exit__(self, *exc):
-        os.close(self.fd)
+        if self.owned:
+            os.close(self.fd)
 
 
 def _proc(dfd, name):
@@ -66,7 +95,17 @@ def lstat(layer, path):
     if not path:
         return os.stat(layer.fd)
     dirpath, name = split(path)
-    st = _fast.stat_beneath(layer.fd, dirpath, name)
+    if layer.index < 0:
+        st = _fast.stat_beneath(layer.fd, dirpath, name)
+    else:
+        try:
+            st = _fast.stat_at(dirfd(layer, dirpath), name)
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        except OSError as e:
+            if e.errno != errno.ELOOP:      # a symlink where a directory was expected
+                raise
+            st = None
     _trace("lstat", layer.index, path, st is not None)
     return st
 
@@ -135,7 +174,8 @@ def getxattr_strict(layer, path, attr):
 
 def dir_state(layer, path, prefixes):
     """Markers of a directory in one layer: (xattrs by name for our prefixes, has .wh..wh..opq)."""
-    fd = _fast.open_dir(layer.fd, path)
+    owned = layer.index < 0
+    fd = _fast.open_dir(layer.fd, path) if owned else dirfd(layer, path)
     try:
         p = _proc(fd, b"")
         found = {}
@@ -154,7 +194,8 @@ def dir_state(layer, path, prefixes):
                     pass
         has_opq = _fast.stat_at(fd, b".wh..wh..opq") is not None
     finally:
-        os.close(fd)
+        if owned:
+            os.close(fd)
     return found, has_opq
 
 
@@ -224,6 +265,7 @@ def unlink(layer, path):
 def rmdir(layer, path):
     with ParentDir(layer, path) as (dfd, name):
         os.rmdir(name, dir_fd=dfd)
+    forget_dirs(layer)
     _trace("rmdir", layer.index, path)
 
 
@@ -233,6 +275,10 @@ def rename(src_layer, src, dst_layer, dst, flags=0):
             _fast.renameat2(sfd, sname, dfd, dname, flags)
         else:
             os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+        if src_layer.index >= 0:
+            moved = _fast.stat_at(dfd, dname)
+            if flags & RENAME_EXCHANGE or (moved is not None and stat.S_ISDIR(moved.st_mode)):
+                forget_dirs(src_layer)
     _trace("rename", src_layer.index, src, dst_layer.index, dst, flags)
 
 
@@ -371,21 +417,26 @@ def close(fd):
 
 
 def multiply_linked(layer):
-    """{st_ino: [path, ...]} of the non-directories with more than one link in a layer."""
+    """{st_ino: [path, ...]} of the non-directories with more than one link in a layer.
+    Runs in a worker thread: uses no cached fd."""
     out = {}
     todo = [b""]
     while todo:
         dirpath = todo.pop()
         try:
             entries = scandir(layer, dirpath)
+            dfd = _fast.open_dir(layer.fd, dirpath)
         except OSError:
             continue
-        for name, kind in entries:
-            path = join(dirpath, name)
-            if kind == stat.S_IFDIR:
-                todo.append(path)
-                continue
-            st = lstat(layer, path)
-            if st is not None and st.st_nlink > 1:
-                out.setdefault(st.st_ino, []).append(path)
+        try:
+            for name, kind in entries:
+                path = join(dirpath, name)
+                if kind == stat.S_IFDIR:
+                    todo.append(path)
+                    continue
+                st = _fast.stat_at(dfd, name)
+                if st is not None and st.st_nlink > 1:
+                    out.setdefault(st.st_ino, []).append(path)
+        finally:
+            os.close(dfd)
     return out

@@ -8,6 +8,7 @@ order of setup.
 import errno
 import logging
 import os
+import resource
 import signal
 import stat
 import sys
@@ -194,6 +195,10 @@ async def _on_signal():
 def serve(opts, prep, ready):
     """Mount and serve until unmounted. ``ready(error)`` is called once: None when mounted."""
     os.umask(0)     # modes come from the requests, already masked by the kernel
+    # Cached directory fds and open files: allow as many fds as the hard limit does.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     stack = build_stack(prep)
     try:
         union = Union(stack, timeout=opts.timeout, fsync=opts.fsync)
