@@ -12,12 +12,15 @@ if [ -z "${UNIONFS_NO_EXT:-}" ] || [ "${UNIONFS_NO_EXT}" = 0 ]; then
     export UNIONFS_REQUIRE_EXT=1
 fi
 
+unionfs_mounts() { awk '$3 ~ /^fuse/ && ($1 ~ /union/ || $3 ~ /union/)' /proc/mounts; }
+before=$(unionfs_mounts)
+
 say "python -m pytest tests -v $*"
 rc=0
 "$VENV/bin/python" -m pytest tests -v "$@" </dev/null || rc=$?
 if [ "$rc" -eq 5 ]; then
     die "pytest collected no tests (exit 5): that is a failure, not a pass"
 fi
-left=$(awk '$3 ~ /^fuse/ && ($1 ~ /union/ || $3 ~ /union/)' /proc/mounts)
+left=$(comm -13 <(echo "$before" | sort) <(unionfs_mounts | sort))
 [ -z "$left" ] || printf 'warning: unionfs mounts left behind by the tests:\n%s\n' "$left" >&2
 exit "$rc"
