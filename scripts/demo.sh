@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The main job, end to end: build two small layers from busybox-static, mount their union under an
+# upper layer with unionmount, copy up, run a shell inside with chroot, unmount. Needs root.
+set -euo pipefail
+. "$(dirname "$0")/setup.sh"
+require_root "$@"
+cd "$UNIONFS_TOP"
+setup_all
+export PATH="$VENV/bin:$PATH"
+
+demo=$(mktemp -d /tmp/unionfs-demo.XXXXXX)
+cleanup() {
+    cd /
+    # Unmount before removing anything: rm -rf through a live mount would delete from the layers.
+    if mountpoint -q "$demo/mnt" 2>/dev/null; then
+        fusermount3 -u "$demo/mnt" || umount -l "$demo/mnt"
+    fi
+    mountpoint -q "$demo/mnt" 2>/dev/null || rm -rf "$demo"
+}
+trap cleanup EXIT
+cd "$demo"
+
+# Shows each command as it could be typed, then runs it.
+run() {
+    local arg line='$'
+    for arg in "$@"; do
+        if [[ $arg =~ ^[A-Za-z0-9_./:=%+-]+$ ]]; then line+=" $arg"; else line+=" '$arg'"; fi
+    done
+    printf '%s\n' "$line"
+    "$@"
+}
+
+say "lower1: the base layer, busybox and its applets in bin/"
+busybox=$(command -v busybox || true)
+[ -x /bin/busybox ] && busybox=/bin/busybox
+[ -n "$busybox" ] || die "busybox not found (apt-get install busybox-static)"
+mkdir -p lower1/bin lower1/etc lower1/root lower1/tmp lower2/etc lower2/usr/share upper work mnt
+chmod 1777 lower1/tmp
+cp "$busybox" lower1/bin/busybox
+for applet in $(lower1/bin/busybox --list); do
+    [ "$applet" = busybox ] || ln -s busybox "lower1/bin/$applet"
+done
+echo "motd of the base layer" > lower1/etc/motd
+echo "config from the base layer" > lower1/etc/config
+echo "unionfs demo" > lower1/etc/issue
+echo "deleted by lower2" > lower1/etc/obsolete
+chmod 644 lower1/etc/*
+echo "lower1/bin: $(ls lower1/bin | wc -l) entries, e.g. $(ls lower1/bin | head -5 | tr '\n' ' ')"
+
+say "lower2: overrides etc/motd, adds usr/share/hello.txt, whites out etc/obsolete"
+echo "motd of lower2, on top" > lower2/etc/motd
+echo "hello from lower2" > lower2/usr/share/hello.txt
+# A whiteout in the kernel's format: a character device 0/0 hides the name in the layers below.
+mknod lower2/etc/obsolete c 0 0
+run ls -l lower2/etc
+
+say "mount"
+run unionmount lower2:lower1 upper mnt -o workdir=work
+run grep " $demo/mnt " /proc/mounts
+
+say "the merged view"
+run ls -l mnt mnt/etc
+run cat mnt/etc/motd mnt/etc/config mnt/usr/share/hello.txt
+if [ -e mnt/etc/obsolete ]; then die "mnt/etc/obsolete should be hidden by lower2's whiteout"; fi
+echo "mnt/etc/obsolete is hidden by lower2's whiteout"
+
+say "copy-up: append to a lower file, chmod another, delete a third"
+run sh -c 'echo "appended through the union" >> mnt/etc/config'
+run chmod 600 mnt/etc/issue
+run rm mnt/etc/motd
+run cat mnt/etc/config
+run ls -l mnt/etc
+
+say "the upper layer holds the changes; the lowers are unchanged"
+run ls -lR upper
+run cat upper/etc/config
+run cat lower1/etc/config
+run stat -c '%A %n' lower1/etc/issue upper/etc/issue
+run ls -l lower2/etc/motd lower1/etc/motd
+
+say "chroot into the union"
+run chroot mnt /bin/busybox sh -c '
+    echo "inside: $(uname -s), $(ls /bin | wc -l) commands in /bin";
+    cat /etc/config;
+    echo "written inside the chroot" > /tmp/from-chroot;
+    ls -l /tmp'
+run cat upper/tmp/from-chroot
+
+say "unmount"
+run fusermount3 -u mnt
+if mountpoint -q mnt; then die "mnt is still mounted"; fi
+run find upper -type f -printf '%p\n'
+echo
+echo "demo done: every step worked"
