@@ -8,6 +8,7 @@ order of setup.
 import errno
 import logging
 import os
+import re
 import resource
 import signal
 import stat
@@ -68,7 +69,7 @@ def check(opts):
     lowers = [_dir("lower layer", p) for p in opts.lowers]
     upper = _dir("upper layer", opts.upper) if opts.upper is not None else None
     mnt = _dir("mountpoint", opts.mountpoint)
-    if os.path.ismount(mnt[0]):
+    if is_mounted(mnt[0]):
         raise UsageError(f"mountpoint {opts.mountpoint}: already a mount point")
     if os.listdir(mnt[0]):
         raise UsageError(f"mountpoint {opts.mountpoint}: not empty")
@@ -179,17 +180,33 @@ def fuse_options(opts, prep):
 
 
 async def _serve():
+    """Serve until unmounted from outside (False) or told to stop by a signal (True)."""
+    stopped = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_on_signal)
+        nursery.start_soon(_on_signal, stopped)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+    return bool(stopped)
 
 
-async def _on_signal():
+async def _on_signal(stopped):
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for _ in signals:
+            stopped.append(True)
             pyfuse3.terminate()
             return
+
+
+def is_mounted(path):
+    """Whether path is a mount point, from /proc/self/mountinfo: a stat of a FUSE mount point
+    could hang on a daemon that no longer answers (ourselves, at exit)."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            point = line.split(b" ")[4]
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), point)
+            if point == os.fsencode(path):
+                return True
+    return False
 
 
 def serve(opts, prep, ready):
@@ -210,10 +227,11 @@ def serve(opts, prep, ready):
             return 1
         log.info("mounted %s (%s build)", prep.mountpoint, _fast.IMPLEMENTATION)
         ready(None)
+        unmount = True
         try:
-            trio.run(_serve)
+            unmount = trio.run(_serve)
         finally:
-            pyfuse3.close(unmount=os.path.ismount(prep.mountpoint))
+            pyfuse3.close(unmount=unmount)
     finally:
         stack.close()
     return 0
