@@ -103,7 +103,9 @@ def lstat(layer, path):
         except (FileNotFoundError, NotADirectoryError):
             st = None
         except OSError as e:
-            if e.errno != errno.ELOOP:      # a symlink where a directory was expected
+            # A symlink where a directory was expected, or a path (from a hostile redirect)
+            # that would leave the layer: nothing there, as far as this layer goes.
+            if e.errno not in (errno.ELOOP, errno.EXDEV):
                 raise
             st = None
     _trace("lstat", layer.index, path, st is not None)

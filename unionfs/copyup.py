@@ -72,19 +72,19 @@ async def _build(u, node, data):
         raise OSError(errno.ENOENT, "lower entry vanished")
     work, tmp = stack.work, work_name()
     mode = st.st_mode
-    if stat.S_ISREG(mode):
-        args = (src, lpath, work, tmp, st.st_size, data, u.fsync)
-        if data and st.st_size >= THREAD_THRESHOLD:
-            await trio.to_thread.run_sync(_build_file, *args)
-        else:
-            _build_file(*args)
-    elif stat.S_ISDIR(mode):
-        _sys.mkdir(work, tmp, 0o700)
-    elif stat.S_ISLNK(mode):
-        _sys.symlink(work, tmp, _sys.readlink(src, lpath))
-    else:
-        _sys.mknod(work, tmp, mode, st.st_rdev)
     try:
+        if stat.S_ISREG(mode):
+            args = (src, lpath, work, tmp, st.st_size, data, u.fsync)
+            if data and st.st_size >= THREAD_THRESHOLD:
+                await trio.to_thread.run_sync(_build_file, *args)
+            else:
+                _build_file(*args)
+        elif stat.S_ISDIR(mode):
+            _sys.mkdir(work, tmp, 0o700)
+        elif stat.S_ISLNK(mode):
+            _sys.symlink(work, tmp, _sys.readlink(src, lpath))
+        else:
+            _sys.mknod(work, tmp, mode, st.st_rdev)
         for attr in _sys.listxattr(src, lpath):
             if not is_private_xattr(attr):
                 _sys.setxattr(work, tmp, attr, _sys.getxattr_strict(src, lpath, attr))
@@ -95,9 +95,12 @@ async def _build(u, node, data):
         if not stat.S_ISLNK(mode):
             _sys.chmod(work, tmp, stat.S_IMODE(mode))
         _sys.utime(work, tmp, st.st_atime_ns, st.st_mtime_ns)
+        if node.unlinked:
+            raise OSError(errno.ENOENT, "entry was removed during its copy-up")
         # No await from here to the rename: the destination is computed and used in one step.
         _sys.rename(work, tmp, stack.upper, node.path())
     except BaseException:
+        # Whatever was built stays in the work directory, never visible, and is removed now.
         _sys.remove_tree(work, tmp)
         raise
     node.upper = True
