@@ -120,7 +120,10 @@ def text_table(cells: list[Cell]) -> str:
             lines.append(f"{r[0]:{widths[0]}}  {r[1]:{widths[1]}}  {r[2][:ERROR_WIDTH]}")
             continue
         lines.append(
-            "  ".join(v.rjust(w) if i >= 2 else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
+            "  ".join(
+                v.rjust(w) if i >= 2 else v.ljust(w)
+                for i, (v, w) in enumerate(zip(r, widths, strict=True))
+            )
         )
     return "\n".join(lines)
 
@@ -152,7 +155,7 @@ def chart(cells: list[Cell], path: Path, title: str) -> str:
         nrows, ncols, figsize=(5.2 * ncols, 0.4 * len(labels) * nrows + 1.2 * nrows), squeeze=False
     )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, wl in zip(axes.flat, workloads):
+    for ax, wl in zip(axes.flat, workloads, strict=False):
         mine = {c.label: c for c in cells if c.workload == wl}
         for y, label in enumerate(labels):
             c = mine.get(label)
