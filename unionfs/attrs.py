@@ -29,8 +29,8 @@ async def setattr(u, node, attr, fields, fh):
         await copy_up(u, node, data=not truncating_to_zero)
     size = attr.st_size if fields.update_size else None
     mode = stat.S_IMODE(attr.st_mode) if fields.update_mode else None
-    uid = attr.st_uid if fields.update_uid else -1
-    gid = attr.st_gid if fields.update_gid else -1
+    uid, gid = u.disk_ids(attr.st_uid if fields.update_uid else -1,
+                          attr.st_gid if fields.update_gid else -1)
     atime = attr.st_atime_ns if fields.update_atime else None
     mtime = attr.st_mtime_ns if fields.update_mtime else None
     handle = u.handles.get(fh) if fh else None
@@ -56,13 +56,13 @@ def readlink(u, node):
     return _sys.readlink(*_top(u, node))
 
 
-def _check_name(name):
-    if is_private_xattr(name):
-        raise OSError(errno.EOPNOTSUPP, "private xattr")
+def _check_name(u, name):
+    if not u.xattrs or is_private_xattr(name):
+        raise OSError(errno.EOPNOTSUPP, "private xattr, or no xattrs (noxattrs)")
 
 
 def getxattr(u, node, name):
-    _check_name(name)
+    _check_name(u, name)
     value = _sys.getxattr(*_top(u, node), name)
     if value is None:
         raise OSError(pyfuse3.ENOATTR, "no such xattr")
@@ -70,19 +70,21 @@ def getxattr(u, node, name):
 
 
 def listxattr(u, node):
+    if not u.xattrs:
+        return []
     return [a for a in _sys.listxattr(*_top(u, node)) if not is_private_xattr(a)]
 
 
 async def setxattr(u, node, name, value):
     u.require_writable()
-    _check_name(name)
+    _check_name(u, name)
     await copy_up(u, node)
     _sys.setxattr(u.stack.upper, node.path(), name, value)
 
 
 async def removexattr(u, node, name):
     u.require_writable()
-    _check_name(name)
+    _check_name(u, name)
     if _sys.getxattr(*_top(u, node), name) is None:
         raise OSError(pyfuse3.ENOATTR, "no such xattr")
     await copy_up(u, node)

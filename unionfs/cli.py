@@ -5,8 +5,10 @@
     unionmount -o lowerdir=L1:L2[,upperdir=U,workdir=W] [SOURCE] MOUNTPOINT   (fuse-overlayfs style)
 """
 
+import re
 import sys
 
+from .idmap import IdMap, parse_mapping
 from .options import MountOptions, UsageError, parse_lowerdir, split_options, unescape
 
 PROG = "unionmount"
@@ -16,14 +18,19 @@ USAGE = f"""usage: {PROG} LOWER1[:LOWER2...] [UPPER] MOUNTPOINT [-o OPTIONS] [-f
 Mounts the union of the lower layers (leftmost topmost) under a copy-on-write upper layer.
   -f            stay in the foreground
   -d            log every request (implies nothing else)
-  -o OPTIONS    workdir=DIR, timeout=SECONDS, fsync=0, volatile, ro, and the fuse-overlayfs
-                form lowerdir=,upperdir=,workdir=
+  -o OPTIONS    workdir=DIR, timeout=SECONDS, fsync=0, volatile, ro, noxattrs,
+                uidmapping=C:H:N[:C:H:N...], gidmapping=..., squash_to_root,
+                squash_to_uid=ID, squash_to_gid=ID, and the fuse-overlayfs form
+                lowerdir=,upperdir=,workdir=
 Unmount with: fusermount3 -u MOUNTPOINT"""
 
 # Accepted and ignored: FUSE generic options we always set, or have no use for.
 _IGNORED = {"allow_other", "default_permissions", "rw", "dev", "suid", "exec", "auto", "noauto",
             "nodev", "nosuid", "noexec", "user", "nouser", "_netdev", "defaults", "context",
             "fscontext", "defcontext", "rootcontext", "noatime", "relatime", "atime", "nofail"}
+
+
+_TRIPLES = re.compile(r"\d+(:\d+)*")
 
 
 def _float(key, value):
@@ -63,9 +70,16 @@ def parse(argv):
             positional.append(arg)
 
     kw = {}
+    mappings, squash, squash_exact = {}, {}, {}
     lowerdir = upperdir = workdir = None
     unknown = []
+    last = None
     for key, value in opts:
+        if last in mappings and value is None and _TRIPLES.fullmatch(key):
+            # fuse-overlayfs separates the triples of one mapping with commas too
+            mappings[last] += parse_mapping(last, key)
+            continue
+        last = key
         if key in ("lowerdir", "upperdir", "workdir") and not value:
             raise UsageError(f"option {key} needs a path")
         if key == "lowerdir":
@@ -84,12 +98,27 @@ def parse(argv):
             kw["fsync"] = False
         elif key == "ro":
             kw["readonly"] = True
+        elif key in ("uidmapping", "gidmapping"):
+            mappings[key] = parse_mapping(key, value or "")
+        elif key == "squash_to_root":
+            squash.setdefault("uid", 0)
+            squash.setdefault("gid", 0)
+        elif key in ("squash_to_uid", "squash_to_gid"):
+            if value is None or not value.isdigit():
+                raise UsageError(f"option {key} needs a numeric id")
+            squash_exact[key[-3:]] = int(value)
+        elif key == "noxattrs":
+            kw["xattrs"] = False
         elif key == "fsname":
             kw["source"] = value or "unionfs"
         elif key in _IGNORED:
             pass
         else:
             unknown.append(key if value is None else f"{key}={value}")
+
+    squash.update(squash_exact)     # squash_to_uid/gid win over squash_to_root
+    kw["uidmap"] = IdMap(mappings.get("uidmapping", ()), squash.get("uid"))
+    kw["gidmap"] = IdMap(mappings.get("gidmapping", ()), squash.get("gid"))
 
     if lowerdir is not None:
         if len(positional) == 2:

@@ -21,10 +21,13 @@ ORIGIN_XATTR = b"unionfs.origin"     # under the stack's xattr prefix: the ino a
 
 
 class Union:
-    def __init__(self, stack, timeout=1.0, fsync=True):
+    def __init__(self, stack, timeout=1.0, fsync=True, uidmap=None, gidmap=None, xattrs=True):
         self.stack = stack
         self.timeout = timeout
         self.fsync = fsync
+        self.uidmap = uidmap if uidmap is not None and not uidmap.identity else None
+        self.gidmap = gidmap if gidmap is not None and not gidmap.identity else None
+        self.xattrs = xattrs
         fs_index = {}
         for layer in (stack.upper, *stack.lowers):
             if layer is not None and layer.st_dev not in fs_index:
@@ -128,6 +131,14 @@ class Union:
                 return int(origin)
         return self.table.ino_for(found.st)
 
+    def disk_ids(self, uid, gid):
+        """Owner ids as a process gave them -> as they are stored in the upper layer."""
+        if self.uidmap is not None:
+            uid = self.uidmap.to_disk(uid)
+        if self.gidmap is not None:
+            gid = self.gidmap.to_disk(gid)
+        return uid, gid
+
     # --- attributes -----------------------------------------------------------------------------
 
     def stat(self, node):
@@ -153,8 +164,8 @@ class Union:
         a.st_nlink = st.st_nlink
         if node.is_dir and len(node.dirs()) > 1:
             a.st_nlink = 1      # as the kernel does for merged directories: not countable cheaply
-        a.st_uid = st.st_uid
-        a.st_gid = st.st_gid
+        a.st_uid = st.st_uid if self.uidmap is None else self.uidmap.to_proc(st.st_uid)
+        a.st_gid = st.st_gid if self.gidmap is None else self.gidmap.to_proc(st.st_gid)
         a.st_rdev = st.st_rdev
         a.st_size = st.st_size
         a.st_blksize = st.st_blksize

@@ -34,9 +34,10 @@ async def _prepare(u, parent, name):
 def _owner(u, parent, ctx, is_dir):
     """uid, gid and extra mode bits for a new entry, as the upper filesystem would choose them."""
     pst = _sys.lstat(u.stack.upper, parent.path())
+    uid, gid = u.disk_ids(ctx.uid, ctx.gid)
     if pst.st_mode & stat.S_ISGID:
-        return ctx.uid, pst.st_gid, stat.S_ISGID if is_dir else 0
-    return ctx.uid, ctx.gid, 0
+        return uid, pst.st_gid, stat.S_ISGID if is_dir else 0
+    return uid, gid, 0
 
 
 def _place(u, parent, name, path, tmp, is_dir):

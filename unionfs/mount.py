@@ -218,7 +218,8 @@ def serve(opts, prep, ready):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     stack = build_stack(prep)
     try:
-        union = Union(stack, timeout=opts.timeout, fsync=opts.fsync)
+        union = Union(stack, timeout=opts.timeout, fsync=opts.fsync, uidmap=opts.uidmap,
+                      gidmap=opts.gidmap, xattrs=opts.xattrs)
         ops = Operations(union, debug=opts.debug)
         try:
             pyfuse3.init(ops, prep.mountpoint, fuse_options(opts, prep))

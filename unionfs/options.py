@@ -22,6 +22,9 @@ class MountOptions:
     fsync: bool = True
     readonly: bool = False
     source: str = "unionfs"
+    uidmap: object = None           # idmap.IdMap for owners, None for identity
+    gidmap: object = None
+    xattrs: bool = True             # noxattrs: no extended attributes through the mount
     unknown: tuple[str, ...] = field(default=())
 
 
