@@ -259,10 +259,15 @@ def main(argv: list[str]) -> int:
             cells[-1].error = f"interrupted after {len(cells[-1].seconds)} runs"
         print("interrupted: writing the results so far", file=sys.stderr)
     finally:
-        leftover = [i for i in all_impls if impls.mounted_at(ds.runs / i.key / "mnt")]
-        for impl in leftover:
-            with contextlib.suppress(impls.MountError):
-                impl.unmount(ds.runs / impl.key / "mnt")
+        for impl in all_impls:
+            base = ds.runs / impl.key
+            if impls.mounted_at(base / "mnt"):
+                with contextlib.suppress(impls.MountError):
+                    impl.unmount(base / "mnt")
+            # A failed run leaves its upper behind (up to a GiB); never delete below a live mount.
+            if not impls.mounted_at(base / "mnt"):
+                for d in (base / "upper", base / "work"):
+                    shutil.rmtree(d, ignore_errors=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}-{scale.name}"
