@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from . import _sys
 from .layers import UPPER
-from .whiteout import OCI_PREFIX, dir_markers, is_whiteout
+from .whiteout import OCI_PREFIX, dir_markers, is_whiteout, oci_whiteouts
 
 
 @dataclass(slots=True)
@@ -30,9 +30,10 @@ class Found:
 
 
 def _oci_whited_out(stack, index, dirpath, name):
-    if index == UPPER and not stack.oci_whiteouts_in_upper:
-        return False
-    return _sys.lstat(stack.layer(index), _sys.join(dirpath, OCI_PREFIX + name)) is not None
+    if index == UPPER:
+        return (stack.oci_whiteouts_in_upper
+                and _sys.lstat(stack.upper, _sys.join(dirpath, OCI_PREFIX + name)) is not None)
+    return name in oci_whiteouts(stack.layer(index), dirpath)
 
 
 def resolve(stack, parent_dirs, name):

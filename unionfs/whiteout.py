@@ -36,7 +36,46 @@ class DirMarkers:
 NO_MARKERS = DirMarkers()
 
 
+# Lower layers never change under the mount: what we learn of their directories is kept.
+_LOWER_CACHE_MAX = 1 << 16
+_lower_markers = {}
+_lower_oci = {}
+
+
+def _remember(cache, key, value):
+    if len(cache) >= _LOWER_CACHE_MAX:
+        del cache[next(iter(cache))]
+    cache[key] = value
+    return value
+
+
 def dir_markers(layer, path):
+    if layer.index > 0:
+        key = (layer.index, path)
+        found = _lower_markers.get(key)
+        if found is None:
+            found = _remember(_lower_markers, key, _read_markers(layer, path))
+        return found
+    return _read_markers(layer, path)
+
+
+def oci_whiteouts(layer, dirpath):
+    """The names a lower directory whites out with ``.wh.NAME`` files (read once, then kept)."""
+    key = (layer.index, dirpath)
+    found = _lower_oci.get(key)
+    if found is None:
+        try:
+            names = _sys.scandir(layer, dirpath)
+        except (FileNotFoundError, NotADirectoryError):
+            names = ()
+        found = frozenset(n[len(OCI_PREFIX):] for n, _ in names
+                          if n.startswith(OCI_PREFIX) and n != OCI_OPAQUE)
+        if layer.index > 0:
+            _remember(_lower_oci, key, found)
+    return found
+
+
+def _read_markers(layer, path):
     xattrs, has_opq = _sys.dir_state(layer, path, PRIVATE_PREFIXES)
     if not xattrs and not has_opq:
         return NO_MARKERS
