@@ -229,7 +229,11 @@ class Unionmount(Impl):
             return f"{REPO}/unionfs/__main__.py does not exist yet"
         proc = self._probe("import pyfuse3, trio, unionfs")
         if proc.returncode != 0:
-            return f"cannot import unionfs with {self.python}: {proc.stderr.strip().splitlines()[-1:]}"
+            last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            return (
+                f"{self.python} cannot import pyfuse3, trio and unionfs ({last}); "
+                "pip install pyfuse3 trio, or pass --python with the venv's interpreter"
+            )
         # Ask the selector which twin it picks, so the pure-Python one is never reported as Cython.
         want = "python" if self.pure_python else "cython"
         if self.build() != want:
