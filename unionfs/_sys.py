@@ -312,6 +312,11 @@ def chmod(layer, path, mode):
 
 def utime(layer, path, atime_ns=None, mtime_ns=None):
     """Set times with nanoseconds; None leaves a time as it is (UTIME_OMIT)."""
+    if not path:
+        st = os.stat(layer.fd)
+        os.utime(fd_path(layer.fd), ns=(st.st_atime_ns if atime_ns is None else atime_ns,
+                                        st.st_mtime_ns if mtime_ns is None else mtime_ns))
+        return
     with ParentDir(layer, path) as (dfd, name):
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         ns = (st.st_atime_ns if atime_ns is None else atime_ns,

@@ -95,7 +95,7 @@ def statfs(u):
     top = u.stack.upper or u.stack.lowers[0]
     sv = _sys.statvfs(top)
     out = pyfuse3.StatvfsData()
-    for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                  "f_ffree", "f_favail", "f_namemax"):
-        setattr(out, field, getattr(sv, field))
+    out.f_bsize, out.f_frsize, out.f_namemax = sv.f_bsize, sv.f_frsize, sv.f_namemax
+    out.f_blocks, out.f_bfree, out.f_bavail = sv.f_blocks, sv.f_bfree, sv.f_bavail
+    out.f_files, out.f_ffree, out.f_favail = sv.f_files, sv.f_ffree, sv.f_favail
     return out

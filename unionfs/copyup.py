@@ -63,6 +63,15 @@ def _build_file(src_layer, src_path, work, tmp, size, data, fsync):
         os.close(src)
 
 
+def _place_keeping_parent_times(stack, tmp, path):
+    """Rename the copy into place. A copy-up is not a change of the parent directory: its times
+    stay as they were, as the kernel keeps them."""
+    parent = _sys.split(path)[0]
+    pst = _sys.lstat(stack.upper, parent)
+    _sys.rename(stack.work, tmp, stack.upper, path)
+    _sys.utime(stack.upper, parent, pst.st_atime_ns, pst.st_mtime_ns)
+
+
 async def _build(u, node, data):
     stack = u.stack
     index, lpath = node.lowers[0]
@@ -98,7 +107,7 @@ async def _build(u, node, data):
         if node.unlinked:
             raise OSError(errno.ENOENT, "entry was removed during its copy-up")
         # No await from here to the rename: the destination is computed and used in one step.
-        _sys.rename(work, tmp, stack.upper, node.path())
+        _place_keeping_parent_times(stack, tmp, node.path())
     except BaseException:
         # Whatever was built stays in the work directory, never visible, and is removed now.
         _sys.remove_tree(work, tmp)
@@ -126,7 +135,7 @@ async def _link_aliases(u, node, index, st):
             await copy_up(u, parent)
             tmp = work_name()
             _sys.link(u.stack.upper, node.path(), u.stack.work, tmp)
-            _sys.rename(u.stack.work, tmp, u.stack.upper, path)
+            _place_keeping_parent_times(u.stack, tmp, path)
             u.table.add_alias(node, parent, _sys.split(path)[1])
         finally:
             for n in reversed(chain):

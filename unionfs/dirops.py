@@ -14,7 +14,8 @@ from . import _fast, _sys
 from .copyup import copy_up
 from .lookup import Found, lower_entry_exists
 from .readdir import merged_names
-from .whiteout import make_whiteout, remove_oci_whiteout, set_opaque, set_redirect, work_name
+from .whiteout import (OCI_PREFIX, has_oci_whiteout, make_whiteout, remove_oci_whiteout,
+                       set_opaque, set_redirect, work_name)
 
 _OPEN_FLAGS_KEPT = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 
@@ -25,6 +26,9 @@ def _is_upper_whiteout(u, st):
 
 async def _prepare(u, parent, name):
     u.require_writable()
+    if name.startswith(OCI_PREFIX):
+        # Such a name is a whiteout marker in every OCI layer: it cannot be an entry.
+        raise OSError(errno.EINVAL, "names starting with .wh. are reserved")
     if u.resolve(parent, name) is not None:
         raise OSError(errno.EEXIST, "exists")
     await copy_up(u, parent)
@@ -54,11 +58,10 @@ def _place(u, parent, name, path, tmp, is_dir):
                 return
         elif upper_st is not None:
             raise OSError(errno.EEXIST, "exists in the upper layer")
-        elif stack.oci_whiteouts_in_upper:
-            if is_dir and lower_entry_exists(stack, parent.lowers, name):
-                set_opaque(stack, stack.work, tmp)
-            remove_oci_whiteout(stack, path)
+        elif is_dir and has_oci_whiteout(stack, path):
+            set_opaque(stack, stack.work, tmp)
         _sys.rename(stack.work, tmp, stack.upper, path)
+        remove_oci_whiteout(stack, path)
     except BaseException:
         _sys.remove_tree(stack.work, tmp)
         raise
@@ -274,6 +277,7 @@ async def rename(u, p_old, n_old, p_new, n_new, flags):
             make_whiteout(stack, old_path)
     else:
         _sys.rename(stack.upper, old_path, stack.upper, new_path)
+    remove_oci_whiteout(stack, new_path)
     if dst is not None:
         _forget_name(u, dst, p_new, n_new, dst_found)
     u.table.move(src, p_old, n_old, p_new, n_new)

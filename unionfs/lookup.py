@@ -31,8 +31,7 @@ class Found:
 
 def _oci_whited_out(stack, index, dirpath, name):
     if index == UPPER:
-        return (stack.oci_whiteouts_in_upper
-                and _sys.lstat(stack.upper, _sys.join(dirpath, OCI_PREFIX + name)) is not None)
+        return _sys.lstat(stack.upper, _sys.join(dirpath, OCI_PREFIX + name)) is not None
     return name in oci_whiteouts(stack.layer(index), dirpath)
 
 
@@ -41,9 +40,8 @@ def resolve(stack, parent_dirs, name):
 
     Returns a Found, or None when nothing is visible under that name.
     """
-    if name.startswith(OCI_PREFIX) and not stack.oci_whiteouts_in_upper:
-        # OCI markers in lower layers are never entries; in the upper such a name is a plain file.
-        parent_dirs = [d for d in parent_dirs if d[0] == UPPER]
+    if name.startswith(OCI_PREFIX):
+        return None         # OCI markers are never entries, in any layer
     queue = [(index, _sys.join(dirpath, name)) for index, dirpath in parent_dirs]
     hits = []
     missed = []          # layers passed without an entry: an OCI whiteout there hides the rest

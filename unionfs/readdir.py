@@ -6,7 +6,6 @@ since are skipped when they are read. Upper entries come first, then each lower'
 """
 
 from . import _fast
-from .layers import UPPER
 from .whiteout import dir_markers, list_dir
 
 
@@ -15,9 +14,8 @@ def merged_names(stack, dirs):
     listings = []
     for index, path in dirs:
         layer = stack.layer(index)
-        read_oci = index != UPPER or stack.oci_whiteouts_in_upper
         # The markers tell whether the kernel's xattr-form whiteouts may be present at all.
-        listings.append(list_dir(layer, path, read_oci, dir_markers(layer, path)))
+        listings.append(list_dir(layer, path, dir_markers(layer, path)))
     return _fast.merge_names(listings)
 
 

@@ -95,13 +95,13 @@ def is_whiteout(layer, path, st):
     return False
 
 
-def list_dir(layer, path, read_oci, markers):
+def list_dir(layer, path, markers):
     """One layer's directory: (visible names, names it whites out for the layers below)."""
     names, hidden = [], set()
     for name, kind in _sys.scandir(layer, path):
         if kind == 0:
             hidden.add(name)
-        elif read_oci and name.startswith(OCI_PREFIX):
+        elif name.startswith(OCI_PREFIX):
             if name != OCI_OPAQUE:
                 hidden.add(name[len(OCI_PREFIX):])
         elif (markers.xattr_whiteouts and kind == stat.S_IFREG
@@ -148,12 +148,18 @@ def set_redirect(stack, layer, path, target):
 
 
 def remove_oci_whiteout(stack, path):
-    """Drop a ``.wh.NAME`` marker of ours before NAME is created again (fallback mode only)."""
+    """Drop a ``.wh.NAME`` marker in the upper once NAME exists there again. True if there was one."""
     dirpath, name = _sys.split(path)
     try:
         _sys.unlink(stack.upper, _sys.join(dirpath, OCI_PREFIX + name))
+        return True
     except FileNotFoundError:
-        pass
+        return False
+
+
+def has_oci_whiteout(stack, path):
+    dirpath, name = _sys.split(path)
+    return _sys.lstat(stack.upper, _sys.join(dirpath, OCI_PREFIX + name)) is not None
 
 
 def probe_xattr_support(layer_fd_path):
