@@ -46,12 +46,14 @@ _dirfds = {}
 def dirfd(layer, dirpath):
     """A borrowed O_PATH fd of a directory in a layer; valid until the next call into _sys."""
     key = (layer.index, dirpath)
-    fd = _dirfds.get(key)
+    # Least recently used goes first: the fd just returned for the other end of a rename or link
+    # is never the one evicted to make room for this one.
+    fd = _dirfds.pop(key, None)
     if fd is None:
         fd = _fast.open_dir(layer.fd, dirpath)
         if len(_dirfds) >= _DIRFD_MAX:
             os.close(_dirfds.pop(next(iter(_dirfds))))
-        _dirfds[key] = fd
+    _dirfds[key] = fd
     return fd
 
 
