@@ -229,6 +229,14 @@ def main(argv: list[str]) -> int:
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     args.data.mkdir(parents=True, exist_ok=True)
+    # The layers and the native copy hold each big file twice, and a run's upper adds up to one more.
+    need = 2 * (scale.seq_bytes + scale.append_bytes + scale.randwrite_bytes) + 2 * scale.seq_bytes
+    free = shutil.disk_usage(args.data).free
+    if free < need and not (args.data / scale.name / "manifest.json").exists():
+        die(
+            f"{args.data} has {free / dataset.GiB:.1f} GiB free, the {scale.name} data needs about "
+            f"{need / dataset.GiB:.1f} GiB"
+        )
     ds = dataset.prepare(args.data, scale)
     params = workloads.Params(
         scale=scale.__dict__, tarball=str(ds.tarball), use_fio=use_fio, drop_caches=can_drop
