@@ -72,11 +72,15 @@ class Union:
         return resolve(self.stack, parent.dirs(), name)
 
     def lookup(self, parent, name):
-        """The node for ``name`` in ``parent``, or None. Does not count a lookup."""
+        """(node, lstat of its topmost copy or None) for ``name`` in ``parent``, or (None, None).
+        Does not count a lookup."""
+        node = self.table.child(parent, name)
+        if node is not None:
+            return node, None
         found = self.resolve(parent, name)
         if found is None:
-            return None
-        return self.node_for(parent, name, found)
+            return None, None
+        return self.node_for(parent, name, found), found.st
 
     def walk(self, path):
         """The nodes along a merged path (root excluded); shorter when a component is missing.
@@ -85,7 +89,7 @@ class Union:
         for name in path.split(b"/"):
             if not node.is_dir:
                 break
-            node = self.lookup(node, name)
+            node, _ = self.lookup(node, name)
             if node is None:
                 break
             chain.append(node)
@@ -177,8 +181,8 @@ class Union:
         a.attr_timeout = self.timeout
         return a
 
-    def entry(self, node):
+    def entry(self, node, st=None):
         """Attributes for a reply that hands the entry to the kernel: counts one lookup."""
-        a = self.attrs(node)
+        a = self.attrs(node, st)
         node.nlookup += 1
         return a

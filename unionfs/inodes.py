@@ -77,6 +77,9 @@ class InodeTable:
         self._fs_index = fs_index
         self._by_ino = {}
         self._by_key = {}
+        # (parent ino, name) -> node, for every name of every node in the table. Only this
+        # daemon changes the layers' names, so an entry is valid until the table itself changes it.
+        self._names = {}
         self._spare = _SPARE_BASE
 
     def __len__(self):
@@ -119,6 +122,7 @@ class InodeTable:
             ino = self._spare_ino()
         node = Node(ino, parent, name, kind, upper, lowers)
         self._by_ino[ino] = node
+        self._names[(parent.ino, name)] = node
         parent.nchild += 1
         for key in keys:
             self._key(node, key)
@@ -143,9 +147,18 @@ class InodeTable:
 
     # --- names ----------------------------------------------------------------------------------
 
+    def child(self, parent, name):
+        """The node known under ``name`` in ``parent``, if any."""
+        return self._names.get((parent.ino, name))
+
+    def _unname(self, node, parent, name):
+        if self._names.get((parent.ino, name)) is node:
+            del self._names[(parent.ino, name)]
+
     def add_alias(self, node, parent, name):
         if (node.parent, node.name) == (parent, name) or (parent, name) in node.aliases:
             return
+        self._names[(parent.ino, name)] = node
         if node.parent is None:
             node.parent, node.name = parent, name
         else:
@@ -154,6 +167,7 @@ class InodeTable:
 
     def remove_alias(self, node, parent, name):
         """One name of the node is gone; the node is unlinked when it was the last one."""
+        self._unname(node, parent, name)
         if (node.parent, node.name) == (parent, name):
             if node.aliases:
                 node.parent, node.name = node.aliases.pop(0)
@@ -167,6 +181,8 @@ class InodeTable:
         self._maybe_drop(parent)
 
     def move(self, node, old_parent, old_name, new_parent, new_name):
+        self._unname(node, old_parent, old_name)
+        self._names[(new_parent.ino, new_name)] = node
         if (node.parent, node.name) == (old_parent, old_name):
             node.parent, node.name = new_parent, new_name
         else:
@@ -210,7 +226,10 @@ class InodeTable:
                 os.close(node.pinned_fd)
                 node.pinned_fd = None
             parents = [p for p, _ in node.aliases]
+            for p, name in node.aliases:
+                self._unname(node, p, name)
             if node.parent is not None:
+                self._unname(node, node.parent, node.name)
                 parents.append(node.parent)
             node.aliases = []
             node.parent = None

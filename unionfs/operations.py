@@ -64,14 +64,14 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def lookup(self, parent_inode, name, ctx):
         u = self.u
-        node = u.lookup(u.table[parent_inode], name)
+        node, st = u.lookup(u.table[parent_inode], name)
         if node is None:
             # A negative entry the kernel may cache: nothing appears below us but through us.
             neg = pyfuse3.EntryAttributes()
             neg.st_ino = 0
             neg.entry_timeout = u.timeout
             return neg
-        return u.entry(node)
+        return u.entry(node, st)
 
     @_handler
     async def forget(self, inode_list):
@@ -204,10 +204,10 @@ class Operations(pyfuse3.Operations):
         h.served = True
         for i in range(start_id, len(h.names)):
             name = h.names[i]
-            node = u.lookup(h.node, name)
+            node, st = u.lookup(h.node, name)
             if node is None:
                 continue            # removed since the listing was taken
-            if not pyfuse3.readdir_reply(token, name, u.attrs(node), i + 1):
+            if not pyfuse3.readdir_reply(token, name, u.attrs(node, st), i + 1):
                 u.table.discard_if_unused(node)
                 break
             node.nlookup += 1
