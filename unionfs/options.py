@@ -18,7 +18,7 @@ class MountOptions:
     workdir: str | None = None
     foreground: bool = False
     debug: bool = False
-    timeout: float = 1.0
+    timeout: float = 3600.0
     fsync: bool = True
     readonly: bool = False
     source: str = "unionfs"
