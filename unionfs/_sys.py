@@ -4,6 +4,7 @@ Paths are bytes relative to a layer root and are resolved with ``_fast.open_bene
 follows a symlink and never leaves the layer. Each call is debug-logged with its result.
 """
 
+import ctypes
 import errno
 import fcntl
 import logging
@@ -449,3 +450,27 @@ def multiply_linked(layer):
         finally:
             os.close(dfd)
     return out
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * 128)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def file_handle(layer, path):
+    """(handle type, handle bytes) of an entry, as name_to_handle_at(2) gives them; None where
+    the filesystem has none."""
+    fh = _FileHandle(128, 0)
+    mount_id = ctypes.c_int()
+    with ParentDir(layer, path) as (dfd, name):
+        if _libc.name_to_handle_at(dfd, name, ctypes.byref(fh), ctypes.byref(mount_id), 0):
+            return None
+    return fh.handle_type, bytes(fh.f_handle[:fh.handle_bytes])
+
+
+def listdir_names(layer):
+    """The names in a layer's root directory."""
+    return [name for name, _ in scandir(layer, b"")]

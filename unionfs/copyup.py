@@ -82,6 +82,12 @@ async def _build(u, node, data):
     work, tmp = stack.work, work_name()
     mode = st.st_mode
     try:
+        if stack.index is not None and index == stack.index.index:
+            # The kernel already made the upper copy (index=on): link it, never copy it.
+            _sys.link(src, lpath, work, tmp)
+            _place_keeping_parent_times(stack, tmp, node.path())
+            node.upper = True
+            return
         if stat.S_ISREG(mode):
             args = (src, lpath, work, tmp, st.st_size, data, u.fsync)
             if data and st.st_size >= THREAD_THRESHOLD:

@@ -13,11 +13,20 @@ import pyfuse3
 
 from . import _sys
 from .inodes import InodeTable
-from .lookup import resolve
+from . import index
+from .lookup import Found, resolve
 
 log = logging.getLogger("unionfs")
 
 ORIGIN_XATTR = b"unionfs.origin"     # under the stack's xattr prefix: the ino a copy-up came from
+
+
+class _OriginStat:
+    """Enough of a stat result to number an inode: (st_dev, st_ino)."""
+    __slots__ = ("st_dev", "st_ino")
+
+    def __init__(self, st_dev, st_ino):
+        self.st_dev, self.st_ino = st_dev, st_ino
 
 
 class Union:
@@ -45,6 +54,8 @@ class Union:
         self.copyups = {}
         # per lower layer, filled when first needed: {st_ino: [paths]} of multiply-linked files
         self.hardlinks = {}
+        # the kernel's inode index, if it left one: {(handle type, handle): index name}
+        self.index = index.load(_sys.listdir_names(stack.index)) if stack.index else {}
 
     # --- handles --------------------------------------------------------------------------------
 
@@ -69,7 +80,11 @@ class Union:
     def resolve(self, parent, name):
         if not parent.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
-        return resolve(self.stack, parent.dirs(), name)
+        found = resolve(self.stack, parent.dirs(), name)
+        if (self.index and found is not None and not found.upper and not found.is_dir
+                and found.lower_st.st_nlink > 1):
+            found = self._indexed(found)
+        return found
 
     def lookup(self, parent, name):
         """(node, lstat of its topmost copy or None) for ``name`` in ``parent``, or (None, None).
@@ -99,6 +114,18 @@ class Union:
             return []
         return chain
 
+    def _indexed(self, found):
+        """A lower hard link that the kernel (index=on) copied up under another name: its data is
+        the index entry's, which is the upper copy's."""
+        index_no, path = found.lowers[0]
+        handle = _sys.file_handle(self.stack.layer(index_no), path)
+        entry = self.index.get(handle) if handle else None
+        ist = _sys.lstat(self.stack.index, entry) if entry else None
+        if ist is None:
+            return found
+        return Found(st=ist, upper=False, lowers=((self.stack.index.index, entry),),
+                     lower_st=found.lower_st)
+
     def node_for(self, parent, name, found):
         st = found.st
         key = (st.st_dev, st.st_ino)
@@ -110,11 +137,16 @@ class Union:
             # while the copy is still linked in the upper layer.
             if node is not None and found.upper:
                 node = None
-        if node is not None and not node.unlinked and node.kind == found.kind:
-            node.upper = found.upper or node.upper
-            if node.upper == found.upper:
-                node.lowers = found.lowers
+        if node is not None and node.kind == found.kind:
+            # Another name of a node we know (a hard link), or the same name again.
             self.table.add_alias(node, parent, name)
+            if found.upper and not node.upper:
+                # This name has the upper copy: operations by path must use it.
+                self.table.make_canonical(node, parent, name)
+                node.upper = True
+                node.lowers = found.lowers
+            elif node.upper == found.upper and (node.parent, node.name) == (parent, name):
+                node.lowers = found.lowers
             self.table.add_key(node, st)
             return node
         keys = [key]
@@ -129,10 +161,15 @@ class Union:
         if found.lower_st is not None:
             return self.table.ino_for(found.lower_st)
         if found.upper:
-            origin = _sys.getxattr(self.stack.upper, _sys.join(parent.path(), name),
-                                   self.stack.xattr_prefix + ORIGIN_XATTR)
+            path = _sys.join(parent.path(), name)
+            prefix = self.stack.xattr_prefix
+            origin = _sys.getxattr(self.stack.upper, path, prefix + ORIGIN_XATTR)
             if origin and origin.isdigit():
                 return int(origin)
+            # Copied up by the kernel: its origin record names the lower inode where it can.
+            ino = index.origin_ino(_sys.getxattr(self.stack.upper, path, prefix + b"origin"))
+            if ino is not None:
+                return self.table.ino_for(_OriginStat(found.st.st_dev, ino))
         return self.table.ino_for(found.st)
 
     def disk_ids(self, uid, gid):

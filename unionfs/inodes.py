@@ -165,6 +165,13 @@ class InodeTable:
             node.aliases.append((parent, name))
         parent.nchild += 1
 
+    def make_canonical(self, node, parent, name):
+        """Make (parent, name), already one of the node's names, the one path() gives."""
+        if (node.parent, node.name) != (parent, name):
+            node.aliases.remove((parent, name))
+            node.aliases.insert(0, (node.parent, node.name))
+            node.parent, node.name = parent, name
+
     def remove_alias(self, node, parent, name):
         """One name of the node is gone; the node is unlinked when it was the last one."""
         self._unname(node, parent, name)

@@ -36,10 +36,13 @@ class LayerStack:
     xattr_prefix: bytes = b"trusted.overlay."
     # where mknod of a 0/0 char device is refused, whiteouts in the upper are ".wh.NAME" files
     oci_whiteouts_in_upper: bool = False
+    # the kernel's inode index (workdir/index, index=on), read-only to us; its Layer.index comes
+    # after the lowers'
+    index: Layer | None = None
     by_index: tuple = field(default=(), compare=False)
 
     def __post_init__(self):
-        slots = [self.upper] + list(self.lowers)
+        slots = [self.upper] + list(self.lowers) + [self.index]
         object.__setattr__(self, "by_index", tuple(slots))
 
     def layer(self, index):
@@ -47,7 +50,7 @@ class LayerStack:
 
     @property
     def lower_indices(self):
-        return range(1, len(self.by_index))
+        return range(1, 1 + len(self.lowers))
 
     @property
     def writable(self):

@@ -28,6 +28,7 @@ from .whiteout import probe_xattr_support, work_name
 log = logging.getLogger("unionfs")
 
 WORK_SUBDIR = "work"      # the kernel's name inside workdir; it cleans it on mount, as we do
+INDEX_SUBDIR = "index"    # the kernel's inode index (index=on), which we read
 
 
 @dataclass
@@ -165,7 +166,10 @@ def build_stack(prep):
     lowers = tuple(open_layer(i + 1, p) for i, p in enumerate(prep.lowers))
     upper = open_layer(0, prep.upper) if prep.upper else None
     work = open_layer(-1, os.path.join(prep.workdir, WORK_SUBDIR)) if prep.workdir else None
-    return LayerStack(upper=upper, lowers=lowers, work=work,
+    index = None
+    if prep.workdir and os.path.isdir(os.path.join(prep.workdir, INDEX_SUBDIR)):
+        index = open_layer(len(lowers) + 1, os.path.join(prep.workdir, INDEX_SUBDIR))
+    return LayerStack(upper=upper, lowers=lowers, work=work, index=index,
                       oci_whiteouts_in_upper=prep.oci_whiteouts)
 
 
