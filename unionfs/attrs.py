@@ -57,8 +57,12 @@ def readlink(u, node):
 
 
 def _check_name(u, name):
-    if not u.xattrs or is_private_xattr(name):
-        raise OSError(errno.EOPNOTSUPP, "private xattr, or no xattrs (noxattrs)")
+    if not u.xattrs:
+        # ENOSYS tells the kernel to stop asking: every later call fails with EOPNOTSUPP there,
+        # without a round trip to us.
+        raise OSError(errno.ENOSYS, "no xattrs (noxattrs)")
+    if is_private_xattr(name):
+        raise OSError(errno.EOPNOTSUPP, "private xattr")
 
 
 def getxattr(u, node, name):
@@ -71,7 +75,7 @@ def getxattr(u, node, name):
 
 def listxattr(u, node):
     if not u.xattrs:
-        return []
+        raise OSError(errno.ENOSYS, "no xattrs (noxattrs)")
     return [a for a in _sys.listxattr(*_top(u, node)) if not is_private_xattr(a)]
 
 
