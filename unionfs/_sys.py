@@ -348,6 +348,33 @@ def remove_tree(layer, path):
         unlink(layer, path)
 
 
+def copy_file(src_layer, src_path, dst_layer, dst_path, st, data, fsync, extra_xattrs, skip_xattr):
+    """Build a copy of a regular file at dst: data (holes kept), xattrs but those ``skip_xattr``
+    names, ``extra_xattrs``, then owner, mode and times of ``st``; fsync'ed if asked. All through
+    the two open files. Runs in a worker thread for big files: uses no cached fd."""
+    src = open_file(src_layer, src_path, os.O_RDONLY)
+    try:
+        dst = open_file(dst_layer, dst_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            if data:
+                copy_data(src, dst, st.st_size)
+            for attr in os.listxattr(src):
+                if not skip_xattr(attr.encode()):
+                    os.setxattr(dst, attr, os.getxattr(src, attr))
+            for attr, value in extra_xattrs:
+                os.setxattr(dst, attr, value)
+            os.fchown(dst, st.st_uid, st.st_gid)
+            os.fchmod(dst, stat.S_IMODE(st.st_mode))   # after chown, which clears setuid bits
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+            if fsync:
+                os.fsync(dst)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    _trace("copy_file", src_layer.index, src_path, dst_layer.index, dst_path, data)
+
+
 def copy_data(src_fd, dst_fd, size):
     """Copy file data keeping holes: a reflink where the filesystem can, else data extents only."""
     try:

@@ -48,21 +48,6 @@ async def _copy_up_one(u, node, data):
         done.set()
 
 
-def _build_file(src_layer, src_path, work, tmp, size, data, fsync):
-    src = _sys.open_file(src_layer, src_path, os.O_RDONLY)
-    try:
-        dst = _sys.open_file(work, tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        try:
-            if data:
-                _sys.copy_data(src, dst, size)
-            if fsync:
-                os.fsync(dst)
-        finally:
-            os.close(dst)
-    finally:
-        os.close(src)
-
-
 def _place_keeping_parent_times(stack, tmp, path):
     """Rename the copy into place. A copy-up is not a change of the parent directory: its times
     stay as they were, as the kernel keeps them."""
@@ -88,28 +73,32 @@ async def _build(u, node, data):
             _place_keeping_parent_times(stack, tmp, node.path())
             node.upper = True
             return
+        # The number a process saw stays the file's number after copy-up, also after a remount.
+        origin = [] if stat.S_ISDIR(mode) else [(stack.xattr_prefix + ORIGIN_XATTR,
+                                                 b"%d" % node.ino)]
         if stat.S_ISREG(mode):
-            args = (src, lpath, work, tmp, st.st_size, data, u.fsync)
+            # Data, xattrs, owner, mode, times, all through the open copy; then fsync.
+            args = (src, lpath, work, tmp, st, data, u.fsync, origin, is_private_xattr)
             if data and st.st_size >= THREAD_THRESHOLD:
-                await trio.to_thread.run_sync(_build_file, *args)
+                await trio.to_thread.run_sync(_sys.copy_file, *args)
             else:
-                _build_file(*args)
-        elif stat.S_ISDIR(mode):
-            _sys.mkdir(work, tmp, 0o700)
-        elif stat.S_ISLNK(mode):
-            _sys.symlink(work, tmp, _sys.readlink(src, lpath))
+                _sys.copy_file(*args)
         else:
-            _sys.mknod(work, tmp, mode, st.st_rdev)
-        for attr in _sys.listxattr(src, lpath):
-            if not is_private_xattr(attr):
-                _sys.setxattr(work, tmp, attr, _sys.getxattr_strict(src, lpath, attr))
-        if not stat.S_ISDIR(mode):
-            # The number a process saw stays the file's number after copy-up, also after a remount.
-            _sys.setxattr(work, tmp, stack.xattr_prefix + ORIGIN_XATTR, b"%d" % node.ino)
-        _sys.chown(work, tmp, st.st_uid, st.st_gid)
-        if not stat.S_ISLNK(mode):
-            _sys.chmod(work, tmp, stat.S_IMODE(mode))
-        _sys.utime(work, tmp, st.st_atime_ns, st.st_mtime_ns)
+            if stat.S_ISDIR(mode):
+                _sys.mkdir(work, tmp, 0o700)
+            elif stat.S_ISLNK(mode):
+                _sys.symlink(work, tmp, _sys.readlink(src, lpath))
+            else:
+                _sys.mknod(work, tmp, mode, st.st_rdev)
+            for attr in _sys.listxattr(src, lpath):
+                if not is_private_xattr(attr):
+                    _sys.setxattr(work, tmp, attr, _sys.getxattr_strict(src, lpath, attr))
+            for attr, value in origin:
+                _sys.setxattr(work, tmp, attr, value)
+            _sys.chown(work, tmp, st.st_uid, st.st_gid)
+            if not stat.S_ISLNK(mode):
+                _sys.chmod(work, tmp, stat.S_IMODE(mode))
+            _sys.utime(work, tmp, st.st_atime_ns, st.st_mtime_ns)
         if node.unlinked:
             raise OSError(errno.ENOENT, "entry was removed during its copy-up")
         # No await from here to the rename: the destination is computed and used in one step.
