@@ -1,0 +1,577 @@
+"""Mounted behaviour against the kernel's overlayfs: each scenario runs through unionmount and through
+the kernel on identical layers; what a process sees (results and whole trees) must match, and each
+side's upper must read the same when mounted by the other implementation.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+
+import util
+from util import (Dir, Fifo, File, HardLink, Sparse, Symlink, Whiteout, attempt, read_bytes,
+                  renameat2)
+
+# Times a scenario sets on purpose: older than any test run, with every ns digit significant.
+T_ATIME = 1_234_567_890_987_654_321
+T_MTIME = 1_111_111_111_222_333_444
+
+
+def ls(path):
+    return attempt(lambda: sorted(os.listdir(path)))
+
+
+def read(path):
+    return attempt(read_bytes, path)
+
+
+def write_at(path, data, offset=0, flags=os.O_WRONLY):
+    fd = os.open(path, flags)
+    try:
+        return os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+# --- lookup -----------------------------------------------------------------------------------
+
+THREE_LOWERS = [
+    {"a": File(b"a from l0"), "d/x": File(b"x from l0"), "only0": File(b"0")},
+    {"a": File(b"a from l1"), "b": File(b"b from l1"), "d/y": File(b"y from l1"),
+     "d/x": File(b"x from l1"), "d/sub/s1": File(b"s1")},
+    {"a": File(b"a from l2"), "b": File(b"b from l2"), "c": File(b"c from l2", mode=0o600),
+     "d/z": File(b"z from l2"), "d/x": File(b"x from l2"), "d/sub/s2": File(b"s2"),
+     "e/deep/er/f": File(b"deep")},
+]
+
+
+def test_lookup_leftmost_lower_is_topmost(pair):
+    def scenario(m):
+        return [read(m / n) for n in ("a", "b", "c", "only0", "d/x", "d/y", "d/z", "d/sub/s1",
+                                      "d/sub/s2", "e/deep/er/f", "nope", "d/nope")] + \
+               [ls(m), ls(m / "d"), ls(m / "d/sub"), attempt(os.lstat, m / "c")]
+
+    results, _ = pair.run(scenario, THREE_LOWERS)
+    # The oracle could be wrong in the same way: pin the layer order too.
+    assert results[:4] == [b"a from l0", b"b from l1", b"c from l2", b"0"]
+    assert results[4] == b"x from l0"
+
+
+def test_lookup_with_upper_on_top(pair):
+    upper = {"a": File(b"a from upper"), "d/u": File(b"u"), "d/x": File(b"x from upper")}
+
+    def scenario(m):
+        return [read(m / "a"), read(m / "b"), read(m / "d/x"), ls(m / "d")]
+
+    results, _ = pair.run(scenario, THREE_LOWERS, upper)
+    assert results[0] == b"a from upper" and results[2] == b"x from upper"
+
+
+# --- whiteouts and opaque directories ---------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["chardev", "oci"])
+def test_whiteouts_and_opaque_dirs(pair, form):
+    opaque = "xattr" if form == "chardev" else "oci"
+    lowers = [
+        {"gone": Whiteout(form), "d/gone2": Whiteout(form), "d/kept": File(b"kept"),
+         "o": Dir(opaque=opaque), "o/top": File(b"top"), "o/sub/t": File(b"t")},
+        {"gone": File(b"must not show"), "d/gone2": File(b"must not show"),
+         "d/other": File(b"other"), "o/hidden": File(b"hidden"), "o/sub/h": File(b"h"),
+         "gonedir/x": File(b"x"), "udel": File(b"deleted in upper")},
+        {"gone": File(b"nor this"), "o/hidden2": File(b"hidden2")},
+    ]
+    # gonedir is whited out by the upper layer itself; opaque form there too.
+    upper = {"gonedir": Whiteout(form), "udel": Whiteout(form), "o2": Dir(opaque=opaque),
+             "o2/new": File(b"n")}
+    lowers[1]["o2/old"] = File(b"old")
+
+    def scenario(m):
+        r = [ls(m), ls(m / "d"), ls(m / "o"), ls(m / "o/sub"), ls(m / "o2")]
+        r += [attempt(os.lstat, m / n) for n in ("gone", "d/gone2", "gonedir", "udel",
+                                                   "o/hidden", "o2/old")]
+        r += [attempt(os.lstat, m / ".wh.gone"), attempt(os.lstat, m / "o/.wh..wh..opq")]
+        # A name that a whiteout hides can be created again, and only the new one shows.
+        r += [attempt(write_at, m / "gone", b"new", 0, os.O_WRONLY | os.O_CREAT | os.O_EXCL),
+              read(m / "gone"), attempt(os.mkdir, m / "gonedir"), ls(m / "gonedir"), ls(m)]
+        return r
+
+    results, snap = pair.run(scenario, lowers, upper, cross=(form != "oci"))
+    assert results[0] == ["d", "o", "o2"]
+    assert results[2] == ["sub", "top"]
+    assert "gone" in snap.entries and snap.entries["gone"]["size"] == 3
+
+
+def test_nondir_in_higher_layer_hides_lower_dir(pair):
+    lowers = [
+        {"d": File(b"a file"), "s": Symlink("target"), "f/y": File(b"y"), "p/q": Fifo()},
+        {"d/x": File(b"x"), "s/x": File(b"x"), "f": File(b"file below a dir"), "p/q/r": File(b"")},
+        {"f/z": File(b"z from l2, below the file")},
+    ]
+
+    def scenario(m):
+        return [attempt(os.lstat, m / "d"), read(m / "d"), attempt(os.lstat, m / "d/x"),
+                attempt(os.readlink, m / "s"), attempt(os.lstat, m / "s/x"), ls(m / "f"),
+                attempt(os.lstat, m / "p/q"), attempt(os.lstat, m / "p/q/r"),
+                attempt(os.rmdir, m / "f")]
+
+    results, _ = pair.run(scenario, lowers)
+    assert results[5] == ["y"]
+
+
+# --- copy-up ----------------------------------------------------------------------------------
+
+COPY_LOWERS = [
+    {"a/b/f": File(b"lower data\n" * 100, mode=0o640, xattrs=(("user.kept", b"v"),)),
+     "a/b/g": File(b"sibling")},
+    {"a/b/f": File(b"deeper, hidden"), "a/c/h": File(b"h")},
+]
+
+
+def _op_write(p):
+    return write_at(p, b"XYZ", 5)
+
+
+def _op_truncate(p):
+    return os.truncate(p, 7)
+
+
+def _op_chmod(p):
+    return os.chmod(p, 0o604)
+
+
+def _op_chown(p):
+    return os.chown(p, 1234, 5678)
+
+
+def _op_utime(p):
+    return os.utime(p, ns=(T_ATIME, T_MTIME))
+
+
+def _op_setxattr(p):
+    return os.setxattr(p, "user.added", b"new value")
+
+
+def _op_removexattr(p):
+    return os.removexattr(p, "user.kept")
+
+
+def _op_link(p):
+    return os.link(p, p.parent.parent / "c" / "linked")
+
+
+def _op_append(p):
+    return write_at(p, b"appended", 0, os.O_WRONLY | os.O_APPEND)
+
+
+def _op_open_rw(p):
+    # Opening for writing is enough for a copy-up; nothing is written.
+    os.close(os.open(p, os.O_RDWR))
+
+
+COPY_OPS = [_op_write, _op_truncate, _op_chmod, _op_chown, _op_utime, _op_setxattr,
+            _op_removexattr, _op_link, _op_append, _op_open_rw]
+
+
+@pytest.mark.parametrize("op", COPY_OPS, ids=lambda f: f.__name__[4:])
+def test_copy_up(pair, op):
+    def scenario(m):
+        f = m / "a/b/f"
+        before = os.lstat(f)
+        dir_before = os.lstat(m / "a/b")
+        r = [attempt(op, f)]
+        after = os.lstat(f)
+        r += [after.st_ino == before.st_ino, os.lstat(m / "a/b").st_ino == dir_before.st_ino,
+              stat.filemode(after.st_mode), after.st_size, (after.st_uid, after.st_gid),
+              after.st_mtime_ns if op is _op_utime else None,
+              after.st_atime_ns if op is _op_utime else None,
+              read(f), sorted(os.listxattr(f)), ls(m / "a/b"), ls(m / "a/c")]
+        return r
+
+    results, snap = pair.run(scenario, COPY_LOWERS)
+    assert not str(results[0]).startswith("E:")
+    assert results[1] is True, "st_ino changed by copy-up"
+    if op is _op_utime:
+        assert results[6:8] == [T_MTIME, T_ATIME]
+    if op is not _op_link:
+        # Metadata-only changes keep the parent's times; the copy-up does not touch them.
+        assert snap.entries["a/b"]["mtime"] == util.FIXED_NS
+
+
+def test_copy_up_keeps_times_and_xattrs_of_parents(pair):
+    lowers = [{"p": Dir(mode=0o751, xattrs=(("user.dir", b"d"),)),
+               "p/q": Dir(mode=0o700, owner=(12, 34)), "p/q/f": File(b"f", owner=(56, 78))}]
+
+    def scenario(m):
+        os.chmod(m / "p/q/f", 0o600)
+        return [attempt(os.lstat, m / "p"), attempt(os.lstat, m / "p/q"),
+                os.getxattr(m / "p", "user.dir")]
+
+    _, snap = pair.run(scenario, lowers)
+    assert snap.entries["p/q"]["uid"] == 12 and snap.entries["p/q"]["mtime"] == util.FIXED_NS
+
+
+def test_sparse_file_stays_sparse_after_copy_up(pair):
+    size = 256 << 20
+    lowers = [{"sparse": Sparse(size, ((0, b"head"), (size - 4, b"tail")))}]
+
+    def scenario(m):
+        r = [attempt(write_at, m / "sparse", b"mid", 1 << 20)]
+        with open(m / "sparse", "rb") as f:
+            r += [f.read(4), os.pread(f.fileno(), 3, 1 << 20), os.pread(f.fileno(), 4, size - 4),
+                  os.pread(f.fileno(), 8, 4096)]
+        return r
+
+    results, _ = pair.run(scenario, lowers, cross=False)
+    assert results == [3, b"head", b"mid", b"tail", b"\0" * 8]
+    st = os.stat(pair.u.upper / "sparse")
+    assert st.st_size == size
+    assert st.st_blocks * 512 < (4 << 20), f"copy-up filled the holes: {st.st_blocks} blocks"
+
+
+# --- namespace changes ------------------------------------------------------------------------
+
+NS_LOWERS = [
+    {"d/x": File(b"x"), "d/sub/s": File(b"s"), "f": File(b"f0"), "e/only0": File(b"o")},
+    {"d/y": File(b"y"), "d/sub/t": File(b"t"), "g": File(b"g1"), "k/k1": File(b"k1"),
+     "e/only1": File(b"o1"), "lonely/l": File(b"l")},
+    {"d/z": File(b"z"), "h": File(b"h2"), "k/k2": File(b"k2")},
+]
+NS_UPPER = {"d/u": File(b"u"), "up": File(b"upper only"), "udir/x": File(b"ux")}
+
+
+def test_unlink_rmdir_and_mkdir_over_deleted(pair):
+    def scenario(m):
+        r = [attempt(os.unlink, m / "f"), attempt(os.lstat, m / "f"),
+             attempt(os.unlink, m / "h"), attempt(os.unlink, m / "up"),
+             attempt(os.rmdir, m / "k"),                          # lower-only entries: ENOTEMPTY
+             attempt(os.unlink, m / "k"), attempt(os.rmdir, m / "f")]
+        for n in ("k1", "k2"):
+            r.append(attempt(os.unlink, m / "k" / n))
+        r += [ls(m / "k"), attempt(os.rmdir, m / "k"), attempt(os.lstat, m / "k"),
+              attempt(os.mkdir, m / "k"), ls(m / "k"),           # the new k is opaque
+              attempt(os.rmdir, m / "k"), attempt(os.mkdir, m / "k", 0o700), ls(m / "k"),
+              attempt(os.unlink, m / "d/y"), attempt(os.unlink, m / "d/y"), ls(m / "d"),
+              attempt(os.rmdir, m / "lonely"), attempt(os.unlink, m / "lonely/l"),
+              attempt(os.rmdir, m / "lonely"), ls(m)]
+        # A file over a deleted directory, and a directory over a deleted file.
+        r += [attempt(write_at, m / "lonely", b"now a file", 0, os.O_WRONLY | os.O_CREAT),
+              attempt(os.mkdir, m / "f"), ls(m / "f"), ls(m)]
+        return r
+
+    results, snap = pair.run(scenario, NS_LOWERS, NS_UPPER)
+    assert results[13] == [], "mkdir over a deleted merged dir must give an empty (opaque) dir"
+    assert "k/k1" not in snap.entries and snap.entries["k"]["mode"] == oct(0o700)
+
+
+def test_rename_files(pair):
+    def scenario(m):
+        return [attempt(os.rename, m / "f", m / "f.new"),           # lower file, same dir
+                attempt(os.rename, m / "g", m / "d/g"),             # lower file into merged dir
+                attempt(os.rename, m / "h", m / "up"),              # lower over upper
+                attempt(os.rename, m / "d/x", m / "d/y"),           # lower over lower
+                attempt(os.rename, m / "d/u", m / "e/u"),           # upper file to lower dir
+                attempt(os.rename, m / "d/z", m / "d/z"),           # onto itself
+                attempt(os.rename, m / "nothing", m / "x"),
+                attempt(os.rename, m / "f.new", m / "d"),           # file over dir: EISDIR
+                attempt(os.rename, m / "e", m / "up"),              # dir over file: ENOTDIR
+                ls(m), ls(m / "d"), ls(m / "e"), read(m / "up"), read(m / "d/y"),
+                attempt(os.lstat, m / "f")]
+
+    results, _ = pair.run(scenario, NS_LOWERS, NS_UPPER)
+    assert results[:6] == [None] * 6 and results[6] == "E:ENOENT"
+
+
+def test_rename_directories(pair):
+    """Merged, lower-only and upper-only directories move without EXDEV and keep their lower
+    contents (the kernel's redirect_dir=on)."""
+
+    def scenario(m):
+        r = [attempt(os.rename, m / "d", m / "d2"), ls(m / "d2"), ls(m / "d2/sub"),
+             read(m / "d2/sub/t"), attempt(os.lstat, m / "d"),
+             attempt(os.mkdir, m / "d"), ls(m / "d"),              # a new d, nothing below it
+             attempt(os.rename, m / "k", m / "e/k"), ls(m / "e/k"),  # lower-only, into merged
+             attempt(os.rename, m / "udir", m / "lonely/udir"), ls(m / "lonely/udir"),
+             attempt(os.rename, m / "d2/sub", m / "sub"), ls(m / "sub"), ls(m / "d2"),
+             attempt(os.rename, m / "e", m / "e/k/inside"),        # into itself: EINVAL
+             attempt(os.rename, m / "d2", m / "lonely"),           # over non-empty: ENOTEMPTY
+             attempt(os.rename, m / "d2", m / "d"),                # over the empty new d
+             ls(m / "d"), attempt(os.lstat, m / "d2")]
+        # Changes after the move land in the moved directory.
+        r += [attempt(os.unlink, m / "d/y"), attempt(write_at, m / "d/new", b"n", 0,
+                                                     os.O_WRONLY | os.O_CREAT),
+              attempt(os.rename, m / "e/k", m / "k"), ls(m / "k"), ls(m / "d"), ls(m)]
+        return r
+
+    results, _ = pair.run(scenario, NS_LOWERS, NS_UPPER)
+    assert results[0] is None and results[1] == ["sub", "u", "x", "y", "z"]
+
+
+def test_rename_dir_twice_and_back(pair):
+    def scenario(m):
+        return [attempt(os.rename, m / "d", m / "tmp1"), attempt(os.rename, m / "tmp1", m / "e/t2"),
+                ls(m / "e/t2"), attempt(os.rename, m / "e/t2", m / "d"), ls(m / "d"),
+                ls(m / "d/sub"), ls(m / "e"), ls(m)]
+
+    pair.run(scenario, NS_LOWERS, NS_UPPER)
+
+
+def test_rename_noreplace_and_exchange(pair):
+    def scenario(m):
+        r = [attempt(renameat2, m / "f", m / "g", util.RENAME_NOREPLACE),
+             attempt(os.unlink, m / "g"),
+             attempt(renameat2, m / "f", m / "g", util.RENAME_NOREPLACE),   # over a whiteout
+             read(m / "g"), attempt(os.lstat, m / "f"),
+             attempt(renameat2, m / "g", m / "up", util.RENAME_EXCHANGE),   # lower <-> upper
+             read(m / "g"), read(m / "up"),
+             attempt(renameat2, m / "h", m / "nothing", util.RENAME_EXCHANGE),
+             attempt(renameat2, m / "d", m / "k", util.RENAME_EXCHANGE),    # merged <-> lower dir
+             ls(m / "d"), ls(m / "k"),
+             attempt(renameat2, m / "h", m / "e", util.RENAME_EXCHANGE),    # file <-> dir
+             attempt(os.lstat, m / "h"), ls(m / "h"), read(m / "e"), ls(m)]
+        return r
+
+    results, _ = pair.run(scenario, NS_LOWERS, NS_UPPER)
+    assert results[0] == "E:EEXIST" and results[2] is None
+
+
+def test_open_flags(pair):
+    def scenario(m):
+        r = [attempt(write_at, m / "f", b"+app", 0, os.O_WRONLY | os.O_APPEND), read(m / "f")]
+        fd = os.open(m / "g", os.O_RDWR | os.O_TRUNC)
+        r += [os.fstat(fd).st_size, os.read(fd, 10)]
+        os.close(fd)
+        r += [read(m / "g"),
+              attempt(os.open, m / "h", os.O_WRONLY | os.O_CREAT | os.O_EXCL),
+              attempt(os.open, m / "d/x", os.O_RDONLY | os.O_DIRECTORY),
+              attempt(os.open, m / "d", os.O_WRONLY),
+              attempt(os.unlink, m / "h")]
+        fd = os.open(m / "h", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"recreated")
+        os.close(fd)
+        r += [read(m / "h"), attempt(os.lstat, m / "h")]
+        return r
+
+    results, _ = pair.run(scenario, NS_LOWERS, NS_UPPER)
+    assert results[1] == b"f0+app" and results[5] == "E:EEXIST"
+
+
+def test_open_unlinked_file_keeps_working(pair):
+    def scenario(m):
+        fd = os.open(m / "d/x", os.O_RDWR)          # a lower file, copied up by this open
+        fd2 = os.open(m / "up", os.O_RDWR)           # an upper file
+        try:
+            r = [attempt(os.unlink, m / "d/x"), attempt(os.unlink, m / "up"),
+                 attempt(os.lstat, m / "d/x"), ls(m / "d")]
+            r += [os.pwrite(fd, b"still here", 0), os.pread(fd, 20, 0),
+                  os.fstat(fd).st_nlink, os.fstat(fd).st_size,
+                  os.pwrite(fd2, b"also", 0), os.pread(fd2, 20, 0), os.fstat(fd2).st_nlink]
+            os.ftruncate(fd, 3)
+            r += [os.pread(fd, 20, 0)]
+            # A new file by the same name is a different file.
+            r += [attempt(write_at, m / "d/x", b"other", 0, os.O_WRONLY | os.O_CREAT),
+                  os.pread(fd, 20, 0), read(m / "d/x")]
+        finally:
+            os.close(fd)
+            os.close(fd2)
+        return r
+
+    results, _ = pair.run(scenario, NS_LOWERS, NS_UPPER)
+    assert results[5] == b"still here" and results[6] == 0
+
+
+def test_symlinks(pair):
+    lowers = [{"ln": Symlink("d/x"), "dangling": Symlink("no/such"), "d/x": File(b"x"),
+               "abs": Symlink("/nonexistent/abs")},
+              {"ln2": Symlink("../outside")}]
+
+    def scenario(m):
+        r = [attempt(os.readlink, m / "ln"), read(m / "ln"), attempt(os.readlink, m / "dangling"),
+             attempt(os.readlink, m / "abs"), attempt(os.readlink, m / "ln2"),
+             attempt(os.symlink, "d/x", m / "new"), read(m / "new"),
+             attempt(os.symlink, "x", m / "ln"),
+             attempt(os.lchown, m / "ln", 42, 43),                       # copy-up of a symlink
+             attempt(os.utime, m / "dangling", ns=(T_ATIME, T_MTIME), follow_symlinks=False),
+             attempt(os.lstat, m / "ln"), attempt(os.readlink, m / "ln"),
+             attempt(os.rename, m / "ln", m / "d/ln"), read(m / "d/ln"),   # now relative to d/
+             attempt(os.unlink, m / "ln2"), ls(m)]
+        st = os.lstat(m / "dangling")
+        r += [st.st_mtime_ns, stat.S_ISLNK(st.st_mode)]
+        return r
+
+    results, _ = pair.run(scenario, lowers)
+    assert results[0] == "d/x" and results[-2] == T_MTIME
+
+
+def test_fifos_and_devices(pair):
+    lowers = [{"p": Fifo(0o640), "d/q": Fifo()}]
+
+    def scenario(m):
+        r = [stat.filemode(os.lstat(m / "p").st_mode), attempt(os.chmod, m / "p", 0o600),
+             stat.filemode(os.lstat(m / "p").st_mode), attempt(os.mkfifo, m / "newfifo", 0o644),
+             attempt(os.rename, m / "d/q", m / "q"),
+             attempt(os.mknod, m / "null", stat.S_IFCHR | 0o644, os.makedev(1, 3))]
+        # Data goes through a fifo opened via the union.
+        rfd = os.open(m / "newfifo", os.O_RDONLY | os.O_NONBLOCK)
+        wfd = os.open(m / "newfifo", os.O_WRONLY)
+        os.write(wfd, b"through the pipe")
+        r.append(os.read(rfd, 100))
+        os.close(wfd)
+        os.close(rfd)
+        r += [ls(m), ls(m / "d")]
+        return r
+
+    results, _ = pair.run(scenario, lowers)
+    assert results[-3] == b"through the pipe"
+
+
+def test_xattrs(pair):
+    lowers = [{"f": File(b"f", xattrs=(("user.a", b"1"), ("user.b", b"2"))),
+               "d": Dir(xattrs=(("user.dir", b"x"),)), "d/g": File(b"g")},
+              {"d": Dir(xattrs=(("user.lowest", b"hidden by the upper d"),))}]
+
+    def scenario(m):
+        return [sorted(os.listxattr(m / "f")), os.getxattr(m / "f", "user.a"),
+                attempt(os.getxattr, m / "f", "user.none"),
+                attempt(os.setxattr, m / "f", "user.a", b"changed"),
+                attempt(os.setxattr, m / "f", "user.c", b"3", os.XATTR_REPLACE),
+                attempt(os.setxattr, m / "f", "user.b", b"3", os.XATTR_CREATE),
+                attempt(os.removexattr, m / "f", "user.b"),
+                attempt(os.removexattr, m / "f", "user.b"),
+                sorted(os.listxattr(m / "f")), attempt(os.getxattr, m / "f", "user.a"),
+                sorted(os.listxattr(m / "d")), attempt(os.setxattr, m / "d", "user.new", b"n"),
+                sorted(os.listxattr(m / "d"))]
+
+    pair.run(scenario, lowers)
+
+
+def test_statfs(pair):
+    def scenario(m):
+        st = os.statvfs(m)
+        return [st.f_bsize > 0, st.f_blocks > 0, st.f_namemax]
+
+    results, _ = pair.run(scenario, NS_LOWERS, NS_UPPER, cross=False)
+    # Like the kernel, the union reports the upper filesystem's space.
+    with util.union_mount(pair.u, pair.impl):
+        got, want = os.statvfs(pair.u.mnt), os.statvfs(pair.u.upper)
+    assert got.f_blocks * got.f_frsize == want.f_blocks * want.f_frsize
+    assert abs(got.f_bfree * got.f_frsize - want.f_bfree * want.f_frsize) < (64 << 20)
+
+
+def test_read_only_union_without_upper(tmp_path, impl, kernel_overlay, no_mounts_left):
+    lowers = THREE_LOWERS
+
+    def scenario(m):
+        return [read(m / "a"), ls(m / "d"),
+                attempt(write_at, m / "a", b"x", 0, os.O_WRONLY),
+                attempt(os.mkdir, m / "newdir"), attempt(os.unlink, m / "b"),
+                attempt(os.rename, m / "a", m / "a2"), attempt(os.chmod, m / "c", 0o777),
+                attempt(os.setxattr, m / "c", "user.x", b"y")]
+
+    u = util.build_side(tmp_path / "union", lowers, None)
+    k = util.build_side(tmp_path / "kernel", lowers, None, kernel=True)
+    with util.union_mount(u, impl):
+        got = scenario(u.mnt)
+        snap_u = util.snapshot(u.mnt, since_ns=util.FIXED_NS + 1)
+    with util.kernel_mount(k, upper=None):
+        want = scenario(k.mnt)
+        snap_k = util.snapshot(k.mnt, since_ns=util.FIXED_NS + 1)
+    assert got == want
+    assert want[2] == "E:EROFS"
+    util.assert_same(snap_u, snap_k)
+    assert sorted(os.listdir(u.work)) == [], "a read-only union wrote to a workdir"
+
+
+# --- hard links and inode numbers ---------------------------------------------------------------
+
+HARDLINK_LOWERS = [
+    {"h1": File(b"shared data"), "h2": HardLink("h1"), "sub/h3": HardLink("h1"),
+     "single": File(b"one")},
+    {"h1": File(b"hidden by l0's h1")},
+]
+
+
+def _hardlink_scenario(m):
+    def ino(p):
+        return os.lstat(m / p).st_ino
+
+    r = [os.lstat(m / "h1").st_nlink, ino("h1") == ino("h2") == ino("sub/h3")]
+    r.append(attempt(write_at, m / "h1", b"SHARED", 0))            # copies up h1
+    r += [read(m / "h2"), read(m / "sub/h3"), os.lstat(m / "h2").st_nlink,
+          ino("h1") == ino("h2") == ino("sub/h3")]
+    r.append(attempt(os.chmod, m / "sub/h3", 0o600))               # another alias, changed
+    r += [stat.filemode(os.lstat(m / "h1").st_mode)]
+    r.append(attempt(os.unlink, m / "h2"))
+    r += [os.lstat(m / "h1").st_nlink, os.lstat(m / "sub/h3").st_nlink]
+    r.append(attempt(os.link, m / "single", m / "single2"))
+    r += [os.lstat(m / "single").st_nlink, ino("single") == ino("single2")]
+    return r
+
+
+def test_hard_links_stay_linked_through_copy_up(pair):
+    """As the kernel with index=on: every alias of a lower hard link sees the copied-up data, the
+    link count stays right, and the inode number is shared."""
+    results, snap = pair.run(_hardlink_scenario, HARDLINK_LOWERS, index=True, cross=False)
+    assert results[:2] == [3, True]
+    assert results[3:7] == [b"SHARED data", b"SHARED data", 3, True]
+    assert results[8] == "-rw-------" and results[10:12] == [2, 2]
+
+
+def test_hard_links_survive_a_remount(tmp_path, impl, mounts):
+    side = util.build_side(tmp_path / "union", HARDLINK_LOWERS, {})
+    with util.union_mount(side, impl):
+        _hardlink_scenario(side.mnt)
+        before = util.snapshot(side.mnt)
+    with util.union_mount(side, impl, log_name="remount.log"):
+        after = util.snapshot(side.mnt)
+        assert read_bytes(side.mnt / "sub/h3") == b"SHARED data"
+    util.assert_same(after, before, "after a remount")
+    assert frozenset({"h1", "sub/h3"}) in after.links
+
+
+def test_hard_link_view_without_index_differs_as_expected(pair):
+    """The kernel without index=on breaks lower hard links on copy-up; unionmount must not."""
+    pair.build(HARDLINK_LOWERS)
+    with util.kernel_mount(pair.k):
+        write_at(pair.k.mnt / "h1", b"SHARED", 0)
+        kernel_h2 = read_bytes(pair.k.mnt / "h2")
+    with util.union_mount(pair.u, pair.impl):
+        write_at(pair.u.mnt / "h1", b"SHARED", 0)
+        union_h2 = read_bytes(pair.u.mnt / "h2")
+    assert kernel_h2 == b"shared data"
+    assert union_h2 == b"SHARED data"
+
+
+def test_inode_numbers_stable_across_copy_up_and_rename(pair):
+    def scenario(m):
+        inos = {p: os.lstat(m / p).st_ino for p in ("f", "g", "d", "d/x", "k", "k/k1")}
+        os.chmod(m / "f", 0o600)
+        write_at(m / "g", b"new", 0)
+        os.rename(m / "d/x", m / "d/x2")
+        os.rename(m / "k", m / "k2")
+        after = {"f": "f", "g": "g", "d": "d", "d/x": "d/x2", "k": "k2", "k/k1": "k2/k1"}
+        same = {p: os.lstat(m / q).st_ino == inos[p] for p, q in after.items()}
+        distinct = len(set(inos.values())) == len(inos)
+        return [same, distinct]
+
+    results, _ = pair.run(scenario, NS_LOWERS, NS_UPPER)
+    assert all(results[0].values()) and results[1]
+
+
+# --- upper written by one, read by the other --------------------------------------------------
+
+def test_kernel_index_on_upper_reads_in_unionmount(pair):
+    """An upper that the kernel wrote with index=on (origin xattrs, an index in the workdir)."""
+
+    def scenario(m):
+        os.chmod(m / "f", 0o600)
+        write_at(m / "d/y", b"Y", 0)
+        os.rename(m / "d", m / "dd")
+        os.unlink(m / "h")
+        os.mkdir(m / "k2")
+        os.rename(m / "k", m / "k2/k")
+        return [ls(m), ls(m / "dd"), ls(m / "k2/k")]
+
+    pair.run(scenario, NS_LOWERS, NS_UPPER, index=True)
