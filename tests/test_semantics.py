@@ -575,3 +575,31 @@ def test_kernel_index_on_upper_reads_in_unionmount(pair):
         return [ls(m), ls(m / "dd"), ls(m / "k2/k")]
 
     pair.run(scenario, NS_LOWERS, NS_UPPER, index=True)
+
+
+def test_truncate_to_the_same_size_updates_mtime(pair):
+    """truncate(2) sets mtime and ctime even when the size does not change (the VFS always asks)."""
+    lowers = [{"empty": File(b""), "full": File(b"12345")}]
+    upper = {"upper_empty": File(b"")}
+
+    def scenario(m):
+        return [attempt(os.truncate, m / n, size) for n, size in
+                (("empty", 0), ("full", 5), ("upper_empty", 0))]
+
+    _, snap = pair.run(scenario, lowers, upper)
+    assert {snap.entries[n]["mtime"] for n in ("empty", "full", "upper_empty")} == {"new"}
+
+
+def test_redirect_that_crosses_a_symlink_in_a_lower_layer(pair):
+    """A moved directory's redirect is looked up in every lower layer; where a layer has a non-dir
+    (here a symlink) on the redirect's path, that layer simply has nothing to add."""
+    lowers = [{"c/c/b": File(b"b"), "a": Dir()},
+              {"c": Symlink("c")},
+              {"c/c/x": File(b"below the symlink: hidden")}]
+
+    def scenario(m):
+        return [attempt(os.rename, m / "c/c", m / "a/moved"), ls(m / "a/moved"),
+                attempt(os.lstat, m / "a/moved/x"), ls(m / "c")]
+
+    results, _ = pair.run(scenario, lowers)
+    assert results[:2] == [None, ["b"]]

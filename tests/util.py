@@ -327,11 +327,12 @@ class Snapshot:
         return set(self.entries)
 
 
-def snapshot(root, *, since_ns=None, nlink=True, links=True, skip=()) -> Snapshot:
+def snapshot(root, *, since_ns=None, dir_mtime=True, nlink=True, links=True,
+             skip=()) -> Snapshot:
     """Every entry below ``root`` as a process sees it, without following symlinks.
 
     mtimes are reported exactly when older than ``since_ns`` (untouched, or set by utime), else as
-    "new"; directory sizes and link counts are left out (they depend on the backing filesystem).
+    "new" (for directories too unless ``dir_mtime`` is false); directory sizes and link counts are left out (they depend on the backing filesystem).
     """
     root = Path(root)
     entries, by_ino = {}, {}
@@ -343,10 +344,15 @@ def snapshot(root, *, since_ns=None, nlink=True, links=True, skip=()) -> Snapsho
             r = f"{rel}/{e.name}" if rel else e.name
             if r in skip:
                 continue
-            st = os.lstat(e.path)
+            try:
+                st = os.lstat(e.path)
+            except OSError as err:
+                # Listed but not found: an inconsistency to report, not to crash on.
+                entries[r] = {"listed but lstat fails": errno.errorcode.get(err.errno)}
+                continue
             info = {"type": stat.S_IFMT(st.st_mode), "mode": oct(stat.S_IMODE(st.st_mode)),
                     "uid": st.st_uid, "gid": st.st_gid}
-            if since_ns is not None:
+            if since_ns is not None and (dir_mtime or not stat.S_ISDIR(st.st_mode)):
                 info["mtime"] = st.st_mtime_ns if st.st_mtime_ns < since_ns else "new"
             if not stat.S_ISDIR(st.st_mode):
                 info["size"] = st.st_size
