@@ -104,14 +104,17 @@ class Pair:
     def kernel(self, side=None, **kw):
         return self.stack.enter_context(util.kernel_mount(side or self.k, **kw))
 
-    def run(self, scenario, lowers, upper=None, *, cross=True, index=False, snap_kw=None):
+    def run(self, scenario, lowers, upper=None, *, cross=True, index=False, snap_kw=None,
+            mnt_depth=1):
         """Apply ``scenario(mountpoint)`` through both, compare its results and the trees a process
         sees; then mount each side's upper with the other implementation and compare again.
 
+        Builds the layers unless build() was called first (to add things around them).
         Returns (results, snapshot) of the kernel side for further checks.
         """
         snap_kw = dict(snap_kw or {})
-        self.build(lowers, upper)
+        if self.u is None:
+            self.build(lowers, upper, mnt_depth=mnt_depth)
         since = time.time_ns()
         snap_kw.setdefault("since_ns", since)
         with util.union_mount(self.u, self.impl):
