@@ -4,8 +4,8 @@ Each seed makes three lowers and an upper, then a sequence of operations on a sm
 that operations keep meeting each other's results. Every result (value or errno) must match, then
 the final trees, then each side's upper mounted by the other implementation.
 
-Scale: UNIONFS_DIFF_OPS (operations per seed, default 300), UNIONFS_DIFF_SEEDS (how many seeds,
-default 3), or UNIONFS_DIFF_SEED=N to replay one seed.
+Scale: UNIONFS_DIFF_OPS (operations per seed, default 500), UNIONFS_DIFF_SEEDS (how many seeds,
+default 8), or UNIONFS_DIFF_SEED=N to replay one seed.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import pytest
 import util
 from util import Dir, File, Symlink, Whiteout, attempt, read_bytes
 
-N_OPS = int(os.environ.get("UNIONFS_DIFF_OPS", "300"))
+N_OPS = int(os.environ.get("UNIONFS_DIFF_OPS", "500"))
 if os.environ.get("UNIONFS_DIFF_SEED"):
     SEEDS = [int(os.environ["UNIONFS_DIFF_SEED"])]
 else:
-    SEEDS = list(range(int(os.environ.get("UNIONFS_DIFF_SEEDS", "3"))))
+    SEEDS = list(range(int(os.environ.get("UNIONFS_DIFF_SEEDS", "8"))))
 
 NAMES = ["a", "b", "c", "d"]
 PATHS = ["/".join(p) for depth in (1, 2, 3) for p in itertools.product(NAMES, repeat=depth)]

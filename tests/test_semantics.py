@@ -72,9 +72,9 @@ def test_lookup_with_upper_on_top(pair):
 
 # --- whiteouts and opaque directories ---------------------------------------------------------
 
-@pytest.mark.parametrize("form", ["chardev", "oci"])
+@pytest.mark.parametrize("form", ["chardev", "oci", "xattr"])
 def test_whiteouts_and_opaque_dirs(pair, form):
-    opaque = "xattr" if form == "chardev" else "oci"
+    opaque = "oci" if form == "oci" else "xattr"
     lowers = [
         {"gone": Whiteout(form), "d/gone2": Whiteout(form), "d/kept": File(b"kept"),
          "o": Dir(opaque=opaque), "o/top": File(b"top"), "o/sub/t": File(b"t")},
@@ -83,8 +83,10 @@ def test_whiteouts_and_opaque_dirs(pair, form):
          "gonedir/x": File(b"x"), "udel": File(b"deleted in upper")},
         {"gone": File(b"nor this"), "o/hidden2": File(b"hidden2")},
     ]
-    # gonedir is whited out by the upper layer itself; opaque form there too.
-    upper = {"gonedir": Whiteout(form), "udel": Whiteout(form), "o2": Dir(opaque=opaque),
+    # gonedir is whited out by the upper layer itself; opaque form there too. The kernel reads
+    # xattr whiteouts in lower layers only.
+    upper_form = "chardev" if form == "xattr" else form
+    upper = {"gonedir": Whiteout(upper_form), "udel": Whiteout(upper_form), "o2": Dir(opaque=opaque),
              "o2/new": File(b"n")}
     lowers[1]["o2/old"] = File(b"old")
 
@@ -513,7 +515,7 @@ def _hardlink_scenario(m):
 def test_hard_links_stay_linked_through_copy_up(pair):
     """As the kernel with index=on: every alias of a lower hard link sees the copied-up data, the
     link count stays right, and the inode number is shared."""
-    results, snap = pair.run(_hardlink_scenario, HARDLINK_LOWERS, index=True, cross=False)
+    results, snap = pair.run(_hardlink_scenario, HARDLINK_LOWERS, index=True)
     assert results[:2] == [3, True]
     assert results[3:7] == [b"SHARED data", b"SHARED data", 3, True]
     assert results[8] == "-rw-------" and results[10:12] == [2, 2]
@@ -603,3 +605,32 @@ def test_redirect_that_crosses_a_symlink_in_a_lower_layer(pair):
 
     results, _ = pair.run(scenario, lowers)
     assert results[:2] == [None, ["b"]]
+
+
+def test_failed_rmdir_leaves_a_moved_directory_alone(pair):
+    """rmdir that ends in ENOTEMPTY changes nothing, also on a directory moved over another."""
+    lowers = [{"src/keep": File(b"k"), "dst/b": File(b"lower b of the old dst")},
+              {"src/more": File(b"m"), "dst/c": File(b"c")}]
+
+    def scenario(m):
+        return [attempt(os.unlink, m / "dst/b"), attempt(os.unlink, m / "dst/c"),
+                attempt(os.rename, m / "src", m / "dst"), ls(m / "dst"),
+                attempt(os.rmdir, m / "dst"), ls(m / "dst"), attempt(os.lstat, m / "dst/b"),
+                attempt(os.rmdir, m / "dst"), ls(m / "dst")]
+
+    results, _ = pair.run(scenario, lowers)
+    assert results[3] == ["keep", "more"] and results[4] == "E:ENOTEMPTY"
+
+
+def test_redirect_stops_at_a_non_dir_in_a_middle_layer(pair):
+    """l1 has a file d, so l2's d/c is not part of the merge; after d/c moves, its redirect must
+    not find l2's d/c either (the kernel stops the redirect lookup at the non-dir)."""
+    lowers = [{"d/c/keep": File(b"k")}, {"d": File(b"a file in the middle")},
+              {"d/c/b": File(b"below the middle file: hidden")}]
+
+    def scenario(m):
+        return [ls(m / "d/c"), attempt(os.rename, m / "d/c", m / "moved"), ls(m / "moved"),
+                attempt(os.rmdir, m / "moved"), ls(m / "moved"), attempt(os.lstat, m / "moved/b")]
+
+    results, _ = pair.run(scenario, lowers)
+    assert results[0] == ["keep"] and results[2] == ["keep"]

@@ -72,7 +72,7 @@ class Fifo:
 
 @dataclass(frozen=True)
 class Whiteout:
-    form: str = "chardev"       # "chardev" (0/0) or "oci" (.wh.NAME)
+    form: str = "chardev"       # "chardev" (0/0), "oci" (.wh.NAME) or "xattr" (overlay.whiteout)
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,13 @@ def build_layer(root: Path, spec: dict, *, oci_as_kernel: bool = False) -> None:
             os.mkfifo(path, entry.mode)
             os.chmod(path, entry.mode)
         elif isinstance(entry, Whiteout):
-            if entry.form == "chardev" or oci_as_kernel:
+            if entry.form == "xattr":
+                # The kernel's newer form (6.7+): an empty file marked as a whiteout, in a
+                # directory marked as possibly holding such files.
+                path.write_bytes(b"")
+                os.setxattr(path, OVERLAY_XATTR + "whiteout", b"")
+                os.setxattr(path.parent, OVERLAY_XATTR + "opaque", b"x")
+            elif entry.form == "chardev" or oci_as_kernel:
                 os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
             else:
                 (path.parent / (".wh." + path.name)).write_bytes(b"")
