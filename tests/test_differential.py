@@ -243,7 +243,7 @@ def test_random_operations_match_the_kernel(pair, seed):
     # The kernel ran the same sequence, so its view is the reference for both cross-mounts.
     try:
         pair.cross_check(snap_k, snap_kw=SNAP)
-    except AssertionError as e:
+    except (AssertionError, OSError) as e:
         raise AssertionError(f"{replay_hint(seed)}\n{e}") from None
 
 

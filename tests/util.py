@@ -344,8 +344,13 @@ def snapshot(root, *, since_ns=None, dir_mtime=True, nlink=True, links=True,
     entries, by_ino = {}, {}
 
     def visit(dirpath, rel):
-        with os.scandir(dirpath) as it:
-            items = sorted(it, key=lambda e: e.name)
+        try:
+            with os.scandir(dirpath) as it:
+                items = sorted(it, key=lambda e: e.name)
+        except OSError as err:
+            # A directory that cannot be listed: recorded, so that the comparison reports it.
+            entries[f"{rel}/"] = {"listing fails": errno.errorcode.get(err.errno)}
+            return
         for e in items:
             r = f"{rel}/{e.name}" if rel else e.name
             if r in skip:
@@ -389,9 +394,9 @@ def assert_no_private(snap: Snapshot, what: str) -> None:
     for path, info in snap.entries.items():
         base = path.rsplit("/", 1)[-1]
         assert not base.startswith(".wh."), f"{what}: whiteout file {path} is visible"
-        assert not (info["type"] == stat.S_IFCHR and info.get("rdev") == (0, 0)), \
+        assert not (info.get("type") == stat.S_IFCHR and info.get("rdev") == (0, 0)), \
             f"{what}: whiteout device {path} is visible"
-        for name in info["xattrs"]:
+        for name in info.get("xattrs", {}):
             assert not name.startswith(("trusted.overlay.", "user.overlay.")), \
                 f"{what}: private xattr {name} visible on {path}"
 
