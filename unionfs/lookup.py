@@ -35,6 +35,30 @@ def _oci_whited_out(stack, index, dirpath, name):
     return name in oci_whiteouts(stack.layer(index), dirpath)
 
 
+# What a walk down a redirect's path found on the way in one layer.
+_ON_WAY_OK, _ON_WAY_MISSING, _ON_WAY_STOP, _ON_WAY_LAST = range(4)
+
+
+def _walk_to_parent(stack, index, dirpath):
+    """Check the directories on the way to ``dirpath`` in one layer, as the kernel does when it
+    follows an absolute redirect: a missing one means no entry in this layer; a whiteout or a
+    non-directory ends the search in the layers below too; an opaque one makes this layer the
+    last one searched."""
+    layer = stack.layer(index)
+    result = _ON_WAY_OK
+    path = b""
+    for part in dirpath.split(b"/") if dirpath else ():
+        path = _sys.join(path, part)
+        st = _sys.lstat(layer, path)
+        if st is None:
+            return _ON_WAY_MISSING
+        if not stat.S_ISDIR(st.st_mode) or is_whiteout(layer, path, st):
+            return _ON_WAY_STOP
+        if dir_markers(layer, path).opaque:
+            result = _ON_WAY_LAST
+    return result
+
+
 def resolve(stack, parent_dirs, name):
     """Resolve ``name`` in a directory present as ``parent_dirs`` ((index, path) top-down).
 
@@ -42,16 +66,27 @@ def resolve(stack, parent_dirs, name):
     """
     if name.startswith(OCI_PREFIX):
         return None         # OCI markers are never entries, in any layer
-    queue = [(index, _sys.join(dirpath, name)) for index, dirpath in parent_dirs]
+    # (layer index, path, whether the directories on the way must be checked)
+    queue = [(index, _sys.join(dirpath, name), False) for index, dirpath in parent_dirs]
     hits = []
     missed = []          # layers passed without an entry: an OCI whiteout there hides the rest
     k = 0
     while k < len(queue):
-        index, path = queue[k]
+        index, path, walk = queue[k]
         k += 1
+        last = False
+        if walk:
+            on_way = _walk_to_parent(stack, index, _sys.split(path)[0])
+            if on_way == _ON_WAY_STOP:
+                break
+            if on_way == _ON_WAY_MISSING:
+                continue
+            last = on_way == _ON_WAY_LAST
         layer = stack.layer(index)
         st = _sys.lstat(layer, path)
         if st is None:
+            if last:
+                break
             missed.append((index, path))
             continue
         if missed:
@@ -67,16 +102,16 @@ def resolve(stack, parent_dirs, name):
         if not is_dir:
             break
         markers = dir_markers(layer, path)
-        if markers.opaque:
+        if markers.opaque or last:
             break
         if markers.redirect:
             target = markers.redirect
             if target.startswith(b"/"):
                 # Absolute: the layers below this one are searched at that path, whatever the parent.
                 target = target.strip(b"/")
-                queue[k:] = [(i, target) for i in stack.lower_indices if i > index]
+                queue[k:] = [(i, target, True) for i in stack.lower_indices if i > index]
             else:
-                queue[k:] = [(i, _sys.join(_sys.split(p)[0], target)) for i, p in queue[k:]]
+                queue[k:] = [(i, _sys.join(_sys.split(p)[0], target), w) for i, p, w in queue[k:]]
     if not hits:
         return None
     top_index, _, top_st = hits[0]

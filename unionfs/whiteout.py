@@ -66,7 +66,10 @@ def oci_whiteouts(layer, dirpath):
     if found is None:
         try:
             names = _sys.scandir(layer, dirpath)
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError as e:
+            # not there, or not reachable without a symlink (ELOOP) or leaving the layer (EXDEV)
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV):
+                raise
             names = ()
         found = frozenset(n[len(OCI_PREFIX):] for n, _ in names
                           if n.startswith(OCI_PREFIX) and n != OCI_OPAQUE)
