@@ -12,7 +12,6 @@ import stat
 
 from . import _fast, _sys
 from .copyup import copy_up
-from .files import kernel_caches_writes
 from .lookup import Found, lower_entry_exists
 from .readdir import merged_names
 from .whiteout import (OCI_PREFIX, has_oci_whiteout, make_whiteout, remove_oci_whiteout,
@@ -78,8 +77,8 @@ async def create(u, parent, name, mode, flags, ctx):
     path = await _prepare(u, parent, name)
     uid, gid, _ = _owner(u, parent, ctx, False)
     work, tmp = u.stack.work, work_name()
-    fd = _sys.open_file(work, tmp, os.O_CREAT | os.O_EXCL
-                        | kernel_caches_writes(flags & _OPEN_FLAGS_KEPT), stat.S_IMODE(mode))
+    fd = _sys.open_file(work, tmp, os.O_CREAT | os.O_EXCL | (flags & _OPEN_FLAGS_KEPT),
+                        stat.S_IMODE(mode))
     try:
         os.fchown(fd, uid, gid)
         _place(u, parent, name, path, tmp, False)

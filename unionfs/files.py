@@ -24,14 +24,6 @@ class FileHandle:
         self.flags = flags
 
 
-def kernel_caches_writes(flags):
-    """With the kernel's writeback cache the kernel reads pages of files open only for writing,
-    and places appends itself: open for reading too, and without O_APPEND."""
-    if flags & os.O_ACCMODE == os.O_WRONLY:
-        flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
-    return flags & ~os.O_APPEND
-
-
 def _for_writing(flags):
     return (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
 
@@ -44,7 +36,7 @@ def _open_top(u, node, flags):
 
 
 async def open(u, node, flags):
-    flags = kernel_caches_writes(flags & _OPEN_FLAGS_KEPT)
+    flags &= _OPEN_FLAGS_KEPT
     if _for_writing(flags):
         u.require_writable()
         await copy_up(u, node, data=not flags & os.O_TRUNC)

@@ -52,7 +52,7 @@ def _is_ctx(obj):
 
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
-    enable_writeback_cache = True
+    enable_writeback_cache = False
 
     def __init__(self, union, debug=False):
         super().__init__()
