@@ -169,7 +169,7 @@ def test_dir_swapped_for_symlink_while_a_file_below_is_open(tmp_path, impl, moun
                 attempt(os.setxattr, m / "dir/b", "user.x", b"y"),
                 os.pread(held, 100, 0), ls(m / "dir"), ls(m)]
     assert results[0] == b"orig a"
+    assert tree_state(decoy) == before, "the decoy changed: " + repr(sorted(os.listdir(decoy)))
     assert no_decoy_content(results), "decoy content through the union:\n" + "\n".join(
         f"  [{i}] {r!r}" for i, r in enumerate(results))
-    assert tree_state(decoy) == before, "the decoy changed"
     assert sorted(os.listdir(tmp_path)) == around
