@@ -194,6 +194,10 @@ class Union:
             st = _sys.lstat(self.stack.layer(index), path)
         if st is None:
             raise OSError(errno.ENOENT, "entry vanished from its layer")
+        if stat.S_IFMT(st.st_mode) != node.kind:
+            # The layer was changed under the mount (a directory swapped for a symlink, say):
+            # this inode stays what it was, and what replaced it is not shown under its number.
+            raise OSError(errno.ESTALE, "entry changed type in its layer")
         return st
 
     def attrs(self, node, st=None):
@@ -205,6 +209,13 @@ class Union:
         a.st_nlink = st.st_nlink
         if node.is_dir and len(node.dirs()) > 1:
             a.st_nlink = 1      # as the kernel does for merged directories: not countable cheaply
+        elif self.index and node.upper and st.st_nlink > 1 and not node.unlinked:
+            # A hard link the kernel indexed counts its index entry and its lower names its way.
+            nlink = index.merged_nlink(
+                _sys.getxattr(self.stack.upper, node.path(), self.stack.xattr_prefix + b"nlink"),
+                st.st_nlink)
+            if nlink is not None:
+                a.st_nlink = nlink
         a.st_uid = st.st_uid if self.uidmap is None else self.uidmap.to_proc(st.st_uid)
         a.st_gid = st.st_gid if self.gidmap is None else self.gidmap.to_proc(st.st_gid)
         a.st_rdev = st.st_rdev

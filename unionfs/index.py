@@ -41,3 +41,16 @@ def origin_ino(value):
     if fb is None or fb[0] not in _INO32_TYPES or len(fb[1]) < 4:
         return None
     return struct.unpack_from("<I", fb[1])[0]
+
+
+def merged_nlink(value, upper_nlink, lower_nlink=None):
+    """The link count the kernel shows for an indexed file, from its ``overlay.nlink`` record:
+    "U+N"/"U-N" relative to the upper inode's count, "L+N"/"L-N" to the lower one's."""
+    if not value or len(value) < 3 or value[:1] not in (b"U", b"L") or value[1:2] not in b"+-":
+        return None
+    try:
+        add = int(value[1:])
+    except ValueError:
+        return None
+    base = upper_nlink if value[:1] == b"U" else lower_nlink
+    return None if base is None else max(base + add, 1)
