@@ -45,7 +45,8 @@ def _walk_nofollow(dirfd, path, flags, mode):
     fd = os.open(b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
     try:
         for part in parts[:-1]:
-            nfd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            nfd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=fd)
             os.close(fd)
             fd = nfd
         if not parts:
@@ -56,7 +57,8 @@ def _walk_nofollow(dirfd, path, flags, mode):
 
 
 def open_beneath(dirfd, path, flags, mode=0):
-    """Open ``path`` (bytes, relative) below ``dirfd``, never following a symlink nor leaving the tree.
+    """Open ``path`` (bytes, relative) below ``dirfd``, never following a symlink nor leaving
+    the tree.
 
     A symlink anywhere on the path fails with ELOOP, except that O_PATH|O_NOFOLLOW returns the
     symlink itself as the last component.

@@ -66,7 +66,7 @@ def forget_dirs(layer):
 
 
 class ParentDir:
-    """``with ParentDir(layer, path) as (dfd, name)``: an O_PATH fd of path's parent, and its name."""
+    """``with ParentDir(layer, path) as (dfd, name)``: an O_PATH fd of path's parent, its name."""
     __slots__ = ("layer", "path", "fd", "name", "owned")
 
     def __init__(self, layer, path):
@@ -76,7 +76,8 @@ class ParentDir:
     def __enter__(self):
         dirpath, self.name = split(self.path)
         self.owned = self.layer.index < 0
-        self.fd = _fast.open_dir(self.layer.fd, dirpath) if self.owned else dirfd(self.layer, dirpath)
+        self.fd = (_fast.open_dir(self.layer.fd, dirpath) if self.owned
+                   else dirfd(self.layer, dirpath))
         return self.fd, self.name
 
     def __exit__(self, *exc):

@@ -6,7 +6,6 @@ copied in a worker thread so that other requests keep being served.
 """
 
 import errno
-import os
 import stat
 
 import trio

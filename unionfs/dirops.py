@@ -14,7 +14,8 @@ from . import _fast, _sys
 from .copyup import copy_up
 from .lookup import Found, lower_entry_exists
 from .readdir import merged_names
-from .whiteout import (OCI_PREFIX, has_oci_whiteout, make_whiteout, remove_oci_whiteout,
+from .whiteout import (OCI_PREFIX, has_oci_whiteout, make_whiteout, move_leaving_whiteout,
+                       remove_oci_whiteout,
                        set_opaque, set_redirect, work_name)
 
 _OPEN_FLAGS_KEPT = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
@@ -145,13 +146,7 @@ def _remove_upper(u, path, whiteout):
     stack = u.stack
     tmp = work_name()
     if whiteout:
-        try:
-            _sys.rename(stack.upper, path, stack.work, tmp, _sys.RENAME_WHITEOUT)
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                raise
-            _sys.rename(stack.upper, path, stack.work, tmp)
-            make_whiteout(stack, path)
+        move_leaving_whiteout(stack, path, stack.work, tmp)
     else:
         _sys.rename(stack.upper, path, stack.work, tmp)
     _sys.remove_tree(stack.work, tmp)
@@ -268,13 +263,7 @@ async def rename(u, p_old, n_old, p_new, n_new, flags):
         if not src_whiteout:
             _sys.unlink(stack.upper, old_path)
     elif src_whiteout:
-        try:
-            _sys.rename(stack.upper, old_path, stack.upper, new_path, _sys.RENAME_WHITEOUT)
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                raise
-            _sys.rename(stack.upper, old_path, stack.upper, new_path)
-            make_whiteout(stack, old_path)
+        move_leaving_whiteout(stack, old_path, stack.upper, new_path)
     else:
         _sys.rename(stack.upper, old_path, stack.upper, new_path)
     remove_oci_whiteout(stack, new_path)

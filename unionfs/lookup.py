@@ -107,7 +107,7 @@ def resolve(stack, parent_dirs, name):
         if markers.redirect:
             target = markers.redirect
             if target.startswith(b"/"):
-                # Absolute: the layers below this one are searched at that path, whatever the parent.
+                # Absolute: the layers below are searched at that path, whatever the parent.
                 target = target.strip(b"/")
                 queue[k:] = [(i, target, True) for i in stack.lower_indices if i > index]
             else:

@@ -5,7 +5,6 @@ the mount is ready (exit 0) or why it failed (its one line, non-zero exit). Clea
 order of setup.
 """
 
-import errno
 import logging
 import os
 import re

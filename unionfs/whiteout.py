@@ -108,7 +108,8 @@ def list_dir(layer, path, markers):
             if name != OCI_OPAQUE:
                 hidden.add(name[len(OCI_PREFIX):])
         elif (markers.xattr_whiteouts and kind == stat.S_IFREG
-              and is_whiteout(layer, _sys.join(path, name), _sys.lstat(layer, _sys.join(path, name)))):
+              and is_whiteout(layer, _sys.join(path, name),
+                              _sys.lstat(layer, _sys.join(path, name)))):
             hidden.add(name)
         else:
             names.append(name)
@@ -121,7 +122,7 @@ def work_name(prefix=b"#"):
 
 
 def make_whiteout(stack, path):
-    """Create a whiteout at ``path`` in the upper layer, atomically (built in the work directory)."""
+    """Create a whiteout at ``path`` in the upper layer, atomically (built in the work dir)."""
     tmp = work_name()
     if stack.oci_whiteouts_in_upper:
         dirpath, name = _sys.split(path)
@@ -135,6 +136,18 @@ def make_whiteout(stack, path):
     except OSError:
         _sys.unlink(stack.work, tmp)
         raise
+
+
+def move_leaving_whiteout(stack, path, dst_layer, dst_path):
+    """Rename an upper entry away and leave a whiteout in its place, in one step where the
+    filesystem has RENAME_WHITEOUT (as the kernel does), else in two."""
+    try:
+        _sys.rename(stack.upper, path, dst_layer, dst_path, _sys.RENAME_WHITEOUT)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+            raise
+        _sys.rename(stack.upper, path, dst_layer, dst_path)
+        make_whiteout(stack, path)
 
 
 def set_opaque(stack, layer, path):
@@ -151,7 +164,7 @@ def set_redirect(stack, layer, path, target):
 
 
 def remove_oci_whiteout(stack, path):
-    """Drop a ``.wh.NAME`` marker in the upper once NAME exists there again. True if there was one."""
+    """Drop a ``.wh.NAME`` marker in the upper once NAME exists there again; True if one was."""
     dirpath, name = _sys.split(path)
     try:
         _sys.unlink(stack.upper, _sys.join(dirpath, OCI_PREFIX + name))
