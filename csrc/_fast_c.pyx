@@ -14,6 +14,7 @@ from cpython.ref cimport Py_INCREF
 from libc.errno cimport errno as c_errno, ENOENT, ENOSYS, ENOTDIR, ELOOP
 from libc.string cimport memchr
 from libc.stdint cimport uint64_t
+from unionfs._fast_py import _walk_nofollow   # the fallback without openat2: never hot
 
 cdef extern from *:
     """
@@ -177,24 +178,6 @@ cdef bint _layout_ok():
 
 
 cdef bint _build_stat = _layout_ok()
-
-
-def _walk_nofollow(dirfd, path, flags, mode):
-    # Fallback for kernels without openat2: one component at a time, never following a symlink.
-    parts = [p for p in path.split(b"/") if p and p != b"."]
-    if b".." in parts:
-        raise OSError(errno.EXDEV, "path escapes the layer", path)
-    fd = os.open(b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
-    try:
-        for part in parts[:-1]:
-            nfd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-        if not parts:
-            return os.open(b".", flags | os.O_CLOEXEC, mode, dir_fd=fd)
-        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
-    finally:
-        os.close(fd)
 
 
 cdef inline int _openat2(int dirfd, const char *path, long long flags, unsigned long long mode) noexcept:

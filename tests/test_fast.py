@@ -141,10 +141,12 @@ def test_open_beneath_refuses_symlink_in_the_middle(fast, tree):
 
 
 def test_walk_refuses_symlink_in_the_middle(fast, tree, monkeypatch):
-    # Without openat2 the walk opens each parent O_PATH|O_DIRECTORY|O_NOFOLLOW: a symlink there
-    # fails with ENOTDIR rather than ELOOP; either way it is not followed.
+    # Without openat2 the walk opens each parent O_PATH|O_DIRECTORY|O_NOFOLLOW and answers a
+    # symlink on the way as openat2 does: ELOOP, and an absolute path: EXDEV.
     monkeypatch.setattr(fast, "_have_openat2", False)
-    assert _errno(fast.open_beneath, tree.fd, b"link_dir/sub/file", os.O_RDONLY) == errno.ENOTDIR
+    assert _errno(fast.open_beneath, tree.fd, b"link_dir/sub/file", os.O_RDONLY) == errno.ELOOP
+    assert _errno(fast.open_dir, tree.fd, b"link_dir") == errno.ELOOP
+    assert _errno(fast.open_beneath, tree.fd, b"/etc/passwd", os.O_RDONLY) == errno.EXDEV
 
 
 @pytest.mark.parametrize("path", [b"..", b"../outside", b"d/../../outside", b"d/sub/../../../outside"])

@@ -37,21 +37,38 @@ class _OpenHow(ctypes.Structure):
 _have_openat2 = True
 
 
+def _refuse_symlink(dirfd, name, err):
+    # openat2 says ELOOP for a symlink on the way; O_NOFOLLOW|O_DIRECTORY says ENOTDIR. Say ELOOP.
+    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    if stat.S_ISLNK(st.st_mode):
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), name) from None
+    raise err
+
+
 def _walk_nofollow(dirfd, path, flags, mode):
-    # Fallback for kernels without openat2: one component at a time, never following a symlink.
+    """Fallback for kernels without openat2: one component at a time, never following a symlink
+    and refusing what RESOLVE_BENEATH refuses. Shared by both twins: it is never hot."""
+    if path.startswith(b"/"):
+        raise OSError(errno.EXDEV, "absolute path", path)
     parts = [p for p in path.split(b"/") if p and p != b"."]
     if b".." in parts:
         raise OSError(errno.EXDEV, "path escapes the layer", path)
     fd = os.open(b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
     try:
         for part in parts[:-1]:
-            nfd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=fd)
+            try:
+                nfd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=fd)
+            except NotADirectoryError as e:
+                _refuse_symlink(fd, part, e)
             os.close(fd)
             fd = nfd
         if not parts:
             return os.open(b".", flags | os.O_CLOEXEC, mode, dir_fd=fd)
-        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+        try:
+            return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+        except NotADirectoryError as e:
+            _refuse_symlink(fd, parts[-1], e)
     finally:
         os.close(fd)
 
