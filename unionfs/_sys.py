@@ -454,6 +454,10 @@ def close(fd):
     os.close(fd)
 
 
+def fstat(fd):
+    return os.fstat(fd)
+
+
 def multiply_linked(layer):
     """{st_ino: [path, ...]} of the non-directories with more than one link in a layer.
     Runs in a worker thread: uses no cached fd."""

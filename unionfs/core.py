@@ -6,7 +6,6 @@ The FUSE handlers in operations.py call into this and into the modules that act 
 
 import errno
 import logging
-import os
 import stat
 
 import pyfuse3
@@ -42,12 +41,9 @@ class Union:
             if layer is not None and layer.st_dev not in fs_index:
                 fs_index[layer.st_dev] = len(fs_index)
         self.table = InodeTable(fs_index)
-        top = stack.upper or stack.lowers[0]
-        root_st = os.stat(top.fd)
         lowers = tuple((layer.index, b"") for layer in stack.lowers)
         keys = [(layer.st_dev, layer.st_ino) for layer in (stack.upper, *stack.lowers) if layer]
         self.root = self.table.add_root(stat.S_IFDIR, stack.upper is not None, lowers, keys)
-        self.root_st = root_st
         self.handles = {}
         self._next_fh = 1
         # copy-ups in progress, by ino: a second request for the same node waits on the first
@@ -184,9 +180,9 @@ class Union:
 
     def stat(self, node):
         if node is self.root:
-            return os.stat(self.stack.upper.fd if self.stack.upper else self.stack.lowers[0].fd)
+            return _sys.lstat(self.stack.upper or self.stack.lowers[0], b"")
         if node.pinned_fd is not None and node.unlinked:
-            return os.fstat(node.pinned_fd)
+            return _sys.fstat(node.pinned_fd)
         if node.upper:
             st = _sys.lstat(self.stack.upper, node.path())
         else:

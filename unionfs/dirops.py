@@ -84,7 +84,7 @@ async def create(u, parent, name, mode, flags, ctx):
         os.fchown(fd, uid, gid)
         _place(u, parent, name, path, tmp, False)
     except BaseException:
-        os.close(fd)
+        _sys.close(fd)
         raise
     return _new_node(u, parent, name, path), fd
 

@@ -6,7 +6,6 @@ what the kernel caches, not by the size of the tree.
 """
 
 import logging
-import os
 import stat
 
 import pyfuse3
@@ -230,7 +229,7 @@ class InodeTable:
             del self._by_ino[node.ino]
             self.drop_keys(node)
             if node.pinned_fd is not None:
-                os.close(node.pinned_fd)
+                _sys.close(node.pinned_fd)
                 node.pinned_fd = None
             parents = [p for p, _ in node.aliases]
             for p, name in node.aliases:

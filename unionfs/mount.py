@@ -127,24 +127,20 @@ def prepare_workdir(prep):
         if not probe_xattr_support(prep.workdir):
             raise UsageError(f"upper layer {prep.upper}: its filesystem has no trusted xattrs "
                              "(overlay markers cannot be written)")
-        work_path = os.path.join(prep.workdir, WORK_SUBDIR)
-        wfd = os.open(prep.workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        workdir = open_layer(-1, prep.workdir)
         try:
-            work = open_layer(-1, prep.workdir)
+            # Leftovers of a crash are half-built copies: never visible, now removed.
+            _sys.remove_tree(workdir, WORK_SUBDIR.encode())
+            _sys.mkdir(workdir, WORK_SUBDIR.encode(), 0o700)
+            # Where a 0/0 device cannot be made, whiteouts are written as .wh. files.
+            probe = _sys.join(WORK_SUBDIR.encode(), work_name())
             try:
-                # Leftovers of a crash are half-built copies: never visible, now removed.
-                _sys.remove_tree(work, WORK_SUBDIR.encode())
-                _sys.mkdir(work, WORK_SUBDIR.encode(), 0o700)
-            finally:
-                os.close(work.fd)
+                _sys.mknod(workdir, probe, stat.S_IFCHR, 0)
+                _sys.unlink(workdir, probe)
+            except PermissionError:
+                prep.oci_whiteouts = True
         finally:
-            os.close(wfd)
-        probe = os.path.join(work_path, work_name().decode())
-        try:
-            os.mknod(probe, stat.S_IFCHR | 0o600, 0)
-            os.unlink(probe)
-        except PermissionError:
-            prep.oci_whiteouts = True
+            _sys.close(workdir.fd)
     except BaseException:
         undo_workdir(prep)
         raise
@@ -153,9 +149,11 @@ def prepare_workdir(prep):
 def undo_workdir(prep):
     if prep.created_workdir:
         try:
-            work = open_layer(-1, prep.workdir)
-            _sys.remove_tree(work, WORK_SUBDIR.encode())
-            os.close(work.fd)
+            workdir = open_layer(-1, prep.workdir)
+            try:
+                _sys.remove_tree(workdir, WORK_SUBDIR.encode())
+            finally:
+                _sys.close(workdir.fd)
             os.rmdir(prep.workdir)
         except OSError:
             pass

@@ -128,7 +128,7 @@ def make_whiteout(stack, path):
         dirpath, name = _sys.split(path)
         fd = _sys.open_file(stack.upper, _sys.join(dirpath, OCI_PREFIX + name),
                             os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-        os.close(fd)
+        _sys.close(fd)
         return
     _sys.mknod(stack.work, tmp, stat.S_IFCHR, 0)   # c--------- 0/0, as the kernel makes them
     try:
@@ -152,7 +152,7 @@ def move_leaving_whiteout(stack, path, dst_layer, dst_path):
 
 def set_opaque(stack, layer, path):
     if stack.oci_whiteouts_in_upper:
-        os.close(_sys.open_file(layer, _sys.join(path, OCI_OPAQUE),
+        _sys.close(_sys.open_file(layer, _sys.join(path, OCI_OPAQUE),
                                 os.O_CREAT | os.O_WRONLY, 0o600))
     else:
         _sys.setxattr(layer, path, stack.xattr_prefix + b"opaque", b"y")
