@@ -33,6 +33,7 @@ async def setattr(u, node, attr, fields, fh):
                           attr.st_gid if fields.update_gid else -1)
     atime = attr.st_atime_ns if fields.update_atime else None
     mtime = attr.st_mtime_ns if fields.update_mtime else None
+    node.xattr_names = None     # a chmod rewrites an ACL's mask
     handle = u.handles.get(fh) if fh else None
     fd = handle.fd if handle is not None and handle.upper else node.pinned_fd
     if node.unlinked or (fd is not None and size is not None):
@@ -65,8 +66,22 @@ def _check_name(u, name):
         raise OSError(errno.EOPNOTSUPP, "private xattr")
 
 
+def _names(u, node):
+    """The xattr names of the topmost copy. Kept on the node: most xattr requests (ls -l asks two
+    per entry) are for names an entry does not have, and only we change them."""
+    names = node.xattr_names
+    if names is None:
+        names = node.xattr_names = frozenset(_sys.listxattr(*_top(u, node))) or _NONE
+    return names
+
+
+_NONE = frozenset()
+
+
 def getxattr(u, node, name):
     _check_name(u, name)
+    if name not in _names(u, node):
+        raise OSError(pyfuse3.ENOATTR, "no such xattr")
     value = _sys.getxattr(*_top(u, node), name)
     if value is None:
         raise OSError(pyfuse3.ENOATTR, "no such xattr")
@@ -76,13 +91,14 @@ def getxattr(u, node, name):
 def listxattr(u, node):
     if not u.xattrs:
         raise OSError(errno.ENOSYS, "no xattrs (noxattrs)")
-    return [a for a in _sys.listxattr(*_top(u, node)) if not is_private_xattr(a)]
+    return [a for a in _names(u, node) if not is_private_xattr(a)]
 
 
 async def setxattr(u, node, name, value):
     u.require_writable()
     _check_name(u, name)
     await copy_up(u, node)
+    node.xattr_names = None
     _sys.setxattr(u.stack.upper, node.path(), name, value)
 
 
@@ -92,6 +108,7 @@ async def removexattr(u, node, name):
     if _sys.getxattr(*_top(u, node), name) is None:
         raise OSError(pyfuse3.ENOATTR, "no such xattr")
     await copy_up(u, node)
+    node.xattr_names = None
     _sys.removexattr(u.stack.upper, node.path(), name)
 
 

@@ -107,6 +107,7 @@ async def _build(u, node, data):
         _sys.remove_tree(work, tmp)
         raise
     node.upper = True
+    node.xattr_names = None
     u.table.add_key(node, _sys.lstat(stack.upper, node.path()))
     if not node.is_dir and st.st_nlink > 1:
         await _link_aliases(u, node, index, st)
