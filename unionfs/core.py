@@ -150,6 +150,8 @@ class Union:
             keys.append((found.lower_st.st_dev, found.lower_st.st_ino))
         node = self.table.new(parent, name, found.kind, found.upper, found.lowers, keys,
                               self._ino_for(parent, name, found))
+        if not found.upper and found.lowers[0][0] in self.stack.lower_indices:
+            node.lower_st = found.st
         return node
 
     def _ino_for(self, parent, name, found):
@@ -185,6 +187,8 @@ class Union:
             return _sys.fstat(node.pinned_fd)
         if node.upper:
             st = _sys.lstat(self.stack.upper, node.path())
+        elif node.lower_st is not None:
+            return node.lower_st
         else:
             index, path = node.lowers[0]
             st = _sys.lstat(self.stack.layer(index), path)

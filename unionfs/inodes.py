@@ -24,7 +24,7 @@ class Node:
     """One merged entry. ``upper``: it exists in the upper layer at ``path()``; ``lowers``:
     ((layer index, path), ...) of its lower copies, top-down (all merged dirs, or one non-dir)."""
     __slots__ = ("ino", "parent", "name", "kind", "upper", "lowers", "nlookup", "nopen",
-                 "nchild", "keys", "aliases", "pinned_fd", "xattr_names", "__weakref__")
+                 "nchild", "keys", "aliases", "pinned_fd", "xattr_names", "lower_st", "__weakref__")
 
     def __init__(self, ino, parent, name, kind, upper, lowers):
         self.ino = ino
@@ -41,6 +41,8 @@ class Node:
         self.pinned_fd = None    # O_PATH fd kept for an unlinked entry that is still open
         # names of the topmost copy's xattrs once read; None when unknown or changed since
         self.xattr_names = None
+        # lstat of the lower copy while there is no upper one: lower layers never change
+        self.lower_st = None
 
     @property
     def is_dir(self):
