@@ -144,14 +144,17 @@ class Daemon:
     """One unionmount process serving ``layers.mnt`` in the foreground (-f), so that its pid is
     the daemon's own. ``stop()`` unmounts and checks the exit; ``kill()`` is kill -9."""
 
-    def __init__(self, layers: Layers, impl: str = "cython", options=(), log_name="daemon.log"):
+    def __init__(self, layers: Layers, impl: str = "cython", options=(), log_name="daemon.log",
+                 env=None):
         self.layers = layers
         self.log = layers.root / log_name
         cmd = util.union_cmd(layers.lowers, layers.upper, layers.mnt, work=layers.work,
                              options=options)
+        full_env = util.union_env(impl)
+        full_env.update(env or {})
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                         env=util.union_env(impl), cwd=layers.root)
+                                         env=full_env, cwd=layers.root)
         try:
             util.wait_mounted(layers.mnt, self.proc, self.log)
         except BaseException:
