@@ -189,7 +189,15 @@ def run_crash_cycles(tmp_path, impl, cycles, max_run, seed):
                            for k in range(WORKERS)]
                 for w in workers:
                     w.start()
-                time.sleep(rng.uniform(0.01, max_run))
+                if cycle % 2:
+                    # Aimed: the moment something is being built in WORKDIR/work (a copy-up,
+                    # a whiteout, a new entry), then a little later or at once.
+                    deadline = time.monotonic() + max_run
+                    while not layers.work_leftovers and time.monotonic() < deadline:
+                        time.sleep(0.0005)
+                    time.sleep(rng.choice((0, 0, rng.uniform(0, 0.02))))
+                else:
+                    time.sleep(rng.uniform(0.01, max_run))
                 d.kill()
                 if layers.work_leftovers:
                     stats["during_copy_up"] += 1
