@@ -21,7 +21,10 @@ BIG = ("big0", "big1", "big2")          # in the top lower: each copy-up moves m
 SMALL = ("s0", "s1", "s2", "s3")        # some in both lowers, some in the bottom one only
 NEW = ("n0", "n1", "n2")                # names that only the run creates
 TMP = "t.tmp"                           # the writer's own temporary, renamed over a name
-UNIVERSE = frozenset(BIG + SMALL + NEW)
+DIRS = ("dA", "dB")                     # one lower directory, moved between these two names
+DIR_FILES = {"x": 5000, "y": 100}
+FILE_NAMES = frozenset(BIG + SMALL + NEW)
+UNIVERSE = FILE_NAMES | frozenset(DIRS)
 
 
 def _lower_idents(k):
@@ -43,6 +46,10 @@ def _build_lowers(layers):
             ru.write_file(layers.lowers[layer] / f"w{k}" / name, ident, size)
         for name in SMALL[:2]:
             ru.write_file(layers.lowers[1] / f"w{k}" / name, f"w{k}-hidden-{name}", 100)
+        # The directory, merged from both lowers; moving it needs a redirect.
+        for layer, (name, size) in zip(layers.lowers, DIR_FILES.items()):
+            (layer / f"w{k}" / DIRS[0]).mkdir()
+            ru.write_file(layer / f"w{k}" / DIRS[0] / name, f"w{k}-{name}", size)
 
 
 class Worker(threading.Thread):
@@ -85,12 +92,12 @@ class Worker(threading.Thread):
 
     def step(self):
         rng, st = self.rng, self.state
-        present = [n for n in sorted(UNIVERSE) if st[n] is not None]
+        present = [n for n in sorted(FILE_NAMES) if st[n] is not None]
         op = rng.choice(("touch", "touch", "openrw", "rewrite", "rewrite", "rename", "unlink",
-                         "read"))
-        if not present:
+                         "read", "movedir"))
+        if not present and op != "movedir":
             op = "rewrite"
-        name = rng.choice(present) if present else rng.choice(sorted(UNIVERSE))
+        name = rng.choice(present) if present else rng.choice(sorted(FILE_NAMES))
         path = self.dir / name
         if op == "touch":                     # setattr: a full copy-up of a lower file
             os.utime(path)
@@ -102,8 +109,13 @@ class Worker(threading.Thread):
         elif op == "read":
             if ru.identify(path.read_bytes()) != st[name]:
                 raise ru.Corrupt(f"{name}: read another version than {st[name]}")
+        elif op == "movedir":
+            src = next(n for n in DIRS if st[n] is not None)
+            dst = DIRS[1 - DIRS.index(src)]
+            self._change({src: "DIR", dst: None}, {src: None, dst: "DIR"},
+                         lambda: os.rename(self.dir / src, self.dir / dst))
         elif op == "rewrite":                 # write a temporary, rename it over the name
-            target = rng.choice(sorted(UNIVERSE))
+            target = rng.choice(sorted(FILE_NAMES))
             self.counter += 1
             ident = f"w{self.k}-v{self.counter}-{target}"
             size = rng.choice((100, 5000, 70000, 3 << 20))
@@ -111,7 +123,7 @@ class Worker(threading.Thread):
             self._change({target: st[target]}, {target: ident},
                          lambda: os.rename(self.dir / TMP, self.dir / target))
         elif op == "rename":
-            target = rng.choice(sorted(UNIVERSE - {name}))
+            target = rng.choice(sorted(FILE_NAMES - {name}))
             self._change({name: st[name], target: st[target]}, {name: None, target: st[name]},
                          lambda: os.rename(path, self.dir / target))
         elif op == "unlink":
@@ -128,6 +140,13 @@ def _observe(mnt, k):
     for n in UNIVERSE:
         if n not in names:
             out[n] = None
+            continue
+        if n in DIRS:
+            inside = sorted(os.listdir(d / n))
+            assert inside == sorted(DIR_FILES), f"w{k}/{n} holds {inside} after the crash"
+            for f in inside:
+                assert ru.identify((d / n / f).read_bytes()) == f"w{k}-{f}"
+            out[n] = "DIR"
             continue
         try:
             out[n] = ru.identify((d / n).read_bytes())
@@ -183,6 +202,7 @@ def run_crash_cycles(tmp_path, impl, cycles, max_run, seed):
         states = [{n: None for n in UNIVERSE} for _ in range(WORKERS)]
         for k in range(WORKERS):
             states[k].update({n: v[1] for n, v in _lower_idents(k).items()})
+            states[k][DIRS[0]] = "DIR"
         with ru.daemon(layers, impl) as d:
             held = os.open(layers.mnt / "w0" / "s2", os.O_RDONLY)
             held_dir = os.open(layers.mnt / "w1", os.O_RDONLY | os.O_DIRECTORY)
