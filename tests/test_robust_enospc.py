@@ -5,6 +5,7 @@ lower intact; once space is freed the same operations succeed."""
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 
 import pytest
@@ -100,6 +101,14 @@ def test_full_upper(tmp_path, impl, no_mounts_left):
                 cases.expect_enospc("append to an upper file", f.write, b"x" * (4 * MiB))
             assert (m / "small").read_bytes()[:4096] == ru.content("small", 4096)
 
+            # A shared mapping written into a hole: the write-back fails, and msync says so.
+            with open(m / "small", "r+b") as f:
+                f.truncate(2 * MiB)
+                with mmap.mmap(f.fileno(), 2 * MiB) as mp:
+                    mp[MiB:] = b"m" * MiB
+                    cases.expect_enospc("write-back of a shared mapping (msync)", mp.flush)
+                f.truncate(4096)
+
             # The mount still answers everything that needs no space.
             assert sorted(os.listdir(m)) == ["big", "filler", "mid", "small"]
             assert ru.identify((m / "small").read_bytes()[:4096]) == "small"
@@ -131,10 +140,15 @@ def test_no_inodes_left(tmp_path, impl, no_mounts_left):
         layers = ru.make_layers(tmp_path / "u", nlowers=1, upper_fs=fs)
         lo = layers.lowers[0]
         ru.write_file(lo / "a", "a", 100)
+        ru.write_file(lo / "c", "c", 100)
+        ru.write_file(lo / "e", "e", 100)
         (lo / "d").mkdir()
         ru.write_file(lo / "d" / "b", "b", 100)
         m = layers.mnt
         with ru.daemon(layers, impl) as d:
+            # Upper copies with a lower beneath: moving or removing them needs a whiteout.
+            os.chmod(m / "c", 0o600)
+            os.chmod(m / "e", 0o600)
             n = 0
             with pytest.raises(OSError) as info:
                 while True:
@@ -148,6 +162,12 @@ def test_no_inodes_left(tmp_path, impl, no_mounts_left):
             cases.expect_enospc("copy-up of a directory", os.unlink, m / "d" / "b")
             cases.expect_enospc("copy-up of a file", os.chmod, m / "a", 0o600)
             cases.expect_enospc("symlink", os.symlink, "a", m / "sl")
+            cases.expect_enospc("rename of an upper copy (whiteout left)", os.rename, m / "c",
+                                m / "c2")
+            cases.expect_enospc("unlink of an upper copy (whiteout left)", os.unlink, m / "e")
+            assert ru.identify((m / "c").read_bytes()) == "c"
+            assert ru.identify((m / "e").read_bytes()) == "e"
+            assert not os.path.exists(m / "c2")
             assert sorted(os.listdir(m)) == before
             assert ru.identify((m / "a").read_bytes()) == "a"
             assert ru.identify((m / "d" / "b").read_bytes()) == "b"
