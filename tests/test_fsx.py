@@ -224,12 +224,8 @@ def _drop_page_cache():
         f.write("1")
 
 
-# Known bug (reported): a handle opened on the lower copy switches to the upper copy at its next
-# read only while the entry still has a name; once unlinked it reads the lower file forever, and
-# the stale pages it brings in are then what every other handle reads too. The kernel's overlayfs
-# reads the upper copy. Strict: once fixed this xpasses and fails, and the mark goes.
-@pytest.mark.xfail(strict=True, reason="bug: after copy-up and unlink, a handle opened on the "
-                   "lower copy reads stale lower data (and poisons the page cache)")
+# A handle opened on the lower copy reads the upper copy once the entry is copied up, also after
+# its last name is gone (as the kernel's overlayfs does), and no stale lower page is cached.
 def test_handle_opened_on_lower_reads_upper_after_unlink(tmp_path, impl, no_mounts_left):
     layers = ru.make_layers(tmp_path / "stale", nlowers=1)
     (layers.lowers[0] / "f").write_bytes(b"old")

@@ -274,12 +274,8 @@ def test_kill_9_at_random_moments(tmp_path, impl, no_mounts_left):
     ru.figure(f"crash[{impl}] what open mounts saw", stats["errnos"])
 
 
-# Known bug (reported): renaming a directory over a merged-empty one first deletes the
-# whiteouts in the target's upper copy, one by one, then renames; killed in between, the lower
-# entries those whiteouts hid are back. The kernel swaps in an opaque empty directory built in
-# the workdir (one step). Strict: once fixed this xpasses and fails, and the mark goes.
-@pytest.mark.xfail(strict=True, reason="bug: rename over a merged-empty directory is not atomic "
-                   "across a crash (deleted lower entries come back)")
+# Renaming a directory over a merged-empty one first swaps in an empty opaque directory built in
+# the workdir (one step), as the kernel does: killed at any point, the deleted entries stay deleted.
 def test_kill_while_a_directory_replaces_a_merged_empty_one(tmp_path, no_mounts_left):
     n = 30000
     layers = ru.make_layers(tmp_path / "clear", nlowers=1)

@@ -144,16 +144,7 @@ def _drop_kernel_caches():
         f.write("2")
 
 
-# Known bug (reported): forget has no reply, so pyfuse3 runs it unguarded; the FUSEError that
-# the handler boundary turns the exception into ends the session loop, and the daemon exits
-# and unmounts. Strict: once fixed this xpasses and fails, and the mark goes.
-FORGET_KILLS_DAEMON = pytest.mark.xfail(
-    strict=True, reason="bug: an exception in forget ends the daemon (FUSEError raised from a "
-    "request without reply ends pyfuse3's session loop)")
-
-
-@pytest.mark.parametrize("handler", ["release", "releasedir",
-                                     pytest.param("forget", marks=FORGET_KILLS_DAEMON)])
+@pytest.mark.parametrize("handler", ["release", "releasedir", "forget"])
 def test_fault_in_a_request_without_reply(tmp_path, impl, no_mounts_left, handler):
     """Requests whose answer the kernel ignores (release, releasedir, forget): the process sees
     nothing, the error is logged once, the daemon keeps serving and unmounts cleanly."""

@@ -458,6 +458,11 @@ def fstat(fd):
     return os.fstat(fd)
 
 
+def reopen(fd, flags):
+    """A new open file of what an O_PATH fd names, which may have no name left."""
+    return os.open(fd_path(fd), flags | os.O_CLOEXEC)
+
+
 def multiply_linked(layer):
     """{st_ino: [path, ...]} of the non-directories with more than one link in a layer.
     Runs in a worker thread: uses no cached fd."""

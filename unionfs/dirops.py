@@ -195,6 +195,20 @@ async def rmdir(u, parent, name):
     _forget_name(u, node, parent, name, found)
 
 
+def _swap_in_empty_opaque(stack, path, st):
+    """A merged-empty directory's upper copy still holds whiteouts, and a rename can only replace
+    an empty one. Exchange it, in one step, for an empty opaque directory built in the work
+    directory, then remove the old one: a crash at any point leaves the deleted entries deleted."""
+    tmp = work_name()
+    _sys.mkdir(stack.work, tmp, stat.S_IMODE(st.st_mode))
+    try:
+        _sys.chown(stack.work, tmp, st.st_uid, st.st_gid)
+        set_opaque(stack, stack.work, tmp)
+        _sys.rename(stack.work, tmp, stack.upper, path, _sys.RENAME_EXCHANGE)
+    finally:
+        _sys.remove_tree(stack.work, tmp)
+
+
 def _mark_moved_dir(u, node, new_parent, new_name, new_path):
     """Before a directory moves: its lower contents follow through a redirect (redirect_dir=on);
     a directory with no lower contents must not merge with what lies below its new name."""
@@ -251,10 +265,8 @@ async def rename(u, p_old, n_old, p_new, n_new, flags):
         return
     src_whiteout = lower_entry_exists(stack, p_old.lowers, n_old)
     upper_dst = _sys.lstat(stack.upper, new_path)
-    if dst is not None and dst.is_dir and dst_found.upper:
-        # Merged-empty, but its upper copy may still hold whiteouts: clear them first.
-        for child, _ in _sys.scandir(stack.upper, new_path):
-            _sys.remove_tree(stack.upper, _sys.join(new_path, child))
+    if dst is not None and dst.is_dir and dst_found.upper and _sys.scandir(stack.upper, new_path):
+        _swap_in_empty_opaque(stack, new_path, dst_found.st)
     if dst is not None:
         u.table.pin(stack, dst)
     if _is_upper_whiteout(u, upper_dst) and src.is_dir:

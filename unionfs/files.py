@@ -54,11 +54,19 @@ def adopt(u, fd, node, upper, flags):
 
 def read(u, fh, off, size):
     h = u.handle(fh)
-    if not h.upper and h.node.upper and not h.node.unlinked:
-        # Copied up since it was opened: read what writers see from now on.
-        fd, _ = _open_top(u, h.node, os.O_RDONLY)
-        _sys.close(h.fd)
-        h.fd, h.upper = fd, True
+    if not h.upper and h.node.upper:
+        # Copied up since it was opened: read what writers see from now on, by name or, once it
+        # has none, through the fd kept when its last name went.
+        node = h.node
+        if not node.unlinked:
+            fd, _ = _open_top(u, node, os.O_RDONLY)
+        elif node.pinned_fd is not None:
+            fd = _sys.reopen(node.pinned_fd, os.O_RDONLY)
+        else:
+            fd = None
+        if fd is not None:
+            _sys.close(h.fd)
+            h.fd, h.upper = fd, True
     return _sys.pread(h.fd, size, off)
 
 

@@ -46,6 +46,25 @@ def _handler(fn):
     return wrapper
 
 
+def _no_reply(fn):
+    """For requests the kernel expects no answer to (forget): an error cannot be returned, and
+    one raised would end pyfuse3's session loop; it is logged once and the mount goes on."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        if self.debug:
+            log.debug("%s%r", name, args)
+        try:
+            if _fault and name in _fault:
+                _fault.discard(name)
+                raise RuntimeError(f"fault injected into {name}")
+            await fn(self, *args)
+        except Exception:
+            log.exception("internal error in %s%r", name, args)
+    return wrapper
+
+
 def _is_ctx(obj):
     return isinstance(obj, pyfuse3.RequestContext)
 
@@ -73,7 +92,7 @@ class Operations(pyfuse3.Operations):
             return neg
         return u.entry(node, st)
 
-    @_handler
+    @_no_reply
     async def forget(self, inode_list):
         for ino, n in inode_list:
             self.u.table.forget(ino, n)
