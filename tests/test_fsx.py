@@ -9,8 +9,6 @@ import mmap
 import os
 import random
 
-import pytest
-
 import robust_util as ru
 
 MAXLEN = 512 * 1024

@@ -17,7 +17,6 @@ import time
 import traceback
 
 import pytest
-
 import robust_util as ru
 import util
 
@@ -167,7 +166,8 @@ def test_processes_in_the_same_directories(tmp_path, impl, kernel_overlay, no_mo
         for dirpath, _, names in os.walk(layers.mnt / "shared"):
             for name in names:
                 if name.startswith("f") or name == "inside":
-                    ru.identify(open(os.path.join(dirpath, name), "rb").read())
+                    with open(os.path.join(dirpath, name), "rb") as f:
+                        ru.identify(f.read())
         snap = util.snapshot(layers.mnt)
         util.assert_no_private(snap, "after the concurrent run")
         # Every file handle is closed now: the daemon holds no more fds than its directory cache
@@ -213,8 +213,8 @@ def test_mapping_before_copy_up_keeps_its_data(tmp_path, impl, no_mounts_left):
                                              mmap.PROT_READ) as m:
             assert m[:size] == old
             # Another process copies it up and changes its first bytes.
-            subprocess.run([ru.python(), "-c", f"f = open({str(path)!r}, 'r+b'); "
-                            "f.write(b'NEWDATA!'); f.close()"], check=True)
+            writer = f"f = open({str(path)!r}, 'r+b'); f.write(b'NEWDATA!'); f.close()"
+            subprocess.run([ru.python(), "-c", writer], check=True)
             assert ru.identify(layers.lowers[0].joinpath("big").read_bytes()) == "big"
             assert (layers.upper / "big").read_bytes()[:8] == b"NEWDATA!"
             # The mapping still reads: the rest as before, the changed bytes old or new; also

@@ -12,8 +12,6 @@ import stat
 import threading
 import time
 
-import pytest
-
 import robust_util as ru
 
 WORKERS = 3

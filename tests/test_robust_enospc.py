@@ -9,7 +9,6 @@ import mmap
 import os
 
 import pytest
-
 import robust_util as ru
 
 MiB = 1 << 20
@@ -31,19 +30,13 @@ class Cases:
 def _fill(path, chunk=MiB):
     """Write through the mount until the writer gets ENOSPC; that error must reach it, at a write
     or at the close."""
-    err = None
-    f = open(path, "wb", buffering=0)
     try:
-        while True:
-            f.write(b"\xa5" * chunk)
+        with open(path, "wb", buffering=0) as f:
+            while True:
+                f.write(b"\xa5" * chunk)
     except OSError as e:
-        err = e
-    finally:
-        try:
-            f.close()
-        except OSError as e:
-            err = err or e
-    return err
+        return e
+    return None
 
 
 def _assert_lower_shows(layers, name, ident, size):
@@ -51,7 +44,8 @@ def _assert_lower_shows(layers, name, ident, size):
     assert os.stat(m / name).st_size == size, f"{name}: a copy of another size is visible"
     assert ru.identify((m / name).read_bytes()) == ident
     assert not os.path.lexists(layers.upper / name), f"{name}: a failed copy-up left an upper file"
-    assert layers.work_leftovers == [], f"WORKDIR/work after a failed copy-up: {layers.work_leftovers}"
+    assert layers.work_leftovers == [], \
+        f"WORKDIR/work after a failed copy-up: {layers.work_leftovers}"
     assert ru.identify((layers.lowers[0] / name).read_bytes()) == ident, "the lower changed"
 
 

@@ -11,7 +11,6 @@ import os
 import time
 
 import pytest
-
 import robust_util as ru
 
 

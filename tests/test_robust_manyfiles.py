@@ -112,7 +112,8 @@ def test_memory_bounded_walking_a_large_tree(tmp_path, impl, no_mounts_left):
         assert d.stop() == 0, d.log_text()[-3000:]
     grew = rss[-1] - rss[0]
     ru.figure(f"manyfiles[{impl}] walk of {files} files in {parts} parts",
-              f"{took:.1f}s; daemon VmRSS before {base // KiB} MiB, VmHWM {final['VmHWM'] // KiB} MiB, VmRSS after each part "
+              f"{took:.1f}s; daemon VmRSS before {base // KiB} MiB, "
+              f"VmHWM {final['VmHWM'] // KiB} MiB, VmRSS after each part "
               f"{[r // KiB for r in rss]} MiB; open fds after each part {fds}")
     # Each part holds 1/parts of the tree; without forget the last part would carry them all.
     one_part = max(rss[0] - base, 4 * KiB)
