@@ -10,6 +10,8 @@ import errno
 import os
 import stat
 
+import trio
+
 from . import _fast, _sys
 from .copyup import copy_up
 from .lookup import Found, lower_entry_exists
@@ -141,7 +143,19 @@ def _lookup_existing(u, parent, name):
     return found, u.node_for(parent, name, found)
 
 
-def _remove_upper(u, path, whiteout):
+async def _discard(stack, tmp):
+    """Remove what was moved to the work directory, out of view. A directory (it may hold
+    thousands of whiteouts) is removed in a worker thread, so other requests go on meanwhile."""
+    st = _sys.lstat(stack.work, tmp)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        await trio.to_thread.run_sync(_sys.remove_tree, stack.work, tmp)
+    else:
+        _sys.unlink(stack.work, tmp)
+
+
+async def _remove_upper(u, path, whiteout):
     """Take the upper entry at path away, leaving a whiteout there if ``whiteout``."""
     stack = u.stack
     tmp = work_name()
@@ -149,7 +163,7 @@ def _remove_upper(u, path, whiteout):
         move_leaving_whiteout(stack, path, stack.work, tmp)
     else:
         _sys.rename(stack.upper, path, stack.work, tmp)
-    _sys.remove_tree(stack.work, tmp)
+    await _discard(stack, tmp)
 
 
 def _forget_name(u, node, parent, name, found):
@@ -170,7 +184,7 @@ async def unlink(u, parent, name):
     u.table.pin(u.stack, node)
     if found.upper:
         if whiteout:
-            _remove_upper(u, path, True)
+            await _remove_upper(u, path, True)
         else:
             _sys.unlink(u.stack.upper, path)
     else:
@@ -189,24 +203,22 @@ async def rmdir(u, parent, name):
     await copy_up(u, parent)
     path = _sys.join(parent.path(), name)
     if found.upper:
-        _remove_upper(u, path, whiteout)
+        await _remove_upper(u, path, whiteout)
     else:
         make_whiteout(u.stack, path)
     _forget_name(u, node, parent, name, found)
 
 
-def _swap_in_empty_opaque(stack, path, st):
+def _swap_in_empty_opaque(stack, path, st, tmp):
     """A merged-empty directory's upper copy still holds whiteouts, and a rename can only replace
     an empty one. Exchange it, in one step, for an empty opaque directory built in the work
-    directory, then remove the old one: a crash at any point leaves the deleted entries deleted."""
-    tmp = work_name()
+    directory: a crash at any point leaves the deleted entries deleted. What ends up at ``tmp`` in
+    the work directory (the old copy, or the new one if the swap failed) is the caller's to
+    discard."""
     _sys.mkdir(stack.work, tmp, stat.S_IMODE(st.st_mode))
-    try:
-        _sys.chown(stack.work, tmp, st.st_uid, st.st_gid)
-        set_opaque(stack, stack.work, tmp)
-        _sys.rename(stack.work, tmp, stack.upper, path, _sys.RENAME_EXCHANGE)
-    finally:
-        _sys.remove_tree(stack.work, tmp)
+    _sys.chown(stack.work, tmp, st.st_uid, st.st_gid)
+    set_opaque(stack, stack.work, tmp)
+    _sys.rename(stack.work, tmp, stack.upper, path, _sys.RENAME_EXCHANGE)
 
 
 def _mark_moved_dir(u, node, new_parent, new_name, new_path):
@@ -265,20 +277,28 @@ async def rename(u, p_old, n_old, p_new, n_new, flags):
         return
     src_whiteout = lower_entry_exists(stack, p_old.lowers, n_old)
     upper_dst = _sys.lstat(stack.upper, new_path)
+    trash = None
     if dst is not None and dst.is_dir and dst_found.upper and _sys.scandir(stack.upper, new_path):
-        _swap_in_empty_opaque(stack, new_path, dst_found.st)
-    if dst is not None:
-        u.table.pin(stack, dst)
-    if _is_upper_whiteout(u, upper_dst) and src.is_dir:
-        # A directory cannot replace a device node: swap them, the whiteout lands at the old name.
-        _sys.rename(stack.upper, old_path, stack.upper, new_path, _sys.RENAME_EXCHANGE)
-        if not src_whiteout:
-            _sys.unlink(stack.upper, old_path)
-    elif src_whiteout:
-        move_leaving_whiteout(stack, old_path, stack.upper, new_path)
-    else:
-        _sys.rename(stack.upper, old_path, stack.upper, new_path)
-    remove_oci_whiteout(stack, new_path)
-    if dst is not None:
-        _forget_name(u, dst, p_new, n_new, dst_found)
-    u.table.move(src, p_old, n_old, p_new, n_new)
+        trash = work_name()
+    try:
+        if trash is not None:
+            _swap_in_empty_opaque(stack, new_path, dst_found.st, trash)
+        if dst is not None:
+            u.table.pin(stack, dst)
+        if _is_upper_whiteout(u, upper_dst) and src.is_dir:
+            # A directory cannot replace a device node: swap them; the whiteout lands at the old
+            # name.
+            _sys.rename(stack.upper, old_path, stack.upper, new_path, _sys.RENAME_EXCHANGE)
+            if not src_whiteout:
+                _sys.unlink(stack.upper, old_path)
+        elif src_whiteout:
+            move_leaving_whiteout(stack, old_path, stack.upper, new_path)
+        else:
+            _sys.rename(stack.upper, old_path, stack.upper, new_path)
+        remove_oci_whiteout(stack, new_path)
+        if dst is not None:
+            _forget_name(u, dst, p_new, n_new, dst_found)
+        u.table.move(src, p_old, n_old, p_new, n_new)
+    finally:
+        if trash is not None:
+            await _discard(stack, trash)
