@@ -28,13 +28,14 @@ class MountOptions:
     unknown: tuple[str, ...] = field(default=())
 
 
-def split_escaped(text, sep):
-    """Split on ``sep`` except where it is escaped with a backslash; drop the escapes."""
+def split_escaped(text, sep, keep_escapes=False):
+    """Split on ``sep`` except where it is escaped with a backslash; drop the escapes unless
+    ``keep_escapes`` (for a value that another parser splits again)."""
     parts, cur, i = [], [], 0
     while i < len(text):
         c = text[i]
         if c == "\\" and i + 1 < len(text):
-            cur.append(text[i + 1])
+            cur.append(text[i:i + 2] if keep_escapes else text[i + 1])
             i += 2
             continue
         if c == sep:
@@ -60,21 +61,7 @@ def split_options(text):
     Only the separating commas are split: a value keeps ``\\,`` and ``\\:`` escapes for its own
     parser (lowerdir), other values have them removed by it.
     """
-    items = []
-    cur, i = [], 0
-    while i < len(text):
-        c = text[i]
-        if c == "\\" and i + 1 < len(text):
-            cur.append(text[i:i + 2])
-            i += 2
-            continue
-        if c == ",":
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    items.append("".join(cur))
+    items = split_escaped(text, ",", keep_escapes=True)
     out = []
     for item in items:
         if not item:
