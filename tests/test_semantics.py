@@ -215,6 +215,22 @@ def test_copy_up_keeps_times_and_xattrs_of_parents(pair):
     assert snap.entries["p/q"]["uid"] == 12 and snap.entries["p/q"]["mtime"] == util.FIXED_NS
 
 
+def test_changes_to_the_root_directory_itself(pair):
+    """Container runtimes chown and chmod the mountpoint of every container they mount."""
+    lowers = [{"f": File(b"f")}]
+
+    def scenario(m):
+        r = [attempt(os.chown, m, 12, 34), attempt(os.chmod, m, 0o750),
+             attempt(os.utime, m, ns=(T_ATIME, T_MTIME)),
+             attempt(os.setxattr, m, "user.root", b"r"), attempt(os.getxattr, m, "user.root")]
+        st = os.lstat(m)
+        return r + [(st.st_uid, st.st_gid), stat.filemode(st.st_mode), st.st_mtime_ns,
+                    sorted(os.listxattr(m)), attempt(os.removexattr, m, "user.root"), ls(m)]
+
+    results, _ = pair.run(scenario, lowers)
+    assert results[5:8] == [(12, 34), "drwxr-x---", T_MTIME]
+
+
 def test_sparse_file_stays_sparse_after_copy_up(pair):
     size = 256 << 20
     lowers = [{"sparse": Sparse(size, ((0, b"head"), (size - 4, b"tail")))}]

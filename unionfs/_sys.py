@@ -301,6 +301,11 @@ def removexattr(layer, path, attr):
 
 
 def chown(layer, path, uid, gid):
+    if not path:
+        # The layer's root has no parent to chown it from (containers-storage chowns the
+        # mountpoint of every container it mounts).
+        os.chown(fd_path(layer.fd), uid, gid)
+        return
     with ParentDir(layer, path) as (dfd, name):
         os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
 
