@@ -20,8 +20,10 @@ require_root() {
 system_packages() {
     local pc=pkgconf
     apt-cache show pkgconf >/dev/null 2>&1 || pc=pkg-config
+    # podman and runc: the storage-driver tests run the real client (runc named, or apt picks
+    # crun for podman's "crun | runc").
     echo fuse3 libfuse3-dev "$pc" busybox-static attr fuse-overlayfs gcc libc6-dev \
-         python3-dev python3-venv e2fsprogs dosfstools
+         python3-dev python3-venv e2fsprogs dosfstools podman runc
 }
 
 # With "always" (CI), updates and installs unconditionally; otherwise only when one is missing.
@@ -81,9 +83,20 @@ install_unionfs() {
     echo "unionfs installed; hot paths: $impl"
 }
 
+# mount(8) runs mount.fuse3 with a PATH of its own, which finds the program of a
+# `fuse.unionmount` mount (and of an fstab line) in /usr/local/bin: link the commands there.
+install_commands() {
+    local cmd
+    for cmd in unionmount unionrun unionfs; do
+        [ -x "$VENV/bin/$cmd" ] && ln -sfn "$VENV/bin/$cmd" "/usr/local/bin/$cmd"
+    done
+    echo "commands linked in /usr/local/bin: unionmount unionrun unionfs"
+}
+
 setup_all() {
     install_system_packages "$@"
     ensure_dev_fuse
     make_venv
     install_unionfs
+    install_commands
 }
