@@ -39,6 +39,9 @@ def _listener(addr, port):
         # As any server does: a port whose old connections linger in TIME_WAIT is free.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((addr, port))
+        # Listening at once: two sockets with SO_REUSEADDR may both bind a port until one
+        # of them listens.
+        s.listen(128)
         return s
     except BaseException:
         s.close()
@@ -403,8 +406,6 @@ def main(argv=None):
     except PortError as e:
         os.close(netns_fd)
         return fail(str(e))
-    for s in socks:
-        s.listen(128)
     # Listening now: fork so that the starter's child (which it waits for) exits at once and the
     # forwarder is nobody's child that must be reaped.
     if os.fork():
