@@ -54,14 +54,16 @@ class Container:
     """unshare'd namespaces, a chroot, busybox httpd on port 80 as pid 1, an echo server
     (nc -e cat) on 81; /data is a tmpfs of its own mount namespace only."""
 
-    def __init__(self, root, bounding=None):
+    def __init__(self, root, bounding=None, userns=False):
         self.root = root
         self.ready = os.path.join(root, "tmp/ready")
         # In the new mount namespace (private propagation: nothing reaches the host): a /dev
         # with a devpts of its own, a tmpfs on /data; then the chroot.
         setup = (f"set -e; R={root}; mount -t tmpfs -o size=1m tmpfs $R/dev; "
-                 "mkdir $R/dev/pts; mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts; "
-                 "ln -s pts/ptmx $R/dev/ptmx; mknod -m 666 $R/dev/null c 1 3; "
+                 "mkdir $R/dev/pts; "
+                 "mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts; "
+                 "ln -s pts/ptmx $R/dev/ptmx; "
+                 "touch $R/dev/null; mount --bind /dev/null $R/dev/null; "
                  "mount -t tmpfs -o size=1m tmpfs $R/data; hostname ctr; "
                  "exec " + ("setpriv --bounding-set " + bounding + " " if bounding else "")
                  + "chroot $R /bin/sh -c "
@@ -69,7 +71,8 @@ class Container:
                  "exec httpd -f -p 80 -h /www'")
         self.proc = subprocess.Popen(
             ["unshare", "--fork", "--pid", "--mount", "--uts", "--ipc", "--net",
-             f"--mount-proc={root}/proc", "sh", "-c", setup])
+             f"--mount-proc={root}/proc"] + (["--user", "--map-root-user"] if userns else [])
+            + ["sh", "-c", setup])
         deadline = time.monotonic() + 10
         self.pid = None
         while time.monotonic() < deadline:
@@ -338,6 +341,17 @@ def test_exec_sees_the_containers_processes_and_hostname(ctr):
     assert exec_in(ctr.pid, ["hostname"])[:2] == (0, "ctr\n")
 
 
+def test_exec_joins_every_namespace_of_the_container(ctr):
+    names = ("ipc", "mnt", "net", "pid", "uts", "cgroup", "user")
+    rc, out, _ = exec_in(ctr.pid, ["sh", "-c", f"for n in {' '.join(names)}; do "
+                                               "readlink /proc/self/ns/$n; done"])
+    assert rc == 0
+    assert out.split() == [os.readlink(f"/proc/{ctr.pid}/ns/{n}") for n in names]
+    # And they are not ours (cgroup and user are shared by this test container).
+    for n in ("ipc", "mnt", "net", "pid", "uts"):
+        assert os.readlink(f"/proc/{ctr.pid}/ns/{n}") != os.readlink(f"/proc/self/ns/{n}")
+
+
 def test_exec_sees_the_containers_filesystem(ctr, rootfs):
     # /data is a tmpfs of the container's mount namespace: a chroot alone would not see it.
     rc, _, _ = exec_in(ctr.pid, ["sh", "-c", "echo written > /data/f; echo t > /tmp/from-exec"])
@@ -394,6 +408,20 @@ def test_exec_never_gets_more_than_the_inits_bounding_set(rootfs):
         c.kill()
 
 
+def test_exec_into_a_container_with_a_user_namespace(rootfs):
+    c = Container(rootfs, userns=True)
+    try:
+        assert os.readlink(f"/proc/{c.pid}/ns/user") != os.readlink("/proc/self/ns/user")
+        names = ("user", "mnt", "pid", "net")
+        script = f"for n in {' '.join(names)}; do readlink /proc/self/ns/$n; done; id -u; hostname"
+        rc, out, err = exec_in(c.pid, ["sh", "-c", script])
+        assert rc == 0, err
+        assert out.split() == [os.readlink(f"/proc/{c.pid}/ns/{n}") for n in names] + ["0", "ctr"]
+        assert exec_in(c.pid, ["sh", "-c", "exit 7"])[0] == 7
+    finally:
+        c.kill()
+
+
 def test_exec_closes_fds_and_detaches_stdin(ctr):
     rc, out, _ = exec_in(ctr.pid, ["ls", "/proc/self/fd"])
     # 0 1 2 and the directory ls reads.
@@ -404,8 +432,8 @@ def test_exec_closes_fds_and_detaches_stdin(ctr):
 
 
 def test_exec_user_and_workdir(ctr):
-    rc, out, _ = exec_in(ctr.pid, ["sh", "-c", "id; pwd; echo $HOME; grep CapEff /proc/self/status"],
-                         user="user", workdir="/home/user")
+    script = "id; pwd; echo $HOME; grep CapEff /proc/self/status"
+    rc, out, _ = exec_in(ctr.pid, ["sh", "-c", script], user="user", workdir="/home/user")
     assert rc == 0
     ident, cwd, home, capeff = out.splitlines()
     assert ident.startswith("uid=1000(user) gid=1000(user)") and "2000(extra)" in ident

@@ -14,6 +14,7 @@ import struct
 import sys
 import termios
 import tty as _tty
+from dataclasses import dataclass
 
 from . import _libc as L
 from . import caps as _caps
@@ -35,6 +36,20 @@ class EnterError(Exception):
     """exec could not set the command up: one line for the user."""
 
 
+@dataclass(frozen=True)
+class _Command:
+    """What the command's process is set up with, decided before the first fork."""
+    argv: list
+    env: dict
+    workdir: str
+    user: str | None
+    slave_n: int | None     # the pty's number in the container's devpts, with -t
+    interactive: bool
+    mask: int               # capabilities
+    null: int               # an fd of /dev/null, stdin without -i
+    setgroups: bool         # whether the container's user namespace allows setgroups
+
+
 def _status_field(pid, name):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -51,8 +66,9 @@ def _cgroup_dirs(pid):
             left, _, right = line.partition(" - ")
             fields, rfields = left.split(), right.split()
             if rfields and rfields[0] in ("cgroup", "cgroup2"):
+                opts = set(rfields[2].split(",")) if len(rfields) > 2 else set()
                 mounts.append((fields[4].replace("\\040", " "), fields[3].replace("\\040", " "),
-                               rfields[0], set(rfields[2].split(",")) if len(rfields) > 2 else set()))
+                               rfields[0], opts))
     dirs = []
     with open(f"/proc/{pid}/cgroup") as f:
         for line in f:
@@ -115,14 +131,19 @@ def run_in(pid, argv, env, workdir="/", user=None, tty=False, interactive=False,
     master = slave_n = None
     if tty:
         master, slave_n = _open_pty(pid)
+    try:
+        with open(f"/proc/{pid}/setgroups") as f:
+            setgroups = f.read().strip() != "deny"
+    except FileNotFoundError:
+        setgroups = True
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    cmd = _Command(list(argv), env, workdir, user, slave_n, interactive, mask, null, setgroups)
     r, w = os.pipe()
     try:
         child = os.fork()
         if child == 0:
             os.close(r)
-            _middle(pid, start_time, argv, env, workdir, user, slave_n, interactive, mask,
-                    null, w)
+            _middle(pid, start_time, cmd, w)
         os.close(w)
         w = -1
         return _parent(child, r, master, interactive)
@@ -142,7 +163,7 @@ def _report(w, line):
         pass
 
 
-def _middle(pid, start_time, argv, env, workdir, user, slave_n, interactive, mask, null, w):
+def _middle(pid, start_time, cmd, w):
     """The forked child: joins everything, forks the command into the pid namespace, waits for
     it and exits with its status. Never returns."""
     code = SETUP_FAILED
@@ -152,11 +173,11 @@ def _middle(pid, start_time, argv, env, workdir, user, slave_n, interactive, mas
             signal.signal(sig, signal.SIG_IGN)
         _join(pid, start_time)
         # Only children enter the pid namespace.
-        cmd = os.fork()
-        if cmd == 0:
-            _command_child(argv, env, workdir, user, slave_n, interactive, mask, null, w)
-        _report(w, f"pid {cmd}")
-        code = _wait_status(cmd)
+        child = os.fork()
+        if child == 0:
+            _command_child(cmd, w)
+        _report(w, f"pid {child}")
+        code = _wait_status(child)
     except EnterError as e:
         _report(w, f"error {e}")
     except OSError as e:
@@ -214,10 +235,10 @@ def _wait_status(cmd):
     return os.WEXITSTATUS(status)
 
 
-def _command_child(argv, env, workdir, user, slave_n, interactive, mask, null, w):
+def _command_child(cmd, w):
     """The command's process, in the container's pid namespace. Never returns."""
     try:
-        _exec(argv, env, workdir, user, slave_n, interactive, mask, null, w)
+        _exec(cmd, w)
     except EnterError as e:
         _report(w, f"error {e}")
     except BaseException as e:
@@ -225,50 +246,57 @@ def _command_child(argv, env, workdir, user, slave_n, interactive, mask, null, w
     os._exit(SETUP_FAILED)
 
 
-def _exec(argv, env, workdir, user, slave_n, interactive, mask, null, w):
+def _exec(cmd, w):
     # Dispositions we (Python) set would survive exec as SIG_IGN.
     for sig in FORWARDED + (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
     # A session of its own: the pty below becomes its controlling terminal.
     os.setsid()
     try:
-        uid, gid, groups, home = rootfs.resolve_user(user)
+        uid, gid, groups, home = rootfs.resolve_user(cmd.user)
     except rootfs.RootfsError as e:
         raise EnterError(str(e)) from None
-    if slave_n is not None:
-        fd = os.open(f"/dev/pts/{slave_n}", os.O_RDWR)
+    if cmd.slave_n is not None:
+        fd = os.open(f"/dev/pts/{cmd.slave_n}", os.O_RDWR)
         fcntl.ioctl(fd, TIOCSCTTY, 0)
         os.fchown(fd, uid, -1)
         for i in (0, 1, 2):
             os.dup2(fd, i)
         os.close(fd)
-    elif not interactive:
-        os.dup2(null, 0)
+    elif not cmd.interactive:
+        os.dup2(cmd.null, 0)
     # Nothing of ours reaches the command but the three standard fds (and w, closed at exec).
     os.set_inheritable(w, False)
     os.closerange(3, w)
     os.closerange(w + 1, 1 << 20)
     # The bounding set needs CAP_SETPCAP, so it goes before the switch of user.
-    _caps.drop_bounding(mask)
-    os.setgroups(groups)
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
-    if uid == 0:
-        _caps.set_sets(mask)
+    _caps.drop_bounding(cmd.mask)
     try:
-        os.chdir(workdir)
+        # A user namespace may forbid setgroups (its setgroups file says "deny", as for one
+        # made by an unprivileged user); the groups we joined it with are then what we keep.
+        if cmd.setgroups:
+            os.setgroups(groups)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
     except OSError as e:
-        raise EnterError(f"exec -w {workdir}: {e.strerror}") from None
+        raise EnterError(f"exec: cannot switch to uid {uid} gid {gid}: {e.strerror}") from None
+    if uid == 0:
+        _caps.set_sets(cmd.mask)
+    try:
+        os.chdir(cmd.workdir)
+    except OSError as e:
+        raise EnterError(f"exec -w {cmd.workdir}: {e.strerror}") from None
+    env = dict(cmd.env)
     env.setdefault("HOME", home)
     # Never gain any more privileges during exec (setuid files, file capabilities).
     L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
     try:
-        os.execvpe(argv[0], argv, env)
+        os.execvpe(cmd.argv[0], cmd.argv, env)
     except (FileNotFoundError, NotADirectoryError):
-        _report(w, f"exec 127 exec: {argv[0]}: executable file not found")
+        _report(w, f"exec 127 exec: {cmd.argv[0]}: executable file not found")
         os._exit(127)
     except OSError as e:
-        _report(w, f"exec 126 exec: {argv[0]}: {e.strerror}")
+        _report(w, f"exec 126 exec: {cmd.argv[0]}: {e.strerror}")
         os._exit(126)
 
 
