@@ -533,3 +533,36 @@ def test_exec_tty(ctr):
         except (ProcessLookupError, ChildProcessError):
             pass
         os.close(fd)
+
+
+def test_exec_passes_signals_on_to_the_command(ctr):
+    import json
+    kw = dict(pid=ctr.pid, argv=["sh", "-c", "echo started; exec sleep 30"], env={"PATH": "/bin"})
+    p = subprocess.Popen([sys.executable, "-c", RUN, json.dumps(kw)], stdout=subprocess.PIPE,
+                         text=True, cwd=REPO)
+    try:
+        assert p.stdout.readline() == "started\n"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(10) == 128 + signal.SIGTERM
+        rc, out, _ = exec_in(ctr.pid, ["ps", "-o", "args"])
+        assert "sleep 30" not in out
+    finally:
+        p.kill()
+        p.wait()
+        p.stdout.close()
+
+
+def test_port_on_ipv6_loopback(ctr, tmp_path):
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            port = s.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    pid = ports.start([spec.Port("::1", port, 80)], ctr.pid, str(tmp_path / "log"))
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{port}/index.html", timeout=10) as r:
+            assert r.read() == b"hello from inside\n"
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        assert _wait_gone(pid, 5)
