@@ -118,7 +118,8 @@ def run_in(pid, argv, env, workdir="/", user=None, tty=False, interactive=False,
     or "K=V" strings; ``user`` is "UID[:GID]" or a name of the container's /etc/passwd.
     The command gets ``caps`` as far as the init's bounding set allows. With ``start_time`` the
     pid must still be that process. Raises EnterError when the command could not be set up.
-    Call it from a single-threaded process: it forks, and the fork joins the namespaces."""
+    Call it from the main thread (it sets signal handlers while it waits) of a single-threaded
+    process: it forks, and the fork joins the namespaces; the caller's own stay as they were."""
     if not argv:
         raise EnterError("exec: no command given")
     env = dict(env) if hasattr(env, "items") else dict(e.partition("=")[::2] for e in env)
@@ -128,14 +129,14 @@ def run_in(pid, argv, env, workdir="/", user=None, tty=False, interactive=False,
         mask = caps & int(_status_field(pid, "CapBnd"), 16)
     except OSError:
         raise EnterError(f"exec: container process {pid} is gone") from None
-    master = slave_n = None
-    if tty:
-        master, slave_n = _open_pty(pid)
     try:
         with open(f"/proc/{pid}/setgroups") as f:
             setgroups = f.read().strip() != "deny"
     except FileNotFoundError:
         setgroups = True
+    master = slave_n = None
+    if tty:
+        master, slave_n = _open_pty(pid)
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     cmd = _Command(list(argv), env, workdir, user, slave_n, interactive, mask, null, setgroups)
     r, w = os.pipe()
