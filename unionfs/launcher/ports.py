@@ -15,6 +15,7 @@ import sys
 import time
 
 from . import _libc as L
+from . import state
 
 READY_TIMEOUT = 30.0
 CHUNK = 65536
@@ -72,22 +73,9 @@ def check_free(ports):
         s.close()
 
 
-def proc_identity(pid):
-    """(state, start time) of ``pid`` from /proc/PID/stat, None when there is no such process.
-    The start time tells a recycled pid from the one we were given."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # The command name may hold spaces and parentheses: the fields start after the last ')'.
-    fields = data[data.rindex(b")") + 2:].split()
-    return fields[0].decode(), int(fields[19])
-
-
 def _alive(pid, start_time):
-    ident = proc_identity(pid)
-    return ident is not None and ident[1] == start_time and ident[0] not in ("Z", "X", "x")
+    # The start time tells a recycled pid from the one we were given; a zombie is gone too.
+    return state.start_time(pid) == start_time
 
 
 def start(ports, pid, log_path):
@@ -97,14 +85,14 @@ def start(ports, pid, log_path):
 
     The forwarder is a new session, not our child: it outlives us and is reaped by init (or our
     subreaper). It exits by itself when ``pid`` is gone, and on SIGTERM."""
-    ident = proc_identity(pid)
-    if ident is None:
+    start_time = state.start_time(pid)
+    if start_time is None:
         raise PortError(f"-p: container process {pid} is gone")
     pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
     argv = [sys.executable, "-m", "unionfs.launcher.ports", "--pid", str(pid),
-            "--start-time", str(ident[1]), "--log", log_path]
+            "--start-time", str(start_time), "--log", log_path]
     argv += [f"{_where(p.host_addr, p.host_port)}:{p.ctr_port}" for p in ports]
     r, w = os.pipe()
     try:
