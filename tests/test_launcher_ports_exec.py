@@ -7,6 +7,7 @@ import fcntl
 import os
 import pty
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -28,6 +29,7 @@ DEFAULT_CAPS = 0xa80425fb
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, setns)"),
     pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="needs busybox-static"),
+    pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)"),
 ]
 
 
