@@ -1,0 +1,318 @@
+"""The image store against real podman: import both archive formats, commit, export, hostile archives."""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+from unionfs.images import store as images
+
+PODMAN = shutil.which("podman")
+pytestmark = pytest.mark.skipif(PODMAN is None, reason="podman is not installed")
+BIN = os.path.dirname(sys.executable)
+RUN = ["--net=none", "--ulimit", "nproc=1000:1000", "--ulimit", "nofile=1000:1000"]
+
+
+class Podman:
+    def __init__(self, root):
+        self.base = [PODMAN, "--root", f"{root}/root", "--runroot", f"{root}/runroot", "--runtime", "runc",
+                     "--cgroup-manager=cgroupfs", "--events-backend=none", "--storage-driver", "vfs"]
+
+    def __call__(self, *args, **kw):
+        return subprocess.run(self.base + list(args), check=True, capture_output=True, **kw).stdout
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A busybox base image, a derived one that adds and deletes files, both saved in both formats."""
+    d = tmp_path_factory.mktemp("podman")
+    pm = Podman(d)
+    rootfs = d / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    shutil.copy("/bin/busybox", rootfs / "bin/busybox")
+    for c in ("sh", "ls", "cat", "rm", "mkdir", "echo", "ln", "chmod", "chown", "mknod"):
+        os.symlink("busybox", rootfs / "bin" / c)
+    (rootfs / "etc/sub/deep").mkdir(parents=True)
+    (rootfs / "etc/hello").write_text("hi\n")
+    (rootfs / "etc/sub/f").write_text("x\n")
+    (rootfs / "etc/sub/deep/g").write_text("g\n")
+    (rootfs / "data").mkdir()
+    (rootfs / "data/gone").write_text("bye\n")
+    (rootfs / "data/kept").write_text("kept\n")
+    os.chmod(rootfs / "data/kept", 0o640)
+    os.chown(rootfs / "data/kept", 1234, 5678)
+    os.link(rootfs / "data/kept", rootfs / "data/kept-link")
+    subprocess.run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(d / "base.tar"), "."], check=True)
+    pm("import", str(d / "base.tar"), "localhost/base:1")
+    pm("run", *RUN, "--name", "c1", "localhost/base:1", "sh", "-c",
+       "rm -r /etc/sub; rm /data/gone; echo new > /etc/new; chmod 600 /etc/new; chown 42:43 /etc/new;"
+       " mkdir -p /newdir/x; ln -s ../etc/hello /newdir/link; echo changed > /etc/hello")
+    pm("commit", "-q", "c1", "localhost/derived:1")
+    pm("rm", "c1")
+    for fmt in ("oci-archive", "docker-archive"):
+        pm("save", "--format", fmt, "-o", str(d / f"derived-{fmt}.tar"), "localhost/derived:1")
+    pm("save", "--format", "oci-archive", "-o", str(d / "base-oci.tar"), "localhost/base:1")
+    yield d, pm
+    subprocess.run(pm.base + ["rm", "-af"], capture_output=True)
+    subprocess.run(pm.base + ["rmi", "-af"], capture_output=True)
+
+
+def cli(store, *args):
+    return subprocess.run([f"{BIN}/unionfs", "--store", str(store), *args], capture_output=True, text=True)
+
+
+def tree_of_tar(data):
+    """path -> (type, mode, uid, gid, content digest or link target) for a tar's listing."""
+    out = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        members = {m.name.lstrip("./").rstrip("/"): m for m in tf}
+        for name, m in members.items():
+            if not name:
+                continue
+            if m.islnk():
+                m = members[m.linkname.lstrip("./")]
+            what = (hashlib.sha256(tf.extractfile(m).read()).hexdigest() if m.isreg()
+                    else m.linkname if m.issym() else "")
+            out[name] = (m.type if m.type != tarfile.AREGTYPE else tarfile.REGTYPE, m.mode & 0o7777, m.uid,
+                         m.gid, what)
+    return out
+
+
+def tree_of_dir(root):
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            rel = os.path.relpath(p, root)
+            if stat.S_ISREG(st.st_mode):
+                kind, what = tarfile.REGTYPE, hashlib.sha256(open(p, "rb").read()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                kind, what = tarfile.SYMTYPE, os.readlink(p)
+            elif stat.S_ISDIR(st.st_mode):
+                kind, what = tarfile.DIRTYPE, ""
+            else:
+                kind, what = "other", ""
+            out[rel] = (kind, st.st_mode & 0o7777, st.st_uid, st.st_gid, what)
+    return out
+
+
+class Mounted:
+    """The image's layers mounted read-only with unionmount."""
+
+    def __init__(self, layers, mnt):
+        self.mnt = mnt
+        os.makedirs(mnt, exist_ok=True)
+        subprocess.run([f"{BIN}/unionmount", ":".join(layers), str(mnt)], check=True, timeout=30)
+        deadline = time.monotonic() + 10
+        while not os.path.ismount(mnt):
+            assert time.monotonic() < deadline, "unionmount did not mount"
+            time.sleep(0.05)
+
+    def __enter__(self):
+        return self.mnt
+
+    def __exit__(self, *exc):
+        subprocess.run(["fusermount3", "-u", str(self.mnt)], check=True)
+
+
+# Files podman itself puts into every container's export and run-time layer.
+PODMAN_OWN = {"etc/hosts", "etc/hostname", "etc/resolv.conf", "etc/mtab", "run/.containerenv", "run", "proc",
+              "sys", "dev", "etc/passwd", "etc/group"}
+
+
+def podman_view(pm, image):
+    cid = pm("create", *RUN, image, "true").decode().strip()
+    try:
+        return tree_of_tar(pm("export", cid))
+    finally:
+        pm("rm", cid)
+
+
+def strip_own(tree):
+    return {k: v for k, v in tree.items() if k not in PODMAN_OWN and not k.startswith(("dev/", "proc/", "sys/"))}
+
+
+@pytest.mark.parametrize("fmt", ["oci-archive", "docker-archive"])
+def test_import_matches_podman(work, tmp_path, fmt):
+    d, pm = work
+    st = tmp_path / "store"
+    r = cli(st, "image", "import", str(d / f"derived-{fmt}.tar"), "--name", "derived")
+    assert r.returncode == 0, r.stderr
+    assert "imported derived: 2 layers" in r.stderr
+    img = images.open_store(str(st)).image("derived")
+    assert len(img.layers) == 2 and all(os.path.isabs(p) for p in img.layers)
+    # Whiteouts are on disk in overlayfs form.
+    top = img.layers[0]
+    assert stat.S_ISCHR(os.lstat(f"{top}/etc/sub").st_mode) and os.lstat(f"{top}/etc/sub").st_rdev == 0
+    assert stat.S_ISCHR(os.lstat(f"{top}/data/gone").st_mode)
+    with Mounted(img.layers, tmp_path / "mnt") as mnt:
+        ours = strip_own(tree_of_dir(mnt))
+    theirs = strip_own(podman_view(pm, "localhost/derived:1"))
+    assert ours == theirs
+    assert "etc/sub" not in ours and "data/gone" not in ours
+    assert ours["etc/new"][1:4] == (0o600, 42, 43)
+    assert ours["data/kept"][1:4] == (0o640, 1234, 5678)
+    assert os.stat(f"{img.layers[1]}/data/kept").st_ino == os.stat(f"{img.layers[1]}/data/kept-link").st_ino
+
+
+def test_images_share_base_layer(work, tmp_path):
+    d, _ = work
+    st = tmp_path / "store"
+    assert cli(st, "image", "import", str(d / "base-oci.tar"), "--name", "base").returncode == 0
+    r = cli(st, "image", "import", str(d / "derived-oci-archive.tar"), "--name", "derived")
+    assert "1 new, 1 shared" in r.stderr, r.stderr
+    s = images.open_store(str(st))
+    assert s.image("derived").layers[1] == s.image("base").layers[0]
+    assert len(os.listdir(st / "layers")) == 2
+    assert cli(st, "image", "rm", "base").returncode == 0
+    assert len(os.listdir(st / "layers")) == 2   # derived still needs the base layer
+    assert "base" not in cli(st, "image", "ls").stdout
+    assert cli(st, "image", "rm", "derived").returncode == 0
+    assert os.listdir(st / "layers") == []
+
+
+def test_commit_export_podman_load_run(work, tmp_path):
+    d, pm = work
+    st = tmp_path / "store"
+    assert cli(st, "image", "import", str(d / "derived-oci-archive.tar"), "--name", "derived").returncode == 0
+    s = images.open_store(str(st))
+    upper = tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc/committed").write_text("from unionfs\n")
+    os.mknod(upper / "etc/hello", stat.S_IFCHR, os.makedev(0, 0))     # a whiteout
+    (upper / "data").mkdir()
+    os.setxattr(upper / "data", "trusted.overlay.opaque", b"y")        # opaque: kept and kept-link hidden
+    (upper / "data/only").write_text("only\n")
+    img = s.commit(str(upper), "derived", "localhost/committed:1")
+    assert img.layers[1:] == s.image("derived").layers
+    r = cli(st, "image", "export", "localhost/committed:1", str(tmp_path / "out.tar"))
+    assert r.returncode == 0, r.stderr
+    pm("load", "-i", str(tmp_path / "out.tar"))
+    out = pm("run", "--rm", *RUN, "localhost/committed:1", "sh", "-c",
+             "cat /etc/committed /etc/new; ls /data; test -e /etc/hello || echo hello-gone").decode()
+    assert out == "from unionfs\nnew\nonly\nhello-gone\n"
+    with Mounted(img.layers, tmp_path / "mnt") as mnt:
+        ours = strip_own(tree_of_dir(mnt))
+    theirs = strip_own(podman_view(pm, "localhost/committed:1"))
+    assert ours == theirs
+    pm("rmi", "localhost/committed:1")
+
+
+def _layer_tar(entries):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for ti, data in entries:
+            tf.addfile(ti, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def _ti(name, kind=tarfile.REGTYPE, size=0, linkname=""):
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.size, ti.linkname = kind, size, linkname
+    return ti
+
+
+def _oci_archive(path, layer, diff_id=None, digest=None):
+    """A minimal OCI archive of one layer; digest/diff_id may be given wrong on purpose."""
+    real = "sha256:" + hashlib.sha256(layer).hexdigest()
+    cfg = json.dumps({"rootfs": {"type": "layers", "diff_ids": [diff_id or real]}, "config": {}}).encode()
+    cd = "sha256:" + hashlib.sha256(cfg).hexdigest()
+    man = json.dumps({"schemaVersion": 2, "config": {"digest": cd, "size": len(cfg)},
+                      "layers": [{"digest": digest or real, "size": len(layer)}]}).encode()
+    md = "sha256:" + hashlib.sha256(man).hexdigest()
+    idx = json.dumps({"schemaVersion": 2, "manifests": [{"digest": md, "size": len(man)}]}).encode()
+    with tarfile.open(path, "w") as tf:
+        for name, data in (("blobs/sha256/" + (digest or real)[7:], layer), ("blobs/sha256/" + cd[7:], cfg),
+                           ("blobs/sha256/" + md[7:], man), ("index.json", idx)):
+            tf.addfile(_ti(name, size=len(data)), io.BytesIO(data))
+
+
+HOSTILE = {
+    "dotdot": [(_ti("../escaped", size=1), b"x")],
+    "absolute": [(_ti("/escaped", size=1), b"x")],
+    "through-symlink": [(_ti("out", tarfile.SYMTYPE, linkname="{outside}"), None),
+                        (_ti("out/escaped", size=1), b"x")],
+    "hardlink-out": [(_ti("h", tarfile.LNKTYPE, linkname="../outside-file"), None)],
+    "hardlink-via-symlink": [(_ti("out", tarfile.SYMTYPE, linkname="{outside}"), None),
+                             (_ti("h", tarfile.LNKTYPE, linkname="out/victim"), None)],
+}
+
+
+def _one_error(r):
+    """Progress lines, then the error as one last line, and nothing like a traceback."""
+    lines = r.stderr.strip().splitlines()
+    return all(line.startswith("unionfs: ") for line in lines) and "Traceback" not in r.stderr
+
+
+def _store_is_clean(st):
+    assert os.listdir(st / "images") == [] and os.listdir(st / "layers") == []
+    assert os.listdir(st / "tmp") == []
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_layers_rejected(tmp_path, case):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("victim\n")
+    entries = []
+    for ti, data in HOSTILE[case]:
+        ti = _ti(ti.name, ti.type, ti.size, ti.linkname.format(outside=outside))
+        entries.append((ti, data))
+    _oci_archive(tmp_path / "bad.tar", _layer_tar(entries))
+    before = sorted(os.listdir(outside))
+    st = tmp_path / "store"
+    r = cli(st, "image", "import", str(tmp_path / "bad.tar"), "--name", "bad")
+    assert r.returncode != 0
+    assert _one_error(r), r.stderr
+    assert sorted(os.listdir(outside)) == before and (outside / "victim").read_text() == "victim\n"
+    assert not (tmp_path / "escaped").exists() and not os.path.exists("/escaped")
+    _store_is_clean(st)
+
+
+def test_digest_mismatch_and_truncation(work, tmp_path):
+    d, _ = work
+    layer = _layer_tar([(_ti("f", size=1), b"x")])
+    _oci_archive(tmp_path / "diffid.tar", layer, diff_id="sha256:" + "0" * 64)
+    st = tmp_path / "store"
+    r = cli(st, "image", "import", str(tmp_path / "diffid.tar"), "--name", "bad")
+    assert r.returncode != 0 and "diff_id mismatch" in r.stderr
+    _store_is_clean(st)
+    # A blob whose bytes were changed after the manifest was written.
+    good = (d / "derived-oci-archive.tar").read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(good)) as tf:
+        biggest = max(tf.getmembers(), key=lambda m: m.size)
+        off = biggest.offset_data + biggest.size // 2
+    corrupt = bytearray(good)
+    corrupt[off] ^= 0xFF
+    (tmp_path / "corrupt.tar").write_bytes(bytes(corrupt))
+    r = cli(st, "image", "import", str(tmp_path / "corrupt.tar"), "--name", "bad")
+    assert r.returncode != 0 and _one_error(r), r.stderr
+    _store_is_clean(st)
+    (tmp_path / "trunc.tar").write_bytes(good[: len(good) * 2 // 3])
+    r = cli(st, "image", "import", str(tmp_path / "trunc.tar"), "--name", "bad")
+    assert r.returncode != 0 and _one_error(r), r.stderr
+    _store_is_clean(st)
+
+
+def test_disk_full_leaves_store_consistent(work, tmp_path):
+    d, _ = work
+    st = tmp_path / "store"
+    st.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(st)], check=True)
+    try:
+        r = cli(st, "image", "import", str(d / "derived-oci-archive.tar"), "--name", "derived")
+        assert r.returncode != 0
+        assert _one_error(r) and "No space left" in r.stderr, r.stderr
+        _store_is_clean(st)
+        assert cli(st, "image", "ls").stdout == ""
+    finally:
+        subprocess.run(["umount", str(st)], check=True)
