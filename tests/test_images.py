@@ -316,3 +316,23 @@ def test_disk_full_leaves_store_consistent(work, tmp_path):
         assert cli(st, "image", "ls").stdout == ""
     finally:
         subprocess.run(["umount", str(st)], check=True)
+
+
+def test_whiteouts_apply_to_lower_layers_only(tmp_path):
+    """OCI layer.md: this layer's own entries survive its whiteouts, whichever comes first in the tar."""
+    d = _ti("d", tarfile.DIRTYPE)
+    layer = _layer_tar([(_ti("f", size=2), b"f\n"), (_ti(".wh.f"), b""),     # file, then its whiteout
+                        (_ti(".wh.g"), b""), (_ti("g", size=2), b"g\n"),     # whiteout, then the file
+                        (d, None), (_ti(".wh.d"), b""),                      # own dir: replaces the lower
+                        (_ti(".wh.e"), b""), (_ti("e", tarfile.DIRTYPE), None),
+                        (_ti(".wh.nowhere"), b"")])                          # in no lower layer: kept
+    _oci_archive(tmp_path / "l.tar", layer)
+    st = tmp_path / "store"
+    r = cli(st, "image", "import", str(tmp_path / "l.tar"), "--name", "l")
+    assert r.returncode == 0, r.stderr
+    top = images.open_store(str(st)).image("l").layers[0]
+    assert open(f"{top}/f").read() == "f\n" and open(f"{top}/g").read() == "g\n"
+    for name in ("d", "e"):
+        assert os.path.isdir(f"{top}/{name}") and os.getxattr(f"{top}/{name}", "trusted.overlay.opaque") == b"y"
+    st_n = os.lstat(f"{top}/nowhere")
+    assert stat.S_ISCHR(st_n.st_mode) and st_n.st_rdev == 0

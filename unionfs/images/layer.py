@@ -166,6 +166,14 @@ def zlib_error():
     return zlib.error
 
 
+def _set_opaque(dfd, name):
+    fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+    try:
+        os.setxattr(f"/proc/self/fd/{fd}", OPAQUE_XATTR, b"y")
+    finally:
+        os.close(fd)
+
+
 def _extract(tf, m, root_fd, dirs):
     parts = _split(m.name)
     if not parts:
@@ -177,19 +185,31 @@ def _extract(tf, m, root_fd, dirs):
             os.setxattr(f"/proc/self/fd/{dfd}", OPAQUE_XATTR, b"y")
             return
         if name.startswith(OCI_WH):
-            # A whiteout of a path in no lower layer is kept too: harmless, and podman writes such.
+            # OCI layer.md: a whiteout applies only to lower layers; what this layer itself holds under
+            # that name stays, before or after the marker. A whiteout of a path no lower layer has is
+            # accepted (the spec does not forbid it, and image builders write such): a harmless 0/0 node.
             target = name[len(OCI_WH):]
-            if target in ("", ".", ".."):
+            if target in ("", ".", "..") or "/" in target:
                 raise LayerError(f"bad whiteout name: {m.name!r}")
-            _remove(dfd, target)
-            os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dfd)
+            try:
+                st = os.stat(target, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dfd)
+                return
+            if stat.S_ISDIR(st.st_mode):
+                # This layer's own directory replaces the lower one: overlayfs says so with opaque.
+                _set_opaque(dfd, target)
             return
         if m.isdir():
             try:
                 st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                 if not stat.S_ISDIR(st.st_mode):
+                    was_whiteout = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
                     _remove(dfd, name)
                     os.mkdir(name, 0o700, dir_fd=dfd)
+                    if was_whiteout:
+                        # The earlier whiteout hid the lower entry: the new dir must not merge with it.
+                        _set_opaque(dfd, name)
             except FileNotFoundError:
                 os.mkdir(name, 0o700, dir_fd=dfd)
             _apply_meta(dfd, name, m)
