@@ -123,6 +123,7 @@ class Store:
             return diff_id.split(":")[1], False
         staged = tempfile.mkdtemp(dir=os.path.join(self.root, "tmp"))
         try:
+            os.chmod(staged, 0o755)   # mkdtemp's 0700 would keep other users out of the layer
             os.mkdir(os.path.join(staged, "diff"), 0o755)
             with opener() as blob:
                 got_digest, got_diff, size = layer.unpack(blob, os.path.join(staged, "diff"), digest, diff_id,
@@ -156,6 +157,7 @@ class Store:
                         added.append(hexid)
                 self._write_json(self._image_path(name), {"layers": hexids[::-1],
                                                           "config": _config_of(src.config)})
+                self._fsck()   # layers of an image this name replaced, if no other image needs them
             except BaseException:
                 self._forget_new(added)
                 raise
@@ -203,6 +205,11 @@ class Store:
 
     def export(self, name, path, progress=None):
         """Write image `name` as an OCI archive at `path` (staged next to it, renamed at the end)."""
+        # Under the lock: another process opening the store would clear tmp/ and our staging with it.
+        with self._locked():
+            return self._export(name, path, progress)
+
+    def _export(self, name, path, progress):
         img = self.image(name)
         staged = tempfile.mkdtemp(dir=os.path.join(self.root, "tmp"))
         try:
