@@ -9,6 +9,7 @@ import io
 import os
 import stat
 import tarfile
+import zlib
 
 OCI_WH = ".wh."
 OCI_OPQ = ".wh..wh..opq"
@@ -143,7 +144,7 @@ def unpack(blob, dest, expect_digest=None, expect_diff_id=None, progress=None):
                 pass
             while buffered.read(1 << 20):
                 pass
-        except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib_error()) as e:
+        except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as e:
             raise LayerError(f"corrupt or truncated layer: {e}") from None
         # Directory mtimes last: extracting their children changed them.
         for parts, m in reversed(dirs):
@@ -159,11 +160,6 @@ def unpack(blob, dest, expect_digest=None, expect_diff_id=None, progress=None):
     if expect_diff_id and untar.digest() != expect_diff_id:
         raise LayerError(f"layer diff_id mismatch: expected {expect_diff_id}, got {untar.digest()}")
     return raw.digest(), untar.digest(), raw.n
-
-
-def zlib_error():
-    import zlib
-    return zlib.error
 
 
 def _set_opaque(dfd, name):
