@@ -1,0 +1,1 @@
+"""unionrun: a small container launcher over the union of image layers."""

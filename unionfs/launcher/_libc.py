@@ -1,0 +1,136 @@
+"""The Linux calls the launcher needs that Python 3.11's os module lacks, through ctypes.
+
+Each wrapper raises OSError with the errno, like the os module does; nothing else lives here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import struct
+
+_libc = ctypes.CDLL(None, use_errno=True)
+# clone must not release the GIL around the call: the child starts with the interpreter state it
+# had, so the lock has to be held (as it is after os.fork) when both sides return into Python.
+_libc_gil = ctypes.PyDLL(None, use_errno=True)
+
+# Syscall numbers for the calls glibc has no wrapper for (or only a callback-style one).
+_NR = {
+    "x86_64": {"clone": 56, "pivot_root": 155, "capget": 125, "capset": 126, "openat2": 437},
+    "aarch64": {"clone": 220, "pivot_root": 41, "capget": 90, "capset": 91, "openat2": 437},
+}[platform.machine()]
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+SIGCHLD = 17
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MS_STRICTATIME = 1 << 24
+MNT_DETACH = 2
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
+PR_SET_CHILD_SUBREAPER = 36
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+O_PATH = 0o10000000
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+
+_libc.syscall.restype = ctypes.c_long
+_libc_gil.syscall.restype = ctypes.c_long
+
+
+def _check(ret, what=""):
+    if ret < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), what) if what else OSError(e, os.strerror(e))
+    return ret
+
+
+def _b(path):
+    return None if path is None else os.fsencode(path)
+
+
+def mount(source, target, fstype, flags=0, data=None):
+    _check(_libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
+           os.fsdecode(target))
+
+
+def umount2(target, flags=0):
+    _check(_libc.umount2(_b(target), flags), os.fsdecode(target))
+
+
+def pivot_root(new_root, put_old):
+    _check(_libc.syscall(_NR["pivot_root"], _b(new_root), _b(put_old)), os.fsdecode(new_root))
+
+
+def setns(fd, nstype=0):
+    _check(_libc.setns(fd, nstype))
+
+
+def clone(flags):
+    """fork(2) with namespace flags: 0 in the child, the child's pid (as we see it) in the parent.
+    Only sound in a single-threaded process, which the caller checks."""
+    ctypes.set_errno(0)
+    ret = _libc_gil.syscall(_NR["clone"], ctypes.c_ulong(flags | SIGCHLD), None, None, None, None)
+    if ret < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return ret
+
+
+def prctl(option, arg2=0, arg3=0, arg4=0, arg5=0):
+    return _check(_libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
+                              ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)))
+
+
+def set_name(name):
+    """The process name shown in /proc/PID/comm (15 bytes at most)."""
+    prctl(PR_SET_NAME, ctypes.cast(ctypes.c_char_p(name.encode()[:15]), ctypes.c_void_p).value)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_CAP_V3 = 0x20080522
+
+
+def capset(effective, permitted, inheritable):
+    """Set the three capability sets of this thread, each a 64-bit mask."""
+    hdr = _CapHeader(_CAP_V3, 0)
+    data = (_CapData * 2)()
+    for i in range(2):
+        shift = 32 * i
+        data[i].effective = (effective >> shift) & 0xFFFFFFFF
+        data[i].permitted = (permitted >> shift) & 0xFFFFFFFF
+        data[i].inheritable = (inheritable >> shift) & 0xFFFFFFFF
+    _check(_libc.syscall(_NR["capset"], ctypes.byref(hdr), data), "capset")
+
+
+def openat2(dirfd, path, flags, resolve, mode=0):
+    how = struct.pack("=QQQ", flags | os.O_CLOEXEC, mode, resolve)
+    buf = ctypes.create_string_buffer(how, len(how))
+    return _check(_libc.syscall(_NR["openat2"], dirfd, _b(path), buf, ctypes.c_size_t(len(how))),
+                  os.fsdecode(path))

@@ -1,0 +1,198 @@
+"""What a container is made of, as frozen data: parsed and checked before anything is created.
+
+Every parse_* function raises SpecError with one line that names the option and the bad value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+
+from . import caps as _caps
+
+
+class SpecError(Exception):
+    """Bad input: one line for the user, nothing has been created yet."""
+
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class Volume:
+    source: str         # host path, absolute, exists
+    target: str         # container path, absolute; resolved inside the new root
+    readonly: bool
+    is_dir: bool
+
+
+@dataclass(frozen=True)
+class Port:
+    host_addr: str
+    host_port: int
+    ctr_port: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory: int | None = None       # bytes
+    cpus: float | None = None
+    pids: int | None = None
+
+    def any(self):
+        return self.memory is not None or self.cpus is not None or self.pids is not None
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    lowers: tuple           # absolute paths, topmost first
+    upper: str | None       # the user's upper layer, kept at rm; None: a fresh one in the state dir
+    argv: tuple
+    env: tuple              # ("K=V", ...), the command's whole environment
+    hostname: str
+    workdir: str
+    user: str | None        # "UID[:GID]" or a name, resolved in the container's /etc/passwd
+    volumes: tuple = ()
+    ports: tuple = ()
+    limits: Limits = field(default_factory=Limits)
+    caps: int = _caps.DEFAULT
+    net: str = "none"
+    readonly: bool = False
+    tty: bool = False
+    interactive: bool = False
+    detach: bool = False
+    remove: bool = False
+
+
+def parse_name(name):
+    if not NAME_RE.fullmatch(name):
+        raise SpecError(f"--name {name!r}: use letters, digits, '_', '.', '-' (64 at most, "
+                        "not starting with a punctuation mark)")
+    return name
+
+
+def parse_layers(value):
+    if not value:
+        raise SpecError("--layers is required (LOWER1[:LOWER2...], leftmost topmost)")
+    lowers = []
+    for part in value.split(":"):
+        if not part:
+            raise SpecError(f"--layers {value!r}: empty layer path")
+        if not os.path.isdir(part):
+            raise SpecError(f"--layers: no such layer directory: {part}")
+        lowers.append(os.path.abspath(part))
+    return tuple(lowers)
+
+
+def parse_upper(value):
+    if value is None:
+        return None
+    if not os.path.isdir(value):
+        raise SpecError(f"--upper: no such directory: {value}")
+    return os.path.abspath(value)
+
+
+def parse_volume(value):
+    parts = value.split(":")
+    if len(parts) == 3 and parts[2] in ("ro", "rw"):
+        readonly = parts[2] == "ro"
+        parts = parts[:2]
+    else:
+        readonly = False
+    if len(parts) != 2 or not parts[0] or not parts[1]:
+        raise SpecError(f"-v {value!r}: expected HOST:CONTAINER[:ro]")
+    src, dst = parts
+    if not dst.startswith("/"):
+        raise SpecError(f"-v {value!r}: the container path must be absolute")
+    if os.path.normpath(dst) == "/":
+        raise SpecError(f"-v {value!r}: cannot mount over the container's root")
+    try:
+        st = os.stat(src)
+    except OSError as e:
+        raise SpecError(f"-v: volume source {src}: {e.strerror}") from None
+    return Volume(os.path.abspath(src), os.path.normpath(dst), readonly, stat.S_ISDIR(st.st_mode))
+
+
+def parse_port(value):
+    m = re.fullmatch(r"(?:(\[[0-9a-fA-F:]+\]|[0-9.]+):)?(\d+):(\d+)(?:/tcp)?", value)
+    if not m:
+        raise SpecError(f"-p {value!r}: expected [ADDRESS:]HOSTPORT:CONTAINERPORT")
+    addr = (m.group(1) or "127.0.0.1").strip("[]")
+    hport, cport = int(m.group(2)), int(m.group(3))
+    for p in (hport, cport):
+        if not 0 < p < 65536:
+            raise SpecError(f"-p {value!r}: port {p} is out of range")
+    return Port(addr, hport, cport)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_memory(value):
+    m = re.fullmatch(r"(\d+)([bkmgBKMG]?)", value or "")
+    if not m:
+        raise SpecError(f"--memory {value!r}: expected a size such as 64m or 1g")
+    size = int(m.group(1)) * _UNITS[m.group(2).lower()]
+    if size < 4 << 20:
+        raise SpecError(f"--memory {value!r}: the minimum is 4m")
+    return size
+
+
+def parse_cpus(value):
+    try:
+        cpus = float(value)
+    except ValueError:
+        cpus = -1
+    if not 0.01 <= cpus <= os.cpu_count():
+        raise SpecError(f"--cpus {value!r}: expected a number from 0.01 to {os.cpu_count()}")
+    return cpus
+
+
+def parse_pids(value):
+    if not re.fullmatch(r"\d+", value) or int(value) < 1:
+        raise SpecError(f"--pids-limit {value!r}: expected a positive number")
+    return int(value)
+
+
+def parse_env(values, tty, hostname):
+    """The command's environment: docker's defaults, then -e K=V (or -e K, taken from ours)."""
+    env = {"PATH": DEFAULT_PATH, "HOSTNAME": hostname, "HOME": "/root"}
+    if tty:
+        env["TERM"] = "xterm"
+    for item in values:
+        key, eq, val = item.partition("=")
+        if not key or not re.fullmatch(r"[^=\0]+", key):
+            raise SpecError(f"-e {item!r}: expected NAME=VALUE or NAME")
+        if not eq:
+            if key not in os.environ:
+                continue
+            val = os.environ[key]
+        env[key] = val
+    return tuple(f"{k}={v}" for k, v in env.items())
+
+
+def parse_user(value):
+    if value is None:
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?", value):
+        raise SpecError(f"-u {value!r}: expected UID[:GID] or NAME[:GROUP]")
+    return value
+
+
+def parse_caps(add, drop):
+    mask = _caps.DEFAULT
+    for what, names in (("--cap-drop", drop), ("--cap-add", add)):
+        for name in names:
+            if name.upper() == "ALL":
+                bits = _caps.ALL
+            else:
+                try:
+                    bits = 1 << _caps.number(name)
+                except KeyError:
+                    raise SpecError(f"{what}: unknown capability {name!r}") from None
+            mask = mask | bits if what == "--cap-add" else mask & ~bits
+    return mask

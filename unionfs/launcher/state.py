@@ -1,0 +1,117 @@
+"""Container state on disk: one directory per container under the state root, holding state.json
+(written atomically), the mountpoint, the fresh upper layer and the log of a detached container.
+
+Processes are recorded as (pid, start time) so that a recycled pid is never mistaken for ours.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+
+DEFAULT_ROOT = "/run/unionrun"
+
+
+class Paths:
+    """Where one container's pieces live."""
+
+    def __init__(self, root, name):
+        self.dir = os.path.join(root, name)
+        self.state = os.path.join(self.dir, "state.json")
+        self.merged = os.path.join(self.dir, "merged")
+        self.upper = os.path.join(self.dir, "upper")
+        self.work = os.path.join(self.dir, "work")
+        self.log = os.path.join(self.dir, "log")
+
+
+def claim(root, name):
+    """Create the container's directory; the atomic mkdir is what makes a name taken."""
+    os.makedirs(root, mode=0o711, exist_ok=True)
+    paths = Paths(root, name)
+    try:
+        os.mkdir(paths.dir, 0o700)
+    except FileExistsError:
+        return None
+    return paths
+
+
+def write(paths, state):
+    """Replace state.json in one step: readers see the old or the new state, never a part."""
+    tmp = paths.state + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, paths.state)
+
+
+def read(paths):
+    try:
+        with open(paths.state) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return None
+
+
+def names(root):
+    try:
+        return sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)))
+    except FileNotFoundError:
+        return []
+
+
+def start_time(pid):
+    """The process's start time in clock ticks since boot, or None if there is no such process
+    (or only its zombie is left)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    if fields[0] == b"Z":
+        return None
+    return int(fields[19])
+
+
+def identity(pid):
+    return [pid, start_time(pid)]
+
+
+def alive(ident):
+    """Whether the process recorded as [pid, start time] still runs."""
+    if not ident or ident[1] is None:
+        return False
+    return start_time(ident[0]) == ident[1]
+
+
+def kill(ident, sig):
+    if alive(ident):
+        try:
+            os.kill(ident[0], sig)
+        except ProcessLookupError:
+            pass
+
+
+def wait_gone(ident, timeout):
+    deadline = time.monotonic() + timeout
+    while alive(ident):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def remove_tree(path):
+    """rm -r that does not follow symlinks and copes with whiteout devices and odd modes."""
+    def onerror(func, p, exc):
+        if isinstance(exc[1], OSError) and exc[1].errno == errno.ENOENT:
+            return
+        raise exc[1]
+    if os.path.lexists(path):
+        shutil.rmtree(path, onerror=onerror)

@@ -1,0 +1,76 @@
+"""The container's root: the union of its layers, mounted by unionmount as a separate process.
+
+The FUSE daemon must never be a thread of the launcher (unshare and clone need a single-threaded
+process), so it runs as `python -m unionfs`, which returns once the mount is ready.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+from . import state as _state
+
+
+class UnionError(Exception):
+    pass
+
+
+def _decode(field: bytes) -> str:
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
+
+
+def is_mounted(path):
+    """From /proc/self/mountinfo, never by a stat (a dead daemon's mount would hang it)."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        return any(_decode(line.split(b" ")[4]) == path for line in f)
+
+
+def daemon_of(mountpoint):
+    """The unionmount daemon serving ``mountpoint``: its (pid, start time), or None."""
+    want = os.fsencode(mountpoint)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if want in args and b"unionfs" in args and b"-m" in args:
+            return _state.identity(int(entry))
+    return None
+
+
+def mount(lowers, upper, work, mountpoint):
+    """Mount and return the daemon's identity. Raises UnionError with unionmount's own line."""
+    os.makedirs(mountpoint, exist_ok=True)
+    cmd = [sys.executable, "-m", "unionfs", ":".join(l.replace(":", "\\:") for l in lowers),
+           upper, mountpoint]
+    if work:
+        cmd += ["-o", f"workdir={work}"]
+    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd="/")
+    if r.returncode != 0:
+        lines = (r.stderr.strip() or r.stdout.strip() or "unionmount failed").splitlines()
+        raise UnionError(f"cannot mount the union: {lines[-1]}")
+    return daemon_of(mountpoint)
+
+
+def unmount(mountpoint, daemon, timeout=10.0):
+    """Unmount (lazily if something still holds it) and wait for the daemon to exit."""
+    if is_mounted(mountpoint):
+        r = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, cwd="/")
+        if r.returncode != 0 and is_mounted(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, cwd="/")
+    deadline = time.monotonic() + timeout
+    while daemon and _state.alive(daemon):
+        if time.monotonic() > deadline:
+            # It outlived its mount: it will not serve anyone any more.
+            _state.kill(daemon, 15)
+            _state.wait_gone(daemon, 2.0)
+            break
+        time.sleep(0.02)
+    return not is_mounted(mountpoint)
