@@ -1,0 +1,284 @@
+"""The unionrun command: run, exec, ps, stop, rm, logs, commit.
+
+Exit status: the command's own for run (foreground) and exec; 125 when unionrun itself failed
+(bad input, a resource that could not be set up), with one line on stderr saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+import time
+
+from . import enter, lifecycle, run, spec, state
+
+PROG = "unionrun"
+FAILED = 125
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.stderr.write(f"{PROG}: {message} (see {PROG} {' '.join(self.prog.split()[1:])} --help)\n")
+        sys.exit(FAILED)
+
+
+class _Fail(Exception):
+    pass
+
+
+def _parser():
+    ap = _Parser(prog=PROG, description="Run a command in a container over a union of layers.")
+    ap.add_argument("--root", help="state directory (default $UNIONRUN_ROOT or /run/unionrun)")
+    ap.add_argument("--store", help="image store (default $UNIONFS_STORE or /var/lib/unionfs)")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("run", help="run a command in a new container",
+                       usage=f"{PROG} run [OPTIONS] (--layers L1[:L2...] -- CMD [ARG...] | "
+                             "IMAGE [CMD [ARG...]])")
+    p.add_argument("--layers", help="lower layers, leftmost topmost")
+    p.add_argument("--upper", help="upper layer to use (default: a fresh one, kept until rm)")
+    p.add_argument("--name")
+    p.add_argument("-d", "--detach", action="store_true")
+    p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    p.add_argument("-t", "--tty", action="store_true")
+    p.add_argument("-i", "--interactive", action="store_true")
+    p.add_argument("-e", "--env", action="append", default=[])
+    p.add_argument("-w", "--workdir")
+    p.add_argument("-u", "--user")
+    p.add_argument("-v", "--volume", action="append", default=[])
+    p.add_argument("-p", "--publish", action="append", default=[])
+    p.add_argument("--hostname")
+    p.add_argument("--net", choices=("none", "host"), default="none")
+    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--memory")
+    p.add_argument("--cpus")
+    p.add_argument("--pids-limit")
+    p.add_argument("--cap-add", action="append", default=[])
+    p.add_argument("--cap-drop", action="append", default=[])
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("exec", help="run a command in a running container")
+    p.add_argument("-t", "--tty", action="store_true")
+    p.add_argument("-i", "--interactive", action="store_true")
+    p.add_argument("-e", "--env", action="append", default=[])
+    p.add_argument("-w", "--workdir")
+    p.add_argument("-u", "--user")
+    p.add_argument("name")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("ps", help="list containers (running ones; -a: all)")
+    p.add_argument("-a", "--all", action="store_true")
+    p = sub.add_parser("stop", help="SIGTERM, then SIGKILL after a timeout")
+    p.add_argument("-t", "--time", type=float, default=10.0)
+    p.add_argument("names", nargs="+")
+    p = sub.add_parser("rm", help="remove containers (their upper and state; layers untouched)")
+    p.add_argument("-f", "--force", action="store_true")
+    p.add_argument("names", nargs="+")
+    p = sub.add_parser("logs", help="the output of a detached container")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("name")
+    p = sub.add_parser("commit", help="a stopped container's upper as a new image")
+    p.add_argument("name")
+    p.add_argument("image")
+    return ap
+
+
+def _command_args(args):
+    rest = list(args)
+    if rest and rest[0] == "--":
+        rest.pop(0)
+    return rest
+
+
+def _root(args):
+    root = args.root or os.environ.get("UNIONRUN_ROOT") or state.DEFAULT_ROOT
+    # The image store asks the same directory which images are in use.
+    os.environ["UNIONRUN_ROOT"] = os.path.abspath(root)
+    return os.path.abspath(root)
+
+
+def _image_config(args):
+    """(lowers, config, image name, store path) of IMAGE, or of --layers."""
+    rest = _command_args(args.args)
+    if args.layers is not None:
+        return spec.parse_layers(args.layers), {}, None, None, rest
+    if not rest:
+        raise spec.SpecError("give --layers L1[:L2...] -- CMD, or an IMAGE")
+    from ..images import store as _store
+    try:
+        st = _store.open_store(args.store)
+        im = st.image(rest[0])
+    except (_store.StoreError, OSError) as e:
+        raise spec.SpecError(str(e)) from None
+    return tuple(im.layers), im.config or {}, im.name, st.root, _command_args(rest[1:])
+
+
+def _build_spec(args):
+    lowers, config, image, store, cmd = _image_config(args)
+    entrypoint = list(config.get("entrypoint") or [])
+    argv = entrypoint + (cmd or list(config.get("cmd") or []))
+    if not argv:
+        raise spec.SpecError("no command given (after --, or in the image's config)")
+    name = spec.parse_name(args.name) if args.name else secrets.token_hex(6)
+    hostname = args.hostname or name[:63]
+    if not spec.NAME_RE.fullmatch(hostname):
+        raise spec.SpecError(f"--hostname {hostname!r}: not a valid host name")
+    image_env = [e for e in config.get("env") or [] if "=" in e]
+    env = spec.parse_env(image_env + args.env, args.tty, hostname)
+    workdir = args.workdir or config.get("workdir") or "/"
+    if not workdir.startswith("/"):
+        raise spec.SpecError(f"-w {workdir!r}: must be an absolute path")
+    limits = spec.Limits(
+        memory=spec.parse_memory(args.memory) if args.memory is not None else None,
+        cpus=spec.parse_cpus(args.cpus) if args.cpus is not None else None,
+        pids=spec.parse_pids(args.pids_limit) if args.pids_limit is not None else None)
+    return spec.RunSpec(
+        name=name, lowers=lowers, upper=spec.parse_upper(args.upper), argv=tuple(argv),
+        env=env, hostname=hostname, workdir=os.path.normpath(workdir),
+        user=spec.parse_user(args.user or config.get("user") or None),
+        volumes=tuple(spec.parse_volume(v) for v in args.volume),
+        ports=tuple(spec.parse_port(p) for p in args.publish), limits=limits,
+        caps=spec.parse_caps(args.cap_add, args.cap_drop), net=args.net,
+        readonly=args.read_only, tty=args.tty, interactive=args.interactive,
+        detach=args.detach, remove=args.rm), image, store
+
+
+def _cmd_run(args, root):
+    rs, image, store = _build_spec(args)
+    if rs.upper is not None and _upper_in_use(root, rs.upper):
+        raise _Fail(f"--upper {rs.upper} is the upper of a running container")
+    if rs.detach:
+        run.run_detached(rs, root, image, store)
+        print(rs.name)
+        return 0
+    return run.run(rs, root, image, store)
+
+
+def _upper_in_use(root, upper):
+    return any(st.get("upper") == upper and lifecycle.is_running(st)
+               for _, st in lifecycle.containers(root))
+
+
+def _cmd_exec(args, root):
+    _, st = lifecycle.load(root, args.name)
+    if lifecycle.status(st) != "running" or not state.alive(st["init"]):
+        raise _Fail(f"container {args.name} is not running")
+    argv = _command_args(args.args)
+    if not argv:
+        raise _Fail("exec: no command given")
+    env = dict(e.partition("=")[::2] for e in st["env"])
+    for item in args.env:
+        key, eq, val = item.partition("=")
+        if not key:
+            raise _Fail(f"-e {item!r}: expected NAME=VALUE or NAME")
+        if eq or key in os.environ:
+            env[key] = val if eq else os.environ[key]
+    if args.tty:
+        env.setdefault("TERM", "xterm")
+    return enter.run_in(st["init"][0], argv, env, workdir=args.workdir or st["workdir"],
+                        user=spec.parse_user(args.user) or st["user"], tty=args.tty,
+                        interactive=args.interactive, caps=st["caps"],
+                        start_time=st["init"][1])
+
+
+def _cmd_ps(args, root):
+    rows = [("NAME", "STATUS", "PID", "CREATED", "COMMAND", "LAYERS", "UPPER")]
+    for name, st in lifecycle.containers(root):
+        status = lifecycle.status(st)
+        if not args.all and status != "running":
+            continue
+        pid = str(st["init"][0]) if st.get("init") and status == "running" else "-"
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["created"]))
+        upper = st["upper"] or os.path.join(root, name, "upper")
+        layers = st["image"] or ":".join(st["lowers"])
+        rows.append((name, status, pid, created, " ".join(st["argv"]), layers, upper))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    return 0
+
+
+def _cmd_stop(args, root):
+    code = 0
+    for name in args.names:
+        try:
+            lifecycle.stop(root, name, args.time)
+            print(name)
+        except lifecycle.LifecycleError as e:
+            sys.stderr.write(f"{PROG}: {e}\n")
+            code = FAILED
+    return code
+
+
+def _cmd_rm(args, root):
+    code = 0
+    for name in args.names:
+        try:
+            lifecycle.rm(root, name, args.force)
+            print(name)
+        except lifecycle.LifecycleError as e:
+            sys.stderr.write(f"{PROG}: {e}\n")
+            code = FAILED
+    return code
+
+
+def _cmd_logs(args, root):
+    paths, st = lifecycle.load(root, args.name)
+    try:
+        f = open(paths.log, "rb")
+    except FileNotFoundError:
+        return 0
+    with f:
+        while True:
+            data = f.read(65536)
+            if data:
+                sys.stdout.buffer.write(data)
+                sys.stdout.flush()
+                continue
+            if not args.follow or not state.alive((state.read(paths) or st)["supervisor"]):
+                break
+            time.sleep(0.1)
+        sys.stdout.buffer.write(f.read())
+    return 0
+
+
+def _cmd_commit(args, root):
+    from ..images import store as _store
+    paths, st = lifecycle.load(root, args.name)
+    if lifecycle.is_running(st):
+        raise _Fail(f"container {args.name} is running: stop it before commit")
+    if not st.get("image"):
+        raise _Fail(f"container {args.name} was run from --layers, not from an image: "
+                    "nothing to commit on top of")
+    upper = st["upper"] or paths.upper
+    try:
+        im = _store.open_store(args.store or st.get("store")).commit(upper, st["image"],
+                                                                      args.image)
+    except (_store.StoreError, OSError) as e:
+        raise _Fail(f"commit: {e}") from None
+    print(f"{im.name}: {len(im.layers)} layers", file=sys.stderr)
+    return 0
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    root = _root(args)
+    handler = {"run": _cmd_run, "exec": _cmd_exec, "ps": _cmd_ps, "stop": _cmd_stop,
+               "rm": _cmd_rm, "logs": _cmd_logs, "commit": _cmd_commit}[args.cmd]
+    if os.geteuid() != 0 and args.cmd in ("run", "exec", "stop", "rm"):
+        sys.stderr.write(f"{PROG}: must run as root (namespaces, mounts, cgroups)\n")
+        return FAILED
+    try:
+        return handler(args, root)
+    except (spec.SpecError, run.RunError, enter.EnterError, lifecycle.LifecycleError,
+            _Fail) as e:
+        sys.stderr.write(f"{PROG}: {e}\n")
+        return FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

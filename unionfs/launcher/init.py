@@ -1,0 +1,107 @@
+"""PID 1 of a container: the child that clone() put into the new namespaces.
+
+It sets the root up (rootfs.setup), forks the command, forwards the signals it gets to it, reaps
+every process that ends up orphaned in the namespace, and exits with the command's status once
+the command is gone (the kernel then kills whatever is left in the pid namespace).
+
+It talks to the supervisor over two pipes, one line at a time:
+    supervisor -> init   "setup", then "go N" (the pty's number) or "go -"
+    init -> supervisor   "ready" once the root is set up, then "pid P"; "error MESSAGE" instead of
+                         either when something fails; "exec CODE MESSAGE" when the exec fails
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from . import _libc as L
+from . import process as P
+from . import rootfs
+
+
+def main(spec, merged, ctl_r, rep_w):
+    """Never returns."""
+    code = P.SETUP_FAILED
+    try:
+        code = _run(spec, merged, ctl_r, rep_w)
+    except (P.SetupError, rootfs.RootfsError) as e:
+        P.report(rep_w, f"error {e}")
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        P.report(rep_w, f"error cannot set the container up:{where}: {e.strerror}")
+    except BaseException as e:      # whatever it is, the supervisor gets one line and we go
+        P.report(rep_w, f"error {type(e).__name__}: {e}")
+    finally:
+        os._exit(code)
+
+
+def _run(spec, merged, ctl_r, rep_w):
+    L.set_name("unionrun-init")
+    # The supervisor gone means nobody would ever stop or clean up after us.
+    L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
+    child = None
+
+    def forward(signum, frame):
+        if child is not None:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    # As pid 1 we only get the signals we handle; these are the command's.
+    for sig in P.FORWARDED:
+        signal.signal(sig, forward)
+    if P.read_line(ctl_r) != "setup":
+        return P.SETUP_FAILED
+    # Opened here, not by the supervisor: a bind mount takes its source from our own mount
+    # namespace only.
+    volume_fds = []
+    for vol in spec.volumes:
+        try:
+            volume_fds.append(os.open(vol.source, L.O_PATH | os.O_CLOEXEC))
+        except OSError as e:
+            raise P.SetupError(f"-v: volume source {vol.source}: {e.strerror}") from None
+    rootfs.setup(spec, merged, volume_fds)
+    for fd in volume_fds:
+        os.close(fd)
+    null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    P.report(rep_w, "ready")
+    kind, _, arg = P.read_line(ctl_r).partition(" ")
+    if kind != "go":
+        return P.SETUP_FAILED
+    os.close(ctl_r)
+    cmd = P.Command(list(spec.argv), dict(e.partition("=")[::2] for e in spec.env),
+                    spec.workdir, spec.user, None if arg == "-" else int(arg),
+                    spec.interactive, spec.caps, null, True)
+    pid = os.fork()
+    if pid == 0:
+        _command(cmd, rep_w)
+    child = pid
+    P.report(rep_w, f"pid {pid}")
+    os.close(rep_w)
+    os.close(null)
+    return _reap_until(child)
+
+
+def _command(cmd, w):
+    try:
+        P.exec_command(cmd, w)
+    except P.SetupError as e:
+        P.report(w, f"error {e}")
+    except OSError as e:
+        P.report(w, f"error cannot start the command: {e.strerror}")
+    except BaseException as e:
+        P.report(w, f"error {type(e).__name__}: {e}")
+    os._exit(P.SETUP_FAILED)
+
+
+def _reap_until(child):
+    """Reap every child (orphans are re-parented to us) until ``child`` ends; its exit code."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return P.SETUP_FAILED
+        if pid == child:
+            return P.exit_code(status)

@@ -1,0 +1,264 @@
+"""`run`: the supervisor of one container, from its state directory to its exit status.
+
+The supervisor is the process that calls run() (unionrun itself in the foreground; with -d, a
+process of its own session whose output goes to the container's log). In order it: claims the
+name, creates the cgroups, mounts the union, clones the init into new namespaces, moves it into
+the cgroups, lets it set the root up, opens the pty, starts the port forwarder, lets it start the
+command; then it waits, forwarding signals to the init, and releases everything at the end. Any
+failure on the way undoes what was done, so that a refused run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+from . import _libc as L
+from . import cgroups, init, lifecycle, ports, union
+from . import process as P
+from . import state
+
+
+class RunError(Exception):
+    """The container could not be started: one line for the user, nothing left behind."""
+
+
+def initial_state(spec, image=None, store=None):
+    return {"name": spec.name, "status": "created", "exit_code": None,
+            "argv": list(spec.argv), "env": list(spec.env), "workdir": spec.workdir,
+            "user": spec.user, "caps": spec.caps, "hostname": spec.hostname,
+            "lowers": list(spec.lowers), "upper": spec.upper, "own_upper": spec.upper is None,
+            "image": image, "store": store, "detach": spec.detach, "remove": spec.remove,
+            "ports": [f"{p.host_addr}:{p.host_port}:{p.ctr_port}" for p in spec.ports],
+            "created": time.time(), "finished": None,
+            "merged": None, "daemon": None, "init": None, "supervisor": None,
+            "forwarder": None, "cgroups": []}
+
+
+class _Started:
+    """A container whose command runs: what the supervisor waits on and then releases."""
+
+    def __init__(self, paths, st, init_pid, rep_r, master):
+        self.paths, self.st = paths, st
+        self.init_pid, self.rep_r, self.master = init_pid, rep_r, master
+
+
+def start(spec, root, image=None, store=None, to_log=False):
+    """Everything up to the command running; returns a _Started. Raises RunError, after
+    undoing what was done. ``to_log``: our stdout and stderr, and so the command's, go to the
+    container's log from the moment it has a directory."""
+    if threading.active_count() != 1:
+        raise RunError("internal error: the launcher must be single-threaded to clone")
+    paths = state.claim(root, spec.name)
+    if paths is None:
+        raise RunError(f"a container named {spec.name!r} already exists (unionrun rm it first)")
+    st = initial_state(spec, image, store)
+    st["merged"] = paths.merged
+    st["supervisor"] = state.identity(os.getpid())
+    init_pid, master = None, None
+    try:
+        state.write(paths, st)
+        if to_log:
+            log = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            os.close(log)
+        if spec.ports:
+            ports.check_free(spec.ports)
+        st["cgroups"] = cgroups.create(spec.name, spec.limits)
+        state.write(paths, st)
+        if spec.upper is None:
+            os.mkdir(paths.upper, 0o755)
+            upper, work = paths.upper, paths.work
+        else:
+            upper, work = spec.upper, None
+        try:
+            st["daemon"] = union.mount(spec.lowers, upper, work, paths.merged)
+        finally:
+            # Recorded even on failure: a daemon that did start is found and stopped by release.
+            state.write(paths, st)
+        init_pid, rep_r, master = _clone_init(spec, paths, st)
+    except BaseException as e:
+        if init_pid is not None:
+            _kill_init(init_pid)
+        lifecycle.release(paths, st)
+        state.remove_tree(paths.dir)
+        if isinstance(e, (ports.PortError, cgroups.CgroupError, union.UnionError, P.SetupError,
+                          RunError)):
+            raise RunError(str(e)) from None
+        if isinstance(e, OSError):
+            raise RunError(f"cannot start the container: {e.strerror}"
+                           + (f": {e.filename}" if e.filename else "")) from None
+        raise
+    return _Started(paths, st, init_pid, rep_r, master)
+
+
+def _flags(spec):
+    flags = L.CLONE_NEWNS | L.CLONE_NEWPID | L.CLONE_NEWUTS | L.CLONE_NEWIPC
+    if spec.net == "none":
+        flags |= L.CLONE_NEWNET
+    return flags
+
+
+def _clone_init(spec, paths, st):
+    ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC)
+    rep_r, rep_w = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = L.clone(_flags(spec))
+    if pid == 0:
+        os.close(ctl_w)
+        os.close(rep_r)
+        init.main(spec, paths.merged, ctl_r, rep_w)
+    os.close(ctl_r)
+    os.close(rep_w)
+    master = None
+    try:
+        st["init"] = state.identity(pid)
+        state.write(paths, st)
+        # Before the command exists, so that it is born inside the limits.
+        cgroups.join(st["cgroups"], pid)
+        P.report(ctl_w, "setup")
+        _expect(rep_r, "ready")
+        if spec.tty:
+            master, slave_n = P.open_pty(pid)
+        if spec.ports:
+            st["forwarder"] = state.identity(ports.start(spec.ports, pid, paths.log))
+        P.report(ctl_w, f"go {slave_n}" if spec.tty else "go -")
+        _expect(rep_r, "pid")
+    except BaseException:
+        os.close(rep_r)
+        if master is not None:
+            os.close(master)
+        _kill_init(pid)
+        raise
+    finally:
+        os.close(ctl_w)
+    st["status"] = "running"
+    state.write(paths, st)
+    return pid, rep_r, master
+
+
+def _expect(rep_r, kind):
+    line = P.read_line(rep_r)
+    got, _, rest = line.partition(" ")
+    if got == kind:
+        return rest
+    if got == "error":
+        raise RunError(rest)
+    if got == "exec":
+        raise RunError(rest.partition(" ")[2])
+    raise RunError("the container's init died while it set the container up")
+
+
+def _kill_init(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def wait(started, interactive):
+    """Wait for the command, forwarding our signals to the init (which passes them on); its
+    exit status. Messages of a failed exec go to our stderr."""
+    pid = started.init_pid
+
+    def forward(signum, frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    old = {sig: signal.signal(sig, forward) for sig in P.FORWARDED}
+    try:
+        if started.master is None:
+            code = P.wait_status(pid)
+        else:
+            code = P.relay(pid, started.master, interactive)
+            os.close(started.master)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    for line in P.read_rest(started.rep_r):
+        kind, _, msg = line.partition(" ")
+        if kind == "exec":
+            code_s, _, msg = msg.partition(" ")
+            sys.stderr.write(f"unionrun: {msg}\n")
+            code = int(code_s)
+        elif kind == "error":
+            sys.stderr.write(f"unionrun: {msg}\n")
+    sys.stderr.flush()
+    os.close(started.rep_r)
+    return code
+
+
+def finish(started, code):
+    """Release the container's resources; keep its state (exited) and upper unless --rm."""
+    paths, st = started.paths, started.st
+    st["status"], st["exit_code"], st["finished"] = "exited", code, time.time()
+    lifecycle.release(paths, st)
+    if st["remove"]:
+        lifecycle.remove(paths, st)
+    else:
+        state.write(paths, st)
+
+
+def run(spec, root, image=None, store=None):
+    """In the foreground: the command's exit status."""
+    started = start(spec, root, image, store)
+    code = wait(started, spec.interactive)
+    finish(started, code)
+    return code
+
+
+def run_detached(spec, root, image=None, store=None):
+    """Start a supervisor of its own session, return once the command runs. Raises RunError."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        _supervise(spec, root, image, store, w)
+    os.close(w)
+    line = P.read_line(r)
+    os.close(r)
+    os.waitpid(pid, 0)
+    kind, _, rest = line.partition(" ")
+    if kind != "started":
+        raise RunError(rest or "the container's supervisor died while it started the container")
+
+
+def _supervise(spec, root, image, store, w):
+    code = 1
+    try:
+        # Not our caller's child nor in its session: the caller returns now.
+        if os.fork() != 0:
+            os._exit(0)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        try:
+            started = start(spec, root, image, store, to_log=True)
+        except RunError as e:
+            P.report(w, f"error {e}")
+            os._exit(P.SETUP_FAILED)
+        P.report(w, "started")
+        os.close(w)
+        w = -1
+        code = wait(started, False)
+        finish(started, code)
+        code = 0
+    except BaseException as e:
+        if w >= 0:
+            P.report(w, f"error {type(e).__name__}: {e}")
+    finally:
+        os._exit(code)
