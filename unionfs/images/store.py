@@ -6,7 +6,7 @@ which the next open removes along with layers no image needs.
 
 import contextlib
 import fcntl
-import glob
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from . import archive, layer
 
 DEFAULT_STORE = "/var/lib/unionfs"
-RUN_DIR = "/run/unionrun"
 
 
 class StoreError(Exception):
@@ -39,21 +38,14 @@ def _config_of(oci_config):
 
 
 def in_use(store, image):
-    """Whether a unionrun container's state names `image`."""
-    for path in glob.glob(os.path.join(RUN_DIR, "*", "state.json")):
-        try:
-            with open(path) as f:
-                if json.load(f).get("image") == image:
-                    return True
-        except (OSError, ValueError):
-            continue
-    return False
+    """Whether a container holds `image` (see Store.hold); call under the store's lock."""
+    return any(h["image"] == image for h in store.holds(prune=True))
 
 
 class Store:
     def __init__(self, root):
         self.root = os.path.abspath(root)
-        for sub in ("layers", "images", "tmp"):
+        for sub in ("layers", "images", "tmp", "holds"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         with self._locked():
             self._fsck()
@@ -93,6 +85,38 @@ class Store:
                 return json.load(f)
         except FileNotFoundError:
             raise StoreError(f"no image {name!r} in {self.root}") from None
+
+    def _hold_path(self, state_dir):
+        return os.path.join(self.root, "holds", hashlib.sha256(os.fsencode(state_dir)).hexdigest())
+
+    def hold(self, image, state_dir):
+        """Mark `image` as used by the container whose state lives in `state_dir` (written by its
+        creator before the container exists): rm refuses the image while the hold is live."""
+        with self._locked():
+            self._read(image)
+            self._write_json(self._hold_path(state_dir), {"image": image, "state": state_dir,
+                                                          "creator": [os.getpid(), _start_time(os.getpid())]})
+
+    def unhold(self, state_dir):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._hold_path(state_dir))
+
+    def holds(self, prune=False):
+        """The live holds: their container's state dir exists, or their creator still runs.
+        `prune` (under the lock) removes the others."""
+        live = []
+        for name in os.listdir(os.path.join(self.root, "holds")):
+            try:
+                with open(os.path.join(self.root, "holds", name)) as f:
+                    h = json.load(f)
+            except (OSError, ValueError):
+                continue
+            pid, start = h.get("creator") or (0, None)
+            if os.path.isdir(h["state"]) or (start is not None and _start_time(pid) == start):
+                live.append(h)
+            elif prune:
+                os.unlink(os.path.join(self.root, "holds", name))
+        return live
 
     def layer_dir(self, hexid):
         return os.path.join(self.root, "layers", hexid, "diff")
@@ -225,6 +249,16 @@ class Store:
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         return img
+
+
+def _start_time(pid):
+    """The start time of process `pid` (a recycled pid has another), None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data[data.rindex(b")") + 2:].split()[19])
 
 
 def open_store(path=None):

@@ -100,7 +100,7 @@ def _root(args):
 
 
 def _image_config(args):
-    """(lowers, config, image name, store path) of IMAGE, or of --layers."""
+    """(lowers, config, image name, store, command) of IMAGE, or of --layers."""
     rest = _command_args(args.args)
     if args.layers is not None:
         return spec.parse_layers(args.layers), {}, None, None, rest
@@ -112,7 +112,7 @@ def _image_config(args):
         im = st.image(rest[0])
     except (_store.StoreError, OSError) as e:
         raise spec.SpecError(str(e)) from None
-    return tuple(im.layers), im.config or {}, im.name, st.root, _command_args(rest[1:])
+    return tuple(im.layers), im.config or {}, im.name, st, _command_args(rest[1:])
 
 
 def _build_spec(args):
@@ -149,11 +149,23 @@ def _cmd_run(args, root):
     rs, image, store = _build_spec(args)
     if rs.upper is not None and _upper_in_use(root, rs.upper):
         raise _Fail(f"--upper {rs.upper} is the upper of a running container")
-    if rs.detach:
-        run.run_detached(rs, root, image, store)
-        print(rs.name)
-        return 0
-    return run.run(rs, root, image, store)
+    if os.path.lexists(os.path.join(root, rs.name)):
+        raise _Fail(f"a container named {rs.name!r} already exists (unionrun rm it first)")
+    store_root = None
+    if image is not None:
+        # The image's layers must stay while this container exists: rm of the image is refused.
+        store.hold(image, os.path.join(root, rs.name))
+        store_root = store.root
+    try:
+        if rs.detach:
+            run.run_detached(rs, root, image, store_root)
+            print(rs.name)
+            return 0
+        return run.run(rs, root, image, store_root)
+    except run.RunError:
+        if image is not None:
+            store.unhold(os.path.join(root, rs.name))
+        raise
 
 
 def _upper_in_use(root, upper):
