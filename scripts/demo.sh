@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end: build two small layers from busybox-static, mount their union under an
-# upper layer with unionmount, copy up, run a shell inside with chroot, unmount. Needs root.
+# upper layer with unionmount, copy up, run a shell inside with chroot, unmount; then run containers
+# on the same layers with unionrun. Needs root.
 set -euo pipefail
 . "$(dirname "$0")/setup.sh"
 require_root "$@"
@@ -11,6 +12,13 @@ export PATH="$VENV/bin:$PATH"
 demo=$(mktemp -d /tmp/unionfs-demo.XXXXXX)
 cleanup() {
     cd /
+    if [ -d "$demo/run" ]; then
+        for c in "$demo"/run/*/; do [ -d "$c" ] && unionrun --root "$demo/run" rm -f "$(basename "$c")"; done
+    fi
+    if grep -q " $demo/" /proc/mounts; then
+        echo "demo: something is still mounted under $demo, left in place" >&2
+        return
+    fi
     # Unmount before removing anything: rm -rf through a live mount would delete from the layers.
     if mountpoint -q "$demo/mnt" 2>/dev/null; then
         fusermount3 -u "$demo/mnt" || umount -l "$demo/mnt"
@@ -90,5 +98,26 @@ say "unmount"
 run fusermount3 -u mnt
 if mountpoint -q mnt; then die "mnt is still mounted"; fi
 run find upper -type f -printf '%p\n'
+
+say "a container on the same layers: unionrun (namespaces, pivot_root, an init of ours as pid 1)"
+run unionrun --root "$demo/run" run --rm --hostname demo --layers lower2:lower1 -- sh -c '
+    echo "$(hostname): I am pid $$; ps:"; ps;
+    cat /etc/motd; ls /dev; grep -E "^Cap(Bnd|Eff)|NoNewPrivs" /proc/self/status;
+    echo "written in a container" > /etc/motd; exit 3' || echo "exit status $?, the command's own"
+echo "(with --rm its upper layer is gone; the layers are unchanged:)"
+run cat lower2/etc/motd
+
+say "detached, with a port published, exec into it, stop, rm"
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+run unionrun --root "$demo/run" run -d --name web --layers lower2:lower1 -p "127.0.0.1:$port:80" \
+    -- httpd -f -v -p 80 -h /usr/share
+run lower1/bin/busybox wget -qO- "http://127.0.0.1:$port/hello.txt"
+run unionrun --root "$demo/run" exec web -- sh -c 'echo "exec: $(hostname)"; ps'
+run unionrun --root "$demo/run" ps
+run unionrun --root "$demo/run" stop web
+run unionrun --root "$demo/run" logs web
+run unionrun --root "$demo/run" ps -a
+run unionrun --root "$demo/run" rm web
+if grep -q " $demo/run" /proc/mounts; then die "a container's union is still mounted"; fi
 echo
 echo "demo done: every step worked"

@@ -134,3 +134,15 @@ def openat2(dirfd, path, flags, resolve, mode=0):
     buf = ctypes.create_string_buffer(how, len(how))
     return _check(_libc.syscall(_NR["openat2"], dirfd, _b(path), buf, ctypes.c_size_t(len(how))),
                   os.fsdecode(path))
+
+
+def set_cmdline(title):
+    """Overwrite our /proc/PID/cmdline (the argv area the kernel reads; CPython keeps copies of
+    its own) with ``title``: what ps shows. PR_SET_MM would need CAP_SYS_RESOURCE."""
+    with open("/proc/self/stat", "rb") as f:
+        data = f.read()
+    fields = data[data.rindex(b")") + 2:].split()
+    start, end = int(fields[45]), int(fields[46])     # arg_start, arg_end (stat fields 48, 49)
+    raw = title.encode()[:end - start - 1]
+    ctypes.memset(start, 0, end - start)
+    ctypes.memmove(start, raw, len(raw))

@@ -37,7 +37,9 @@ def main(spec, merged, ctl_r, rep_w):
 
 
 def _run(spec, merged, ctl_r, rep_w):
+    # ps inside shows "unionrun-init", not the host's paths in our command line.
     L.set_name("unionrun-init")
+    L.set_cmdline("unionrun-init")
     # The supervisor gone means nobody would ever stop or clean up after us.
     L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
     child = None
