@@ -52,6 +52,9 @@ def _parser():
     p.add_argument("--hostname")
     p.add_argument("--net", choices=("none", "host"), default="none")
     p.add_argument("--read-only", action="store_true")
+    p.add_argument("--userns", nargs="?", const="auto", metavar="HOSTID:COUNT",
+                   help="a user namespace: the container's root is host id HOSTID (default: "
+                        "root's /etc/subuid range, else 100000:65536)")
     p.add_argument("--memory")
     p.add_argument("--cpus")
     p.add_argument("--pids-limit")
@@ -141,7 +144,7 @@ def _build_spec(args):
         volumes=tuple(spec.parse_volume(v) for v in args.volume),
         ports=tuple(spec.parse_port(p) for p in args.publish), limits=limits,
         caps=spec.parse_caps(args.cap_add, args.cap_drop), net=args.net,
-        readonly=args.read_only, tty=args.tty, interactive=args.interactive,
+        readonly=args.read_only, userns=spec.parse_userns(args.userns), tty=args.tty, interactive=args.interactive,
         detach=args.detach, remove=args.rm), image, store
 
 
@@ -280,7 +283,11 @@ def main(argv=None):
     handler = {"run": _cmd_run, "exec": _cmd_exec, "ps": _cmd_ps, "stop": _cmd_stop,
                "rm": _cmd_rm, "logs": _cmd_logs, "commit": _cmd_commit}[args.cmd]
     if os.geteuid() != 0 and args.cmd in ("run", "exec", "stop", "rm"):
-        sys.stderr.write(f"{PROG}: must run as root (namespaces, mounts, cgroups)\n")
+        # Rootless would need /dev/fuse open to us; --userns is the unprivileged container root.
+        fuse = "/dev/fuse is not usable by you" if not os.access("/dev/fuse", os.R_OK | os.W_OK) \
+            else "cgroups and the state under /run need root"
+        sys.stderr.write(f"{PROG}: must run as root ({fuse}); run as root with --userns to give "
+                         "the container an unprivileged root\n")
         return FAILED
     try:
         return handler(args, root)

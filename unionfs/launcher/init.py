@@ -56,6 +56,12 @@ def _run(spec, merged, ctl_r, rep_w):
         signal.signal(sig, forward)
     if P.read_line(ctl_r) != "setup":
         return P.SETUP_FAILED
+    if spec.userns:
+        # Our ids are the host's, unmapped in the new user namespace (the supervisor has
+        # written its maps by now): become its root.
+        os.setgroups([])
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
     # Opened here, not by the supervisor: a bind mount takes its source from our own mount
     # namespace only.
     volume_fds = []

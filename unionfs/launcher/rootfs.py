@@ -100,22 +100,32 @@ def remount_readonly(root_fd, path, flags=0):
         os.close(fd)
 
 
-def _make_dev(root_fd):
+def _make_dev(root_fd, in_userns):
     nosuid_noexec = L.MS_NOSUID | L.MS_NOEXEC
     mount_in_root(root_fd, "/dev", "tmpfs", "tmpfs", L.MS_NOSUID | L.MS_STRICTATIME,
                   "mode=755,size=65536k")
     dev = open_in_root(root_fd, "/dev")
     try:
         for name, major, minor in DEVICES:
-            os.mknod(name, 0o666 | stat.S_IFCHR, os.makedev(major, minor), dir_fd=dev)
+            if in_userns:
+                # No mknod in a user namespace: the host's own nodes are bound below.
+                os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o666, dir_fd=dev))
+            else:
+                os.mknod(name, 0o666 | stat.S_IFCHR, os.makedev(major, minor), dir_fd=dev)
         for name, target in DEV_LINKS:
             os.symlink(target, name, dir_fd=dev)
         for name, mode in (("pts", 0o755), ("shm", 0o1777), ("mqueue", 0o755)):
             os.mkdir(name, mode, dir_fd=dev)
     finally:
         os.close(dev)
+    if in_userns:
+        for name, _, _ in DEVICES:
+            mount_in_root(root_fd, f"/dev/{name}", f"/dev/{name}", None, L.MS_BIND, create=None)
+    # uid=0: a pty opened from outside (by the supervisor, by exec) belongs to the container's
+    # root, who can then hand it on, also in a user namespace where our own root is nobody.
     mount_in_root(root_fd, "/dev/pts", "devpts", "devpts", nosuid_noexec,
-                  "newinstance,ptmxmode=0666,mode=0620,gid=5")
+                  "newinstance,ptmxmode=0666,mode=0620,uid=0,gid=5")
     mount_in_root(root_fd, "/dev/shm", "shm", "tmpfs", nosuid_noexec | L.MS_NODEV,
                   "mode=1777,size=65536k")
     mount_in_root(root_fd, "/dev/mqueue", "mqueue", "mqueue", nosuid_noexec | L.MS_NODEV)
@@ -171,16 +181,27 @@ def setup(spec, merged, volume_fds):
     runs. Raises RootfsError or OSError; the caller reports it in one line."""
     # Nothing we mount from here on may propagate back to the host's mount table.
     L.mount(None, "/", None, L.MS_REC | L.MS_PRIVATE)
+    # The union bound onto itself: a mount made in this namespace, which pivot_root accepts as
+    # the new root even in a user namespace (where the copies of the host's mounts are locked).
+    L.mount(merged, merged, None, L.MS_BIND)
     root_fd = os.open(merged, L.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     old_umask = os.umask(0)
     try:
         # A procfs of our own pid namespace: the host's processes are not in it.
         mount_in_root(root_fd, "/proc", "proc", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
         # /dev from scratch: the host's devices are not reachable, only the harmless ones.
-        _make_dev(root_fd)
+        _make_dev(root_fd, spec.userns is not None)
         # sysfs of our network namespace, read-only: it has knobs for the whole machine.
-        mount_in_root(root_fd, "/sys", "sysfs", "sysfs",
-                      L.MS_RDONLY | L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
+        try:
+            mount_in_root(root_fd, "/sys", "sysfs", "sysfs",
+                          L.MS_RDONLY | L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
+        except PermissionError:
+            if spec.userns is None:
+                raise
+            # A user namespace may mount sysfs only for a network namespace of its own
+            # (--net host): the host's, bound read-only.
+            mount_in_root(root_fd, "/sys", "/sys", None, L.MS_BIND | L.MS_REC)
+            remount_readonly(root_fd, "/sys", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
         # Volumes now, while the host's paths can still be reached (their fds are already open).
         for vol, fd in zip(spec.volumes, volume_fds):
             _bind_volume(root_fd, vol, fd)

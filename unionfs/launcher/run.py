@@ -31,6 +31,7 @@ def initial_state(spec, image=None, store=None):
             "argv": list(spec.argv), "env": list(spec.env), "workdir": spec.workdir,
             "user": spec.user, "caps": spec.caps, "hostname": spec.hostname,
             "lowers": list(spec.lowers), "upper": spec.upper, "own_upper": spec.upper is None,
+            "userns": list(spec.userns) if spec.userns else None,
             "image": image, "store": store, "detach": spec.detach, "remove": spec.remove,
             "ports": [f"{p.host_addr}:{p.host_port}:{p.ctr_port}" for p in spec.ports],
             "created": time.time(), "finished": None,
@@ -75,8 +76,13 @@ def start(spec, root, image=None, store=None, to_log=False):
             upper, work = paths.upper, paths.work
         else:
             upper, work = spec.upper, None
+        options = []
+        if spec.userns:
+            # The container's ids are the host's base.. ; on disk they stay 0.., as without.
+            base, count = spec.userns
+            options = [f"uidmapping={base}:0:{count}", f"gidmapping={base}:0:{count}"]
         try:
-            st["daemon"] = union.mount(spec.lowers, upper, work, paths.merged)
+            st["daemon"] = union.mount(spec.lowers, upper, work, paths.merged, options)
         finally:
             # Recorded even on failure: a daemon that did start is found and stopped by release.
             state.write(paths, st)
@@ -100,7 +106,16 @@ def _flags(spec):
     flags = L.CLONE_NEWNS | L.CLONE_NEWPID | L.CLONE_NEWUTS | L.CLONE_NEWIPC
     if spec.net == "none":
         flags |= L.CLONE_NEWNET
+    if spec.userns:
+        flags |= L.CLONE_NEWUSER
     return flags
+
+
+def _map_ids(pid, userns):
+    base, count = userns
+    for name in ("uid_map", "gid_map"):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(f"0 {base} {count}\n")
 
 
 def _clone_init(spec, paths, st):
@@ -119,6 +134,8 @@ def _clone_init(spec, paths, st):
     try:
         st["init"] = state.identity(pid)
         state.write(paths, st)
+        if spec.userns:
+            _map_ids(pid, spec.userns)
         # Before the command exists, so that it is born inside the limits.
         cgroups.join(st["cgroups"], pid)
         P.report(ctl_w, "setup")

@@ -62,6 +62,7 @@ class RunSpec:
     caps: int = _caps.DEFAULT
     net: str = "none"
     readonly: bool = False
+    userns: tuple | None = None     # (first host id, count): the container's 0.. are these
     tty: bool = False
     interactive: bool = False
     detach: bool = False
@@ -181,6 +182,32 @@ def parse_user(value):
     if not re.fullmatch(r"[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?", value):
         raise SpecError(f"-u {value!r}: expected UID[:GID] or NAME[:GROUP]")
     return value
+
+
+USERNS_DEFAULT = (100000, 65536)
+
+
+def parse_userns(value):
+    """--userns: "auto" (root's range in /etc/subuid, else 100000:65536) or HOSTID:COUNT."""
+    if value is None:
+        return None
+    if value == "auto":
+        try:
+            with open("/etc/subuid") as f:
+                for line in f:
+                    parts = line.strip().split(":")
+                    if len(parts) == 3 and parts[0] in ("root", "0"):
+                        return int(parts[1]), int(parts[2])
+        except (OSError, ValueError):
+            pass
+        return USERNS_DEFAULT
+    m = re.fullmatch(r"(\d+):(\d+)", value)
+    if not m or int(m.group(1)) == 0 or int(m.group(2)) < 1:
+        raise SpecError(f"--userns {value!r}: expected HOSTID:COUNT (HOSTID above 0) or nothing")
+    base, count = int(m.group(1)), int(m.group(2))
+    if base + count > 1 << 32:
+        raise SpecError(f"--userns {value!r}: the range goes past the last id")
+    return base, count
 
 
 def parse_caps(add, drop):

@@ -32,7 +32,9 @@ def claim(root, name):
     os.makedirs(root, mode=0o711, exist_ok=True)
     paths = Paths(root, name)
     try:
-        os.mkdir(paths.dir, 0o700)
+        # Searchable (not readable) by others: a container with --userns reaches its merged
+        # tree by path as an unprivileged host id. What is private in it is 0600.
+        os.mkdir(paths.dir, 0o711)
     except FileExistsError:
         return None
     return paths
@@ -41,7 +43,7 @@ def claim(root, name):
 def write(paths, state):
     """Replace state.json in one step: readers see the old or the new state, never a part."""
     tmp = paths.state + ".tmp"
-    with open(tmp, "w") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
         json.dump(state, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())

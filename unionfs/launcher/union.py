@@ -45,13 +45,14 @@ def daemon_of(mountpoint):
     return None
 
 
-def mount(lowers, upper, work, mountpoint):
+def mount(lowers, upper, work, mountpoint, options=()):
     """Mount and return the daemon's identity. Raises UnionError with unionmount's own line."""
     os.makedirs(mountpoint, exist_ok=True)
     cmd = [sys.executable, "-m", "unionfs", ":".join(l.replace(":", "\\:") for l in lowers),
            upper, mountpoint]
-    if work:
-        cmd += ["-o", f"workdir={work}"]
+    options = ([f"workdir={work}"] if work else []) + list(options)
+    if options:
+        cmd += ["-o", ",".join(options)]
     r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd="/")
     if r.returncode != 0:
         lines = (r.stderr.strip() or r.stdout.strip() or "unionmount failed").splitlines()
