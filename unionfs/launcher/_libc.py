@@ -17,8 +17,10 @@ _libc_gil = ctypes.PyDLL(None, use_errno=True)
 
 # Syscall numbers for the calls glibc has no wrapper for (or only a callback-style one).
 _NR = {
-    "x86_64": {"clone": 56, "pivot_root": 155, "capget": 125, "capset": 126, "openat2": 437},
-    "aarch64": {"clone": 220, "pivot_root": 41, "capget": 90, "capset": 91, "openat2": 437},
+    "x86_64": {"clone": 56, "pivot_root": 155, "capget": 125, "capset": 126, "openat2": 437,
+               "open_tree": 428, "move_mount": 429},
+    "aarch64": {"clone": 220, "pivot_root": 41, "capget": 90, "capset": 91, "openat2": 437,
+                "open_tree": 428, "move_mount": 429},
 }[platform.machine()]
 
 CLONE_NEWNS = 0x00020000
@@ -50,6 +52,11 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 O_PATH = 0o10000000
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_IN_ROOT = 0x10
 
@@ -135,6 +142,22 @@ def openat2(dirfd, path, flags, resolve, mode=0):
     buf = ctypes.create_string_buffer(how, len(how))
     return _check(_libc.syscall(_NR["openat2"], dirfd, _b(path), buf, ctypes.c_size_t(len(how))),
                   os.fsdecode(path))
+
+
+def open_tree(path, recursive=False):
+    """A detached copy of the mount (tree) at ``path``, as an fd: it can be attached by
+    move_mount in another mount namespace, where a bind of a path could not reach it."""
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | (AT_RECURSIVE if recursive else 0)
+    return _check(_libc.syscall(_NR["open_tree"], AT_FDCWD, _b(path), ctypes.c_uint(flags)),
+                  os.fsdecode(path))
+
+
+def move_mount(tree_fd, target_fd, target_path=""):
+    """Attach the detached tree ``tree_fd`` onto ``target_path`` relative to ``target_fd`` (the
+    fd itself when the path is empty)."""
+    flags = MOVE_MOUNT_F_EMPTY_PATH | (MOVE_MOUNT_T_EMPTY_PATH if not target_path else 0)
+    _check(_libc.syscall(_NR["move_mount"], tree_fd, b"", target_fd, _b(target_path),
+                         ctypes.c_uint(flags)), target_path or "move_mount")
 
 
 def set_cmdline(title):

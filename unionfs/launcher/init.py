@@ -20,11 +20,11 @@ from . import process as P
 from . import rootfs
 
 
-def main(spec, merged, ctl_r, rep_w):
+def main(spec, root_tree, volume_trees, ctl_r, rep_w):
     """Never returns."""
     code = P.SETUP_FAILED
     try:
-        code = _run(spec, merged, ctl_r, rep_w)
+        code = _run(spec, root_tree, volume_trees, ctl_r, rep_w)
     except (P.SetupError, rootfs.RootfsError) as e:
         P.report(rep_w, f"error {e}")
     except OSError as e:
@@ -36,7 +36,7 @@ def main(spec, merged, ctl_r, rep_w):
         os._exit(code)
 
 
-def _run(spec, merged, ctl_r, rep_w):
+def _run(spec, root_tree, volume_trees, ctl_r, rep_w):
     # ps inside shows "unionrun-init", not the host's paths in our command line.
     L.set_name("unionrun-init")
     L.set_cmdline("unionrun-init")
@@ -62,16 +62,8 @@ def _run(spec, merged, ctl_r, rep_w):
         os.setgroups([])
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
-    # Opened here, not by the supervisor: a bind mount takes its source from our own mount
-    # namespace only.
-    volume_fds = []
-    for vol in spec.volumes:
-        try:
-            volume_fds.append(os.open(vol.source, L.O_PATH | os.O_CLOEXEC))
-        except OSError as e:
-            raise P.SetupError(f"-v: volume source {vol.source}: {e.strerror}") from None
-    rootfs.setup(spec, merged, volume_fds)
-    for fd in volume_fds:
+    rootfs.setup(spec, root_tree, volume_trees)
+    for fd in volume_trees:
         os.close(fd)
     null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
     P.report(rep_w, "ready")

@@ -131,9 +131,14 @@ def _make_dev(root_fd, in_userns):
     mount_in_root(root_fd, "/dev/mqueue", "mqueue", "mqueue", nosuid_noexec | L.MS_NODEV)
 
 
-def _bind_volume(root_fd, vol, src_fd):
-    mount_in_root(root_fd, vol.target, _fdpath(src_fd), None, L.MS_BIND | L.MS_REC,
-                  create="dir" if vol.is_dir else "file")
+def _bind_volume(root_fd, vol, tree_fd):
+    fd = open_in_root(root_fd, vol.target, "dir" if vol.is_dir else "file")
+    try:
+        if _same_as_root(root_fd, fd):
+            raise RootfsError(f"-v {vol.target}: resolves to the container's root")
+        L.move_mount(tree_fd, fd)
+    finally:
+        os.close(fd)
     if vol.readonly:
         remount_readonly(root_fd, vol.target)
 
@@ -176,15 +181,19 @@ def _readonly(path):
         os.close(fd)
 
 
-def setup(spec, merged, volume_fds):
+def setup(spec, root_tree, volume_trees):
     """Run inside the new namespaces, as the container's init, before anything of the image
-    runs. Raises RootfsError or OSError; the caller reports it in one line."""
+    runs; the current directory is the union's mountpoint. ``root_tree`` and ``volume_trees``
+    are detached copies (open_tree) of the union and of the volume sources, made by the
+    supervisor: no host path is walked here, and none needs to be reachable by the container's
+    root (with --userns an unprivileged host id). Takes ``root_tree`` over. Raises RootfsError
+    or OSError; the caller reports it in one line."""
     # Nothing we mount from here on may propagate back to the host's mount table.
     L.mount(None, "/", None, L.MS_REC | L.MS_PRIVATE)
-    # The union bound onto itself: a mount made in this namespace, which pivot_root accepts as
-    # the new root even in a user namespace (where the copies of the host's mounts are locked).
-    L.mount(merged, merged, None, L.MS_BIND)
-    root_fd = os.open(merged, L.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    # Attached on the union's mountpoint: a mount of this namespace's own, which pivot_root
+    # takes as the new root even in a user namespace (the copies of the host's are locked).
+    root_fd = root_tree
+    L.move_mount(root_fd, L.AT_FDCWD, ".")
     old_umask = os.umask(0)
     try:
         # A procfs of our own pid namespace: the host's processes are not in it.
@@ -202,14 +211,13 @@ def setup(spec, merged, volume_fds):
             # (--net host): the host's, bound read-only.
             mount_in_root(root_fd, "/sys", "/sys", None, L.MS_BIND | L.MS_REC)
             remount_readonly(root_fd, "/sys", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
-        # Volumes now, while the host's paths can still be reached (their fds are already open).
-        for vol, fd in zip(spec.volumes, volume_fds):
+        for vol, fd in zip(spec.volumes, volume_trees):
             _bind_volume(root_fd, vol, fd)
         # The working directory exists before the root may turn read-only (docker creates it).
         os.close(open_in_root(root_fd, spec.workdir, "dir"))
         if spec.readonly:
             # Only this namespace's view of the union turns read-only; /dev, /proc stay writable.
-            L.mount(None, merged, None, L.MS_REMOUNT | L.MS_BIND | L.MS_RDONLY)
+            L.mount(None, _fdpath(root_fd), None, L.MS_REMOUNT | L.MS_BIND | L.MS_RDONLY)
         # Swap roots; the old root is stacked on "." by pivot_root(".", ".") and detached at once,
         # so no path leads back to the host.
         os.fchdir(root_fd)

@@ -86,7 +86,12 @@ def start(spec, root, image=None, store=None, to_log=False):
         finally:
             # Recorded even on failure: a daemon that did start is found and stopped by release.
             state.write(paths, st)
-        init_pid, rep_r, master = _clone_init(spec, paths, st)
+        trees = _open_trees(spec, paths)
+        try:
+            init_pid, rep_r, master = _clone_init(spec, paths, st, trees)
+        finally:
+            for fd in trees:
+                os.close(fd)
     except BaseException as e:
         if init_pid is not None:
             _kill_init(init_pid)
@@ -118,16 +123,43 @@ def _map_ids(pid, userns):
             f.write(f"0 {base} {count}\n")
 
 
-def _clone_init(spec, paths, st):
+def _open_trees(spec, paths):
+    """Detached copies of the union and of each volume source, opened with our rights."""
+    trees = []
+    try:
+        trees.append(L.open_tree(paths.merged))
+        for vol in spec.volumes:
+            try:
+                trees.append(L.open_tree(vol.source, recursive=True))
+            except OSError as e:
+                raise RunError(f"-v: volume source {vol.source}: {e.strerror}") from None
+    except BaseException:
+        for fd in trees:
+            os.close(fd)
+        raise
+    return trees
+
+
+def _clone_init(spec, paths, st, trees):
     ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC)
     rep_r, rep_w = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = L.clone(_flags(spec))
-    if pid == 0:
-        os.close(ctl_w)
-        os.close(rep_r)
-        init.main(spec, paths.merged, ctl_r, rep_w)
+    # The init starts in the union's mountpoint (its copy in the new mount namespace), where it
+    # attaches the union's tree: no path of ours has to be reachable from inside.
+    cwd = os.open(".", L.O_PATH | os.O_CLOEXEC)
+    pid = -1
+    os.chdir(paths.merged)
+    try:
+        pid = L.clone(_flags(spec))
+        if pid == 0:
+            os.close(ctl_w)
+            os.close(rep_r)
+            init.main(spec, trees[0], trees[1:], ctl_r, rep_w)
+    finally:
+        if pid != 0:
+            os.fchdir(cwd)
+            os.close(cwd)
     os.close(ctl_r)
     os.close(rep_w)
     master = None
