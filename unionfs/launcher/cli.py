@@ -20,7 +20,8 @@ FAILED = 125
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        sys.stderr.write(f"{PROG}: {message} (see {PROG} {' '.join(self.prog.split()[1:])} --help)\n")
+        sub = " ".join([PROG] + self.prog.split()[1:])
+        sys.stderr.write(f"{PROG}: {message} (see {sub} --help)\n")
         sys.exit(FAILED)
 
 
@@ -30,7 +31,8 @@ class _Fail(Exception):
 
 def _parser():
     ap = _Parser(prog=PROG, description="Run a command in a container over a union of layers.")
-    ap.add_argument("--root", help="state directory (default $UNIONRUN_ROOT or /run/unionrun)")
+    ap.add_argument("--root", help="containers: state, upper layers, logs "
+                                   "(default $UNIONRUN_ROOT or /var/lib/unionrun)")
     ap.add_argument("--store", help="image store (default $UNIONFS_STORE or /var/lib/unionfs)")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
@@ -39,28 +41,31 @@ def _parser():
                              "IMAGE [CMD [ARG...]])")
     p.add_argument("--layers", help="lower layers, leftmost topmost")
     p.add_argument("--upper", help="upper layer to use (default: a fresh one, kept until rm)")
-    p.add_argument("--name")
-    p.add_argument("-d", "--detach", action="store_true")
+    p.add_argument("--name", help="the container's name (default: 12 random hex digits)")
+    p.add_argument("-d", "--detach", action="store_true",
+                   help="run in the background; its output goes to `logs`")
     p.add_argument("--rm", action="store_true", help="remove the container when it exits")
-    p.add_argument("-t", "--tty", action="store_true")
-    p.add_argument("-i", "--interactive", action="store_true")
-    p.add_argument("-e", "--env", action="append", default=[])
-    p.add_argument("-w", "--workdir")
-    p.add_argument("-u", "--user")
-    p.add_argument("-v", "--volume", action="append", default=[])
-    p.add_argument("-p", "--publish", action="append", default=[])
+    p.add_argument("-t", "--tty", action="store_true", help="a pty of the container's devpts")
+    p.add_argument("-i", "--interactive", action="store_true", help="pass our stdin on")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="NAME[=VALUE]")
+    p.add_argument("-w", "--workdir", metavar="DIR")
+    p.add_argument("-u", "--user", metavar="UID[:GID]|NAME[:GROUP]")
+    p.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:CTR[:ro]")
+    p.add_argument("-p", "--publish", action="append", default=[],
+                   metavar="[ADDR:]HOSTPORT:CTRPORT", help="a TCP port, on 127.0.0.1 by default")
     p.add_argument("--hostname")
-    p.add_argument("--net", choices=("none", "host"), default="none")
-    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--net", choices=("none", "host"), default="none",
+                   help="none (default): a network namespace with loopback only")
+    p.add_argument("--read-only", action="store_true", help="the root read-only")
     p.add_argument("--userns", nargs="?", const="auto", metavar="HOSTID:COUNT",
                    help="a user namespace: the container's root is host id HOSTID (default: "
                         "root's /etc/subuid range, else 100000:65536)")
-    p.add_argument("--memory")
-    p.add_argument("--cpus")
-    p.add_argument("--pids-limit")
+    p.add_argument("--memory", metavar="SIZE", help="e.g. 64m, through cgroups (v2, else v1)")
+    p.add_argument("--cpus", metavar="N", help="e.g. 0.5")
+    p.add_argument("--pids-limit", metavar="N")
     p.add_argument("--cap-add", action="append", default=[])
     p.add_argument("--cap-drop", action="append", default=[])
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="-- CMD | IMAGE [CMD]")
 
     p = sub.add_parser("exec", help="run a command in a running container")
     p.add_argument("-t", "--tty", action="store_true")
@@ -144,8 +149,8 @@ def _build_spec(args):
         volumes=tuple(spec.parse_volume(v) for v in args.volume),
         ports=tuple(spec.parse_port(p) for p in args.publish), limits=limits,
         caps=spec.parse_caps(args.cap_add, args.cap_drop), net=args.net,
-        readonly=args.read_only, userns=spec.parse_userns(args.userns), tty=args.tty, interactive=args.interactive,
-        detach=args.detach, remove=args.rm), image, store
+        readonly=args.read_only, userns=spec.parse_userns(args.userns), tty=args.tty,
+        interactive=args.interactive, detach=args.detach, remove=args.rm), image, store
 
 
 def _cmd_run(args, root):

@@ -12,7 +12,8 @@ import os
 import shutil
 import time
 
-DEFAULT_ROOT = "/run/unionrun"
+# Persistent, as the containers' upper layers are kept until rm (after a reboot, too).
+DEFAULT_ROOT = "/var/lib/unionrun"
 
 
 class Paths:
