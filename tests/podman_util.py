@@ -6,12 +6,14 @@ Nothing here imports unionfs: podman only ever runs it through the wrapper scrip
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -207,18 +209,22 @@ class Podman:
         self.home = home
         self.mount_program = mount_program
         home.mkdir(parents=True, exist_ok=True)
-        for d in ("root", "run", "tmp", "net"):
+        for d in ("root", "tmp", "net"):
             (home / d).mkdir(exist_ok=True)
+        # podman refuses a run root longer than 50 characters (its sockets' paths have a limit),
+        # and pytest's temporary directories grow with every session: a short one of our own.
+        self.run_root = run = Path(tempfile.mkdtemp(prefix="pm", dir="/tmp"))
+        atexit.register(shutil.rmtree, run, True)
         # Our own configuration files, so that none of the machine's (or a user's) applies.
         (home / "containers.conf").write_text(
             '[engine]\nevents_logger = "none"\ncgroup_manager = "cgroupfs"\nruntime = "runc"\n')
         (home / "storage.conf").write_text(
             f'[storage]\ndriver = "overlay"\ngraphroot = "{home / "root"}"\n'
-            f'runroot = "{home / "run"}"\n')
+            f'runroot = "{run}"\n')
         self.env = dict(os.environ, CONTAINERS_CONF=str(home / "containers.conf"),
                         CONTAINERS_STORAGE_CONF=str(home / "storage.conf"),
-                        XDG_RUNTIME_DIR=str(home / "run"))
-        self.base = ["podman", "--root", str(home / "root"), "--runroot", str(home / "run"),
+                        XDG_RUNTIME_DIR=str(run))
+        self.base = ["podman", "--root", str(home / "root"), "--runroot", str(run),
                      "--tmpdir", str(home / "tmp"), "--network-config-dir", str(home / "net"),
                      "--storage-driver", "overlay", "--events-backend=none",
                      "--runtime", "runc",
@@ -250,8 +256,8 @@ class Podman:
     # --- what podman leaves on the machine
 
     def mounts(self) -> list[bytes]:
-        prefix = os.fsencode(str(self.home)) + b"/"
-        return sorted(m for m in util.mountpoints() if m.startswith(prefix))
+        prefixes = tuple(os.fsencode(str(d)) + b"/" for d in (self.home, self.run_root))
+        return sorted(m for m in util.mountpoints() if m.startswith(prefixes))
 
     def container_mounts(self) -> list[str]:
         """Mounts of container file systems. With a mount_program, containers-storage also

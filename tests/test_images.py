@@ -1,5 +1,6 @@
 """The image store against real podman: import both archive formats, commit, export, hostile archives."""
 
+import atexit
 import hashlib
 import io
 import json
@@ -9,6 +10,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 
 import pytest
@@ -23,7 +25,10 @@ RUN = ["--net=none", "--ulimit", "nproc=1000:1000", "--ulimit", "nofile=1000:100
 
 class Podman:
     def __init__(self, root):
-        self.base = [PODMAN, "--root", f"{root}/root", "--runroot", f"{root}/runroot", "--runtime", "runc",
+        # podman refuses a run root longer than 50 characters; pytest's directories grow.
+        runroot = tempfile.mkdtemp(prefix="pm", dir="/tmp")
+        atexit.register(shutil.rmtree, runroot, True)
+        self.base = [PODMAN, "--root", f"{root}/root", "--runroot", runroot, "--runtime", "runc",
                      "--cgroup-manager=cgroupfs", "--events-backend=none", "--storage-driver", "vfs"]
 
     def __call__(self, *args, **kw):
