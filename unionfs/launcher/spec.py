@@ -161,7 +161,8 @@ def parse_pids(value):
 
 def parse_env(values, tty, hostname):
     """The command's environment: docker's defaults, then -e K=V (or -e K, taken from ours)."""
-    env = {"PATH": DEFAULT_PATH, "HOSTNAME": hostname, "HOME": "/root"}
+    # HOME comes from the user's /etc/passwd entry at exec, unless given here.
+    env = {"PATH": DEFAULT_PATH, "HOSTNAME": hostname}
     if tty:
         env["TERM"] = "xterm"
     for item in values:
