@@ -19,13 +19,11 @@ DEFAULT_NAMES = ("CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW"
 
 
 def number(name):
-    name = name.upper()
-    name = name[4:] if name.startswith("CAP_") else name
-    return NAMES.index(name) if name in NAMES else _raise(name)
-
-
-def _raise(name):
-    raise KeyError(name)
+    """The number of capability ``name`` (CHOWN or CAP_CHOWN, any case); KeyError if unknown."""
+    name = name.upper().removeprefix("CAP_")
+    if name not in NAMES:
+        raise KeyError(name)
+    return NAMES.index(name)
 
 
 def last_cap():
@@ -38,19 +36,6 @@ def last_cap():
 
 DEFAULT = sum(1 << NAMES.index(n) for n in DEFAULT_NAMES)
 ALL = (1 << len(NAMES)) - 1
-
-
-def own_bounding():
-    """Our bounding set: what we can grant at all."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapBnd:"):
-                return int(line.split()[1], 16)
-    return ALL
-
-
-def names_of(mask):
-    return [n for i, n in enumerate(NAMES) if mask & (1 << i)]
 
 
 def drop_bounding(mask):
