@@ -155,6 +155,21 @@ def _apply(controller, option, d, version, limits):
         _write(os.path.join(d, "pids.max"), limits.pids, option)
 
 
+def dirs_of(pid):
+    """The directories, in our view of the cgroup file systems, of each hierarchy ``pid`` is in."""
+    mounts = _mounts()
+    dirs = []
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            hid, ctrls, path = line.rstrip("\n").split(":", 2)
+            want = set(ctrls.split(",")) if ctrls else set()
+            for mnt, root, fstype, opts in mounts:
+                if (fstype == "cgroup2") == (hid == "0") and want <= opts:
+                    dirs.append(_under(mnt, root, path))
+                    break
+    return dirs
+
+
 def join(dirs, pid):
     for d in dirs:
         _write(os.path.join(d, "cgroup.procs"), pid, "cgroup")

@@ -220,28 +220,25 @@ def _cmd_ps(args, root):
     return 0
 
 
-def _cmd_stop(args, root):
+def _each(names, action):
+    """``action`` on every name, as docker does: a failure is reported and the others go on."""
     code = 0
-    for name in args.names:
+    for name in names:
         try:
-            lifecycle.stop(root, name, args.time)
+            action(name)
             print(name)
         except lifecycle.LifecycleError as e:
             sys.stderr.write(f"{PROG}: {e}\n")
             code = FAILED
     return code
+
+
+def _cmd_stop(args, root):
+    return _each(args.names, lambda name: lifecycle.stop(root, name, args.time))
 
 
 def _cmd_rm(args, root):
-    code = 0
-    for name in args.names:
-        try:
-            lifecycle.rm(root, name, args.force)
-            print(name)
-        except lifecycle.LifecycleError as e:
-            sys.stderr.write(f"{PROG}: {e}\n")
-            code = FAILED
-    return code
+    return _each(args.names, lambda name: lifecycle.rm(root, name, args.force))
 
 
 def _cmd_logs(args, root):

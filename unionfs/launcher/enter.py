@@ -10,6 +10,7 @@ import sys
 
 from . import _libc as L
 from . import caps as _caps
+from . import cgroups
 from . import process as P
 from . import state
 
@@ -29,30 +30,6 @@ def _status_field(pid, name):
             if line.startswith(name + ":"):
                 return line.split()[1]
     raise EnterError(f"exec: no {name} in /proc/{pid}/status")
-
-
-def _cgroup_dirs(pid):
-    """The directories, in our view of the cgroup file systems, of each hierarchy ``pid`` is in."""
-    mounts = []     # (mountpoint, root, fstype, super options)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if rfields and rfields[0] in ("cgroup", "cgroup2"):
-                opts = set(rfields[2].split(",")) if len(rfields) > 2 else set()
-                mounts.append((fields[4].replace("\\040", " "), fields[3].replace("\\040", " "),
-                               rfields[0], opts))
-    dirs = []
-    with open(f"/proc/{pid}/cgroup") as f:
-        for line in f:
-            hid, ctrls, path = line.rstrip("\n").split(":", 2)
-            want = set(ctrls.split(",")) if ctrls else set()
-            for mnt, root, fstype, opts in mounts:
-                if (fstype == "cgroup2") == (hid == "0") and want <= opts:
-                    rel = path[len(root):] if root != "/" and path.startswith(root) else path
-                    dirs.append(os.path.join(mnt, rel.lstrip("/")))
-                    break
-    return dirs
 
 
 def run_in(pid, argv, env, workdir="/", user=None, tty=False, interactive=False,
@@ -145,7 +122,7 @@ def _join(pid, start_time):
         raise EnterError(f"exec: container process {pid} is gone")
     # The cgroups through the host's cgroup file systems, before they are out of sight; the
     # command, forked later, is born in them and counts against the container's limits.
-    for d in _cgroup_dirs(pid):
+    for d in cgroups.dirs_of(pid):
         try:
             with open(os.path.join(d, "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))
@@ -184,23 +161,11 @@ def _parent(child, r, master, interactive):
     if kind != "pid":
         os.waitpid(child, 0)
         raise EnterError(rest or "exec: the command could not be started")
-    cmd = int(rest)
-
-    def forward(signum, frame):
-        try:
-            os.kill(cmd, signum)
-        except ProcessLookupError:
-            pass
-
-    old = {sig: signal.signal(sig, forward) for sig in P.FORWARDED}
-    try:
+    with P.forwarding(int(rest)):
         if master is None:
             status = P.wait_status(child)
         else:
             status = P.relay(child, master, interactive)
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
     rest_lines = P.read_rest(r)
     for line in rest_lines:
         kind, _, msg = line.partition(" ")

@@ -6,6 +6,7 @@ Shared by `run` (the init forks the command) and `exec` (a process that joined t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -64,6 +65,23 @@ def exit_code(status):
 def wait_status(pid):
     _, status = os.waitpid(pid, 0)
     return exit_code(status)
+
+
+@contextlib.contextmanager
+def forwarding(pid):
+    """While inside, the signals of FORWARDED that we get go on to ``pid``."""
+    def forward(signum, frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    old = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def open_pty(pid):

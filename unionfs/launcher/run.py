@@ -218,23 +218,12 @@ def wait(started, interactive):
     """Wait for the command, forwarding our signals to the init (which passes them on); its
     exit status. Messages of a failed exec go to our stderr."""
     pid = started.init_pid
-
-    def forward(signum, frame):
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-    old = {sig: signal.signal(sig, forward) for sig in P.FORWARDED}
-    try:
+    with P.forwarding(pid):
         if started.master is None:
             code = P.wait_status(pid)
         else:
             code = P.relay(pid, started.master, interactive)
             os.close(started.master)
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
     for line in P.read_rest(started.rep_r):
         kind, _, msg = line.partition(" ")
         if kind == "exec":
