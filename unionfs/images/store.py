@@ -14,6 +14,7 @@ import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
 
+from ..launcher import state as procs
 from . import archive, layer
 
 DEFAULT_STORE = "/var/lib/unionfs"
@@ -95,7 +96,7 @@ class Store:
         with self._locked():
             self._read(image)
             self._write_json(self._hold_path(state_dir), {"image": image, "state": state_dir,
-                                                          "creator": [os.getpid(), _start_time(os.getpid())]})
+                                                          "creator": procs.identity(os.getpid())})
 
     def unhold(self, state_dir):
         with contextlib.suppress(FileNotFoundError):
@@ -111,8 +112,7 @@ class Store:
                     h = json.load(f)
             except (OSError, ValueError):
                 continue
-            pid, start = h.get("creator") or (0, None)
-            if os.path.isdir(h["state"]) or (start is not None and _start_time(pid) == start):
+            if os.path.isdir(h["state"]) or procs.alive(h.get("creator")):
                 live.append(h)
             elif prune:
                 os.unlink(os.path.join(self.root, "holds", name))
@@ -249,16 +249,6 @@ class Store:
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         return img
-
-
-def _start_time(pid):
-    """The start time of process `pid` (a recycled pid has another), None if there is none."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data[data.rindex(b")") + 2:].split()[19])
 
 
 def open_store(path=None):
