@@ -19,6 +19,8 @@ Mounts the union of the lower layers (leftmost topmost) under a copy-on-write up
   -f            stay in the foreground
   -d            log every request (implies nothing else)
   -o OPTIONS    workdir=DIR, timeout=SECONDS, fsync=0, volatile, ro, noxattrs,
+                writeback=1 (the kernel caches writes: fewer, larger requests, but a
+                full disk or a dead daemon is reported late, at fsync, not at write),
                 uidmapping=C:H:N[:C:H:N...], gidmapping=..., squash_to_root,
                 squash_to_uid=ID, squash_to_gid=ID, and the fuse-overlayfs form
                 lowerdir=,upperdir=,workdir=
@@ -94,6 +96,10 @@ def parse(argv):
             if value not in ("0", "1"):
                 raise UsageError("option fsync takes 0 or 1")
             kw["fsync"] = value == "1"
+        elif key == "writeback":
+            if value not in (None, "0", "1"):
+                raise UsageError("option writeback takes 0 or 1")
+            kw["writeback"] = value != "0"
         elif key == "volatile":
             kw["fsync"] = False
         elif key == "ro":

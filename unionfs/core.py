@@ -29,10 +29,14 @@ class _OriginStat:
 
 
 class Union:
-    def __init__(self, stack, timeout=1.0, fsync=True, uidmap=None, gidmap=None, xattrs=True):
+    def __init__(self, stack, timeout=1.0, fsync=True, uidmap=None, gidmap=None, xattrs=True,
+                 writeback=False):
         self.stack = stack
         self.timeout = timeout
         self.fsync = fsync
+        # The kernel caches writes and sends them later, in pages (FUSE_CAP_WRITEBACK_CACHE): only
+        # where there is an upper layer to write to.
+        self.writeback = writeback and stack.upper is not None
         self.uidmap = uidmap if uidmap is not None and not uidmap.identity else None
         self.gidmap = gidmap if gidmap is not None and not gidmap.identity else None
         self.xattrs = xattrs

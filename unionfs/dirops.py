@@ -12,7 +12,7 @@ import stat
 
 import trio
 
-from . import _fast, _sys
+from . import _fast, _sys, files
 from .copyup import copy_up
 from .lookup import Found, lower_entry_exists
 from .readdir import merged_names
@@ -80,7 +80,8 @@ async def create(u, parent, name, mode, flags, ctx):
     path = await _prepare(u, parent, name)
     uid, gid, _ = _owner(u, parent, ctx, False)
     work, tmp = u.stack.work, work_name()
-    fd = _sys.open_file(work, tmp, os.O_CREAT | os.O_EXCL | (flags & _OPEN_FLAGS_KEPT),
+    fd = _sys.open_file(work, tmp,
+                        os.O_CREAT | os.O_EXCL | files.layer_flags(u, flags & _OPEN_FLAGS_KEPT),
                         stat.S_IMODE(mode))
     try:
         os.fchown(fd, uid, gid)

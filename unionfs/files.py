@@ -28,6 +28,21 @@ def _for_writing(flags):
     return (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
 
 
+def layer_flags(u, flags):
+    """The flags to open the layer file with, for an open or create with ``flags``.
+
+    With the kernel's writeback cache, the kernel reads pages to complete a partial-page write, on
+    the writer's handle even when that was opened O_WRONLY: the layer file is opened O_RDWR. And it
+    computes where an O_APPEND write goes itself, then writes pages back at their offsets: a layer
+    fd with O_APPEND would put them all at its end, so O_APPEND is dropped.
+    """
+    if u.writeback:
+        if flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        flags &= ~os.O_APPEND
+    return flags
+
+
 def _open_top(u, node, flags):
     if node.upper:
         return _sys.open_file(u.stack.upper, node.path(), flags), True
@@ -42,7 +57,7 @@ async def open(u, node, flags):
         await copy_up(u, node, data=not flags & os.O_TRUNC)
     if node.unlinked:
         raise OSError(errno.ENOENT, "entry was removed")
-    fd, upper = _open_top(u, node, flags)
+    fd, upper = _open_top(u, node, layer_flags(u, flags))
     return u.add_handle(adopt(u, fd, node, upper, flags))
 
 

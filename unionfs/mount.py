@@ -220,7 +220,7 @@ def serve(opts, prep, ready):
     stack = build_stack(prep)
     try:
         union = Union(stack, timeout=opts.timeout, fsync=opts.fsync, uidmap=opts.uidmap,
-                      gidmap=opts.gidmap, xattrs=opts.xattrs)
+                      gidmap=opts.gidmap, xattrs=opts.xattrs, writeback=opts.writeback)
         ops = Operations(union, debug=opts.debug)
         try:
             pyfuse3.init(ops, prep.mountpoint, fuse_options(opts, prep))

@@ -77,6 +77,9 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.u = union
         self.debug = debug
+        # pyfuse3 reads this from the instance when the kernel's INIT request comes in, to ask for
+        # FUSE_CAP_WRITEBACK_CACHE; files.layer_flags adapts the layer opens to it.
+        self.enable_writeback_cache = union.writeback
 
     # --- names ----------------------------------------------------------------------------------
 

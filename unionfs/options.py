@@ -25,6 +25,7 @@ class MountOptions:
     uidmap: object = None           # idmap.IdMap for owners, None for identity
     gidmap: object = None
     xattrs: bool = True             # noxattrs: no extended attributes through the mount
+    writeback: bool = False         # writeback=1: the kernel's writeback cache (see cli.USAGE)
     unknown: tuple[str, ...] = field(default=())
 
 
