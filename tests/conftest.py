@@ -105,11 +105,12 @@ class Pair:
         return self.stack.enter_context(util.kernel_mount(side or self.k, **kw))
 
     def run(self, scenario, lowers, upper=None, *, cross=True, index=False, snap_kw=None,
-            mnt_depth=1):
+            mnt_depth=1, options=()):
         """Apply ``scenario(mountpoint)`` through both, compare its results and the trees a process
         sees; then mount each side's upper with the other implementation and compare again.
 
         Builds the layers unless build() was called first (to add things around them).
+        ``options``: unionmount's -o options for the scenario's mount (not the cross check's).
         Returns (results, snapshot) of the kernel side for further checks.
         """
         snap_kw = dict(snap_kw or {})
@@ -117,7 +118,7 @@ class Pair:
             self.build(lowers, upper, mnt_depth=mnt_depth)
         since = time.time_ns()
         snap_kw.setdefault("since_ns", since)
-        with util.union_mount(self.u, self.impl):
+        with util.union_mount(self.u, self.impl, options=options):
             got = scenario(self.u.mnt)
             snap_u = util.snapshot(self.u.mnt, **snap_kw)
         with util.kernel_mount(self.k, index=index):

@@ -117,7 +117,8 @@ def test_unknown_option_warns_in_one_line_and_mounts(side, impl, no_mounts_left)
 
 
 @pytest.mark.parametrize("bad", ["uidmapping=0:100000", "uidmapping=a:b:c", "timeout=soon",
-                                 "squash_to_uid=root", "fsync=maybe", "lowerdir="])
+                                 "squash_to_uid=root", "fsync=maybe", "lowerdir=",
+                                 "writeback=maybe"])
 def test_malformed_known_option_is_an_error(side, impl, no_mounts_left, bad):
     opts = f"lowerdir={lowerdir(side)},upperdir={side.upper},workdir={side.work},{bad}"
     before = sorted(p.name for p in side.upper.iterdir()), sorted(side.work.iterdir())
@@ -171,6 +172,7 @@ def test_noxattrs(side, impl, no_mounts_left):
 
 
 @pytest.mark.parametrize("option", ["fsync=0", "volatile", "timeout=0", "timeout=2.5",
+                                    "writeback=0", "writeback=1",
                                     "context=\"system_u:object_r:container_file_t:s0\""])
 def test_accepted_options_mount_and_work(side, impl, no_mounts_left, option):
     opts = f"lowerdir={lowerdir(side)},upperdir={side.upper},workdir={side.work},{option}"

@@ -219,7 +219,7 @@ def union_env(impl: str) -> dict:
     return env
 
 
-def union_cmd(lowers, upper, mnt, *, work=None, options=(), foreground=True):
+def union_cmd(lowers, upper, mnt, *, work=None, options=(), foreground=True, debug=False):
     cmd = [sys.executable, "-m", "unionfs", ":".join(str(p) for p in lowers)]
     if upper is not None:
         cmd.append(str(upper))
@@ -231,6 +231,8 @@ def union_cmd(lowers, upper, mnt, *, work=None, options=(), foreground=True):
         cmd += ["-o", ",".join(opts)]
     if foreground:
         cmd.append("-f")
+    if debug:
+        cmd.append("-d")        # every request logged (to the log file of union_mount)
     return cmd
 
 
@@ -267,7 +269,7 @@ def fuse_unmount(mnt) -> None:
 
 @contextlib.contextmanager
 def union_mount(side: Side, impl: str, *, upper="default", work="default", options=(),
-                lowers=None, log_name="unionmount.log"):
+                lowers=None, log_name="unionmount.log", debug=False):
     """Mount unionmount in the foreground (-f) over ``side``; unmount and check the daemon's exit.
 
     Yields the daemon's Popen.
@@ -275,7 +277,7 @@ def union_mount(side: Side, impl: str, *, upper="default", work="default", optio
     upper = side.upper if upper == "default" else upper
     work = (side.work if upper is not None else None) if work == "default" else work
     lowers = side.lowers if lowers is None else lowers
-    cmd = union_cmd(lowers, upper, side.mnt, work=work, options=options)
+    cmd = union_cmd(lowers, upper, side.mnt, work=work, options=options, debug=debug)
     log = side.root / log_name
     with open(log, "ab") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
