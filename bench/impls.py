@@ -54,6 +54,7 @@ class Impl:
     key: str
     label: str
     is_fuse = True
+    by_default = True   # run when --impl names none
 
     def missing(self) -> str | None:
         """Why this implementation cannot run here, and the command that fixes it; None if it can."""
@@ -198,13 +199,19 @@ class UnionfsFuse(Impl):
 
 
 class Unionmount(Impl):
-    """This project: `python -m unionfs`, in its Cython build or forced to pure Python."""
+    """This project: `python -m unionfs`, in its Cython build or forced to pure Python; with its
+    default options, or with the kernel's writeback cache on (`-o writeback=1`) or off."""
 
-    def __init__(self, pure_python: bool, python: str):
+    def __init__(self, pure_python: bool, python: str, writeback: bool | None = None):
         self.pure_python = pure_python
         self.python = python
+        self.writeback = writeback
         self.key = "unionmount-py" if pure_python else "unionmount-c"
         self.label = "unionmount (pure Python)" if pure_python else "unionmount (Cython)"
+        if writeback is not None:
+            self.by_default = False
+            self.key += f"-wb{int(writeback)}"
+            self.label = f"{self.label[:-1]}, writeback={int(writeback)})"
 
     def mount_env(self) -> dict:
         env = dict(os.environ)
@@ -265,8 +272,11 @@ class Unionmount(Impl):
             str(s.upper),
             str(s.mountpoint),
             "-o",
-            f"workdir={s.workdir}",
+            f"workdir={s.workdir}" + self._options(),
         ]
+
+    def _options(self) -> str:
+        return "" if self.writeback is None else f",writeback={int(self.writeback)}"
 
 
 def all_impls(python: str) -> list[Impl]:
@@ -277,4 +287,7 @@ def all_impls(python: str) -> list[Impl]:
         UnionfsFuse(),
         Unionmount(pure_python=False, python=python),
         Unionmount(pure_python=True, python=python),
+        # Not run unless named with --impl: the Cython build with the writeback cache on and off.
+        Unionmount(pure_python=False, python=python, writeback=True),
+        Unionmount(pure_python=False, python=python, writeback=False),
     ]

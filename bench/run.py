@@ -75,7 +75,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # Check every option before touching anything, one line per problem.
     all_keys = [i.key for i in impls.all_impls(args.python)]
     args.only = _split(args.only) or [w.name for w in workloads.WORKLOADS]
-    args.impl = _split(args.impl) or all_keys
+    args.impl = _split(args.impl) or [i.key for i in impls.all_impls(args.python) if i.by_default]
     for name in args.only:
         if name not in workloads.BY_NAME:
             die(f"unknown workload {name!r}; known: {', '.join(workloads.BY_NAME)}")
