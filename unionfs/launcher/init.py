@@ -42,6 +42,9 @@ def _run(spec, root_tree, volume_trees, ctl_r, rep_w):
     L.set_cmdline("unionrun-init")
     # The supervisor gone means nobody would ever stop or clean up after us.
     L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
+    # The supervisor's other fds (its cwd, what its caller passed on) are host files and
+    # directories: through /proc/1/fd they would lead the container out of its root.
+    _close_fds_but({ctl_r, rep_w, root_tree, *volume_trees})
     child = None
 
     def forward(signum, frame):
@@ -82,6 +85,15 @@ def _run(spec, root_tree, volume_trees, ctl_r, rep_w):
     os.close(rep_w)
     os.close(null)
     return _reap_until(child)
+
+
+def _close_fds_but(keep):
+    """Close every fd above 2 except those of ``keep``."""
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
 
 
 def _command(cmd, w):
