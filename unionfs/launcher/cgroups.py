@@ -175,6 +175,17 @@ def join(dirs, pid):
         _write(os.path.join(d, "cgroup.procs"), pid, "cgroup")
 
 
+def leave(dirs, pid):
+    """Move ``pid`` out of ``dirs`` (the container's) into their parents (ours). Best effort: a
+    process that stays is only counted against the container's limits."""
+    for d in dirs:
+        try:
+            with open(os.path.join(os.path.dirname(d), "cgroup.procs"), "w") as f:
+                f.write(str(pid))
+        except OSError:
+            pass
+
+
 def procs(d):
     try:
         with open(os.path.join(d, "cgroup.procs")) as f:

@@ -200,7 +200,7 @@ def _cmd_exec(args, root):
     return enter.run_in(st["init"][0], argv, env, workdir=args.workdir or st["workdir"],
                         user=spec.parse_user(args.user) or st["user"], tty=args.tty,
                         interactive=args.interactive, caps=st["caps"],
-                        start_time=st["init"][1])
+                        start_time=st["init"][1], cgroup_dirs=st.get("cgroups") or ())
 
 
 def _cmd_ps(args, root):

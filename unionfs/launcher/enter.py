@@ -33,12 +33,14 @@ def _status_field(pid, name):
 
 
 def run_in(pid, argv, env, workdir="/", user=None, tty=False, interactive=False,
-           caps=_caps.DEFAULT, start_time=None):
+           caps=_caps.DEFAULT, start_time=None, cgroup_dirs=()):
     """Run ``argv`` inside the container whose init is host process ``pid``; returns its exit
     status (126 not executable, 127 not found, 128+N killed by signal N). ``env`` is a mapping
     or "K=V" strings; ``user`` is "UID[:GID]" or a name of the container's /etc/passwd.
     The command gets ``caps`` as far as the init's bounding set allows. With ``start_time`` the
-    pid must still be that process. Raises EnterError when the command could not be set up.
+    pid must still be that process. The command joins the cgroups of ``pid`` and then
+    ``cgroup_dirs`` (the container's limits, which its init has left). Raises EnterError when the
+    command could not be set up.
     Call it from the main thread (it sets signal handlers while it waits) of a single-threaded
     process: it forks, and the fork joins the namespaces; the caller's own stay as they were."""
     if not argv:
@@ -65,10 +67,10 @@ def run_in(pid, argv, env, workdir="/", user=None, tty=False, interactive=False,
         child = os.fork()
         if child == 0:
             os.close(r)
-            _middle(pid, start_time, cmd, w)
+            _middle(pid, start_time, cgroup_dirs, cmd, w)
         os.close(w)
         w = -1
-        return _parent(child, r, master, interactive)
+        return _parent(child, r, master, interactive, cgroup_dirs)
     finally:
         if w >= 0:
             os.close(w)
@@ -78,7 +80,7 @@ def run_in(pid, argv, env, workdir="/", user=None, tty=False, interactive=False,
             os.close(master)
 
 
-def _middle(pid, start_time, cmd, w):
+def _middle(pid, start_time, cgroup_dirs, cmd, w):
     """The forked child: joins everything, forks the command into the pid namespace, waits for
     it and exits with its status. Never returns."""
     code = P.SETUP_FAILED
@@ -86,7 +88,7 @@ def _middle(pid, start_time, cmd, w):
         # The terminal's ^C and a kill of the caller reach the command through the caller.
         for sig in P.FORWARDED:
             signal.signal(sig, signal.SIG_IGN)
-        _join(pid, start_time)
+        _join(pid, start_time, cgroup_dirs)
         # Only children enter the pid namespace.
         child = os.fork()
         if child == 0:
@@ -103,7 +105,7 @@ def _middle(pid, start_time, cmd, w):
         os._exit(code)
 
 
-def _join(pid, start_time):
+def _join(pid, start_time, cgroup_dirs):
     # Every fd first: once in the container's mount namespace /proc/PID means something else.
     fds = []
     try:
@@ -122,7 +124,7 @@ def _join(pid, start_time):
         raise EnterError(f"exec: container process {pid} is gone")
     # The cgroups through the host's cgroup file systems, before they are out of sight; the
     # command, forked later, is born in them and counts against the container's limits.
-    for d in cgroups.dirs_of(pid):
+    for d in cgroups.dirs_of(pid) + list(cgroup_dirs):
         try:
             with open(os.path.join(d, "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))
@@ -154,13 +156,16 @@ def _command_child(cmd, w):
     os._exit(P.SETUP_FAILED)
 
 
-def _parent(child, r, master, interactive):
+def _parent(child, r, master, interactive, cgroup_dirs):
     """Wait for the command (relaying the pty if any), forwarding signals; its status."""
     line = P.read_line(r)
     kind, _, rest = line.partition(" ")
     if kind != "pid":
         os.waitpid(child, 0)
         raise EnterError(rest or "exec: the command could not be started")
+    # The command is born inside the limits; our Python child, which waits for it, leaves them
+    # (the OOM killer would take it rather than the command).
+    cgroups.leave(cgroup_dirs, child)
     with P.forwarding(int(rest)):
         if master is None:
             status = P.wait_status(child)

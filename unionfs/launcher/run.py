@@ -4,8 +4,9 @@ The supervisor is the process that calls run() (unionrun itself in the foregroun
 process of its own session whose output goes to the container's log). In order it: claims the
 name, creates the cgroups, mounts the union, clones the init into new namespaces, moves it into
 the cgroups, lets it set the root up, opens the pty, starts the port forwarder, lets it start the
-command; then it waits, forwarding signals to the init, and releases everything at the end. Any
-failure on the way undoes what was done, so that a refused run leaves nothing behind.
+command, takes the init out of the cgroups again; then it waits, forwarding signals to the init,
+and releases everything at the end. Any failure on the way undoes what was done, so that a refused
+run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -178,6 +179,10 @@ def _clone_init(spec, paths, st, trees):
             st["forwarder"] = state.identity(ports.start(spec.ports, pid, paths.log))
         P.report(ctl_w, f"go {slave_n}" if spec.tty else "go -")
         _expect(rep_r, "pid")
+        # The command is born inside the limits; the init leaves them. A Python process, it is
+        # bigger than most commands: the OOM killer of a small --memory would pick it, and the
+        # whole container would die with it instead of the process that went over.
+        cgroups.leave(st["cgroups"], pid)
     except BaseException:
         os.close(rep_r)
         if master is not None:
