@@ -219,6 +219,11 @@ def test_capabilities_no_new_privs_fds_and_masked_paths(layers, ur):
     r = ur("run", "--rm", "--cap-drop", "CHOWN", "--cap-add", "SYS_ADMIN", "--layers",
            layers["layers"], "--", "grep", "CapBnd", "/proc/self/status")
     assert r.stdout == f"CapBnd:\t{int(DEFAULT_CAPS, 16) & ~1 | 1 << 21:016x}\n"
+    # The init keeps no more than the command: nothing above it to reach through ptrace.
+    r = ur("run", "--rm", "--cap-add", "SYS_PTRACE", "--layers", layers["layers"], "--",
+           "grep", "-E", "^Cap(Eff|Bnd)", "/proc/1/status")
+    ptrace = f"{int(DEFAULT_CAPS, 16) | 1 << 19:016x}"
+    assert r.stdout == f"CapEff:\t{ptrace}\nCapBnd:\t{ptrace}\n", r.stderr
     r = ur("run", "--rm", "-u", "1000", "--layers", layers["layers"], "--", "sh", "-c",
            "id -u; grep CapEff /proc/self/status; echo $HOME")
     assert r.stdout == "1000\nCapEff:\t0000000000000000\n/home/user\n"

@@ -16,6 +16,7 @@ import os
 import signal
 
 from . import _libc as L
+from . import caps as _caps
 from . import process as P
 from . import rootfs
 
@@ -84,6 +85,10 @@ def _run(spec, root_tree, volume_trees, ctl_r, rep_w):
     P.report(rep_w, f"pid {pid}")
     os.close(rep_w)
     os.close(null)
+    # From here on we only forward signals and reap: keep no more than the command has, so a
+    # command allowed to ptrace (--cap-add SYS_PTRACE) finds nothing above itself in us.
+    _caps.drop_bounding(spec.caps)
+    _caps.set_sets(spec.caps)
     return _reap_until(child)
 
 
