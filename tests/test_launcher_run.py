@@ -448,3 +448,14 @@ def test_port_in_use_and_name_taken_leave_nothing(layers, ur):
     st = ur.state("taken")
     _one_line_error(ur("run", "--name", "taken", "--layers", layers["layers"], "--", "true"))
     assert ur.state("taken") == st and _alive(st["init"])
+
+
+def test_detached_command_that_cannot_start_fails_at_once(layers, ur):
+    r = ur("run", "-d", "--name", "nocmd", "--layers", layers["layers"], "--", "no-such-command")
+    assert r.returncode == 127 and r.stdout == ""
+    assert r.stderr == "unionrun: no-such-command: executable file not found\n"
+    deadline = time.monotonic() + 10
+    while "exited (127)" not in ur("ps", "-a").stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert ur("rm", "nocmd").returncode == 0

@@ -170,8 +170,9 @@ def _cmd_run(args, root):
             print(rs.name)
             return 0
         return run.run(rs, root, image, store_root)
-    except run.RunError:
-        if image is not None:
+    except run.RunError as e:
+        # A command that failed to start leaves its (exited) container, which keeps its hold.
+        if image is not None and not isinstance(e, run.CommandFailed):
             store.unhold(os.path.join(root, rs.name))
         raise
 
@@ -293,6 +294,9 @@ def main(argv=None):
         return FAILED
     try:
         return handler(args, root)
+    except run.CommandFailed as e:
+        sys.stderr.write(f"{PROG}: {e}\n")
+        return e.code
     except (spec.SpecError, run.RunError, enter.EnterError, lifecycle.LifecycleError,
             _Fail) as e:
         sys.stderr.write(f"{PROG}: {e}\n")

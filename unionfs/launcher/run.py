@@ -27,6 +27,14 @@ class RunError(Exception):
     """The container could not be started: one line for the user, nothing left behind."""
 
 
+class CommandFailed(RunError):
+    """-d: the container started but its command could not (``code``: 126, 127 or 125)."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
 def initial_state(spec, image=None, store=None):
     return {"name": spec.name, "status": "created", "exit_code": None,
             "argv": list(spec.argv), "env": list(spec.env), "workdir": spec.workdir,
@@ -43,9 +51,9 @@ def initial_state(spec, image=None, store=None):
 class _Started:
     """A container whose command runs: what the supervisor waits on and then releases."""
 
-    def __init__(self, paths, st, init_pid, rep_r, master):
+    def __init__(self, paths, st, init_pid, failure, master):
         self.paths, self.st = paths, st
-        self.init_pid, self.rep_r, self.master = init_pid, rep_r, master
+        self.init_pid, self.failure, self.master = init_pid, failure, master
 
 
 def start(spec, root, image=None, store=None, to_log=False):
@@ -105,7 +113,22 @@ def start(spec, root, image=None, store=None, to_log=False):
             raise RunError(f"cannot start the container: {e.strerror}"
                            + (f": {e.filename}" if e.filename else "")) from None
         raise
-    return _Started(paths, st, init_pid, rep_r, master)
+    return _Started(paths, st, init_pid, _exec_outcome(rep_r), master)
+
+
+def _exec_outcome(rep_r):
+    """None once the command is exec'd (its end of the pipe closes at exec), else (exit code,
+    message) of what stopped it."""
+    failure = None
+    for line in P.read_rest(rep_r):
+        kind, _, msg = line.partition(" ")
+        if kind == "exec":
+            code, _, msg = msg.partition(" ")
+            failure = failure or (int(code), msg)
+        elif kind == "error":
+            failure = failure or (P.SETUP_FAILED, msg)
+    os.close(rep_r)
+    return failure
 
 
 def _flags(spec):
@@ -229,16 +252,10 @@ def wait(started, interactive):
         else:
             code = P.relay(pid, started.master, interactive)
             os.close(started.master)
-    for line in P.read_rest(started.rep_r):
-        kind, _, msg = line.partition(" ")
-        if kind == "exec":
-            code_s, _, msg = msg.partition(" ")
-            sys.stderr.write(f"unionrun: {msg}\n")
-            code = int(code_s)
-        elif kind == "error":
-            sys.stderr.write(f"unionrun: {msg}\n")
-    sys.stderr.flush()
-    os.close(started.rep_r)
+    if started.failure:
+        code = started.failure[0]
+        sys.stderr.write(f"unionrun: {started.failure[1]}\n")
+        sys.stderr.flush()
     return code
 
 
@@ -275,6 +292,9 @@ def run_detached(spec, root, image=None, store=None):
     os.close(r)
     os.waitpid(pid, 0)
     kind, _, rest = line.partition(" ")
+    if kind == "failed":
+        code, _, msg = rest.partition(" ")
+        raise CommandFailed(int(code), msg)
     if kind != "started":
         raise RunError(rest or "the container's supervisor died while it started the container")
 
@@ -294,7 +314,10 @@ def _supervise(spec, root, image, store, w):
         except RunError as e:
             P.report(w, f"error {e}")
             os._exit(P.SETUP_FAILED)
-        P.report(w, "started")
+        if started.failure:
+            P.report(w, "failed {} {}".format(*started.failure))
+        else:
+            P.report(w, "started")
         os.close(w)
         w = -1
         code = wait(started, False)
