@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from unionfs.launcher import cgroups
+from unionfs.launcher import cgroups, state
 
 BUSYBOX = "/bin/busybox"
 _SCRIPT = os.path.join(os.path.dirname(sys.executable), "unionrun")
@@ -149,19 +149,6 @@ def _procs_mentioning(text):
     return out
 
 
-def _alive(ident):
-    """Whether the process recorded as [pid, start time] in a state.json still runs."""
-    if not ident or ident[1] is None:
-        return False
-    try:
-        with open(f"/proc/{ident[0]}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    fields = data[data.rindex(b")") + 2:].split()
-    return fields[0] != b"Z" and int(fields[19]) == ident[1]
-
-
 def _pid_alive(pid):
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -248,9 +235,9 @@ def ur(tmp_path, layers):
         if rm.returncode != 0:
             problems.append(f"rm -f {name}: {rm.stderr.strip()}")
     if not _wait_for(lambda: not _procs_mentioning(r.root)
-                     and not any(_alive(i) for i in idents)):
+                     and not any(state.alive(i) for i in idents)):
         problems.append(f"processes left: {_procs_mentioning(r.root)} "
-                        f"{[i for i in idents if _alive(i)]}")
+                        f"{[i for i in idents if state.alive(i)]}")
     left = _mounts_under(tmp_path)
     if left:
         problems.append(f"mounts left: {left}")
@@ -858,7 +845,7 @@ def test_detached_lifecycle(layers, ur):
     assert (r.returncode, r.stdout, r.stderr) == (0, f"{name}\n", "")
     assert time.monotonic() - t0 < 10
     st = ur.state(name)
-    assert _alive(st["init"]) and _alive(st["supervisor"]) and _alive(st["daemon"])
+    assert state.alive(st["init"]) and state.alive(st["supervisor"]) and state.alive(st["daemon"])
     line = ur.ps_line(name, all_=False)
     assert line is not None and " running " in line and "while :; do sleep 0.1; done" in line
     assert f" {st['init'][0]} " in line and line.endswith(str(ur.root / name / "upper")), line
@@ -879,7 +866,7 @@ def test_detached_lifecycle(layers, ur):
     assert ur("logs", name).stdout == "started\nbye\n"
     assert " exited (7) " in ur.ps_line(name) and ur.ps_line(name, all_=False) is None
     for k in ("init", "supervisor", "daemon"):
-        assert not _alive(st[k]), k
+        assert not state.alive(st[k]), k
     assert _mounts_under(ur.root) == []
     _fails(ur("exec", name, "--", "true"), "not running")
     assert ur("rm", name).returncode == 0
@@ -915,11 +902,11 @@ def test_rm_of_a_running_container_needs_force(layers, ur):
         .returncode == 0
     st = ur.state(name)
     _fails(ur("rm", name), name, "running")
-    assert _alive(st["init"]) and ur("exec", name, "--", "true").returncode == 0
+    assert state.alive(st["init"]) and ur("exec", name, "--", "true").returncode == 0
     r = ur("rm", "-f", name)
     assert (r.returncode, r.stdout) == (0, f"{name}\n"), r.stderr
     assert not (ur.root / name).exists() and _mounts_under(ur.root) == []
-    assert _wait_for(lambda: not any(_alive(st[k]) for k in ("init", "daemon", "supervisor")))
+    assert _wait_for(lambda: not any(state.alive(st[k]) for k in ("init", "daemon", "supervisor")))
     _fails(ur("rm", name), "no container")
 
 
@@ -949,7 +936,7 @@ def test_a_taken_name_is_refused_and_the_first_is_untouched(layers, ur):
     for extra in ([], ["-d"], ["--rm"]):
         _fails(ur("run", *extra, "--name", name, "--layers", layers.spec, "--", "sh", "-c",
                   "echo second > /mine"), name)
-    assert ur.state(name) == st and _alive(st["init"])
+    assert ur.state(name) == st and state.alive(st["init"])
     assert ur("exec", name, "--", "cat", "/mine").stdout == "first\n"
     # Its --upper is taken too while it runs.
     keep = ur.root.parent / "shared-upper"
@@ -984,7 +971,7 @@ def test_publish_a_port(layers, ur):
     assert _wait_for(served), ur("logs", name).stdout
     assert not _port_free(port)
     assert ur("stop", "-t", "2", name).returncode == 0
-    assert _wait_for(lambda: not _alive(st["forwarder"]) and _port_free(port), 2)
+    assert _wait_for(lambda: not state.alive(st["forwarder"]) and _port_free(port), 2)
     with pytest.raises(OSError):
         _fetch(port)
 
@@ -1088,13 +1075,13 @@ def test_kill_9_of_the_supervisor(layers, ur, detached):
         p.stderr.close()
     # The init dies with its supervisor, and every process of the container with the init.
     assert _wait_for(lambda: not any(_pid_alive(q) for q in inside), 5)
-    assert _wait_for(lambda: not _alive(st["forwarder"]), 5)
+    assert _wait_for(lambda: not state.alive(st["forwarder"]), 5)
     line = ur.ps_line(name)
     assert " dead " in line, line
     r = ur("rm", name)
     assert r.returncode == 0, r.stderr
     assert not (ur.root / name).exists() and _mounts_under(ur.root) == []
-    assert not _alive(st["daemon"]) and _our_cgroups(name) == [] and _port_free(port)
+    assert not state.alive(st["daemon"]) and _our_cgroups(name) == [] and _port_free(port)
 
 
 # ---- 10. signals to a foreground unionrun --------------------------------------------------------

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from unionfs.launcher import cgroups
+from unionfs.launcher import cgroups, state
 
 BIN = os.path.dirname(sys.executable)
 BUSYBOX = "/bin/busybox"
@@ -77,18 +77,6 @@ class Runner:
             return json.load(f)
 
 
-def _alive(ident):
-    if not ident:
-        return False
-    try:
-        with open(f"/proc/{ident[0]}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    fields = data[data.rindex(b")") + 2:].split()
-    return fields[0] != b"Z" and int(fields[19]) == ident[1]
-
-
 def _mounted_under(path):
     with open("/proc/self/mountinfo") as f:
         return [line.split()[4] for line in f if line.split()[4].startswith(str(path))]
@@ -110,9 +98,9 @@ def ur(tmp_path):
         r("rm", "-f", name)
     assert not _mounted_under(tmp_path)
     deadline = time.monotonic() + 10
-    while any(_alive(i) for i in idents) and time.monotonic() < deadline:
+    while any(state.alive(i) for i in idents) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(_alive(i) for i in idents)
+    assert not any(state.alive(i) for i in idents)
 
 
 def _one_line_error(r):
@@ -357,9 +345,9 @@ def test_detached_lifecycle_exec_logs_stop_rm(layers, ur):
     assert ur("exec", "web", "--", "sh", "-c", "exit 5").returncode == 5
     # rm of a running container is refused, and changes nothing.
     _one_line_error(ur("rm", "web"))
-    assert _alive(st["init"])
+    assert state.alive(st["init"])
     assert ur("stop", "web").returncode == 0
-    assert not _alive(st["init"]) and not _alive(st["daemon"]) and not _alive(st["forwarder"])
+    assert not state.alive(st["init"]) and not state.alive(st["daemon"]) and not state.alive(st["forwarder"])
     assert "bye" in ur("logs", "web").stdout and "started" in ur("logs", "web").stdout
     assert "exited (7)" in ur("ps", "-a").stdout and "web" not in ur("ps").stdout
     with socket.socket() as s:
@@ -403,12 +391,12 @@ def test_kill_9_of_the_launcher_leaves_nothing_after_rm(layers, ur):
     p.kill()
     p.wait()
     deadline = time.monotonic() + 5
-    while _alive(st["init"]) and time.monotonic() < deadline:
+    while state.alive(st["init"]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(st["init"])           # the init dies with its supervisor
+    assert not state.alive(st["init"])           # the init dies with its supervisor
     assert " dead " in ur("ps", "-a").stdout
     assert ur("rm", "k").returncode == 0
-    assert not _alive(st["daemon"]) and not _mounted_under(ur.root)
+    assert not state.alive(st["daemon"]) and not _mounted_under(ur.root)
     assert not [d for d in cgroups.leftovers("k") if os.path.exists(d)]
     assert not (ur.root / "k").exists()
 
@@ -447,7 +435,7 @@ def test_port_in_use_and_name_taken_leave_nothing(layers, ur):
         .returncode == 0
     st = ur.state("taken")
     _one_line_error(ur("run", "--name", "taken", "--layers", layers["layers"], "--", "true"))
-    assert ur.state("taken") == st and _alive(st["init"])
+    assert ur.state("taken") == st and state.alive(st["init"])
 
 
 def test_detached_command_that_cannot_start_fails_at_once(layers, ur):
