@@ -7,8 +7,6 @@ Reads come from the topmost copy; every change copies the entry up first. Our ow
 import errno
 import stat
 
-import pyfuse3
-
 from . import _sys
 from .copyup import copy_up
 from .whiteout import is_private_xattr
@@ -81,10 +79,10 @@ _NONE = frozenset()
 def getxattr(u, node, name):
     _check_name(u, name)
     if name not in _names(u, node):
-        raise OSError(pyfuse3.ENOATTR, "no such xattr")
+        raise OSError(errno.ENODATA, "no such xattr")
     value = _sys.getxattr(*_top(u, node), name)
     if value is None:
-        raise OSError(pyfuse3.ENOATTR, "no such xattr")
+        raise OSError(errno.ENODATA, "no such xattr")
     return value
 
 
@@ -106,7 +104,7 @@ async def removexattr(u, node, name):
     u.require_writable()
     _check_name(u, name)
     if _sys.getxattr(*_top(u, node), name) is None:
-        raise OSError(pyfuse3.ENOATTR, "no such xattr")
+        raise OSError(errno.ENODATA, "no such xattr")
     await copy_up(u, node)
     node.xattr_names = None
     _sys.removexattr(u.stack.upper, node.path(), name)
@@ -114,9 +112,4 @@ async def removexattr(u, node, name):
 
 def statfs(u):
     top = u.stack.upper or u.stack.lowers[0]
-    sv = _sys.statvfs(top)
-    out = pyfuse3.StatvfsData()
-    out.f_bsize, out.f_frsize, out.f_namemax = sv.f_bsize, sv.f_frsize, sv.f_namemax
-    out.f_blocks, out.f_bfree, out.f_bavail = sv.f_blocks, sv.f_bfree, sv.f_bavail
-    out.f_files, out.f_ffree, out.f_favail = sv.f_files, sv.f_ffree, sv.f_favail
-    return out
+    return _sys.statvfs(top)

@@ -8,7 +8,6 @@ copied in a worker thread so that other requests keep being served.
 import errno
 import stat
 
-import trio
 
 from . import _sys
 from .core import ORIGIN_XATTR
@@ -39,7 +38,7 @@ async def _copy_up_one(u, node, data):
         await u.copyups[node.ino].wait()
     if node.upper:
         return
-    done = u.copyups[node.ino] = trio.Event()
+    done = u.copyups[node.ino] = u.rt.event()
     try:
         await _build(u, node, data)
     finally:
@@ -79,7 +78,7 @@ async def _build(u, node, data):
             # Data, xattrs, owner, mode, times, all through the open copy; then fsync.
             args = (src, lpath, work, tmp, st, data, u.fsync, origin, is_private_xattr)
             if data and st.st_size >= THREAD_THRESHOLD:
-                await trio.to_thread.run_sync(_sys.copy_file, *args)
+                await u.rt.run_blocking(_sys.copy_file, *args)
             else:
                 _sys.copy_file(*args)
         else:
@@ -118,7 +117,7 @@ async def _link_aliases(u, node, index, st):
     link to the new copy, in the upper layer itself, so the kernel and a remount see them too."""
     links = u.hardlinks.get(index)
     if links is None:
-        links = u.hardlinks[index] = await trio.to_thread.run_sync(
+        links = u.hardlinks[index] = await u.rt.run_blocking(
             _sys.multiply_linked, u.stack.layer(index))
     for path in links.get(st.st_ino, ()):
         chain = u.walk(path)

@@ -8,8 +8,6 @@ import errno
 import logging
 import stat
 
-import pyfuse3
-
 from . import _sys
 from .inodes import InodeTable
 from . import index
@@ -30,8 +28,9 @@ class _OriginStat:
 
 class Union:
     def __init__(self, stack, timeout=1.0, fsync=True, uidmap=None, gidmap=None, xattrs=True,
-                 writeback=False):
+                 writeback=False, rt=None):
         self.stack = stack
+        self.rt = rt        # how handlers wait (runtime.py): given by the session that serves
         self.timeout = timeout
         self.fsync = fsync
         # The kernel caches writes and sends them later, in pages (FUSE_CAP_WRITEBACK_CACHE): only
@@ -205,33 +204,23 @@ class Union:
         return st
 
     def attrs(self, node, st=None):
+        """What a process sees of ``node``: an ``Attrs`` tuple (see attributes below)."""
         if st is None:
             st = self.stat(node)
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = node.ino
-        a.st_mode = st.st_mode
-        a.st_nlink = st.st_nlink
+        nlink = st.st_nlink
         if node.is_dir and len(node.dirs()) > 1:
-            a.st_nlink = 1      # as the kernel does for merged directories: not countable cheaply
-        elif self.index and node.upper and st.st_nlink > 1 and not node.unlinked:
+            nlink = 1           # as the kernel does for merged directories: not countable cheaply
+        elif self.index and node.upper and nlink > 1 and not node.unlinked:
             # A hard link the kernel indexed counts its index entry and its lower names its way.
-            nlink = index.merged_nlink(
+            merged = index.merged_nlink(
                 _sys.getxattr(self.stack.upper, node.path(), self.stack.xattr_prefix + b"nlink"),
-                st.st_nlink)
-            if nlink is not None:
-                a.st_nlink = nlink
-        a.st_uid = st.st_uid if self.uidmap is None else self.uidmap.to_proc(st.st_uid)
-        a.st_gid = st.st_gid if self.gidmap is None else self.gidmap.to_proc(st.st_gid)
-        a.st_rdev = st.st_rdev
-        a.st_size = st.st_size
-        a.st_blksize = st.st_blksize
-        a.st_blocks = st.st_blocks
-        a.st_atime_ns = st.st_atime_ns
-        a.st_mtime_ns = st.st_mtime_ns
-        a.st_ctime_ns = st.st_ctime_ns
-        a.entry_timeout = self.timeout
-        a.attr_timeout = self.timeout
-        return a
+                nlink)
+            if merged is not None:
+                nlink = merged
+        uid = st.st_uid if self.uidmap is None else self.uidmap.to_proc(st.st_uid)
+        gid = st.st_gid if self.gidmap is None else self.gidmap.to_proc(st.st_gid)
+        return (node.ino, st.st_mode, nlink, uid, gid, st.st_rdev, st.st_size, st.st_blksize,
+                st.st_blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
 
     def entry(self, node, st=None):
         """Attributes for a reply that hands the entry to the kernel: counts one lookup."""

@@ -10,7 +10,6 @@ import errno
 import os
 import stat
 
-import trio
 
 from . import _fast, _sys, files
 from .copyup import copy_up
@@ -144,14 +143,15 @@ def _lookup_existing(u, parent, name):
     return found, u.node_for(parent, name, found)
 
 
-async def _discard(stack, tmp):
+async def _discard(u, tmp):
     """Remove what was moved to the work directory, out of view. A directory (it may hold
     thousands of whiteouts) is removed in a worker thread, so other requests go on meanwhile."""
+    stack = u.stack
     st = _sys.lstat(stack.work, tmp)
     if st is None:
         return
     if stat.S_ISDIR(st.st_mode):
-        await trio.to_thread.run_sync(_sys.remove_tree, stack.work, tmp)
+        await u.rt.run_blocking(_sys.remove_tree, stack.work, tmp)
     else:
         _sys.unlink(stack.work, tmp)
 
@@ -164,7 +164,7 @@ async def _remove_upper(u, path, whiteout):
         move_leaving_whiteout(stack, path, stack.work, tmp)
     else:
         _sys.rename(stack.upper, path, stack.work, tmp)
-    await _discard(stack, tmp)
+    await _discard(u, tmp)
 
 
 def _forget_name(u, node, parent, name, found):
@@ -302,4 +302,4 @@ async def rename(u, p_old, n_old, p_new, n_new, flags):
         u.table.move(src, p_old, n_old, p_new, n_new)
     finally:
         if trash is not None:
-            await _discard(stack, trash)
+            await _discard(u, trash)

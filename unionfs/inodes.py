@@ -8,13 +8,11 @@ what the kernel caches, not by the size of the tree.
 import logging
 import stat
 
-import pyfuse3
-
 from . import _sys
 
 log = logging.getLogger("unionfs.inodes")
 
-ROOT_INO = pyfuse3.ROOT_INODE
+ROOT_INO = 1          # FUSE_ROOT_ID: the kernel asks for the root by this number
 # Numbers handed out when a real st_ino cannot be used (collision, or no room for the fs index).
 _SPARE_BASE = 1 << 63
 _FS_SHIFT = 56

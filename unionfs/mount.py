@@ -9,15 +9,11 @@ import logging
 import os
 import re
 import resource
-import signal
 import stat
 import sys
 from dataclasses import dataclass
 
-import pyfuse3
-import trio
-
-from . import _fast, _sys
+from . import _fast, _sys, session
 from .core import Union
 from .layers import LayerStack, open_layer
 from .operations import Operations
@@ -180,24 +176,6 @@ def fuse_options(opts, prep):
     return options
 
 
-async def _serve():
-    """Serve until unmounted from outside (False) or told to stop by a signal (True)."""
-    stopped = []
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_on_signal, stopped)
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
-    return bool(stopped)
-
-
-async def _on_signal(stopped):
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for _ in signals:
-            stopped.append(True)
-            pyfuse3.terminate()
-            return
-
-
 def is_mounted(path):
     """Whether path is a mount point, from /proc/self/mountinfo: a stat of a FUSE mount point
     could hang on a daemon that no longer answers (ourselves, at exit)."""
@@ -220,20 +198,22 @@ def serve(opts, prep, ready):
     stack = build_stack(prep)
     try:
         union = Union(stack, timeout=opts.timeout, fsync=opts.fsync, uidmap=opts.uidmap,
-                      gidmap=opts.gidmap, xattrs=opts.xattrs, writeback=opts.writeback)
+                      gidmap=opts.gidmap, xattrs=opts.xattrs, writeback=opts.writeback,
+                      rt=session.Runtime())
         ops = Operations(union, debug=opts.debug)
         try:
-            pyfuse3.init(ops, prep.mountpoint, fuse_options(opts, prep))
+            s = session.Session(ops, prep.mountpoint, fuse_options(opts, prep))
         except Exception as e:
             ready(f"cannot mount {opts.mountpoint}: {e}")
             return 1
-        log.info("mounted %s (%s build)", prep.mountpoint, _fast.IMPLEMENTATION)
+        log.info("mounted %s (%s build, %s session)", prep.mountpoint, _fast.IMPLEMENTATION,
+                 session.IMPLEMENTATION)
         ready(None)
         unmount = True
         try:
-            unmount = trio.run(_serve)
+            unmount = s.serve()
         finally:
-            pyfuse3.close(unmount=unmount)
+            s.close(unmount)
     finally:
         stack.close()
     return 0

@@ -1,15 +1,16 @@
-"""The FUSE request handlers: each a few lines that call the core; errors converted in one place.
+"""The FUSE request handlers: each a few lines that call the core; errors handled in one place.
 
-Core code raises OSError; ``_handler`` turns it into FUSEError. Any other exception is a bug: it is
-logged once with its traceback and answered with EIO, and the mount keeps serving.
+The handlers speak plain Python to the session that serves them (session.py picks one): names and
+data are bytes, attributes are core's ``Attrs`` tuples, a negative lookup is None, a file or
+directory handle is an int, and every failure is an OSError carrying the errno to answer. Any other
+exception is a bug: it is logged once with its traceback and answered with EIO, and the mount keeps
+serving.
 """
 
 import errno
 import functools
 import logging
 import os
-
-import pyfuse3
 
 from . import attrs, dirops, files
 from .readdir import DirHandle, merged_names
@@ -34,15 +35,15 @@ def _handler(fn):
                 _fault.discard(name)
                 raise RuntimeError(f"fault injected into {name}")
             return await fn(self, *args)
-        except pyfuse3.FUSEError:
-            raise
         except OSError as e:
             if self.debug:
                 log.debug("%s -> %s", name, errno.errorcode.get(e.errno, e.errno))
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            if not e.errno:
+                raise OSError(errno.EIO, str(e)) from None
+            raise
         except Exception:
             log.exception("internal error in %s%r", name, args)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise OSError(errno.EIO, "internal error") from None
     return wrapper
 
 
@@ -66,20 +67,17 @@ def _no_reply(fn):
 
 
 def _is_ctx(obj):
-    return isinstance(obj, pyfuse3.RequestContext)
+    return hasattr(obj, "umask")
 
 
-class Operations(pyfuse3.Operations):
-    supports_dot_lookup = False
-    enable_writeback_cache = False
-
+class Operations:
     def __init__(self, union, debug=False):
-        super().__init__()
         self.u = union
         self.debug = debug
-        # pyfuse3 reads this from the instance when the kernel's INIT request comes in, to ask for
-        # FUSE_CAP_WRITEBACK_CACHE; files.layer_flags adapts the layer opens to it.
-        self.enable_writeback_cache = union.writeback
+        # What the session tells the kernel: how long it may cache names and attributes, and
+        # whether to ask for FUSE_CAP_WRITEBACK_CACHE (files.layer_flags adapts opens to it).
+        self.timeout = union.timeout
+        self.writeback = union.writeback
 
     # --- names ----------------------------------------------------------------------------------
 
@@ -88,11 +86,7 @@ class Operations(pyfuse3.Operations):
         u = self.u
         node, st = u.lookup(u.table[parent_inode], name)
         if node is None:
-            # A negative entry the kernel may cache: nothing appears below us but through us.
-            neg = pyfuse3.EntryAttributes()
-            neg.st_ino = 0
-            neg.entry_timeout = u.timeout
-            return neg
+            return None     # a negative entry the kernel may cache: nothing appears but through us
         return u.entry(node, st)
 
     @_no_reply
@@ -177,15 +171,14 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def open(self, inode, flags, ctx):
-        fh = await files.open(self.u, self.u.table[inode], flags)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return await files.open(self.u, self.u.table[inode], flags)
 
     @_handler
     async def create(self, parent_inode, name, mode, flags, ctx):
         u = self.u
         node, fd = await dirops.create(u, u.table[parent_inode], name, mode, flags, ctx)
         fh = u.add_handle(files.adopt(u, fd, node, True, flags))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), u.entry(node)
+        return fh, u.entry(node)
 
     @_handler
     async def read(self, fh, off, size):
@@ -218,7 +211,9 @@ class Operations(pyfuse3.Operations):
         return u.add_handle(handle)
 
     @_handler
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh, start_id, add):
+        """Entries from ``start_id`` on, each given to ``add(name, attrs, next_id)`` until it
+        answers False (the kernel's buffer is full): that entry is not counted as looked up."""
         u = self.u
         h = u.handle(fh)
         if start_id == 0 and h.served:
@@ -229,7 +224,7 @@ class Operations(pyfuse3.Operations):
             node, st = u.lookup(h.node, name)
             if node is None:
                 continue            # removed since the listing was taken
-            if not pyfuse3.readdir_reply(token, name, u.attrs(node, st), i + 1):
+            if not add(name, u.attrs(node, st), i + 1):
                 u.table.discard_if_unused(node)
                 break
             node.nlookup += 1
