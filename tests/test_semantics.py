@@ -650,3 +650,50 @@ def test_redirect_stops_at_a_non_dir_in_a_middle_layer(pair):
 
     results, _ = pair.run(scenario, lowers)
     assert results[0] == ["keep"] and results[2] == ["keep"]
+
+
+# --- listings the kernel may keep ---------------------------------------------------------------
+
+def test_every_change_shows_in_the_next_listing(pair):
+    """The Cython session lets the kernel keep a directory's listing between opens: each change
+    made through the mount must show in the next listing (and in the one after, which may come
+    from that cache), as with the kernel's overlayfs. ``big`` takes several readdir replies."""
+    lowers = [{"d/a": File(b"a"), "d/b": File(b"b"), "e/x": File(b"x"),
+               **{f"big/f{i:03}": File(b"") for i in range(0, 600, 2)}},
+              {"d/c": File(b"c"), "m/y": File(b"y"),
+               **{f"big/f{i:03}": File(b"") for i in range(1, 600, 2)}}]
+
+    def scenario(m):
+        out = []
+        dirs = ["", "d", "e", "m", "big"]
+
+        def snap():
+            for d in dirs:
+                for _ in range(2):
+                    out.append((d, sorted((e.name, e.is_dir(), e.stat(follow_symlinks=False).st_size)
+                                          for e in os.scandir(m / d))))
+        snap()
+        (m / "d/new").write_bytes(b"n")
+        snap()
+        os.unlink(m / "d/a")
+        snap()
+        os.rename(m / "d/b", m / "e/b2")
+        snap()
+        os.mkdir(m / "m/sub")
+        snap()
+        os.rename(m / "m", m / "m2")
+        dirs[3] = "m2"
+        snap()
+        for name in ("x", "b2"):
+            os.unlink(m / "e" / name)
+        os.rmdir(m / "e")
+        os.mkdir(m / "e")
+        snap()
+        os.symlink("t", m / "d/l")
+        os.link(m / "d/new", m / "d/hl")
+        (m / "big/f301").write_bytes(b"grown")
+        os.unlink(m / "big/f300")
+        snap()
+        return out
+
+    pair.run(scenario, lowers)
