@@ -192,6 +192,7 @@ cdef extern from "fuse_lowlevel.h" nogil:
         FUSE_CAP_READDIRPLUS_AUTO
         FUSE_CAP_WRITEBACK_CACHE
         FUSE_CAP_EXPORT_SUPPORT
+        FUSE_CAP_CACHE_SYMLINKS
         FUSE_SET_ATTR_MODE
         FUSE_SET_ATTR_UID
         FUSE_SET_ATTR_GID
@@ -336,6 +337,8 @@ cdef void op_init(void *userdata, fuse_conn_info *conn) noexcept with gil:
     # Every listing is a readdirplus: one round trip gives names and attributes (as pyfuse3 does).
     conn.want &= ~(<unsigned> FUSE_CAP_READDIRPLUS_AUTO)
     conn.want |= FUSE_CAP_READDIRPLUS & conn.capable
+    # A symlink never changes in place (a new one is a new inode): the kernel may keep its target.
+    conn.want |= FUSE_CAP_CACHE_SYMLINKS & conn.capable
     if _writeback and conn.capable & FUSE_CAP_WRITEBACK_CACHE:
         conn.want |= FUSE_CAP_WRITEBACK_CACHE
     # Requests in flight the kernel allows (reads ahead, writes back): libfuse's default is 12.
