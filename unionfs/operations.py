@@ -206,7 +206,8 @@ class Operations:
     async def opendir(self, inode, ctx):
         u = self.u
         node = u.table[inode]
-        handle = DirHandle(node, merged_names(u.stack, node.dirs()))
+        # The listing is taken by the first readdir: the kernel may never ask (FOPEN_CACHE_DIR).
+        handle = DirHandle(node)
         u.table.opened(node)
         return u.add_handle(handle)
 
@@ -216,9 +217,8 @@ class Operations:
         answers False (the kernel's buffer is full): that entry is not counted as looked up."""
         u = self.u
         h = u.handle(fh)
-        if start_id == 0 and h.served:
-            h.names = merged_names(u.stack, h.node.dirs())     # rewinddir sees changes
-        h.served = True
+        if start_id == 0 or h.names is None:
+            h.names = merged_names(u.stack, h.node.dirs())     # and rewinddir sees changes
         for i in range(start_id, len(h.names)):
             name = h.names[i]
             node, st = u.lookup(h.node, name)

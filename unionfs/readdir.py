@@ -1,8 +1,8 @@
 """Merged directory listings with stable offsets.
 
-A listing is taken once when the directory is opened (or rewound) and kept with the handle, so an
-offset names the same entry for the life of the handle whatever changes meanwhile; entries deleted
-since are skipped when they are read. Upper entries come first, then each lower's new names.
+A listing is taken when a handle's reading starts (offset 0: the first readdir, or after a rewind)
+and kept with the handle, so an offset names the same entry until the next rewind whatever changes
+meanwhile; entries deleted since are skipped when they are read. Upper entries come first, then each lower's new names.
 """
 
 from . import _fast
@@ -20,9 +20,8 @@ def merged_names(stack, dirs):
 
 
 class DirHandle:
-    __slots__ = ("node", "names", "served")
+    __slots__ = ("node", "names")
 
-    def __init__(self, node, names):
+    def __init__(self, node):
         self.node = node
-        self.names = names
-        self.served = False
+        self.names = None       # taken by the first readdir
