@@ -93,8 +93,8 @@ def is_whiteout(layer, path, st):
     if stat.S_ISCHR(st.st_mode):
         return st.st_rdev == 0
     if stat.S_ISREG(st.st_mode) and st.st_size == 0:
-        return any(_sys.getxattr(layer, path, p + b"whiteout") is not None
-                   for p in PRIVATE_PREFIXES)
+        names = _sys.listxattr(layer, path)         # one call for both prefixes
+        return any(p + b"whiteout" in names for p in PRIVATE_PREFIXES)
     return False
 
 
