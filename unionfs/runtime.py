@@ -7,8 +7,9 @@ another request has under way. Everything between two such points runs as one st
 - ``TrioRuntime``: pyfuse3's trio loop runs the handlers as tasks; a blocking call goes to a worker
   thread, and a waiter parks on a trio Event.
 - ``ThreadRuntime``: the Cython session runs each request to the end on one of its threads, holding
-  ``lock``. A blocking call releases the lock for its duration (other threads serve requests
-  meanwhile), and a waiter parks on a condition of the same lock. Handlers never suspend.
+  ``lock``. A blocking call releases the lock for its duration, and a waiter parks on a condition
+  of the same lock; either way ``on_wait`` first tells the session, which has another thread read
+  requests meanwhile. Handlers never suspend.
 
 Either way, what a handler sees between two waiting points is the same.
 """
@@ -31,25 +32,34 @@ class TrioRuntime:
 class ThreadRuntime:
     def __init__(self):
         self.lock = threading.Lock()
+        # Called (holding the lock) when a handler is about to wait with the lock released: the
+        # session makes sure another thread reads requests meanwhile.
+        self.on_wait = None
+
+    def _let_go(self):
+        if self.on_wait is not None:
+            self.on_wait()
+        self.lock.release()
 
     async def run_blocking(self, fn, *args):
-        self.lock.release()
+        self._let_go()
         try:
             return fn(*args)
         finally:
             self.lock.acquire()
 
     def event(self):
-        return _LockedEvent(self.lock)
+        return _LockedEvent(self)
 
 
 class _LockedEvent:
-    """An event set and waited for by holders of ``lock``; waiting lets go of the lock."""
+    """An event set and waited for by holders of the runtime's lock; waiting lets go of it."""
 
-    __slots__ = ("_cond", "_set")
+    __slots__ = ("_rt", "_cond", "_set")
 
-    def __init__(self, lock):
-        self._cond = threading.Condition(lock)
+    def __init__(self, rt):
+        self._rt = rt
+        self._cond = threading.Condition(rt.lock)
         self._set = False
 
     def set(self):
@@ -58,4 +68,6 @@ class _LockedEvent:
 
     async def wait(self):
         while not self._set:
+            if self._rt.on_wait is not None:
+                self._rt.on_wait()
             self._cond.wait()
