@@ -63,3 +63,49 @@ def test_other_requests_are_served_during_a_big_copy_up(tmp_path, impl, mounts):
     # The lower layer is untouched, the upper holds the whole copy plus the byte.
     assert (side.lowers[0] / "big").stat().st_size == BIG
     assert (side.upper / "big").stat().st_size == BIG + 1
+
+
+def test_a_second_writer_waits_for_the_same_copy_up_and_others_go_on(tmp_path, impl, mounts):
+    """Two processes open the same big lower file for writing at once: one copies it up, the other
+    waits for that copy (it must not start a second one), and a third keeps being served."""
+    side = util.build_side(tmp_path / "union", [{"small": util.File(b"small")}], {})
+    _write_big(side.lowers[0] / "big")
+    want = hashlib.sha256((side.lowers[0] / "big").read_bytes() + b"ab").hexdigest()
+    mounts.enter_context(util.union_mount(side, impl))
+    m = side.mnt
+
+    done = [threading.Event(), threading.Event()]
+    errors = []
+
+    def append(i, data):
+        try:
+            with open(m / "big", "ab") as f:
+                f.write(data)
+        except OSError as e:
+            errors.append(e)
+        finally:
+            done[i].set()
+
+    building = side.work / "work"
+    first = threading.Thread(target=append, args=(0, b"a"))
+    first.start()
+    while not done[0].is_set() and not os.listdir(building):
+        time.sleep(0.001)
+    second = threading.Thread(target=append, args=(1, b"b"))
+    second.start()
+    time.sleep(0.05)            # let the second open reach the daemon and wait there
+    served = 0
+    while not done[0].is_set() and served < 2000:
+        assert util.read_bytes(m / "small") == b"small"
+        # Counted only while the copy is still being built and the second writer still waits.
+        if os.listdir(building) and not done[1].is_set():
+            served += 1
+    first.join()
+    second.join()
+    assert not errors, errors
+    assert served, "no request was answered while a writer waited on the copy-up"
+    assert len(os.listdir(building)) == 0
+    data = (m / "big").read_bytes()
+    assert len(data) == BIG + 2 and sorted(data[-2:]) == sorted(b"ab")
+    if data[-2:] == b"ab":
+        assert hashlib.sha256(data).hexdigest() == want
