@@ -78,6 +78,9 @@ cdef extern from "<sys/statvfs.h>" nogil:
 
 cdef extern from "Python.h":
     int PyIter_Send(object iter, object arg, PyObject **presult) except -1
+    object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
+    enum:
+        PyBUF_READ
 
 cdef extern from "fuse_lowlevel.h" nogil:
     ctypedef uint64_t fuse_ino_t
@@ -482,11 +485,16 @@ cdef void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 cdef void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                    fuse_file_info *fi) noexcept with gil:
     cdef size_t n
+    # The data as a view of libfuse's buffer, not a copy (up to max_write a request); released
+    # before the buffer is reused, so a handler that kept it would get an error, never stale data.
+    data = PyMemoryView_FromMemory(<char *>buf, size, PyBUF_READ)
     try:
-        n = _run(_ops.write(fi.fh, off, buf[:size]))
+        n = _run(_ops.write(fi.fh, off, data))
     except BaseException as exc:
         fuse_reply_err(req, _errno_of(exc))
         return
+    finally:
+        data.release()
     fuse_reply_write(req, n)
 
 
