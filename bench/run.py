@@ -174,29 +174,42 @@ def run_once(
     return seconds, {**details, "mount_s": round(mount_s, 4)}
 
 
-def run_cell(ds, impl, wl, params, args, cell: report.Cell, missing: str | None, progress: str) -> None:
-    if missing:
-        cell.error = missing
-        print(f"{progress} {wl.name:18} {impl.label:25} skipped: {missing}", flush=True)
+def run_one(ds, impl, wl, params, args, cell: report.Cell, progress: str) -> None:
+    """One timed run of ``wl`` on ``impl``, added to ``cell``; an error ends the cell's runs."""
+    i = len(cell.seconds)
+    try:
+        seconds, details = run_once(ds, impl, wl, params, args.timeout)
+    except (RunError, impls.MountError, OSError, subprocess.SubprocessError) as e:
+        cell.error = f"{type(e).__name__}: {e}" if not isinstance(e, RunError) else str(e)
+        print(f"{progress} {wl.name:18} {impl.label:25} run {i + 1}: error: {cell.error}", flush=True)
         return
-    for i in range(args.runs):
-        try:
-            seconds, details = run_once(ds, impl, wl, params, args.timeout)
-        except (RunError, impls.MountError, OSError, subprocess.SubprocessError) as e:
-            cell.error = f"{type(e).__name__}: {e}" if not isinstance(e, RunError) else str(e)
-            print(
-                f"{progress} {wl.name:18} {impl.label:25} run {i + 1}: error: {cell.error}", flush=True
-            )
-            return
-        cell.seconds.append(seconds)
-        cell.details.append(details)
-        print(
-            f"{progress} {wl.name:18} {impl.label:25} run {i + 1}/{args.runs}: {seconds:9.3f} s",
-            flush=True,
-        )
-    upper = ds.runs / impl.key / "upper"
-    if upper.exists():
-        shutil.rmtree(upper)
+    cell.seconds.append(seconds)
+    cell.details.append(details)
+    print(
+        f"{progress} {wl.name:18} {impl.label:25} run {i + 1}/{args.runs}: {seconds:9.3f} s",
+        flush=True,
+    )
+
+
+def run_workload(ds, impls_, wl, params, args, cells, missing, progress: str) -> None:
+    """All runs of one workload, taking the implementations in turn (run 1 of each, then run 2...):
+    a drift in the machine's speed (the disk's, above all) then weighs on each alike."""
+    mine = []
+    for impl in impls_:
+        cell = report.Cell(wl.name, impl.key, impl.label)
+        cells.append(cell)
+        mine.append((impl, cell))
+        if missing[impl.key]:
+            cell.error = missing[impl.key]
+            print(f"{progress} {wl.name:18} {impl.label:25} skipped: {cell.error}", flush=True)
+    for _ in range(args.runs):
+        for impl, cell in mine:
+            if not cell.error:
+                run_one(ds, impl, wl, params, args, cell, progress)
+    for impl, _ in mine:
+        upper = ds.runs / impl.key / "upper"
+        if upper.exists():
+            shutil.rmtree(upper)
 
 
 def _interrupt(signum, frame):
@@ -253,18 +266,15 @@ def main(argv: list[str]) -> int:
     )
 
     cells: list[report.Cell] = []
-    total = len(chosen) * len(all_impls)
     interrupted = False
     try:
-        for wl in chosen:
-            for impl in all_impls:
-                cell = report.Cell(wl.name, impl.key, impl.label)
-                cells.append(cell)
-                run_cell(ds, impl, wl, params, args, cell, missing[impl.key], f"[{len(cells)}/{total}]")
+        for n, wl in enumerate(chosen, 1):
+            run_workload(ds, all_impls, wl, params, args, cells, missing, f"[{n}/{len(chosen)}]")
     except KeyboardInterrupt:
         interrupted = True
-        if cells and not cells[-1].error:
-            cells[-1].error = f"interrupted after {len(cells[-1].seconds)} runs"
+        for cell in cells:
+            if not cell.error and len(cell.seconds) < args.runs:
+                cell.error = f"interrupted after {len(cell.seconds)} runs"
         print("interrupted: writing the results so far", file=sys.stderr)
     finally:
         for impl in all_impls:
