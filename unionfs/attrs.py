@@ -31,7 +31,9 @@ async def setattr(u, node, attr, fields, fh):
                           attr.st_gid if fields.update_gid else -1)
     atime = attr.st_atime_ns if fields.update_atime else None
     mtime = attr.st_mtime_ns if fields.update_mtime else None
-    node.xattr_names = None     # a chmod rewrites an ACL's mask
+    if mode is not None or uid != -1 or gid != -1 or size is not None:
+        # A chmod rewrites an ACL's mask; a chown or a truncate can drop file capabilities.
+        node.xattr_names = None
     handle = u.handles.get(fh) if fh else None
     fd = handle.fd if handle is not None and handle.upper else node.pinned_fd
     if node.unlinked or (fd is not None and size is not None):
