@@ -116,6 +116,11 @@ class Layers:
     mnt: Path
 
     @property
+    def work_in_progress(self) -> list:
+        """What the daemon is building in WORKDIR/work, named or not (see util.work_in_progress)."""
+        return util.work_in_progress(self.work / "work")
+
+    @property
     def work_leftovers(self) -> list:
         """What is in WORKDIR/work (the daemon builds copies there; empty when idle)."""
         try:

@@ -44,7 +44,7 @@ def test_other_requests_are_served_during_a_big_copy_up(tmp_path, impl, mounts):
     t.start()
     # The copy is being built in the work directory: from now on the copy-up is in progress.
     building = side.work / "work"
-    while not copy_done.is_set() and not os.listdir(building):
+    while not copy_done.is_set() and not util.work_in_progress(building):
         time.sleep(0.001)
     # Requests of other kinds, each of which must not wait for the copy-up to finish. Counted
     # only while the copy-up is still in progress.
@@ -89,7 +89,7 @@ def test_a_second_writer_waits_for_the_same_copy_up_and_others_go_on(tmp_path, i
     building = side.work / "work"
     first = threading.Thread(target=append, args=(0, b"a"))
     first.start()
-    while not done[0].is_set() and not os.listdir(building):
+    while not done[0].is_set() and not util.work_in_progress(building):
         time.sleep(0.001)
     second = threading.Thread(target=append, args=(1, b"b"))
     second.start()
@@ -98,7 +98,7 @@ def test_a_second_writer_waits_for_the_same_copy_up_and_others_go_on(tmp_path, i
     while not done[0].is_set() and served < 2000:
         assert util.read_bytes(m / "small") == b"small"
         # Counted only while the copy is still being built and the second writer still waits.
-        if os.listdir(building) and not done[1].is_set():
+        if util.work_in_progress(building) and not done[1].is_set():
             served += 1
     first.join()
     second.join()

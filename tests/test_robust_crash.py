@@ -214,13 +214,14 @@ def run_crash_cycles(tmp_path, impl, cycles, max_run, seed):
                     # Aimed: the moment something is being built in WORKDIR/work (a copy-up,
                     # a whiteout, a new entry), then a little later or at once.
                     deadline = time.monotonic() + max_run
-                    while not layers.work_leftovers and time.monotonic() < deadline:
+                    while not layers.work_in_progress and time.monotonic() < deadline:
                         time.sleep(0.0005)
                     time.sleep(rng.choice((0, 0, rng.uniform(0, 0.02))))
                 else:
                     time.sleep(rng.uniform(0.01, max_run))
+                under_way = bool(layers.work_in_progress)
                 d.kill()
-                if layers.work_leftovers:
+                if under_way:
                     stats["during_copy_up"] += 1
                 for w in workers:
                     w.stop_flag = True

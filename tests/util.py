@@ -467,3 +467,31 @@ def renameat2(src, dst, flags: int) -> None:
                        flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), str(src))
+
+
+def work_in_progress(work_subdir) -> list:
+    """What a daemon is building in ``work_subdir`` (WORKDIR/work) now: the entries there, and the
+    unnamed files (O_TMPFILE) any process holds open in it, which show in /proc as
+    ``WORKDIR/work/#INO (deleted)`` and get a name only once they are whole."""
+    found = []
+    try:
+        found += sorted(os.listdir(work_subdir))
+    except FileNotFoundError:
+        pass
+    prefix = os.fsencode(os.path.join(str(work_subdir), "#"))
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}".encode())
+            except OSError:
+                continue
+            if target.startswith(prefix) and target.endswith(b" (deleted)"):
+                found.append(os.fsdecode(target))
+    return found
+

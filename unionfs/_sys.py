@@ -360,7 +360,7 @@ def copy_file(src_layer, src_path, dst_layer, dst_path, st, data, fsync, extra_x
     the two open files. Runs in a worker thread for big files: uses no cached fd."""
     src = open_file(src_layer, src_path, os.O_RDONLY)
     try:
-        dst = open_file(dst_layer, dst_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        dst, unnamed = _new_copy(dst_layer, dst_path)
         try:
             if data:
                 copy_data(src, dst, st.st_size)
@@ -374,11 +374,31 @@ def copy_file(src_layer, src_path, dst_layer, dst_path, st, data, fsync, extra_x
             os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
             if fsync:
                 os.fsync(dst)
+            if unnamed:
+                with ParentDir(dst_layer, dst_path) as (dfd, name):
+                    os.link(b"/proc/self/fd/%d" % dst, name, dst_dir_fd=dfd, follow_symlinks=True)
         finally:
             os.close(dst)
     finally:
         os.close(src)
-    _trace("copy_file", src_layer.index, src_path, dst_layer.index, dst_path, data)
+    _trace("copy_file", src_layer.index, src_path, dst_layer.index, dst_path, data, unnamed)
+
+
+def _new_copy(layer, path):
+    """(fd, unnamed) of a new file to build a copy in, to be found at ``path`` once whole.
+
+    Where the filesystem has them it is an unnamed file (O_TMPFILE) in path's directory, given its
+    name only once written and synced: nothing of it is ever visible before, a crash leaves
+    nothing behind, and its fsync has no new directory entry to write out (on ext4 without a
+    journal that is a sync of the parent directory per copy). Else it is created at ``path``.
+    """
+    with ParentDir(layer, path) as (dfd, _):
+        try:
+            return os.open(b".", os.O_TMPFILE | os.O_WRONLY, 0o600, dir_fd=dfd), True
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.EBADF):
+                raise
+    return open_file(layer, path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), False
 
 
 def copy_data(src_fd, dst_fd, size):
