@@ -200,18 +200,25 @@ class UnionfsFuse(Impl):
 
 class Unionmount(Impl):
     """This project: `python -m unionfs`, in its Cython build or forced to pure Python; with its
-    default options, or with the kernel's writeback cache on (`-o writeback=1`) or off."""
+    default options, or with the kernel's writeback cache on (`-o writeback=1`) or off, or with
+    no fsync of copy-ups (`-o fsync=0`, as fuse-overlayfs copies up)."""
 
-    def __init__(self, pure_python: bool, python: str, writeback: bool | None = None):
+    def __init__(self, pure_python: bool, python: str, writeback: bool | None = None,
+                 fsync: bool = True):
         self.pure_python = pure_python
         self.python = python
         self.writeback = writeback
+        self.fsync = fsync
         self.key = "unionmount-py" if pure_python else "unionmount-c"
         self.label = "unionmount (pure Python)" if pure_python else "unionmount (Cython)"
         if writeback is not None:
             self.by_default = False
             self.key += f"-wb{int(writeback)}"
             self.label = f"{self.label[:-1]}, writeback={int(writeback)})"
+        if not fsync:
+            self.by_default = False
+            self.key += "-nofsync"
+            self.label = f"{self.label[:-1]}, fsync=0)"
 
     def mount_env(self) -> dict:
         env = dict(os.environ)
@@ -257,9 +264,10 @@ class Unionmount(Impl):
         commit = _tool_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
         dirty = _tool_output(["git", "-C", str(REPO), "status", "--porcelain", "--", "unionfs", "csrc"])
         pyfuse3 = self._probe("import pyfuse3; print(pyfuse3.__version__)").stdout.strip()
+        session = self._probe("import unionfs.session as s; print(s.IMPLEMENTATION)").stdout.strip()
         return (
             f"git {commit}{' (uncommitted changes)' if dirty else ''}, pyfuse3 {pyfuse3}, "
-            f"{self.build()} build, {self.python}"
+            f"{self.build()} build, {session} session, {self.python}"
         )
 
     def mount_cmd(self, s: Stack) -> list[str]:
@@ -276,7 +284,9 @@ class Unionmount(Impl):
         ]
 
     def _options(self) -> str:
-        return "" if self.writeback is None else f",writeback={int(self.writeback)}"
+        return ("" if self.writeback is None else f",writeback={int(self.writeback)}") + (
+            "" if self.fsync else ",fsync=0"
+        )
 
 
 def all_impls(python: str) -> list[Impl]:
@@ -287,7 +297,9 @@ def all_impls(python: str) -> list[Impl]:
         UnionfsFuse(),
         Unionmount(pure_python=False, python=python),
         Unionmount(pure_python=True, python=python),
-        # Not run unless named with --impl: the Cython build with the writeback cache on and off.
+        # Not run unless named with --impl: the Cython build with the writeback cache on and off,
+        # and without the fsync of each copy-up.
         Unionmount(pure_python=False, python=python, writeback=True),
         Unionmount(pure_python=False, python=python, writeback=False),
+        Unionmount(pure_python=False, python=python, fsync=False),
     ]
