@@ -75,9 +75,13 @@ class ParentDir:
 
     def __enter__(self):
         dirpath, self.name = split(self.path)
-        self.owned = self.layer.index < 0
-        self.fd = (_fast.open_dir(self.layer.fd, dirpath) if self.owned
-                   else dirfd(self.layer, dirpath))
+        self.owned = self.layer.index < 0 and dirpath != b""
+        if not dirpath:
+            self.fd = self.layer.fd         # the layer's root: its own fd, nothing to open
+        elif self.owned:
+            self.fd = _fast.open_dir(self.layer.fd, dirpath)
+        else:
+            self.fd = dirfd(self.layer, dirpath)
         return self.fd, self.name
 
     def __exit__(self, *exc):
@@ -363,7 +367,8 @@ def copy_file(src_layer, src_path, dst_layer, dst_path, st, data, fsync, extra_x
         dst, unnamed = _new_copy(dst_layer, dst_path)
         try:
             if data:
-                copy_data(src, dst, st.st_size)
+                copy_data(src, dst, st.st_size, st.st_blocks,
+                          (src_layer.st_dev, dst_layer.st_dev))
             for attr in os.listxattr(src):
                 if not skip_xattr(attr.encode()):
                     os.setxattr(dst, attr, os.getxattr(src, attr))
@@ -401,13 +406,30 @@ def _new_copy(layer, path):
     return open_file(layer, path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), False
 
 
-def copy_data(src_fd, dst_fd, size):
-    """Copy file data keeping holes: a reflink where the filesystem can, else data extents only."""
-    try:
-        fcntl.ioctl(dst_fd, FICLONE, src_fd)
-        return
-    except OSError:
-        pass
+_SMALL_COPY = 1 << 20
+_no_reflink = set()       # (source st_dev, destination st_dev) where FICLONE was refused
+
+
+def copy_data(src_fd, dst_fd, size, blocks=None, devs=None):
+    """Copy file data keeping holes: a reflink where the filesystem can, else data extents only.
+    ``blocks`` (st_blocks of the source), when given, lets a small file with no hole (the most
+    common kind) be copied in one read and one write; ``devs`` (source and destination st_dev),
+    when given, remembers that they cannot share extents so that it is not asked again."""
+    if devs is None or devs not in _no_reflink:
+        try:
+            fcntl.ioctl(dst_fd, FICLONE, src_fd)
+            return
+        except OSError as e:
+            if devs is not None and e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV,
+                                                errno.EINVAL):
+                _no_reflink.add(devs)
+    if blocks is not None and 0 < size <= _SMALL_COPY and blocks * 512 >= size:
+        buf = os.pread(src_fd, size, 0)
+        if len(buf) == size:
+            view, off = memoryview(buf), 0
+            while off < size:
+                off += os.pwrite(dst_fd, view[off:], off)
+            return
     off = 0
     while off < size:
         try:
