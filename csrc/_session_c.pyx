@@ -126,6 +126,11 @@ cdef extern from "fuse_lowlevel.h" nogil:
         void *mem
         int fd
         off_t pos
+    struct fuse_bufvec:
+        size_t count
+        size_t idx
+        size_t off
+        fuse_buf buf[1]
 
     struct fuse_lowlevel_ops:
         void (*init)(void *userdata, fuse_conn_info *conn)
@@ -148,6 +153,8 @@ cdef extern from "fuse_lowlevel.h" nogil:
         void (*read)(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info *fi)
         void (*write)(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                       fuse_file_info *fi)
+        void (*write_buf)(fuse_req_t req, fuse_ino_t ino, fuse_bufvec *bufv, off_t off,
+                          fuse_file_info *fi)
         void (*flush)(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi)
         void (*release)(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi)
         void (*fsync)(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info *fi)
@@ -177,6 +184,8 @@ cdef extern from "fuse_lowlevel.h" nogil:
     int fuse_session_receive_buf(fuse_session *se, fuse_buf *buf)
     void fuse_session_process_buf(fuse_session *se, const fuse_buf *buf)
     void fuse_opt_free_args(fuse_args *args)
+    size_t fuse_buf_size(const fuse_bufvec *bufv)
+    ssize_t fuse_buf_copy(fuse_bufvec *dst, fuse_bufvec *src, int flags)
 
     const fuse_ctx *fuse_req_ctx(fuse_req_t req)
     int fuse_reply_err(fuse_req_t req, int err)
@@ -194,6 +203,7 @@ cdef extern from "fuse_lowlevel.h" nogil:
                                   const fuse_entry_param *e, off_t off)
 
     enum:
+        FUSE_BUF_IS_FD
         FUSE_CAP_READDIRPLUS
         FUSE_CAP_READDIRPLUS_AUTO
         FUSE_CAP_WRITEBACK_CACHE
@@ -498,6 +508,43 @@ cdef void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
     fuse_reply_write(req, n)
 
 
+# Where a write's data is gathered when libfuse hands it over in a pipe. Used only by a handler
+# holding the runtime's lock, which a write never lets go of: one buffer is enough.
+cdef char *_wbuf = NULL
+cdef size_t _wbuf_size = 0
+
+
+cdef void op_write_buf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec *bufv, off_t off,
+                       fuse_file_info *fi) noexcept with gil:
+    """A write as libfuse received it: with this handler it reads big requests from /dev/fuse
+    with splice(2), which moves the data's pages instead of copying them into our buffer (that
+    copy pinned every page of the buffer, and doubled the daemon's CPU time on big writes)."""
+    global _wbuf, _wbuf_size
+    cdef size_t size = fuse_buf_size(bufv) - bufv.off
+    cdef fuse_bufvec dst
+    cdef ssize_t got
+    cdef char *grown
+    if bufv.count == 1 and not (bufv.buf[0].flags & FUSE_BUF_IS_FD):
+        op_write(req, ino, <const char *>bufv.buf[0].mem + bufv.off, size, off, fi)
+        return
+    if _wbuf_size < size:
+        grown = <char *>malloc(size)
+        if grown is NULL:
+            fuse_reply_err(req, _errno.ENOMEM)
+            return
+        free(_wbuf)
+        _wbuf, _wbuf_size = grown, size
+    memset(&dst, 0, sizeof(dst))
+    dst.count = 1
+    dst.buf[0].size = size
+    dst.buf[0].mem = _wbuf
+    got = fuse_buf_copy(&dst, bufv, 0)
+    if got < 0:
+        fuse_reply_err(req, -got)
+        return
+    op_write(req, ino, _wbuf, got, off, fi)
+
+
 cdef void op_flush(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
     _reply_ok(req, _ops.flush, (fi.fh,))
 
@@ -663,6 +710,7 @@ cdef void _init_ops():
     _fuse_ops.create = op_create
     _fuse_ops.read = op_read
     _fuse_ops.write = op_write
+    _fuse_ops.write_buf = op_write_buf
     _fuse_ops.flush = op_flush
     _fuse_ops.release = op_release
     _fuse_ops.fsync = op_fsync
