@@ -135,6 +135,12 @@ def _fresh_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
+def _settle() -> None:
+    """What the last run left (an upper of up to a GiB deleted, its freed blocks discarded) and
+    what this one's set-up wrote go to disk now, not during this run and on its clock."""
+    os.sync()
+
+
 def run_once(
     ds: dataset.Dataset,
     impl: impls.Impl,
@@ -146,6 +152,7 @@ def run_once(
         # No upper to throw away: put back what this workload changes, and remove what it creates.
         for rel in wl.touches:
             ds.reset_native(rel)
+        _settle()
         try:
             return run_worker(wl.name, ds.native, params, timeout, impl, None)
         finally:
@@ -163,6 +170,7 @@ def run_once(
     subprocess.run(["cp", "-a", str(ds.upper_seed), str(stack.upper)], check=True)
     _fresh_dir(stack.workdir)
     stack.mountpoint.mkdir(parents=True, exist_ok=True)
+    _settle()
     start = time.perf_counter()
     impl.mount(stack)
     mount_s = time.perf_counter() - start
