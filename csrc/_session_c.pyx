@@ -516,9 +516,10 @@ cdef size_t _wbuf_size = 0
 
 cdef void op_write_buf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec *bufv, off_t off,
                        fuse_file_info *fi) noexcept with gil:
-    """A write as libfuse received it: with this handler it reads big requests from /dev/fuse
-    with splice(2), which moves the data's pages instead of copying them into our buffer (that
-    copy pinned every page of the buffer, and doubled the daemon's CPU time on big writes)."""
+    """A write as libfuse received it. With this handler libfuse may read big requests from
+    /dev/fuse with splice(2), moving the data's pages into a pipe instead of copying them, where
+    it can grow a pipe to a whole request (pipe-max-size is 1 MiB, a request up to 1 MiB and a
+    page: only with CAP_SYS_RESOURCE); else the data is in its buffer, as for ``op_write``."""
     global _wbuf, _wbuf_size
     cdef size_t size = fuse_buf_size(bufv) - bufv.off
     cdef fuse_bufvec dst
