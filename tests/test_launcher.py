@@ -11,7 +11,6 @@ import os
 import pty
 import secrets
 import select
-import shutil
 import signal
 import socket
 import stat
@@ -24,6 +23,8 @@ import urllib.request
 from types import SimpleNamespace
 
 import pytest
+
+import util
 
 from unionfs.launcher import cgroups, state
 
@@ -77,12 +78,7 @@ def layers(tmp_path_factory):
     os.chmod(base / "tmp", 0o1777)
     os.chmod(base / "root", 0o700)
     os.chown(base / "home/user", 1000, 1000)
-    shutil.copy(BUSYBOX, base / "bin/busybox")
-    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True,
-                             check=True).stdout.split()
-    for a in applets:
-        if a != "busybox":
-            os.symlink("busybox", base / "bin" / a)
+    util.install_busybox(base / "bin", BUSYBOX)
     (base / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
                                      "user:x:1000:1000:user:/home/user:/bin/sh\n")
     (base / "etc/group").write_text("root:x:0:\ntty:x:5:\nuser:x:1000:\nextra:x:2000:user\n")

@@ -20,6 +20,8 @@ import urllib.request
 
 import pytest
 
+import util
+
 from unionfs.launcher import caps, enter, ports, spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,12 +38,7 @@ pytestmark = [
 def _build_rootfs(root):
     for d in ("bin", "etc", "proc", "dev", "tmp", "data", "www", "home/user"):
         os.makedirs(os.path.join(root, d), exist_ok=True)
-    subprocess.run(["cp", BUSYBOX, os.path.join(root, "bin/busybox")], check=True)
-    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True,
-                             check=True).stdout.split()
-    for a in applets:
-        if a != "busybox":
-            os.symlink("busybox", os.path.join(root, "bin", a))
+    util.install_busybox(os.path.join(root, "bin"), BUSYBOX)
     with open(os.path.join(root, "etc/passwd"), "w") as f:
         f.write("root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n")
     with open(os.path.join(root, "etc/group"), "w") as f:

@@ -3,7 +3,6 @@ what the host keeps, and what is left after (nothing)."""
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -12,6 +11,8 @@ import time
 import urllib.request
 
 import pytest
+
+import util
 
 from unionfs.launcher import cgroups, state
 
@@ -46,10 +47,7 @@ def layers(tmp_path_factory):
     for sub in ("bin", "etc", "tmp", "root", "www", "home/user"):
         (base / sub).mkdir(parents=True)
     os.chmod(base / "tmp", 0o1777)
-    shutil.copy(BUSYBOX, base / "bin/busybox")
-    for a in subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True).stdout.split():
-        if a != "busybox":
-            os.symlink("busybox", base / "bin" / a)
+    util.install_busybox(base / "bin", BUSYBOX)
     (base / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
                                      "user:x:1000:1000:user:/home/user:/bin/sh\n")
     (base / "etc/group").write_text("root:x:0:\ntty:x:5:\nuser:x:1000:\n")

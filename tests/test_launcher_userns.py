@@ -2,12 +2,13 @@
 disk, and a caller without root is told in one line why it cannot run at all."""
 
 import os
-import shutil
 import stat
 import subprocess
 import sys
 
 import pytest
+
+import util
 
 BIN = os.path.dirname(sys.executable)
 BUSYBOX = "/bin/busybox"
@@ -26,10 +27,7 @@ def layers(tmp_path_factory):
     base, top = d / "base", d / "top"
     for sub in ("bin", "etc", "tmp", "root"):
         (base / sub).mkdir(parents=True)
-    shutil.copy(BUSYBOX, base / "bin/busybox")
-    for a in subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True).stdout.split():
-        if a != "busybox":
-            os.symlink("busybox", base / "bin" / a)
+    util.install_busybox(base / "bin", BUSYBOX)
     (base / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/tmp:/bin/sh\n")
     (base / "etc/group").write_text("root:x:0:\ntty:x:5:\nuser:x:1000:\n")
     (base / "etc/gone").write_text("deleted in the container\n")

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -495,3 +496,12 @@ def work_in_progress(work_subdir) -> list:
                 found.append(os.fsdecode(target))
     return found
 
+
+def install_busybox(bindir, busybox="/bin/busybox") -> None:
+    """``bindir``/busybox, a copy of the static one, and a link to it under each applet's name."""
+    shutil.copy(busybox, os.path.join(bindir, "busybox"))
+    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    for a in applets:
+        if a != "busybox":
+            os.symlink("busybox", os.path.join(bindir, a))
