@@ -73,9 +73,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
 
     # Check every option before touching anything, one line per problem.
-    all_keys = [i.key for i in impls.all_impls(args.python)]
+    known = impls.all_impls(args.python)
+    all_keys = [i.key for i in known]
     args.only = _split(args.only) or [w.name for w in workloads.WORKLOADS]
-    args.impl = _split(args.impl) or [i.key for i in impls.all_impls(args.python) if i.by_default]
+    args.impl = _split(args.impl) or [i.key for i in known if i.by_default]
     for name in args.only:
         if name not in workloads.BY_NAME:
             die(f"unknown workload {name!r}; known: {', '.join(workloads.BY_NAME)}")

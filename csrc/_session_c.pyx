@@ -31,7 +31,8 @@ from libc.stdint cimport uint64_t, int64_t, uint32_t
 from libc.errno cimport EINTR
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
-from posix.types cimport dev_t, mode_t, off_t, uid_t, gid_t, pid_t, ino_t, nlink_t, blksize_t, blkcnt_t
+from posix.types cimport (dev_t, mode_t, off_t, uid_t, gid_t, pid_t, ino_t, nlink_t, blksize_t,
+                          blkcnt_t)
 from posix.time cimport timespec
 
 from unionfs.runtime import ThreadRuntime as Runtime  # noqa: F401  (the session names its runtime)

@@ -8,7 +8,6 @@ copied in a worker thread so that other requests keep being served.
 import errno
 import stat
 
-
 from . import _sys
 from .core import ORIGIN_XATTR
 from .whiteout import is_private_xattr, work_name

@@ -204,7 +204,9 @@ class Union:
         return st
 
     def attrs(self, node, st=None):
-        """What a process sees of ``node``: an ``Attrs`` tuple (see attributes below)."""
+        """What a process sees of ``node``, as an Attrs tuple: (st_ino, st_mode, st_nlink, st_uid,
+        st_gid, st_rdev, st_size, st_blksize, st_blocks, st_atime_ns, st_mtime_ns, st_ctime_ns),
+        the order both sessions read it in."""
         if st is None:
             st = self.stat(node)
         nlink = st.st_nlink

@@ -10,7 +10,6 @@ import errno
 import os
 import stat
 
-
 from . import _fast, _sys, files
 from .copyup import copy_up
 from .lookup import Found, lower_entry_exists

@@ -2,7 +2,8 @@
 
 A listing is taken when a handle's reading starts (offset 0: the first readdir, or after a rewind)
 and kept with the handle, so an offset names the same entry until the next rewind whatever changes
-meanwhile; entries deleted since are skipped when they are read. Upper entries come first, then each lower's new names.
+meanwhile; entries deleted since are skipped when they are read. Upper entries come first, then
+each lower's new names.
 """
 
 from . import _fast
