@@ -22,8 +22,14 @@ system_packages() {
     apt-cache show pkgconf >/dev/null 2>&1 || pc=pkg-config
     # podman and runc: the storage-driver tests run the real client (runc named, or apt picks
     # crun for podman's "crun | runc").
+    # The rest are the real parts the tests start: a small static init (tini), libseccomp, the
+    # user-namespace helpers, stress-ng, the registry and skopeo, the network engine and its
+    # firewall tools, the peers (unionfs-fuse), fio and liburing for the bench.
     echo fuse3 libfuse3-dev "$pc" busybox-static attr fuse-overlayfs gcc libc6-dev \
-         python3-dev python3-venv e2fsprogs dosfstools podman runc
+         python3-dev python3-venv e2fsprogs dosfstools podman runc \
+         tini catatonit libseccomp2 libseccomp-dev uidmap stress-ng docker-registry skopeo \
+         netavark aardvark-dns containernetworking-plugins slirp4netns iptables nftables \
+         openssl apache2-utils dpkg-dev apt-utils unionfs-fuse fio liburing-dev
 }
 
 # With "always" (CI), updates and installs unconditionally; otherwise only when one is missing.
