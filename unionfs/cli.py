@@ -9,7 +9,8 @@ import re
 import sys
 
 from .idmap import IdMap, parse_mapping
-from .options import MountOptions, UsageError, parse_lowerdir, split_options, unescape
+from .options import (MountOptions, UsageError, parse_lowerdir, parse_size, split_options,
+                      unescape)
 
 PROG = "unionmount"
 USAGE = f"""usage: {PROG} LOWER1[:LOWER2...] [UPPER] MOUNTPOINT [-o OPTIONS] [-f] [-d]
@@ -19,6 +20,10 @@ Mounts the union of the lower layers (leftmost topmost) under a copy-on-write up
   -f            stay in the foreground
   -d            log every request (implies nothing else)
   -o OPTIONS    workdir=DIR, timeout=SECONDS, fsync=0, volatile, ro, noxattrs,
+                nosuid, nodev, noexec (and suid, dev, exec: as root the default), noatime,
+                nodiratime, sync, dirsync: the mount's flags, as mount(8) takes them,
+                upper_size=SIZE (bytes, or with k, m, g, t: the most the upper layer may
+                hold; past it a write, copy-up or new entry gets ENOSPC),
                 writeback=1 (the kernel caches writes: fewer, larger requests, but a
                 full disk or a dead daemon is reported late, at fsync, not at write),
                 uidmapping=C:H:N[:C:H:N...], gidmapping=..., squash_to_root,
@@ -27,9 +32,17 @@ Mounts the union of the lower layers (leftmost topmost) under a copy-on-write up
 Unmount with: fusermount3 -u MOUNTPOINT"""
 
 # Accepted and ignored: FUSE generic options we always set, or have no use for.
-_IGNORED = {"allow_other", "default_permissions", "rw", "dev", "suid", "exec", "auto", "noauto",
-            "nodev", "nosuid", "noexec", "user", "nouser", "_netdev", "defaults", "context",
-            "fscontext", "defcontext", "rootcontext", "noatime", "relatime", "atime", "nofail"}
+_IGNORED = {"allow_other", "default_permissions", "rw", "auto", "noauto", "user", "nouser",
+            "_netdev", "defaults", "context", "fscontext", "defcontext", "rootcontext", "relatime",
+            "nofail"}
+
+# mount(8)'s flags that reach the kernel's mount (libfuse turns them into MS_* flags, as for
+# fuse-overlayfs): name -> (flag, on). The last of a pair wins.
+_FLAGS = {"suid": ("suid", True), "nosuid": ("suid", False), "dev": ("dev", True),
+          "nodev": ("dev", False), "exec": ("exec", True), "noexec": ("exec", False),
+          "atime": ("atime", True), "noatime": ("atime", False), "diratime": ("diratime", True),
+          "nodiratime": ("diratime", False), "async": ("sync", False), "sync": ("sync", True),
+          "dirsync": ("dirsync", True)}
 
 
 _TRIPLES = re.compile(r"\d+(:\d+)*")
@@ -75,6 +88,7 @@ def parse(argv):
     mappings, squash, squash_exact = {}, {}, {}
     lowerdir = upperdir = workdir = None
     unknown = []
+    flags = {}
     last = None
     for key, value in opts:
         if last in mappings and value is None and _TRIPLES.fullmatch(key):
@@ -117,6 +131,14 @@ def parse(argv):
             kw["xattrs"] = False
         elif key == "fsname":
             kw["source"] = value or "unionfs"
+        elif key in _FLAGS and value is None:
+            flag, on = _FLAGS[key]
+            flags[flag] = on
+        elif key == "upper_size":
+            try:
+                kw["upper_size"] = parse_size(value or "")
+            except ValueError as e:
+                raise UsageError(f"option upper_size: {e}") from None
         elif key in _IGNORED:
             pass
         else:
@@ -146,8 +168,11 @@ def parse(argv):
     if kw.get("readonly"):
         upper = None
         workdir = None
+    if kw.get("upper_size") is not None and upper is None:
+        raise UsageError("upper_size= needs an upper layer")
     return MountOptions(lowers=lowers, upper=upper, mountpoint=mountpoint, workdir=workdir,
-                        foreground=foreground, debug=debug, unknown=tuple(unknown), **kw)
+                        foreground=foreground, debug=debug, unknown=tuple(unknown),
+                        flags=tuple(flags.items()), **kw)
 
 
 def main(argv=None):

@@ -166,11 +166,28 @@ def build_stack(prep):
                       oci_whiteouts_in_upper=prep.oci_whiteouts)
 
 
+# A flag as libfuse names it to set the kernel mount's MS_* flag; None: nothing to pass (the
+# kernel's default).
+_FLAG_OPTION = {("suid", True): "suid", ("suid", False): "nosuid", ("dev", True): "dev",
+                ("dev", False): "nodev", ("exec", True): None, ("exec", False): "noexec",
+                ("atime", True): None, ("atime", False): "noatime", ("diratime", True): None,
+                ("diratime", False): "nodiratime", ("sync", True): "sync", ("sync", False): None,
+                ("dirsync", True): "dirsync", ("dirsync", False): None}
+
+
 def fuse_options(opts, prep):
     options = {f"fsname={opts.source}", "subtype=unionmount", "default_permissions",
                "allow_other"}
-    if os.geteuid() == 0:
-        options |= {"dev", "suid"}       # a container's rootfs has device nodes and setuid files
+    # As mount(8): suid and dev unless told otherwise as root (a container's rootfs has setuid
+    # files); a user's mount is always nosuid,nodev (libfuse's default, fusermount3's rule).
+    flags = {"suid": True, "dev": True} if os.geteuid() == 0 else {}
+    flags.update(opts.flags)
+    if os.geteuid() != 0:
+        flags.update(suid=False, dev=False)
+    for flag, on in flags.items():
+        option = _FLAG_OPTION[flag, on]
+        if option is not None:
+            options.add(option)
     if prep.upper is None:
         options.add("ro")
     return options
