@@ -57,7 +57,11 @@ async def open(u, node, flags):
         await copy_up(u, node, data=not flags & os.O_TRUNC)
     if node.unlinked:
         raise OSError(errno.ENOENT, "entry was removed")
+    q = u.quota
+    before = _sys.lstat(u.stack.upper, node.path()) if q and flags & os.O_TRUNC else None
     fd, upper = _open_top(u, node, layer_flags(u, flags))
+    if before is not None:
+        q.settle(before, _sys.fstat(fd))        # O_TRUNC gave its blocks back
     return u.add_handle(adopt(u, fd, node, upper, flags))
 
 
@@ -86,7 +90,9 @@ def read(u, fh, off, size):
 
 
 def write(u, fh, off, buf):
-    return _sys.pwrite(u.handle(fh).fd, buf, off)
+    if u.quota is None:
+        return _sys.pwrite(u.handle(fh).fd, buf, off)
+    return u.quota.write(u.handle(fh).fd, buf, off)
 
 
 def fsync(u, fh, datasync):
@@ -98,5 +104,10 @@ def release(u, fh):
     h = u.handles.pop(fh, None)
     if h is None:
         raise OSError(errno.EBADF, "bad file handle")
+    if u.quota is not None and h.upper and h.node.unlinked and h.node.nopen == 1:
+        # An upper file unlinked while open kept its blocks until now (dirops.unlink).
+        st = _sys.fstat(h.fd)
+        if st.st_nlink == 0:
+            u.quota.free(st)
     _sys.close(h.fd)
     u.table.closed(h.node)

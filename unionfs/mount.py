@@ -18,6 +18,7 @@ from .core import Union
 from .layers import LayerStack, open_layer
 from .operations import Operations
 from .options import UsageError
+from .quota import Quota
 from .whiteout import probe_xattr_support, work_name
 
 log = logging.getLogger("unionfs")
@@ -214,9 +215,16 @@ def serve(opts, prep, ready):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     stack = build_stack(prep)
     try:
+        quota = None
+        if opts.upper_size is not None:
+            try:
+                quota = Quota.of_upper(stack.upper, opts.upper_size)
+            except OSError as e:
+                ready(f"upper layer {opts.upper}: cannot count what it holds: {e.strerror}")
+                return 1
         union = Union(stack, timeout=opts.timeout, fsync=opts.fsync, uidmap=opts.uidmap,
                       gidmap=opts.gidmap, xattrs=opts.xattrs, writeback=opts.writeback,
-                      rt=session.Runtime())
+                      rt=session.Runtime(), quota=quota)
         ops = Operations(union, debug=opts.debug)
         try:
             s = session.Session(ops, prep.mountpoint, fuse_options(opts, prep))
