@@ -51,7 +51,7 @@ def _count_name(u, parent, before, path, new_inode=True):
     if q is not None:
         q.settle(before, _sys.lstat(u.stack.upper, parent.path()))
         if new_inode:
-            q.settle(None, _sys.lstat(u.stack.upper, path))
+            q.add_entry(_sys.lstat(u.stack.upper, path))
 
 
 def _owner(u, parent, ctx, is_dir):

@@ -71,6 +71,11 @@ class Quota:
         """An entry changed from lstat ``before`` to ``after`` (None: it did not exist)."""
         self.used += self.cost(after) - self.cost(before)
 
+    def add_entry(self, st):
+        """A new entry made through the mount: at least a block, even one that looks like a
+        whiteout (a 0/0 device made by mknod would otherwise be a free inode, without end)."""
+        self.used += max(self.cost(st), self.block)
+
     def free(self, st):
         """An entry's last link is gone and nothing holds it open: its space is back."""
         self.used -= self.cost(st)
