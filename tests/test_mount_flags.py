@@ -117,3 +117,13 @@ def test_each_flag_alone(tmp_path, impl, no_mounts_left, flags):
                 _exec(m)
         else:
             assert _exec(m) == 0
+
+
+def test_flags_parsed_last_of_a_pair_wins():
+    """In-process: what the command line makes of the flags (the mount's own defaults are the
+    mounted tests' business)."""
+    from unionfs.cli import parse
+    opts = parse(["l", "u", "m", "-o", "nosuid,dev,noexec,exec,suid,nosuid,noatime,dirsync"])
+    assert dict(opts.flags) == {"suid": False, "dev": True, "exec": True, "atime": False,
+                                "dirsync": True}
+    assert parse(["l", "u", "m"]).flags == ()

@@ -275,3 +275,59 @@ def test_size_suffixes_and_no_upper(layers, impl):
     r = subprocess.run(cmd, capture_output=True, text=True, env=util.union_env(impl))
     assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
     assert not util.is_mounted(layers.mnt)
+
+
+# ---- in-process: the parts without a mount -----------------------------------------------------
+
+def test_parse_size():
+    from unionfs.options import parse_size
+    assert parse_size("4096") == 4096
+    assert parse_size("10m") == parse_size("10M") == parse_size("10mb") == 10 * MiB
+    assert parse_size("1.5g") == 3 << 29
+    assert parse_size("2k") == 2048 and parse_size("1t") == 1 << 40
+    for bad in ("", "abc", "-1", "0", "1x", "m", "1.2.3"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_growth_estimate():
+    from types import SimpleNamespace as St
+    from unionfs.quota import Quota
+    q = Quota(LIMIT, 4096)
+    dense = St(st_size=10000, st_blocks=24)         # 3 blocks, no hole
+    assert q.growth(dense, 0, 4096) == 0            # a rewrite of what is there
+    assert q.growth(dense, 10000, 100) == 0         # fills the last block's tail
+    assert q.growth(dense, 12288, 1) == 4096
+    assert q.growth(dense, 5000, 20000) == 4 * 4096  # blocks 3..6 are new
+    sparse = St(st_size=1 << 30, st_blocks=8)
+    assert q.growth(sparse, 4096, 4096) == 4096     # may be a hole: counted
+    assert q.growth(sparse, 4095, 2) == 2 * 4096
+
+
+def test_tree_usage_any_depth(tmp_path, deep_cleanup_at):
+    """The count at mount walks a tree far deeper than a recursion or a path could go."""
+    from unionfs import _sys
+    from unionfs.layers import open_layer
+    from unionfs.quota import Quota
+    root = deep_cleanup_at
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(5000):
+        os.mkdir("d" * 200, dir_fd=fd)
+        nfd = os.open("d" * 200, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    os.close(fd)
+    layer = open_layer(0, str(root))
+    try:
+        q = Quota(LIMIT, 4096)
+        assert _sys.tree_usage(layer, q.cost) == 5001 * 4096
+    finally:
+        os.close(layer.fd)
+
+
+@pytest.fixture
+def deep_cleanup_at(tmp_path):
+    root = tmp_path / "deep"
+    root.mkdir()
+    yield root
+    subprocess.run(["rm", "-rf", str(root)], check=True)

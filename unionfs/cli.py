@@ -165,11 +165,12 @@ def parse(argv):
             raise UsageError(f"expected LOWERS [UPPER] MOUNTPOINT (see {PROG} --help)")
     if upper is None and workdir is not None:
         raise UsageError("workdir= needs an upper layer")
+    if kw.get("upper_size") is not None and upper is None:
+        raise UsageError("upper_size= needs an upper layer")
     if kw.get("readonly"):
         upper = None
         workdir = None
-    if kw.get("upper_size") is not None and upper is None:
-        raise UsageError("upper_size= needs an upper layer")
+        kw.pop("upper_size", None)      # nothing is written
     return MountOptions(lowers=lowers, upper=upper, mountpoint=mountpoint, workdir=workdir,
                         foreground=foreground, debug=debug, unknown=tuple(unknown),
                         flags=tuple(flags.items()), **kw)
