@@ -331,3 +331,22 @@ def deep_cleanup_at(tmp_path):
     root.mkdir()
     yield root
     subprocess.run(["rm", "-rf", str(root)], check=True)
+
+
+def test_on_fd_checks_then_counts(tmp_path):
+    """The entry point an fallocate takes: refused before it runs when its range cannot fit,
+    counted with the real blocks after."""
+    from unionfs.quota import Quota
+    q = Quota(64 * KiB, 4096)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        q.add_entry(os.fstat(fd))
+        q.on_fd(fd, 0, 32 * KiB, os.posix_fallocate, fd, 0, 32 * KiB)
+        assert q.used == 32 * KiB
+        with pytest.raises(OSError) as e:
+            q.on_fd(fd, 32 * KiB, 64 * KiB, os.posix_fallocate, fd, 32 * KiB, 64 * KiB)
+        assert e.value.errno == errno.ENOSPC and os.fstat(fd).st_size == 32 * KiB
+        q.on_fd(fd, 0, 0, os.ftruncate, fd, 0)
+        assert q.used == 4096       # an empty file still costs its block
+    finally:
+        os.close(fd)

@@ -13,8 +13,10 @@ step, so writers cannot overshoot together. Only a copy-up's data is written by 
 while other requests go on; it runs on a reservation taken before and settled after.
 
 The entry points, for every place that makes the upper grow:
-- ``on_fd(fd, need, fn, *args)``: run ``fn`` (a write, an fallocate, a truncate) on an open upper
-  file after checking ``need`` bytes of room; the file's change in cost is counted after.
+- ``on_fd(fd, off, length, fn, *args)``: run ``fn`` (an fallocate, say) that may allocate the
+  range [off, off + length) of an open upper file: refused with ENOSPC unless the blocks it may
+  add fit, and the file's change in cost counted after (a hole punched: pass length 0).
+  ``write`` is the same for a write, with a short write where only a part fits.
 - ``check(need)``, ``reserve(need)``/``release(need)``, ``settle(before, after)`` (two lstat
   results, either None) and ``free(st)`` for the rest.
 A mount without a limit has no Quota (``Union.quota`` is None) and pays nothing.
@@ -93,9 +95,9 @@ class Quota:
         last = -(-(off + size) // self.block)
         return max(0, last - self._first_new_block(st, off)) * self.block
 
-    def on_fd(self, fd, need, fn, *args):
+    def on_fd(self, fd, off, length, fn, *args):
         before = _sys.fstat(fd)
-        self.check(need)
+        self.check(self.growth(before, off, length))
         try:
             return fn(*args)
         finally:
