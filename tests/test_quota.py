@@ -104,6 +104,35 @@ def test_two_writers_at_once_cannot_overshoot(layers, impl):
         assert _du(layers.upper) <= LIMIT + SLACK
 
 
+def test_copy_ups_and_a_writer_at_once_cannot_overshoot(layers, impl):
+    """Copy-ups of big files are written by worker threads while other requests go on: each
+    reserves its room first, so a writer at the same time cannot take it too."""
+    for i in range(3):
+        ru.write_file(layers.lowers[0] / f"big{i}", f"big{i}", 3 * MiB)
+    with _mount(layers, impl):
+        m = layers.mnt
+        results = {}
+
+        def copy_up(i):
+            try:
+                open(m / f"big{i}", "r+b").close()
+                results[i] = "copied"
+            except OSError as e:
+                results[i] = e.errno
+
+        threads = [threading.Thread(target=copy_up, args=(i,)) for i in range(3)]
+        threads.append(threading.Thread(target=_fill, args=(m / "w", 256 * KiB)))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert set(results.values()) <= {"copied", errno.ENOSPC}
+        assert _du(layers.upper) <= LIMIT + SLACK
+        assert layers.work_leftovers == []
+        for i in range(3):
+            assert ru.identify((m / f"big{i}").read_bytes()) == f"big{i}"
+
+
 def test_copy_up_past_the_limit_fails_whole(layers, impl):
     lo = layers.lowers[0]
     ru.write_file(lo / "big", "big", 6 * MiB)
