@@ -171,8 +171,8 @@ def build_stack(prep):
 # kernel's default).
 _FLAG_OPTION = {("suid", True): "suid", ("suid", False): "nosuid", ("dev", True): "dev",
                 ("dev", False): "nodev", ("exec", True): None, ("exec", False): "noexec",
-                ("atime", True): None, ("atime", False): "noatime", ("diratime", True): None,
-                ("diratime", False): "nodiratime", ("sync", True): "sync", ("sync", False): None,
+                ("atime", True): None, ("atime", False): "noatime",
+                ("sync", True): "sync", ("sync", False): None,
                 ("dirsync", True): "dirsync", ("dirsync", False): None}
 
 
