@@ -9,6 +9,7 @@ import stat
 
 from . import _sys
 from .copyup import copy_up
+from .quota import enospc
 from .whiteout import is_private_xattr
 
 
@@ -81,7 +82,7 @@ def _truncate_within_limit(u, fd, path, size):
     if q.cost(after) > q.cost(before) and q.used > q.limit:
         truncate(before.st_size)
         q.settle(after, lstat())
-        raise OSError(errno.ENOSPC, "the upper layer's size limit (upper_size) is reached")
+        raise enospc()
 
 
 def readlink(u, node):

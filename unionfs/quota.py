@@ -18,7 +18,8 @@ The entry points, for every place that makes the upper grow:
   add fit, and the file's change in cost counted after (a hole punched: pass length 0).
   ``write`` is the same for a write, with a short write where only a part fits.
 - ``check(need)``, ``reserve(need)``/``release(need)``, ``settle(before, after)`` (two lstat
-  results, either None) and ``free(st)`` for the rest.
+  results, either None), ``add_entry(st)`` and ``free(st)`` for the rest; ``enospc()`` is the
+  error they raise.
 A mount without a limit has no Quota (``Union.quota`` is None) and pays nothing.
 """
 
@@ -32,7 +33,7 @@ from . import _fast, _sys
 log = logging.getLogger("unionfs.quota")
 
 
-def _enospc():
+def enospc():
     return OSError(errno.ENOSPC, "the upper layer's size limit (upper_size) is reached")
 
 
@@ -60,7 +61,7 @@ class Quota:
         """ENOSPC unless ``need`` more bytes fit; with need 0, unless the upper is within its
         limit (a change that may grow the upper by a little, such as a rename)."""
         if self.used + self.reserved + need > self.limit:
-            raise _enospc()
+            raise enospc()
 
     def reserve(self, need):
         self.check(need)
@@ -111,7 +112,7 @@ class Quota:
             fits = (self._first_new_block(before, off) + max(0, room) // self.block) \
                 * self.block - off
             if fits <= 0:
-                raise _enospc()
+                raise enospc()
             data = data[:fits]
         try:
             return _sys.pwrite(fd, data, off)
