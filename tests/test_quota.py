@@ -207,7 +207,16 @@ def test_sparse_files_count_what_they_use(layers, impl):
             f.seek(3 * MiB)
             f.write(b"w" * MiB)
         assert _df(m)[1] <= free - MiB
-        _fill(m / "more")
+        # Filling the holes below what is allocated: each write is new space, however much the
+        # file already holds further on.
+        fd = os.open(m / "sparse", os.O_WRONLY)
+        try:
+            with pytest.raises(OSError) as e:
+                for off in range(0, 512 * MiB, 256 * KiB):
+                    os.pwrite(fd, b"h" * (256 * KiB), off)
+            assert e.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
         assert _du(layers.upper) <= LIMIT + SLACK
 
 

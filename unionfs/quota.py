@@ -53,9 +53,14 @@ class Quota:
         return q
 
     def cost(self, st):
-        if st is None or (stat.S_ISCHR(st.st_mode) and _fast.is_whiteout(st)):
+        if st is None:
             return 0
-        return max(st.st_blocks * 512, self.block)
+        allocated = st.st_blocks * 512
+        if allocated >= self.block:
+            return allocated
+        # (Only an entry of less than a block can be a whiteout: asked only then, as it is on
+        # every write.)
+        return 0 if stat.S_ISCHR(st.st_mode) and _fast.is_whiteout(st) else self.block
 
     def check(self, need):
         """ENOSPC unless ``need`` more bytes fit; with need 0, unless the upper is within its
@@ -105,19 +110,20 @@ class Quota:
             self.settle(before, _sys.fstat(fd))
 
     def write(self, fd, data, off):
+        """The hot path with a limit: two fstat calls around the write, nothing else."""
         before = _sys.fstat(fd)
         room = self.limit - self.used - self.reserved
+        b = self.block
         if self.growth(before, off, len(data)) > room:
             # As on a full disk, what fits is written (a short write), and the rest gets ENOSPC.
-            fits = (self._first_new_block(before, off) + max(0, room) // self.block) \
-                * self.block - off
+            fits = (self._first_new_block(before, off) + max(0, room) // b) * b - off
             if fits <= 0:
                 raise enospc()
             data = data[:fits]
         try:
             return _sys.pwrite(fd, data, off)
         finally:
-            self.settle(before, _sys.fstat(fd))
+            self.used += self.cost(_sys.fstat(fd)) - self.cost(before)
 
     def statvfs(self, sv):
         """What df shows inside: the limit as the filesystem's size, the room left under it (or
