@@ -298,8 +298,17 @@ def test_pid1_counts_against_the_pids_limit(layers, ur):
 # ---- 6. --cap-add SYS_ADMIN --------------------------------------------------------------------
 
 
-def test_sys_admin_cannot_reach_the_host(layers, ur):
-    script = textwrap.dedent("""\
+# Opened for writing, never written: a host-wide knob that a container must not reach.
+_SYS_KNOBS = ("/sys/kernel/mm/transparent_hugepage/enabled", "/sys/module/fuse/parameters/enable_uring")
+_ESCAPES = {"release-agent-writable", "core-pattern-writable", "fresh-core-pattern-writable",
+            "sys-knob-writable", "cgroup-fs-writable", "unmasked"}
+_MOUNTS = {"cgroup-mounted", "proc-sys-remounted", "sys-remounted", "sys-rw", "proc-mounted",
+           "unshare-mount"}
+
+
+@pytest.mark.parametrize("opts", [[], ["--userns"]], ids=["host-userns", "userns"])
+def test_sys_admin_cannot_reach_the_host(layers, ur, opts):
+    script = textwrap.dedent(f"""\
         mount -t cgroup -o memory cgroup /x 2>/dev/null && echo cgroup-mounted
         [ -e /x/release_agent ] && (: >> /x/release_agent) 2>/dev/null && echo release-agent-writable
         umount /x 2>/dev/null
@@ -307,17 +316,22 @@ def test_sys_admin_cannot_reach_the_host(layers, ur):
         (: >> /proc/sys/kernel/core_pattern) 2>/dev/null && echo core-pattern-writable
         mount -o remount,rw /sys 2>/dev/null && echo sys-remounted
         grep -q ' /sys rw' /proc/self/mountinfo && echo sys-rw
+        for f in {" ".join(_SYS_KNOBS)}; do
+            [ -e $f ] && (: >> $f) 2>/dev/null && echo sys-knob-writable
+        done
         mount -t proc proc /x 2>/dev/null && echo proc-mounted
         [ -e /x/sys ] && (: >> /x/sys/kernel/core_pattern) 2>/dev/null && echo fresh-core-pattern-writable
         umount /x 2>/dev/null
         unshare -m sh -c 'mount -t tmpfs none /x' 2>/dev/null && echo unshare-mount
         umount /proc/kcore 2>/dev/null && echo unmasked
         touch /sys/fs/cgroup/x 2>/dev/null && echo cgroup-fs-writable
-        grep -c '::/$' /proc/self/cgroup
         echo done
     """)
-    out = _lines(ur.run(layers, "--cap-add", "SYS_ADMIN", cmd=script))
-    assert out == ["1", "done"], out
+    out = _lines(ur.run(layers, "--cap-add", "SYS_ADMIN", *opts, cmd=script))
+    assert out[-1] == "done" and not _ESCAPES & set(out), out
+    if not opts:
+        # SYS_ADMIN over the host's user namespace: no mount at all (seccomp's mount guard).
+        assert not _MOUNTS & set(out), out
 
 
 def test_sys_admin_keeps_what_it_can_do_inside(layers, ur):
