@@ -10,17 +10,19 @@ code (see the README's Security section for what they did there).
 import ctypes
 import json
 import os
+import platform
 import subprocess
 import sys
+import tempfile
 import textwrap
-import time
 
 import pytest
 
 import util
 
 from unionfs.launcher import caps as _caps
-from unionfs.launcher import cgroups, state
+from unionfs.launcher import cgroups
+from unionfs.launcher import seccomp as _seccomp
 
 BIN = os.environ.get("UNIONRUN_BIN") or os.path.dirname(sys.executable)
 BUSYBOX = "/bin/busybox"
@@ -30,6 +32,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
     pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="needs busybox-static"),
+    pytest.mark.skipif(platform.machine() != "x86_64", reason="the probe is x86_64 (int $0x80)"),
 ]
 
 # One static program, several probes. The 32-bit one goes through `int $0x80` from this 64-bit
@@ -191,7 +194,8 @@ def test_a_custom_profile_is_honoured(layers, ur, tmp_path):
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(profile))
     script = ("mkdir /tmp/d 2>&1; kill -9 $$ 2>&1; kill -0 $$ && echo zero-ok;"
-              " touch /tmp/f; chmod 600 /tmp/f 2>&1 && echo chmod-ok; probe keyctl32 | grep -c EPERM; true")
+              " touch /tmp/f; chmod 600 /tmp/f 2>&1 && echo chmod-ok;"
+              " probe keyctl32 | grep -c EPERM; true")
     out = _lines(ur.run(layers, "--security-opt", f"seccomp={path}", cmd=script))
     assert "Permission denied" in out[0], out
     assert "not permitted" in out[1] and out[2] == "zero-ok", out
@@ -199,6 +203,37 @@ def test_a_custom_profile_is_honoured(layers, ur, tmp_path):
     out = _lines(ur.run(layers, "--cap-drop", "FOWNER", "--security-opt", f"seccomp={path}",
                         cmd="touch /tmp/f; chmod 600 /tmp/f 2>&1 || true"))
     assert "Read-only file system" in out[0], out
+
+
+def _rules(profile, caps=_caps.DEFAULT):
+    """The syscalls named in the filter that ``profile`` gives (libseccomp's PFC text)."""
+    with tempfile.TemporaryFile() as f:
+        _seccomp.build(profile, caps, guard_mounts=False).export_pfc(f)
+        f.seek(0)
+        return f.read().decode()
+
+
+def test_includes_and_excludes_are_docker_s():
+    def rule(name, **cond):
+        return {"names": [name], "action": "SCMP_ACT_ALLOW", **cond}
+    profile = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        rule("keyctl", includes={"minKernel": "99.0"}),
+        rule("add_key", includes={"minKernel": "3.0"}),
+        rule("request_key", excludes={"minKernel": "3.0"}),
+        rule("bpf", includes={"arches": ["s390x"]}),
+        rule("acct", excludes={"arches": ["amd64"]}),
+        rule("reboot", includes={"caps": ["CAP_SYS_BOOT", "CAP_KILL"]}),
+        rule("syslog", excludes={"caps": ["CAP_SYS_BOOT", "CAP_AUDIT_READ"]}),
+    ]}
+    text = _rules(profile)
+    present = {n for n in ("keyctl", "add_key", "request_key", "bpf", "acct", "reboot", "syslog")
+               if f'"{n}"' in text}
+    assert present == {"add_key", "syslog"}, present
+    text = _rules(profile, _caps.DEFAULT | 1 << _caps.number("SYS_BOOT"))
+    assert '"reboot"' in text and '"syslog"' not in text
+    # archMap: on x86_64 the filter covers x86_64, x86 and x32.
+    text = _rules(json.load(open(_seccomp.DEFAULT_PATH)))
+    assert all(f"filter for arch {a} " in text for a in ("x86_64", "x86", "x32")), text[:300]
 
 
 @pytest.mark.parametrize("content", [
@@ -233,8 +268,8 @@ def test_exec_gets_the_containers_filter_and_caps(layers, ur):
     r = ur("run", "-d", "--name", name, "--cap-add", "SYS_PTRACE", "--layers", layers, "--",
            "sleep", "60")
     assert r.returncode == 0, r.stderr
-    r = ur("exec", name, "--", "sh", "-c", "probe keyctl; probe keyctl32; probe clone3;"
-                                           " grep -E '^(Seccomp|CapEff|NoNewPrivs):' /proc/self/status")
+    r = ur("exec", name, "--", "sh", "-c", "probe keyctl; probe keyctl32; probe clone3; grep -E"
+                                           " '^(Seccomp|CapEff|NoNewPrivs):' /proc/self/status")
     want = _caps.DEFAULT | 1 << _caps.number("SYS_PTRACE")
     assert _lines(r) == ["keyctl EPERM", "keyctl32 EPERM", "clone3 ENOSYS", f"CapEff:\t{want:016x}",
                          "NoNewPrivs:\t0", "Seccomp:\t2"]
@@ -247,7 +282,7 @@ def test_exec_gets_the_containers_filter_and_caps(layers, ur):
     assert _lines(r) == ["0", "NoNewPrivs:\t1", "Seccomp:\t0"]
 
 
-# ---- 5. PID 1 --------------------------------------------------------------------------------------
+# ---- 5. PID 1 ----------------------------------------------------------------------------------
 
 
 def test_pid1_gives_nothing_beyond_the_container(layers, ur):
@@ -276,7 +311,8 @@ def test_pid1_gives_nothing_beyond_the_container(layers, ur):
     environ = out[5:sep]
     assert not any(SECRET in e for e in environ) and "MINE=1" in environ, environ
     # Its cgroups are the container's, the root of its cgroup namespace.
-    assert len(out[sep + 1:sep + 3]) == 2 and all(ln.endswith(":/") for ln in out[sep + 1:sep + 3]), out
+    cgroup_lines = out[sep + 1:sep + 3]
+    assert len(cgroup_lines) == 2 and all(ln.endswith(":/") for ln in cgroup_lines), out
     assert out[sep + 3].split() == ["0", "1", "2"], out
     # Seen from the host: PID 1 (tini) is inside the limit cgroups and counts against them.
     init = ur.state(name)["init"][0]
@@ -299,7 +335,8 @@ def test_pid1_counts_against_the_pids_limit(layers, ur):
 
 
 # Opened for writing, never written: a host-wide knob that a container must not reach.
-_SYS_KNOBS = ("/sys/kernel/mm/transparent_hugepage/enabled", "/sys/module/fuse/parameters/enable_uring")
+_SYS_KNOBS = ("/sys/kernel/mm/transparent_hugepage/enabled",
+              "/sys/module/fuse/parameters/enable_uring")
 _ESCAPES = {"release-agent-writable", "core-pattern-writable", "fresh-core-pattern-writable",
             "sys-knob-writable", "cgroup-fs-writable", "unmasked"}
 _MOUNTS = {"cgroup-mounted", "proc-sys-remounted", "sys-remounted", "sys-rw", "proc-mounted",
@@ -310,7 +347,8 @@ _MOUNTS = {"cgroup-mounted", "proc-sys-remounted", "sys-remounted", "sys-rw", "p
 def test_sys_admin_cannot_reach_the_host(layers, ur, opts):
     script = textwrap.dedent(f"""\
         mount -t cgroup -o memory cgroup /x 2>/dev/null && echo cgroup-mounted
-        [ -e /x/release_agent ] && (: >> /x/release_agent) 2>/dev/null && echo release-agent-writable
+        [ -e /x/release_agent ] && (: >> /x/release_agent) 2>/dev/null &&
+            echo release-agent-writable
         umount /x 2>/dev/null
         mount -o remount,rw,bind /proc/sys 2>/dev/null && echo proc-sys-remounted
         (: >> /proc/sys/kernel/core_pattern) 2>/dev/null && echo core-pattern-writable
@@ -320,7 +358,8 @@ def test_sys_admin_cannot_reach_the_host(layers, ur, opts):
             [ -e $f ] && (: >> $f) 2>/dev/null && echo sys-knob-writable
         done
         mount -t proc proc /x 2>/dev/null && echo proc-mounted
-        [ -e /x/sys ] && (: >> /x/sys/kernel/core_pattern) 2>/dev/null && echo fresh-core-pattern-writable
+        [ -e /x/sys ] && (: >> /x/sys/kernel/core_pattern) 2>/dev/null &&
+            echo fresh-core-pattern-writable
         umount /x 2>/dev/null
         unshare -m sh -c 'mount -t tmpfs none /x' 2>/dev/null && echo unshare-mount
         umount /proc/kcore 2>/dev/null && echo unmasked

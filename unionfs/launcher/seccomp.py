@@ -202,8 +202,9 @@ def build(profile, caps, guard_mounts, where="seccomp profile"):
             raise ProfileError(f"{where}: names: expected a list of syscall names")
         action = _action(call.get("action"), call.get("errnoRet"), where)
         conds = [_condition(a, where) for a in call.get("args") or ()]
+        # As runc: a rule equal to the default is redundant (and libseccomp refuses it).
         if not _applies(call, caps, arch, where) or action == default:
-            continue        # as runc: a rule equal to the default is redundant (libseccomp refuses it)
+            continue
         indexes = [i for i, _ in conds]
         # As runc: conditions on one argument twice are alternatives, each a rule of its own.
         groups = [[c] for _, c in conds] if len(set(indexes)) < len(indexes) else [[c for _, c in
