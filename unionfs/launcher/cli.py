@@ -161,7 +161,9 @@ def _build_spec(args):
 
 
 def _security(args):
-    profile, nnp = spec.parse_security_opts(args.security_opt)
+    caps = spec.parse_caps(args.cap_add, args.cap_drop)
+    profile, nnp = spec.parse_security_opts(args.security_opt, caps,
+                                            spec.parse_userns(args.userns))
     return {"seccomp": profile, "no_new_privs": nnp}
 
 

@@ -233,9 +233,10 @@ def parse_caps(add, drop):
 
 # ---- --security-opt ----------------------------------------------------------------------------
 
-def parse_security_opts(values):
+def parse_security_opts(values, caps=_caps.DEFAULT, userns=None):
     """(seccomp profile or None, no_new_privs) of docker's --security-opt values:
-    seccomp=unconfined, seccomp=PROFILE.json, no-new-privileges[=true|false]."""
+    seccomp=unconfined, seccomp=PROFILE.json, no-new-privileges[=true|false]. The profile is
+    checked by building its filter for the container's ``caps``."""
     profile, nnp = _seccomp.load_profile(None), False
     for value in values:
         # docker also took "seccomp:PROFILE" once.
@@ -247,6 +248,7 @@ def parse_security_opts(values):
             else:
                 try:
                     profile = _seccomp.load_profile(arg)
+                    _seccomp.build(profile, caps, _seccomp.guards_mounts(caps, userns), arg)
                 except _seccomp.ProfileError as e:
                     raise SpecError(f"--security-opt {value}: {e}") from None
         elif key == "no-new-privileges" and arg in ("", "true", "false"):
