@@ -290,7 +290,7 @@ def test_pid1_gives_nothing_beyond_the_container(layers, ur):
     PID 1 must hold no more capabilities, no host binary, environment or cgroup than it has."""
     name = ur.name("pid1")
     env = dict(os.environ, **{SECRET: "host-only-value"})
-    r = ur("run", "-d", "--name", name, "--cap-add", "SYS_PTRACE", "--memory", "64m",
+    r = ur("run", "-d", "--init", "--name", name, "--cap-add", "SYS_PTRACE", "--memory", "64m",
            "--pids-limit", "50", "-e", "MINE=1", "--layers", layers, "--", "sleep", "60", env=env)
     assert r.returncode == 0, r.stderr
     script = textwrap.dedent("""\
