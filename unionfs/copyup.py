@@ -10,7 +10,7 @@ import stat
 
 from . import _sys
 from .core import ORIGIN_XATTR
-from .whiteout import is_private_xattr, work_name
+from .whiteout import is_private_xattr, takes_markers, work_name
 
 # Below this size a copy is cheaper than a trip to a worker thread.
 THREAD_THRESHOLD = 1 << 20
@@ -71,8 +71,8 @@ async def _build(u, node, data):
             node.upper = True
             return
         # The number a process saw stays the file's number after copy-up, also after a remount.
-        origin = [] if stat.S_ISDIR(mode) else [(stack.xattr_prefix + ORIGIN_XATTR,
-                                                 b"%d" % node.ino)]
+        origin = [] if stat.S_ISDIR(mode) or not takes_markers(stack, mode) else [
+            (stack.xattr_prefix + ORIGIN_XATTR, b"%d" % node.ino)]
         if stat.S_ISREG(mode):
             # Data, xattrs, owner, mode, times, all through the open copy; then fsync.
             args = (src, lpath, work, tmp, st, data, u.fsync, origin, is_private_xattr)

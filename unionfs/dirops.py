@@ -14,9 +14,9 @@ from . import _fast, _sys, files
 from .copyup import copy_up
 from .lookup import Found, lower_entry_exists
 from .readdir import merged_names
-from .whiteout import (OCI_PREFIX, has_oci_whiteout, make_whiteout, move_leaving_whiteout,
-                       remove_oci_whiteout,
-                       set_opaque, set_redirect, work_name)
+from .whiteout import (OCI_PREFIX, check_movable, has_oci_whiteout, make_whiteout,
+                       move_leaving_whiteout, remove_oci_whiteout, set_opaque, set_redirect,
+                       work_name)
 
 _OPEN_FLAGS_KEPT = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 
@@ -261,6 +261,9 @@ async def rename(u, p_old, n_old, p_new, n_new, flags):
             if p is src:
                 raise OSError(errno.EINVAL, "cannot move a directory into itself")
             p = p.parent
+    check_movable(u.stack, src)
+    if exchange:
+        check_movable(u.stack, dst)
     await copy_up(u, src)
     await copy_up(u, p_new)
     if exchange:

@@ -1,0 +1,144 @@
+"""Test helpers for rootless use: a throwaway unprivileged user (with subordinate id ranges),
+/dev/fuse opened to users as stock distributions ship it, commands run as that user, and tree
+snapshots taken as that user (root cannot enter a user's FUSE mount without allow_other).
+
+Every global change is undone in ``finally``: the user and its /etc/subuid and /etc/subgid lines
+are removed, /dev/fuse gets its mode back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import util
+
+SUBID_FILES = ("/etc/subuid", "/etc/subgid")
+SUBID_COUNT = 65536
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+    home: Path          # a private directory the user owns (never under root's 0700 tmp dirs)
+    subid_start: int    # its range in /etc/subuid and /etc/subgid, SUBID_COUNT long
+
+    def env(self, extra=None) -> dict:
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+               "HOME": str(self.home), "USER": self.name, "LOGNAME": self.name,
+               "XDG_RUNTIME_DIR": str(self.home / "run"),
+               "XDG_DATA_HOME": str(self.home / "data"),
+               "XDG_CONFIG_HOME": str(self.home / "config"), "LANG": "C.UTF-8"}
+        env.update(extra or {})
+        return env
+
+    def run(self, argv, *, env=None, check=False, timeout=120, **kw) -> subprocess.CompletedProcess:
+        """Run argv as this user, with its own environment (and ``env`` on top)."""
+        cmd = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
+               "--", *map(str, argv)]
+        r = subprocess.run(cmd, env=self.env(env), capture_output=True, text=True,
+                           timeout=timeout, cwd=self.home, **kw)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{argv} as {self.name} exited {r.returncode}:\n{r.stderr}")
+        return r
+
+
+def _edit_locked(path, edit):
+    """Rewrite an /etc file under an flock, as a small critical section (other tests may add
+    their own lines at the same time)."""
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        lines = f.read().splitlines()
+        new = edit(lines)
+        f.seek(0)
+        f.truncate()
+        f.write("".join(line + "\n" for line in new))
+
+
+def _free_subid_start(lines_by_file) -> int:
+    """A start above every range already given out."""
+    top = 100000
+    for lines in lines_by_file:
+        for line in lines:
+            parts = line.split(":")
+            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                top = max(top, int(parts[1]) + int(parts[2]))
+    # Rounded up to the next block, past ranges other tests may add meanwhile.
+    return (top // SUBID_COUNT + 8) * SUBID_COUNT
+
+
+@contextlib.contextmanager
+def unprivileged_user():
+    """A new user with a home of its own and subordinate id ranges; removed afterwards."""
+    name = f"ufs{os.getpid():x}{os.urandom(2).hex()}"
+    home = Path(tempfile.mkdtemp(prefix=f"unionfs-{name}-", dir="/tmp"))
+    os.chmod(home, 0o755)
+    created = False
+    try:
+        subprocess.run(["useradd", "--no-create-home", "--home-dir", str(home), "--shell",
+                        "/bin/sh", "--user-group", name], check=True, capture_output=True)
+        created = True
+        pw = pwd.getpwnam(name)
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+        for sub in ("run", "data", "config"):
+            (home / sub).mkdir(mode=0o700)
+            os.chown(home / sub, pw.pw_uid, pw.pw_gid)
+        existing = []
+        for path in SUBID_FILES:
+            with open(path, "a+") as f:
+                f.seek(0)
+                existing.append(f.read().splitlines())
+        start = _free_subid_start(existing)
+        for path in SUBID_FILES:
+            _edit_locked(path, lambda lines: [*lines, f"{name}:{start}:{SUBID_COUNT}"])
+        yield User(name, pw.pw_uid, pw.pw_gid, home, start)
+    finally:
+        for path in SUBID_FILES:
+            _edit_locked(path, lambda lines: [ln for ln in lines
+                                              if not ln.startswith(f"{name}:")])
+        if created:
+            subprocess.run(["userdel", name], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def dev_fuse_for_users():
+    """/dev/fuse 0666 as stock distributions ship it (this machine ships 0600), restored after."""
+    old = os.stat("/dev/fuse").st_mode & 0o7777
+    os.chmod("/dev/fuse", 0o666)
+    try:
+        yield
+    finally:
+        os.chmod("/dev/fuse", old)
+
+
+_SNAPSHOT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import util
+snap = util.snapshot(sys.argv[2], links=False, nlink=False)
+print(json.dumps({"entries": snap.entries}, default=lambda b: b.hex()))
+"""
+
+
+def user_snapshot(user: User, path) -> dict:
+    """util.snapshot of ``path`` taken as ``user``, as plain JSON data."""
+    r = user.run([sys.executable, "-c", _SNAPSHOT, Path(__file__).parent, path], check=True)
+    return json.loads(r.stdout)["entries"]
+
+
+def root_snapshot(path) -> dict:
+    snap = util.snapshot(path, links=False, nlink=False)
+    return json.loads(json.dumps({"entries": snap.entries}, default=lambda b: b.hex()))["entries"]
