@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import pwd
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +126,40 @@ def dev_fuse_for_users():
         os.chmod("/dev/fuse", old)
 
 
+@functools.lru_cache(maxsize=None)
+def _user_python(user: User) -> tuple[str, str]:
+    """(python, environment) with which ``user`` runs this checkout and its dependencies: this
+    venv's python where the user may run it, else the system's python of the same version with
+    the venv's packages on the path (a venv made from a python under root's 0700 home)."""
+    env = {"PYTHONPATH": os.pathsep.join([str(util.REPO), sysconfig.get_paths()["purelib"]])}
+    v = sys.version_info
+    for python in (sys.executable, f"/usr/bin/python{v.major}.{v.minor}"):
+        # Through sh: setpriv itself may still hold root's capabilities while it execs.
+        r = user.run(["sh", "-c", 'exec "$0" -c "import pyfuse3, trio, unionfs"', python],
+                     env=env)
+        if r.returncode == 0:
+            return python, env["PYTHONPATH"]
+    raise AssertionError(f"no python that {user.name} can run unionfs with: {r.stderr}")
+
+
+def user_python(user: User) -> tuple[str, dict]:
+    python, path = _user_python(user)
+    return python, {"PYTHONPATH": path}
+
+
+def unionmount_for(user: User, path: Path, impl: str) -> Path:
+    """An executable ``unionmount`` that ``user`` can run: this checkout with the hot paths of
+    ``impl`` (also podman's mount_program)."""
+    python, env = user_python(user)
+    if impl == "python":
+        env["UNIONFS_PURE_PYTHON"] = "1"
+    lines = ["#!/bin/sh"] + [f"export {k}='{v}'" for k, v in env.items()]
+    lines.append(f"exec '{python}' -m unionfs \"$@\"")
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o755)
+    return path
+
+
 _SNAPSHOT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
@@ -135,7 +171,8 @@ print(json.dumps({"entries": snap.entries}, default=lambda b: b.hex()))
 
 def user_snapshot(user: User, path) -> dict:
     """util.snapshot of ``path`` taken as ``user``, as plain JSON data."""
-    r = user.run([sys.executable, "-c", _SNAPSHOT, Path(__file__).parent, path], check=True)
+    python, env = user_python(user)
+    r = user.run([python, "-c", _SNAPSHOT, Path(__file__).parent, path], env=env, check=True)
     return json.loads(r.stdout)["entries"]
 
 

@@ -14,7 +14,7 @@ import stat
 import pytest
 
 import util
-from rootless_util import dev_fuse_for_users, unprivileged_user, user_snapshot
+from rootless_util import dev_fuse_for_users, unionmount_for, unprivileged_user, user_snapshot
 from test_cli import daemon_pids, wait_gone
 
 pytestmark = [
@@ -69,9 +69,10 @@ def side(user, tmp_path):
 
 def user_mount(user, side, impl):
     """unionmount L1:L2 U M -o workdir=W as the user (daemonizing, as a user types it)."""
-    cmd = util.union_cmd(side.lowers, side.upper, side.mnt, work=side.work, foreground=False)
-    r = user.run(cmd, env={k: v for k, v in util.union_env(impl).items()
-                           if k in ("PYTHONPATH", "UNIONFS_PURE_PYTHON")})
+    program = unionmount_for(user, side.root / "unionmount", impl)
+    r = user.run(["sh", "-c", 'exec "$0" "$@"', program,
+                  ":".join(map(str, side.lowers)), side.upper, side.mnt, "-o",
+                  f"workdir={side.work}"])
     assert r.returncode == 0, r.stderr
     assert util.is_mounted(side.mnt)
 
