@@ -15,6 +15,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -22,6 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import podman_util as pu
 import util
 
 SUBID_FILES = ("/etc/subuid", "/etc/subgid")
@@ -102,17 +104,42 @@ def unprivileged_user():
             with open(path, "a+") as f:
                 f.seek(0)
                 existing.append(f.read().splitlines())
-        start = _free_subid_start(existing)
-        for path in SUBID_FILES:
-            _edit_locked(path, lambda lines: [*lines, f"{name}:{start}:{SUBID_COUNT}"])
+        # useradd gives ranges itself where login.defs says so (SUB_UID_MIN...): keep those.
+        own = [line.split(":") for line in existing[0] if line.startswith(f"{name}:")]
+        start = int(own[0][1]) if own else _free_subid_start(existing)
+        for path, lines in zip(SUBID_FILES, existing):
+            if not any(line.startswith(f"{name}:") for line in lines):
+                _edit_locked(path, lambda lines: [*lines, f"{name}:{start}:{SUBID_COUNT}"])
         yield User(name, pw.pw_uid, pw.pw_gid, home, start)
     finally:
+        if created:
+            kill_processes_of(pw.pw_uid)
         for path in SUBID_FILES:
             _edit_locked(path, lambda lines: [ln for ln in lines
                                               if not ln.startswith(f"{name}:")])
         if created:
             subprocess.run(["userdel", name], capture_output=True)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def processes_of(uid) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == uid:
+                found.append(int(pid))
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def kill_processes_of(uid) -> None:
+    """Every process of our throwaway user (podman's pause process stays after podman exits)."""
+    for pid in processes_of(uid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @contextlib.contextmanager
@@ -163,6 +190,7 @@ def unionmount_for(user: User, path: Path, impl: str) -> Path:
 _SNAPSHOT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
+import podman_util as pu
 import util
 snap = util.snapshot(sys.argv[2], links=False, nlink=False)
 print(json.dumps({"entries": snap.entries}, default=lambda b: b.hex()))
@@ -179,3 +207,43 @@ def user_snapshot(user: User, path) -> dict:
 def root_snapshot(path) -> dict:
     snap = util.snapshot(path, links=False, nlink=False)
     return json.loads(json.dumps({"entries": snap.entries}, default=lambda b: b.hex()))["entries"]
+
+
+class UserPodman(pu.Podman):
+    """podman_util.Podman run by ``user``: rootless, with its store, run root and
+    XDG_RUNTIME_DIR under directories the user owns."""
+
+    def __init__(self, user: User, home: Path, mount_program=None):
+        super().__init__(home, mount_program)
+        self.user = user
+        for path in (home, *home.rglob("*"), self.run_root):
+            os.chown(path, user.uid, user.gid, follow_symlinks=False)
+        self.user_env = {k: v for k, v in self.env.items()
+                         if k.startswith("CONTAINERS_") or k == "XDG_RUNTIME_DIR"}
+
+    def __call__(self, *args, check=True, timeout=pu.PODMAN_TIMEOUT) -> subprocess.CompletedProcess:
+        r = self.user.run(self.base + list(args), env=self.user_env, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+        if check and r.returncode != 0:
+            raise pu.PodmanError(f"podman {' '.join(args)[:200]} -> exit {r.returncode}: "
+                                 f"{r.stderr.strip()[-1500:]}")
+        return r
+
+    def mounts(self) -> list[bytes]:
+        """Rootless podman mounts in a mount namespace of its own: read that one's table."""
+        r = self("unshare", "cat", "/proc/self/mountinfo", check=False)
+        prefixes = tuple(str(d) + "/" for d in (self.home, self.run_root))
+        points = [line.split(" ")[4] for line in r.stdout.splitlines()]
+        return sorted(p.encode() for p in points if p.startswith(prefixes))
+
+    def cleanup(self) -> list[str]:
+        forced = []
+        self("rm", "--all", "--force", "--time", "0", check=False)
+        self("rmi", "--all", "--force", check=False)
+        forced += [f"mount {m.decode()}" for m in self.mounts()
+                   if m != os.fsencode(str(self.home / "root" / "overlay"))]
+        left = pu.wait_no_processes(self.home, 5)
+        forced += [f"process {pid}: {cmd}" for pid, cmd in left.items()]
+        # podman's pause process (holding its user namespace) and whatever else is left
+        kill_processes_of(self.user.uid)
+        return forced
