@@ -1,0 +1,133 @@
+"""unionrun run by an unprivileged user: root inside a user namespace of the user's id and its
+subordinate ranges (newuidmap/newgidmap), the union's daemon in there, state under
+$XDG_DATA_HOME; what needs the host's root refused in one line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+
+import pytest
+
+import util
+from rootless_util import dev_fuse_for_users, processes_of, unprivileged_user, user_python
+
+BUSYBOX = "/bin/busybox"
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a test user"),
+    pytest.mark.skipif(shutil.which("newuidmap") is None, reason="needs uidmap (newuidmap)"),
+    pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="needs busybox-static"),
+]
+
+
+@pytest.fixture(scope="module")
+def user():
+    with unprivileged_user() as u, dev_fuse_for_users():
+        yield u
+
+
+@pytest.fixture(scope="module")
+def layers(user):
+    base, top = user.home / "base", user.home / "top"
+    for sub in ("bin", "etc", "tmp", "root"):
+        (base / sub).mkdir(parents=True)
+    util.install_busybox(base / "bin", BUSYBOX)
+    (base / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (base / "etc/group").write_text("root:x:0:\n")
+    (base / "etc/gone").write_text("deleted in the container\n")
+    (top / "etc").mkdir(parents=True)
+    (top / "etc/top").write_text("from the top layer\n")
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(base), str(top)], check=True)
+    return f"{top}:{base}"
+
+
+def unionrun(user, *args, env=None):
+    python, penv = user_python(user)
+    return user.run(["sh", "-c", 'exec "$0" -m unionfs.launcher.cli "$@"', python, *args],
+                    env={**penv, **(env or {})}, timeout=60)
+
+
+@pytest.fixture
+def names(user):
+    made = []
+    yield made
+    for name in made:
+        unionrun(user, "rm", "-f", name)
+
+
+def test_root_inside_the_users_own_namespace(user, layers, names):
+    names.append("c")
+    r = unionrun(user, "run", "--name", "c", "--layers", layers, "--", "sh", "-c",
+                 "id -u; cat /proc/self/uid_map; cat /etc/top; echo new > /tmp/new; "
+                 "chown 1000:1000 /tmp/new; rm /etc/gone; ls /etc")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert out[0] == "0"
+    assert out[1].split() == ["0", str(user.uid), "1"]
+    assert out[2].split()[:2] == ["1", str(user.subid_start)]
+    assert out[3] == "from the top layer"
+    assert "gone" not in out[4:]
+    # State and upper under $XDG_DATA_HOME/unionrun; on disk the user's subordinate ids.
+    upper = user.home / "data/unionrun/c/upper"
+    st = os.stat(upper / "tmp/new")
+    assert (st.st_uid, st.st_gid) == (user.subid_start + 999, st.st_gid) and st.st_gid != 0
+    wh = os.lstat(upper / "etc/gone")
+    assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0
+    # The union's daemon wrote the kernel's userxattr format: nothing under trusted.*
+    assert not [n for p in (upper, *upper.rglob("*"))
+                for n in os.listxattr(p, follow_symlinks=False) if n.startswith("trusted.")]
+
+
+def test_detached_exec_stop_rm(user, layers, names):
+    names.append("d")
+    r = unionrun(user, "run", "-d", "--name", "d", "--layers", layers, "--", "sleep", "60")
+    assert r.returncode == 0, r.stderr
+    r = unionrun(user, "exec", "d", "--", "sh", "-c", "id -u; pidof sleep; echo x > /tmp/x")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "2"]
+    r = unionrun(user, "ps")
+    assert r.returncode == 0 and "d " in r.stdout and "running" in r.stdout, r.stdout + r.stderr
+    # The container's processes run as the user on the host.
+    sleeper = [p for p in processes_of(user.uid)
+               if open(f"/proc/{p}/cmdline", "rb").read().startswith(b"sleep")]
+    assert len(sleeper) == 1
+    assert unionrun(user, "stop", "-t", "1", "d").returncode == 0
+    r = unionrun(user, "rm", "d")
+    assert r.returncode == 0, r.stderr
+    names.remove("d")
+    assert not (user.home / "data/unionrun/d").exists()
+    # No daemon is left serving the removed container's union.
+    assert not [p for p in processes_of(user.uid)
+                if b"unionfs" in open(f"/proc/{p}/cmdline", "rb").read()]
+
+
+@pytest.mark.parametrize("args, why", [
+    (["--memory", "64m"], "cgroup"),
+    (["--pids-limit", "10"], "cgroup"),
+    (["-p", "80:80"], "below 1024"),
+    (["--userns", "200000:65536"], "your own user namespace"),
+])
+def test_what_needs_root_is_refused_in_one_line(user, layers, args, why):
+    r = unionrun(user, "run", "--name", "refused", *args, "--layers", layers, "--", "true")
+    assert r.returncode == 125
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and why in lines[0], r.stderr
+    assert not (user.home / "data/unionrun/refused").exists()
+
+
+def test_without_subordinate_ids_it_says_so(user, layers):
+    """A user without /etc/subuid lines: one line naming the file, nothing made."""
+    with unprivileged_user() as other:
+        for path in ("/etc/subuid", "/etc/subgid"):
+            with open(path) as f:
+                kept = [ln for ln in f if not ln.startswith(f"{other.name}:")]
+            with open(path, "w") as f:
+                f.writelines(kept)
+        r = unionrun(other, "run", "--layers", layers, "--", "true")
+        assert r.returncode == 125
+        assert r.stderr.count("\n") == 1 and "/etc/subuid" in r.stderr, r.stderr
+        assert not (other.home / "data/unionrun").exists() or \
+            not os.listdir(other.home / "data/unionrun")
