@@ -4,10 +4,12 @@ $XDG_DATA_HOME; what needs the host's root refused in one line."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import stat
 import subprocess
+import tarfile
 
 import pytest
 
@@ -131,3 +133,33 @@ def test_without_subordinate_ids_it_says_so(user, layers):
         assert r.stderr.count("\n") == 1 and "/etc/subuid" in r.stderr, r.stderr
         assert not (other.home / "data/unionrun").exists() or \
             not os.listdir(other.home / "data/unionrun")
+
+
+def test_images_of_a_user_go_to_a_store_under_xdg_data_home(user, layers, tmp_path):
+    from test_images import _oci_archive
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "data").mkdir(parents=True)
+    shutil.copytree(layers.split(":")[1], rootfs, dirs_exist_ok=True, symlinks=True)
+    (rootfs / "etc/owned").write_text("owned by 1000 in the image\n")
+    os.chown(rootfs / "etc/owned", 1000, 1000)
+    (rootfs / "data/.wh..wh..opq").write_bytes(b"")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        tf.add(rootfs, arcname=".")
+    archive = user.home / "image.tar"
+    _oci_archive(archive, buf.getvalue())
+    python, env = user_python(user)
+    r = user.run(["sh", "-c", 'exec "$0" -c "$1" image import "$2" --name img', python,
+                  "import sys; from unionfs.images.cli import main; sys.exit(main())", archive],
+                 env=env)
+    assert r.returncode == 0, r.stderr
+    store = user.home / "data/unionfs"
+    assert store.is_dir()
+    r = unionrun(user, "run", "--rm", "img", "sh", "-c", "stat -c '%u %g' /etc/owned; id -u")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["1000 1000", "0"]
+    # On disk the owners are the user's subordinate ids; the opaque marker is userxattr's.
+    owned = [p for p in store.rglob("owned") if p.parent.name == "etc"]
+    assert [os.stat(p).st_uid for p in owned] == [user.subid_start + 999]
+    data = [p for p in store.rglob("data") if p.is_dir() and (p.parent / "etc").is_dir()]
+    assert [os.getxattr(p, "user.overlay.opaque") for p in data] == [b"y"]
