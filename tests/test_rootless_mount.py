@@ -25,7 +25,8 @@ pytestmark = [
 
 LOWERS = [{"a": util.File(b"a from l1"), "ldir/x": util.File(b"x from l1")},
           {"old": util.File(b"deleted by the user"), "ldir/y": util.File(b"y"),
-           "opq/gone": util.File(b"hidden by the opaque dir"), "opq/sub/deep": util.File(b"d")}]
+           "opq/gone": util.File(b"hidden by the opaque dir"), "opq/sub/deep": util.File(b"d"),
+           "ro/z": util.File(b"hidden by a read-only opaque dir")}]
 
 # What the user does through the mount; the last line tries to move a lower directory itself.
 STEPS = """
@@ -36,6 +37,8 @@ rm old
 rm -rf opq
 mkdir opq
 echo fresh > opq/f
+rm -rf ro
+mkdir -m 555 ro
 mv a a2
 mkdir made
 mv made made2

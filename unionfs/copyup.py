@@ -6,6 +6,7 @@ copied in a worker thread so that other requests keep being served.
 """
 
 import errno
+import os
 import stat
 
 from . import _sys
@@ -43,6 +44,18 @@ async def _copy_up_one(u, node, data):
     finally:
         del u.copyups[node.ino]
         done.set()
+
+
+def mode_while_moved(mode):
+    """The mode a directory is built with in the work directory. Moving a directory to another
+    parent writes its ".." entry: without privileges (a user's mount) that needs write
+    permission on it, so a read-only one gets its owner's write bit until it is in place."""
+    if _UNPRIVILEGED and not mode & stat.S_IWUSR:
+        return mode | stat.S_IWUSR
+    return mode
+
+
+_UNPRIVILEGED = os.geteuid() != 0
 
 
 def _place_keeping_parent_times(stack, tmp, path):
@@ -93,13 +106,17 @@ async def _build(u, node, data):
             for attr, value in origin:
                 _sys.setxattr(work, tmp, attr, value)
             _sys.chown(work, tmp, st.st_uid, st.st_gid)
-            if not stat.S_ISLNK(mode):
+            if stat.S_ISDIR(mode):
+                _sys.chmod(work, tmp, mode_while_moved(stat.S_IMODE(mode)))
+            elif not stat.S_ISLNK(mode):
                 _sys.chmod(work, tmp, stat.S_IMODE(mode))
             _sys.utime(work, tmp, st.st_atime_ns, st.st_mtime_ns)
         if node.unlinked:
             raise OSError(errno.ENOENT, "entry was removed during its copy-up")
         # No await from here to the rename: the destination is computed and used in one step.
         _place_keeping_parent_times(stack, tmp, node.path())
+        if stat.S_ISDIR(mode) and mode_while_moved(stat.S_IMODE(mode)) != stat.S_IMODE(mode):
+            _sys.chmod(stack.upper, node.path(), stat.S_IMODE(mode))
     except BaseException:
         # Whatever was built stays in the work directory, never visible, and is removed now.
         _sys.remove_tree(work, tmp)
