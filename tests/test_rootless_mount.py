@@ -26,7 +26,8 @@ pytestmark = [
 LOWERS = [{"a": util.File(b"a from l1"), "ldir/x": util.File(b"x from l1")},
           {"old": util.File(b"deleted by the user"), "ldir/y": util.File(b"y"),
            "opq/gone": util.File(b"hidden by the opaque dir"), "opq/sub/deep": util.File(b"d"),
-           "ro/z": util.File(b"hidden by a read-only opaque dir")}]
+           "ro/z": util.File(b"hidden by a read-only opaque dir"),
+           "ro2/file": util.File(b"a writable file in a read-only directory")}]
 
 # What the user does through the mount; the last line tries to move a lower directory itself.
 STEPS = """
@@ -39,6 +40,7 @@ mkdir opq
 echo fresh > opq/f
 rm -rf ro
 mkdir -m 555 ro
+echo appended >> ro2/file
 mv a a2
 mkdir made
 mv made made2
@@ -61,6 +63,7 @@ def user():
 def side(user, tmp_path):
     root = user.home / tmp_path.name
     side = util.build_side(root, LOWERS, {})
+    os.chmod(side.lowers[1] / "ro2", 0o555)
     for path in (root, *root.rglob("*")):
         os.chown(path, user.uid, user.gid, follow_symlinks=False)
     yield side

@@ -63,7 +63,16 @@ def _place_keeping_parent_times(stack, tmp, path):
     stay as they were, as the kernel keeps them."""
     parent = _sys.split(path)[0]
     pst = _sys.lstat(stack.upper, parent)
-    _sys.rename(stack.work, tmp, stack.upper, path)
+    # A file copied up into a read-only directory of a user's mount: the user could write the
+    # file, so the copy must land; the directory is writable for the moment of the rename.
+    opened = mode_while_moved(stat.S_IMODE(pst.st_mode)) != stat.S_IMODE(pst.st_mode)
+    if opened:
+        _sys.chmod(stack.upper, parent, mode_while_moved(stat.S_IMODE(pst.st_mode)))
+    try:
+        _sys.rename(stack.work, tmp, stack.upper, path)
+    finally:
+        if opened:
+            _sys.chmod(stack.upper, parent, stat.S_IMODE(pst.st_mode))
     _sys.utime(stack.upper, parent, pst.st_atime_ns, pst.st_mtime_ns)
 
 
