@@ -7,9 +7,11 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import tarfile
+import time
 
 import pytest
 
@@ -104,6 +106,30 @@ def test_detached_exec_stop_rm(user, layers, names):
     # No daemon is left serving the removed container's union.
     assert not [p for p in processes_of(user.uid)
                 if b"unionfs" in open(f"/proc/{p}/cmdline", "rb").read()]
+
+
+def test_a_published_port_and_the_host_network(user, layers, names):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    names.append("web")
+    r = unionrun(user, "run", "-d", "--name", "web", "-p", f"{port}:80", "--layers", layers,
+                 "--", "sh", "-c", "echo hello > /tmp/index.html; exec httpd -f -p 80 -h /tmp")
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 10
+    while True:
+        r = subprocess.run(["timeout", "5", BUSYBOX, "wget", "-qO-", f"http://127.0.0.1:{port}/"],
+                           capture_output=True, text=True)
+        if r.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert r.stdout == "hello\n", r.stderr
+    r = unionrun(user, "run", "--rm", "--net", "host", "--layers", layers, "--", "sh", "-c",
+                 "cat /proc/net/dev | grep -c :")
+    assert r.returncode == 0, r.stderr
+    with open("/proc/net/dev") as f:
+        assert int(r.stdout) == f.read().count(":")
 
 
 @pytest.mark.parametrize("args, why", [
