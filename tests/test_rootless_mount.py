@@ -27,7 +27,8 @@ LOWERS = [{"a": util.File(b"a from l1"), "ldir/x": util.File(b"x from l1")},
           {"old": util.File(b"deleted by the user"), "ldir/y": util.File(b"y"),
            "opq/gone": util.File(b"hidden by the opaque dir"), "opq/sub/deep": util.File(b"d"),
            "ro/z": util.File(b"hidden by a read-only opaque dir"),
-           "ro2/file": util.File(b"a writable file in a read-only directory")}]
+           "ro2/file": util.File(b"a writable file in a read-only directory"),
+           "gone2/x": util.File(b"hidden by a read-only directory moved over it")}]
 
 # What the user does through the mount; the last line tries to move a lower directory itself.
 STEPS = """
@@ -41,6 +42,9 @@ echo fresh > opq/f
 rm -rf ro
 mkdir -m 555 ro
 echo appended >> ro2/file
+rm -rf gone2
+mkdir -m 555 newro
+mv newro gone2
 mv a a2
 mkdir made
 mv made made2

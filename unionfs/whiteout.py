@@ -206,11 +206,10 @@ class Format:
     # redirect_dir=on: a renamed lower directory keeps its contents through a redirect xattr.
     # The kernel refuses redirects with userxattr, so a user's mount answers EXDEV instead.
     redirects: bool
-    name: str
 
 
-TRUSTED = Format(b"trusted.overlay.", True, "trusted.overlay xattrs")
-USERXATTR = Format(b"user.overlay.", False, "userxattr")
+TRUSTED = Format(b"trusted.overlay.", True)
+USERXATTR = Format(b"user.overlay.", False)      # the kernel's -o userxattr
 
 
 def _can_set(path, name):
