@@ -102,3 +102,16 @@ def test_fuse_overlayfs_sees_the_same_but_where_it_is_known_wrong(union, native,
 def test_nothing_left_after_rm(union):
     assert union.get("left after rm") == {"mounts": [], "processes": []}
     assert union.forced_cleanup == []
+
+
+@pytest.mark.parametrize("step", ["podman diff", "committed image diff"])
+def test_podman_diff_describes_the_changes(union, native, step):
+    """As with root podman (tests/test_podman.py): with a mount_program podman diffs the mounted
+    trees, natively it reads the upper layer; the lines differ, the tree they describe must not."""
+    before, after = native.get("base before"), native.get("seen after changes")
+    got = pu.diff_effect(union.get(step), before, after)
+    want = pu.diff_effect(native.get(step), before, after)
+    assert got["tree"] == sorted(pu.listed_paths(after)[0])
+    assert got["files added or changed"] == want["files added or changed"]
+    assert got["outside /data"] == want["outside /data"]
+    assert set(got["tree"]) - set(want["tree"]) <= {"/data/opaque"}
