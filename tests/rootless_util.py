@@ -23,6 +23,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 import podman_util as pu
 import util
 
@@ -158,6 +160,9 @@ def _user_python(user: User) -> tuple[str, str]:
     """(python, environment) with which ``user`` runs this checkout and its dependencies: this
     venv's python where the user may run it, else the system's python of the same version with
     the venv's packages on the path (a venv made from a python under root's 0700 home)."""
+    if user.run(["test", "-r", util.REPO / "unionfs" / "__init__.py"]).returncode != 0:
+        pytest.skip(f"this checkout ({util.REPO}) cannot be read by an unprivileged user: "
+                    "rootless tests need it where users may read it")
     env = {"PYTHONPATH": os.pathsep.join([str(util.REPO), sysconfig.get_paths()["purelib"]])}
     v = sys.version_info
     for python in (sys.executable, f"/usr/bin/python{v.major}.{v.minor}"):
@@ -190,6 +195,8 @@ def unionmount_for(user: User, path: Path, impl: str) -> Path:
 _SNAPSHOT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
+import pytest
+
 import podman_util as pu
 import util
 snap = util.snapshot(sys.argv[2], links=False, nlink=False)
