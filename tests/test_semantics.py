@@ -697,3 +697,79 @@ def test_every_change_shows_in_the_next_listing(pair):
         return out
 
     pair.run(scenario, lowers)
+
+
+# --- names of every length --------------------------------------------------------------------
+
+# 1 byte, then around the 251 bytes that leave room for a ".wh." marker, up to NAME_MAX and past it.
+NAME_LENGTHS = (1, 251, 252, 253, 254, 255, 256)
+ON_DISK = [n for n in NAME_LENGTHS if n <= 255]
+
+
+def long_name(char, n):
+    return char * n
+
+
+def test_every_namespace_operation_with_names_of_every_length(pair):
+    """pjdfstest's long-name checks: every namespace operation with names of 1, 251-255 and 256
+    bytes, on entries in the upper and in a lower. A name too long for its ``.wh.NAME`` marker
+    (over 251 bytes) simply has none: never ENAMETOOLONG but past NAME_MAX, as with the kernel."""
+    lower, upper = {}, {}
+    for n in ON_DISK:
+        for where, spec in (("low", lower), ("up", upper)):
+            spec[f"{where}/f/{long_name('f', n)}"] = File(b"%d" % n)
+            spec[f"{where}/d/{long_name('d', n)}/inner"] = File(b"i")
+            spec[f"{where}/e/{long_name('e', n)}"] = Dir()
+    lower.update({"low/src": File(b"src"), "list/": Dir()})
+    for n in ON_DISK:
+        lower[f"list/{long_name('l', n)}"] = File(b"")
+
+    def scenario(m):
+        r = []
+        for op in ("create", "mkdir", "mknod", "symlink", "link", "rename"):
+            os.mkdir(m / op)
+        for n in NAME_LENGTHS:
+            c = long_name("c", n)
+            r += [n,
+                  attempt(lambda: os.close(os.open(m / "create" / c, os.O_CREAT | os.O_EXCL
+                                                   | os.O_WRONLY, 0o644))),
+                  attempt(lambda: os.close(os.open(m / "create" / c, os.O_CREAT | os.O_EXCL
+                                                   | os.O_WRONLY, 0o644))),
+                  attempt(os.lstat, m / "create" / c),
+                  attempt(os.mkdir, m / "mkdir" / c), attempt(os.mkdir, m / "mkdir" / c),
+                  attempt(os.lstat, m / "mkdir" / c),
+                  attempt(os.mknod, m / "mknod" / c, stat.S_IFIFO | 0o600),
+                  attempt(os.lstat, m / "mknod" / c),
+                  attempt(os.symlink, "target", m / "symlink" / c),
+                  attempt(os.readlink, m / "symlink" / c),
+                  attempt(os.link, m / "low/src", m / "link" / c),
+                  attempt(os.lstat, m / "link" / c),
+                  attempt(os.rename, m / "create" / c, m / "rename" / c),
+                  attempt(os.rename, m / "rename" / c, m / "create" / long_name("C", n)),
+                  attempt(os.rename, m / "create" / long_name("C", n), m / "create" / c)]
+            for where in ("low", "up"):
+                f, d, e = (m / where / k / long_name(k, n) for k in "fde")
+                r += [where, attempt(os.lstat, f), read(f),
+                      attempt(os.listdir, d), read(d / "inner"),
+                      attempt(os.setxattr, d / "inner", "user.x", b"1"),
+                      attempt(write_at, f, b"more", 1),             # a copy-up
+                      attempt(os.setxattr, f, "user.x", b"1"),
+                      attempt(os.getxattr, f, "user.x"),
+                      attempt(os.unlink, d / "inner"), attempt(os.rmdir, d),
+                      attempt(os.lstat, d), attempt(os.rmdir, e), attempt(os.lstat, e),
+                      attempt(os.rename, f, m / where / "moved"),
+                      attempt(os.rename, m / where / "moved", f),
+                      attempt(os.unlink, f), attempt(os.lstat, f),
+                      attempt(os.mkdir, d), attempt(os.mkdir, e), ls(d)]
+            r.append(ls(m / "list"))
+        for top in ("create", "mkdir", "mknod", "symlink", "link", "rename", "low", "up",
+                    "list"):
+            r.append(ls(m / top))
+        for k in "fde":
+            r += [ls(m / "low" / k), ls(m / "up" / k)]
+        return r
+
+    results, snap = pair.run(scenario, [lower], upper)
+    assert any(isinstance(x, str) and "ENAMETOOLONG" in x for x in results)
+    assert f"list/{long_name('l', 255)}" in snap.entries
+    assert f"create/{long_name('c', 255)}" in snap.entries
