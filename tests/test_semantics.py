@@ -430,7 +430,12 @@ def test_fifos_and_devices(pair):
         r = [stat.filemode(os.lstat(m / "p").st_mode), attempt(os.chmod, m / "p", 0o600),
              stat.filemode(os.lstat(m / "p").st_mode), attempt(os.mkfifo, m / "newfifo", 0o644),
              attempt(os.rename, m / "d/q", m / "q"),
-             attempt(os.mknod, m / "null", stat.S_IFCHR | 0o644, os.makedev(1, 3))]
+             attempt(os.mknod, m / "null", stat.S_IFCHR | 0o644, os.makedev(1, 3)),
+             # 0/0 is a whiteout's form: refused (EPERM), never an invisible entry
+             attempt(os.mknod, m / "d/wh", stat.S_IFCHR | 0o644, os.makedev(0, 0)),
+             attempt(os.lstat, m / "d/wh"), attempt(os.mkdir, m / "onlywh"),
+             attempt(os.mknod, m / "onlywh/wh", stat.S_IFCHR, os.makedev(0, 0)),
+             attempt(os.rmdir, m / "onlywh")]
         # Data goes through a fifo opened via the union.
         rfd = os.open(m / "newfifo", os.O_RDONLY | os.O_NONBLOCK)
         wfd = os.open(m / "newfifo", os.O_WRONLY)
@@ -443,6 +448,7 @@ def test_fifos_and_devices(pair):
 
     results, _ = pair.run(scenario, lowers)
     assert results[-3] == b"through the pipe"
+    assert results[6] == "E:EPERM"
 
 
 def test_xattrs(pair):

@@ -91,6 +91,10 @@ async def create(u, parent, name, mode, flags, ctx):
 
 
 async def mknod(u, parent, name, mode, rdev, ctx):
+    if stat.S_ISCHR(mode) and rdev == 0:
+        # A 0/0 character device is how a whiteout is written: it could not be shown (the
+        # kernel's overlayfs refuses it the same way).
+        raise OSError(errno.EPERM, "a 0/0 character device is a whiteout")
     return await _make(u, parent, name, ctx, stat.S_ISDIR(mode),
                        lambda work, tmp: _sys.mknod(work, tmp, mode, rdev),
                        None if stat.S_ISDIR(mode) else stat.S_IMODE(mode))
