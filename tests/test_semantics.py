@@ -705,6 +705,41 @@ def test_every_change_shows_in_the_next_listing(pair):
     pair.run(scenario, lowers)
 
 
+def test_listings_have_dot_and_dotdot_with_their_inode_numbers(pair):
+    """getdents gives "." and ".." first, numbered as stat numbers the directory and its parent
+    (at the root, the root itself), in merged, upper-only, lower-only and new directories, also
+    when read again from the start and after a change, as the kernel's overlayfs does."""
+    lowers = [{"d/a": File(b"a"), "d/sub/x": File(b"x"), "low/l": File(b"l")},
+              {"d/b": File(b"b"), "d/sub/y": File(b"y")}]
+    upper = {"d/u": File(b"u"), "up/v": File(b"v")}
+
+    roots = []
+
+    def scenario(m):
+        os.mkdir(m / "new")
+        out = []
+        for rel, parent in (("", None), ("d", ""), ("d/sub", "d"), ("low", ""), ("up", ""),
+                            ("new", ""), ("d/sub", "d"), ("", None)):
+            ents = util.getdents(m / rel)
+            ino = {name: d_ino for name, d_ino, _ in ents}
+            types = {name: d_type for name, _, d_type in ents}
+            if parent is None:
+                # The root's "..": the kernel gives the upper directory's real parent, we give the
+                # directory the mount sits in (what stat says of ".."); only ours is checked.
+                roots.append(ino[".."] == os.lstat(m / "..").st_ino)
+                dotdot = None
+            else:
+                dotdot = ino[".."] == os.lstat(m / parent).st_ino
+            out.append((rel, sorted(ino), len(ents), ino["."] == os.lstat(m / rel).st_ino, dotdot,
+                        types["."], types[".."]))
+            (m / rel / f"added{len(out)}").write_bytes(b"")      # the next listing shows it
+        return out
+
+    results, _ = pair.run(scenario, lowers, upper)
+    assert all(r[3] and r[4] is not False for r in results), results
+    assert roots[0], "unionmount: the root's '..' is not numbered as stat numbers it"
+
+
 # --- names of every length --------------------------------------------------------------------
 
 # 1 byte, then around the 251 bytes that leave room for a ".wh." marker, up to NAME_MAX and past it.
