@@ -6,7 +6,9 @@ side's upper must read the same when mounted by the other implementation.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import signal
 import stat
 
 import pytest
@@ -374,6 +376,79 @@ def test_open_flags(pair):
 
     results, _ = pair.run(scenario, NS_LOWERS, NS_UPPER)
     assert results[1] == b"f0+app" and results[5] == "E:EEXIST"
+
+
+FALLOCATE_CASES = [        # (file, mode, offset, length)
+    ("low", 0, 0, 1 << 20),                                          # plain, growing
+    ("low2", util.FALLOC_FL_KEEP_SIZE, 0, 1 << 20),                  # a lower file: copy-up
+    ("up", util.FALLOC_FL_KEEP_SIZE | util.FALLOC_FL_PUNCH_HOLE, 4096, 8192),
+    ("up", util.FALLOC_FL_ZERO_RANGE, 20_000, 4096),
+    ("up", util.FALLOC_FL_ZERO_RANGE, 60_000, 40_000),                # and grows the file
+    ("low3", util.FALLOC_FL_KEEP_SIZE | util.FALLOC_FL_PUNCH_HOLE, 0, 4096),
+    ("low3", util.FALLOC_FL_PUNCH_HOLE, 0, 4096),                     # without KEEP_SIZE: EOPNOTSUPP
+    ("up", 0, -1, 10), ("up", 0, 0, 0),                               # EINVAL
+]
+
+
+def _fallocate_under_rlimit(path, ignore_sigxfsz):
+    """fallocate past RLIMIT_FSIZE in a child: its errno, or the signal that ended it."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            import resource
+            import signal
+            os.close(r)
+            # Python ignores SIGXFSZ from the start; a C program would die of it.
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN if ignore_sigxfsz else signal.SIG_DFL)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+            fd = os.open(path, os.O_RDWR)
+            os.write(w, str(attempt(util.fallocate, fd, 0, 0, 1 << 20)).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        got = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    return f"killed by {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else got
+
+
+def test_fallocate(pair):
+    """Plain, KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE as the kernel's overlayfs serves them (copy-up
+    first), and EFBIG (with SIGXFSZ) past RLIMIT_FSIZE. pyfuse3 has no fallocate handler: the
+    pure-Python build answers EOPNOTSUPP to every mode (README, known gaps)."""
+    data = bytes(range(256)) * 400
+    lowers = [{"low": File(data), "low2": File(data), "low3": File(data)}]
+    upper = {"up": File(data)}
+
+    def scenario(m):
+        r = []
+        for name, mode, off, length in FALLOCATE_CASES:
+            fd = os.open(m / name, os.O_RDWR)
+            try:
+                r.append(attempt(util.fallocate, fd, mode, off, length))
+            finally:
+                os.close(fd)
+            st = os.stat(m / name)
+            r.append((name, st.st_size, st.st_blocks,
+                      hashlib.sha256(read_bytes(m / name)).hexdigest()[:16]))
+        r += [_fallocate_under_rlimit(m / "up", True), _fallocate_under_rlimit(m / "up", False),
+              os.stat(m / "up").st_size]
+        return r
+
+    if pair.impl == "python":
+        pair.build(lowers, upper)
+        with util.union_mount(pair.u, pair.impl):
+            fd = os.open(pair.u.mnt / "up", os.O_RDWR)
+            try:
+                got = [attempt(util.fallocate, fd, mode, off, length)
+                       for _, mode, off, length in FALLOCATE_CASES if length > 0 and off >= 0]
+            finally:
+                os.close(fd)
+        assert set(got) == {"E:" + errno.errorcode[errno.EOPNOTSUPP]}, got
+        return
+    results, _ = pair.run(scenario, lowers, upper)
+    assert results[0] is None and results[-3:-1] == ["E:EFBIG", f"killed by {signal.SIGXFSZ}"]
 
 
 def test_open_unlinked_file_keeps_working(pair):

@@ -189,6 +189,10 @@ class Operations:
         return files.write(self.u, fh, off, buf)
 
     @_handler
+    async def fallocate(self, fh, mode, off, length):
+        files.fallocate(self.u, fh, mode, off, length)
+
+    @_handler
     async def flush(self, fh):
         pass
 
