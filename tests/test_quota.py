@@ -220,6 +220,32 @@ def test_sparse_files_count_what_they_use(layers, impl):
         assert _du(layers.upper) <= LIMIT + SLACK
 
 
+def test_fallocate(layers, impl):
+    """The audit's attack (fallocate -l 3G) and its variants: KEEP_SIZE blocks past the end count
+    too; a punched hole gives back."""
+    with _mount(layers, impl):
+        m = layers.mnt
+        if impl == "python":
+            # pyfuse3 has no fallocate handler: the call is refused before it reaches us.
+            r = subprocess.run(["fallocate", "-l", "3G", str(m / "f")], capture_output=True,
+                               text=True)
+            assert r.returncode != 0 and "not supported" in r.stderr, r
+            assert _du(layers.upper) <= LIMIT + SLACK
+            return
+        for args in (["-l", "3G"], ["-n", "-l", "64M"], ["-o", "4M", "-l", "8M"]):
+            r = subprocess.run(["fallocate", *args, str(m / "f")], capture_output=True,
+                               text=True)
+            assert r.returncode != 0 and "No space left on device" in r.stderr, (args, r)
+            assert _du(layers.upper) <= LIMIT + SLACK
+        subprocess.run(["fallocate", "-l", "6M", str(m / "f")], check=True)
+        assert os.path.getsize(m / "f") == 6 * MiB and _df(m)[1] < 3 * MiB
+        subprocess.run(["fallocate", "-p", "-o", "0", "-l", "4M", str(m / "f")], check=True)
+        assert _df(m)[1] > 5 * MiB
+        subprocess.run(["fallocate", "-n", "-o", "6M", "-l", "4M", str(m / "f")], check=True)
+        assert os.path.getsize(m / "f") == 6 * MiB and _df(m)[1] < 3 * MiB
+        assert _du(layers.upper) <= LIMIT + SLACK
+
+
 def test_entries_cost_a_block_each(layers, impl):
     """Empty files, directories, symlinks and device nodes: each takes a block of the limit, so
     a flood of them stops (an inode is not free on the disk)."""

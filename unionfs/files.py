@@ -1,4 +1,4 @@
-"""Open files: open (copying up for writing), read, write, fsync, release.
+"""Open files: open (copying up for writing), read, write, fallocate, fsync, release.
 
 A file opened for reading on a lower copy follows a later copy-up of the same entry: the next read
 goes to the upper copy, so readers never mix old and new data.
@@ -93,6 +93,25 @@ def write(u, fh, off, buf):
     if u.quota is None:
         return _sys.pwrite(u.handle(fh).fd, buf, off)
     return u.quota.write(u.handle(fh).fd, buf, off)
+
+
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def fallocate(u, fh, mode, off, length):
+    """Plain, KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE, as FUSE forwards them (it refuses collapse
+    and insert range itself). The handle is a writer's, so the file was copied up when opened;
+    RLIMIT_FSIZE is checked by the kernel before the request is sent (EFBIG, SIGXFSZ)."""
+    h = u.handle(fh)
+    if not h.upper:
+        raise OSError(errno.EBADF, "not open for writing")
+    if u.quota is None:
+        _sys.fallocate(h.fd, mode, off, length)
+        return
+    # Under a size limit: what the range may add is checked first (also with KEEP_SIZE, whose
+    # blocks past the end count as any), a punched hole only gives back.
+    need = 0 if mode & _FALLOC_FL_PUNCH_HOLE else length
+    u.quota.on_fd(h.fd, off, need, _sys.fallocate, h.fd, mode, off, length)
 
 
 def fsync(u, fh, datasync):
