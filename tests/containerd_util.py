@@ -217,8 +217,20 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
                                  f"containerd log: {self.log.read_text()[-3000:]}")
         return r
 
+    def wait_snapshotter(self, name="unionfs"):
+        """After the snapshotter restarts containerd reconnects on its own, with a backoff of up to
+        3 s (its proxy plugins' dial options); calls fail with "unavailable" meanwhile."""
+        deadline = time.monotonic() + TIMEOUT
+        while (r := self.ctr("snapshots", "--snapshotter", name, "ls", check=False)).returncode:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"containerd does not reach the snapshotter: {r.stderr}")
+            time.sleep(0.2)
+
     def gc(self):
         """containerd removes snapshots from the snapshotter only at garbage collection: force one."""
         lease = f"gc-{time.monotonic_ns()}"
         self.ctr("leases", "create", "--id", lease)
         self.ctr("leases", "rm", "--sync", lease)
+        failed = [line for line in self.log.read_text().splitlines()
+                  if "garbage collection failed" in line]
+        assert not failed, failed

@@ -83,9 +83,10 @@ class Snapshots(pb_grpc.SnapshotsServicer):
         if request.filters:
             # containerd filters in its metadata layer and walks us without any (garbage collection).
             raise st.InvalidArgument("filters are not supported by this snapshotter")
+        # Not a generator: the refusal above must happen inside _grpc_errors.
         infos = self.store.list()
-        for i in range(0, len(infos), LIST_BATCH):
-            yield pb.ListSnapshotsResponse(info=[_info(x) for x in infos[i:i + LIST_BATCH]])
+        return iter([pb.ListSnapshotsResponse(info=[_info(x) for x in infos[i:i + LIST_BATCH]])
+                     for i in range(0, len(infos), LIST_BATCH)])
 
     @_grpc_errors
     def Usage(self, request, context):

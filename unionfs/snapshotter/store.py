@@ -20,6 +20,7 @@ start, so that an id given back by a rolled-back insert finds its place free).
 """
 
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -30,7 +31,8 @@ import uuid
 from dataclasses import dataclass, field
 
 VIEW, ACTIVE, COMMITTED = 1, 2, 3       # the values of containerd's snapshots.v1.Kind
-KIND_NAMES = {VIEW: "view", ACTIVE: "active", COMMITTED: "committed"}
+
+log = logging.getLogger(__name__)
 
 
 class SnapshotError(Exception):
@@ -323,4 +325,6 @@ class Store:
                       else os.path.join(self.snapshots_dir, n) for n in orphans]
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)
+        if orphans:
+            log.info("removed %d directories no snapshot owns: %s", len(orphans), " ".join(orphans))
         return orphans
