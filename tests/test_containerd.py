@@ -233,6 +233,22 @@ def test_restarts_and_kill9_lose_nothing(env1):
     assert dirs == sorted(rows)
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--root", "{tmp}/a,b", "--address", "{tmp}/s.sock"], "must not contain"),
+    (["--root", "{tmp}/root", "--address", "{tmp}/no/such/dir/s.sock"], "does not exist"),
+    (["--root", "{tmp}/file", "--address", "{tmp}/s.sock"], "Not a directory"),
+    (["--root", "{tmp}/root"], "required: --address"),
+])
+def test_bad_command_lines_change_nothing(tmp_path, args, says):
+    (tmp_path / "file").write_bytes(b"")
+    r = subprocess.run([str(cu.VENV_BIN / "unionfs-snapshotter")]
+                       + [a.format(tmp=tmp_path) for a in args],
+                       capture_output=True, text=True, timeout=cu.TIMEOUT)
+    lines = [line for line in r.stderr.splitlines() if not line.startswith("usage:")]
+    assert r.returncode != 0 and len(lines) == 1 and says in lines[0], r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
 # -- the gRPC API, called directly -----------------------------------------------------------------
 # containerd answers unknown and duplicate keys itself before it asks a proxy snapshotter: these are
 # the answers it would get from us, checked without it.

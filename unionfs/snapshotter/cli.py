@@ -29,11 +29,13 @@ def main(argv=None):
     import grpc
     from . import service, store
 
+    address = os.path.abspath(args.address)
+    if not os.path.isdir(os.path.dirname(address)):
+        sys.exit(f"{PROG}: the directory of --address {address} does not exist")
     try:
         snapshots = store.Store(args.root)
     except (OSError, store.SnapshotError) as e:
         sys.exit(f"{PROG}: cannot open the store {args.root}: {e}")
-    address = os.path.abspath(args.address)
     try:
         os.unlink(address)      # a socket left by a previous run (a kill -9 leaves it)
     except FileNotFoundError:

@@ -2,9 +2,10 @@
 errors become the status codes containerd maps to its own errors (errdefs)."""
 
 import functools
+import logging
 
 import grpc
-from google.protobuf import empty_pb2
+from google.protobuf import empty_pb2, text_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from . import store as st
@@ -12,14 +13,18 @@ from .proto import mount_pb2, snapshots_pb2 as pb, snapshots_pb2_grpc as pb_grpc
 
 LIST_BATCH = 100    # infos per streamed List message
 
+log = logging.getLogger(__name__)
+
 
 def _grpc_errors(method):
     """Turns the store's refusals into their status, with the message containerd shows."""
     @functools.wraps(method)
     def wrapper(self, request, context):
+        log.debug("%s %s", method.__name__, text_format.MessageToString(request, as_one_line=True))
         try:
             return method(self, request, context)
         except st.SnapshotError as e:
+            log.debug("%s: %s", e.code, e)
             context.abort(getattr(grpc.StatusCode, e.code), str(e))
     return wrapper
 
