@@ -87,8 +87,9 @@ def image_layers() -> list[bytes]:
     return [_tar(base), _tar(top)]
 
 
-def write_oci_archive(path: Path, name: str = IMAGE) -> None:
-    """An OCI image layout in a tar, as `podman save --format oci-archive` writes it."""
+def write_oci_archive(path: Path, name: str = IMAGE, layers: list[bytes] | None = None) -> None:
+    """An OCI image layout in a tar, as `podman save --format oci-archive` writes it; of
+    image_layers() unless ``layers`` are given."""
     blobs = {}
 
     def blob(data: bytes, media_type: str) -> dict:
@@ -96,7 +97,7 @@ def write_oci_archive(path: Path, name: str = IMAGE) -> None:
         blobs[digest] = data
         return {"mediaType": media_type, "digest": digest, "size": len(data)}
 
-    layers = image_layers()
+    layers = image_layers() if layers is None else layers
     layer_descs = [blob(t, "application/vnd.oci.image.layer.v1.tar") for t in layers]
     config = {"architecture": "amd64", "os": "linux",
               "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
