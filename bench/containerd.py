@@ -88,8 +88,9 @@ def main():
                 unpack[s].append(timed(lambda: cd.ctr("images", "import", "--snapshotter", s,
                                                       str(archive), timeout=900)))
                 for i in range(3):
-                    cycle[s].append(timed(lambda: cd.ctr("run", "--rm", "--snapshotter", s,
-                                                         cu.IMAGE, f"c{run}-{i}", "true")))
+                    cid = f"c{run}-{i}"
+                    cycle[s].append(timed(lambda: cd.run(cid, "--rm", "--snapshotter", s,
+                                                         cu.IMAGE, cid, "true")))
                 print(f"run {run + 1}/{args.runs} {s}: unpack {unpack[s][-1]:.2f} s, "
                       f"cycle {cycle[s][-1]:.2f} s", file=sys.stderr)
     finally:

@@ -25,6 +25,7 @@ BUSYBOX = Path("/bin/busybox")
 VENV_BIN = Path(sys.executable).parent
 IMAGE = "localhost/unionfs-snaptest:latest"
 TIMEOUT = 60
+ECHILD_ATTEMPTS = 3
 
 
 def why_no_containerd() -> str | None:
@@ -165,6 +166,7 @@ class Containerd:
         self.config = base / "config.toml"
         self.log = base / "containerd.log"
         self.proc = None
+        self.echild_retries = 0
         self.config.write_text(f"""version = 2
 root = "{base}/root"
 state = "{base}/state"
@@ -216,6 +218,21 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         if check and r.returncode != 0:
             raise AssertionError(f"ctr {' '.join(args)} exited {r.returncode}: {r.stderr.strip()}\n"
                                  f"containerd log: {self.log.read_text()[-3000:]}")
+        return r
+
+    def run(self, cid: str, *args: str, check=True) -> subprocess.CompletedProcess:
+        """`ctr run ARGS` of container ``cid``, again when it failed on containerd's known race
+        (containerd#4387): the shim's reaper can take mount.fuse3's exit status, and containerd then
+        gives up after 10 ECHILDs. It counts the retries in ``self.echild_retries``."""
+        for attempt in range(ECHILD_ATTEMPTS):
+            r = self.ctr("run", *args, check=False)
+            if r.returncode == 0 or "failed with ECHILD" not in r.stderr:
+                break
+            self.echild_retries += 1
+            self.ctr("containers", "rm", cid, check=False)
+        if check and r.returncode != 0:
+            raise AssertionError(f"ctr run {' '.join(args)} exited {r.returncode}: "
+                                 f"{r.stderr.strip()}\ncontainerd log: {self.log.read_text()[-3000:]}")
         return r
 
     def wait_snapshotter(self, name="unionfs"):

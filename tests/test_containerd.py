@@ -44,9 +44,9 @@ class Env:
         self.cd.ctr("images", "import", str(archive))
 
     def run(self, snapshotter, cid, script, *, rm=True, check=True):
-        args = ["run"] + (["--rm"] if rm else []) + ["--snapshotter", snapshotter, cu.IMAGE, cid,
-                                                      "sh", "-c", script]
-        return self.cd.ctr(*args, check=check)
+        args = (["--rm"] if rm else []) + ["--snapshotter", snapshotter, cu.IMAGE, cid,
+                                           "sh", "-c", script]
+        return self.cd.run(cid, *args, check=check)
 
     def close(self):
         for cid in self.cd.ctr("containers", "ls", "-q", check=False).stdout.split():
@@ -55,6 +55,9 @@ class Env:
             self.cd.ctr("containers", "rm", cid, check=False)
         self.cd.stop()
         self.snap.kill(signal.SIGTERM)
+        if self.cd.echild_retries:
+            print(f"containerd#4387: {self.cd.echild_retries} `ctr run` retried on ECHILD "
+                  f"({self.impl})")
         left = [m for m in util.mountpoints() if m.startswith(os.fsencode(str(self.base)))]
         for m in left:
             subprocess.run(["umount", "-l", m], capture_output=True)
@@ -195,7 +198,7 @@ def test_restarts_and_kill9_lose_nothing(env1):
     container then leaks nothing."""
     env = env1
     cid = "survivor"
-    env.cd.ctr("run", "-d", "--snapshotter", "unionfs", cu.IMAGE, cid, "sh", "-c",
+    env.cd.run(cid, "-d", "--snapshotter", "unionfs", cu.IMAGE, cid, "sh", "-c",
                "echo kept > /data/kept; exec sleep 1000")
     deadline = time.monotonic() + cu.TIMEOUT
     while env.cd.ctr("tasks", "exec", "--exec-id", f"e{time.monotonic_ns()}", cid, "cat",
@@ -391,8 +394,8 @@ def test_api_kill9_at_any_point_leaves_a_consistent_store(api):
                     s.Commit(pb.CommitSnapshotRequest(name=key + "c", key=key), timeout=5)
                     acked.add(key + "c")
                     if i % 3 == 0:
+                        acked.discard(key + "c")    # a removal may land before its reply is lost
                         s.Remove(pb.RemoveSnapshotRequest(key=key + "c"), timeout=5)
-                        acked.discard(key + "c")
                     i += 1
             except grpc.RpcError:
                 pass                # the snapshotter died under us
