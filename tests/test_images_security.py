@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import resource
 import shutil
 import stat
 import subprocess
@@ -71,7 +72,8 @@ def oci_archive(path, layers, diff_ids=None, layer_digests=None, config_digest=N
                       "config": {"Cmd": ["sh"]}}).encode()
     cd = config_digest or sha(cfg)
     man = json.dumps({"schemaVersion": 2, "config": {"digest": cd, "size": len(cfg)},
-                      "layers": [{"digest": d, "size": len(b)} for d, b in zip(layer_digests, layers)]}).encode()
+                      "layers": [{"digest": d, "size": len(b)}
+                                 for d, b in zip(layer_digests, layers)]}).encode()
     md = manifest_digest or sha(man)
     idx = json.dumps({"schemaVersion": 2, "manifests": [{"digest": md, "size": len(man)}]}).encode()
     with tarfile.open(path, "w") as tf:
@@ -177,7 +179,8 @@ BAD_DIGESTS = {
 
 # Every shape where a digest names a directory of the store; the main ones where it names a blob.
 CASES = [("diff_id", bad) for bad in sorted(BAD_DIGESTS)] + [
-    (where, bad) for where in ("layer", "config", "manifest") for bad in ("dotdot", "uppercase", "unknown-algorithm")]
+    (where, bad) for where in ("layer", "config", "manifest")
+    for bad in ("dotdot", "uppercase", "unknown-algorithm")]
 
 
 @pytest.mark.parametrize("where,bad", CASES)
@@ -267,7 +270,8 @@ def test_local_user_cannot_run_setuid_files_of_an_image(tmp_path):
         assert os.stat(f"{top}/bin/rootshell").st_mode & stat.S_ISUID   # the image is kept as it is
         # setpriv keeps its capabilities up to its own execve: the path is resolved by nobody's shell.
         nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/bin/sh", "-c"]
-        r = subprocess.run(nobody + ['"$0" -p -c "id -u"', f"{top}/bin/rootshell"], capture_output=True, text=True)
+        r = subprocess.run(nobody + ['"$0" -p -c "id -u"', f"{top}/bin/rootshell"], capture_output=True,
+                           text=True)
         assert r.stdout.strip() != "0"
         assert r.returncode != 0 and "Permission denied" in r.stderr, r.stderr
         r = subprocess.run(nobody + ['head -c 512 "$0"', f"{top}/disk"], capture_output=True)
@@ -308,13 +312,49 @@ def test_deep_layer_imports_exports_and_goes(tmp_path, fast):
     assert len(os.listdir(store / "layers")) == 1 and os.listdir(store / "tmp") == []
 
 
+@needs_root
+def test_remove_tree_any_depth_few_fds_no_symlink_followed(tmp_path):
+    """The one removal helper: 3000 levels under a limit of 64 open files, symlinks to outside at every
+    level (to a dir, to a file), a dir of mode 000; what the links point to stays."""
+    from unionfs import rmtree
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep\n")
+    with small_fs(tmp_path / "fs", "256m") as fs:
+        _deep_tree_removed(rmtree, fs / "tree", outside)
+
+
+def _deep_tree_removed(rmtree, top, outside):
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for i in range(DEPTH):
+        os.symlink(str(outside), "dirlink", dir_fd=fd)
+        os.symlink(str(outside / "keep"), "filelink", dir_fd=fd)
+        os.mkdir("d", dir_fd=fd)
+        nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    os.mkdir("locked", 0, dir_fd=fd)
+    os.close(fd)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    try:
+        rmtree.remove_tree(top)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not top.exists()
+    assert os.listdir(outside) == ["keep"] and (outside / "keep").read_text() == "keep\n"
+    rmtree.remove_tree(top)    # nothing there: not an error
+
+
 @needs_fuse
 def test_deep_tree_in_a_container_upper_is_removed(tmp_path, fast):
     """A container makes its upper 1200 directories deep (beyond Python's recursion limit); on 34b2b96
     `unionrun rm` died in shutil.rmtree with RecursionError and left the container behind."""
     store, root = fast
     oci_archive(tmp_path / "bb.tar", [layer_tar(busybox_entries())])
-    assert cli(store, "image", "import", str(tmp_path / "bb.tar"), "--name", "bb", env=NO_RESERVE).returncode == 0
+    r = cli(store, "image", "import", str(tmp_path / "bb.tar"), "--name", "bb", env=NO_RESERVE)
+    assert r.returncode == 0, r.stderr
     r = unionrun(root, store, "run", "--name", "deep", "bb", "sh", "-c",
                  "i=0; while [ $i -lt 1200 ]; do mkdir d && cd d || exit 1; i=$((i+1)); done; echo made")
     assert r.returncode == 0 and r.stdout == "made\n", r.stderr
@@ -364,14 +404,14 @@ def test_size_bomb_stops_at_the_maximum(tmp_path, how):
     layer = zeros_layer(200 << 20)
     assert len(layer) < 1 << 20
     with small_fs(tmp_path / "store", "80m") as st:
-        env = {"UNIONFS_STORE_RESERVE": "0"}
+        env = dict(NO_RESERVE)
         args = ["--max-layer-size", "50m"] if how == "option" else []
         if how == "env":
             env["UNIONFS_MAX_LAYER_SIZE"] = "50m"
         r = import_into(st, tmp_path, layer, *args, env=env)
         assert one_line_error(r), r.stderr
         assert "50m" in r.stderr.splitlines()[-1] and "No space" not in r.stderr, r.stderr
-        assert os.listdir(st / "layers") == [] and os.listdir(st / "tmp") == [] and os.listdir(st / "images") == []
+        assert os.listdir(st / "layers") == os.listdir(st / "tmp") == os.listdir(st / "images") == []
         assert shutil.disk_usage(st).used < 1 << 20
 
 
@@ -380,12 +420,11 @@ def test_entries_bomb_stops_at_the_maximum(tmp_path):
     """20000 empty files, the maximum 1000 entries, a store with room for 5000 inodes."""
     layer = many_files_layer(20000)
     with small_fs(tmp_path / "store", "64m", inodes=5000) as st:
-        r = import_into(st, tmp_path, layer, "--max-layer-entries", "1000", env={"UNIONFS_STORE_RESERVE": "0"})
+        r = import_into(st, tmp_path, layer, "--max-layer-entries", "1000", env=NO_RESERVE)
         assert one_line_error(r), r.stderr
         assert "1000 entries" in r.stderr.splitlines()[-1] and "No space" not in r.stderr, r.stderr
         assert os.listdir(st / "layers") == [] and os.listdir(st / "tmp") == []
-        r = import_into(st, tmp_path, many_files_layer(500), "--max-layer-entries", "1000",
-                        env={"UNIONFS_STORE_RESERVE": "0"})
+        r = import_into(st, tmp_path, many_files_layer(500), "--max-layer-entries", "1000", env=NO_RESERVE)
         assert r.returncode == 0, r.stderr
 
 
