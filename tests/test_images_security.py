@@ -246,13 +246,12 @@ def test_shared_layer_must_be_our_verified_layer(tmp_path, store):
 
 @needs_root
 def test_local_user_cannot_run_setuid_files_of_an_image(tmp_path):
-    """A layer ships a setuid-root shell and a world-readable node of the host's disk. On 34b2b96 the store
-    was 0755 and `nobody` ran the shell from layers/HEX/diff with euid 0 (and could read the disk)."""
+    """A layer ships a setuid-root shell and a 0666 node of /dev/fuse (0600 on the host). On 34b2b96 the
+    store was 0755: `nobody` ran the shell from layers/HEX/diff with euid 0, and opened the node."""
     shell = open("/bin/bash", "rb").read()
-    disk = os.stat("/").st_dev
     layer = layer_tar([(ti("bin", tarfile.DIRTYPE, mode=0o755), None),
                        (ti("bin/rootshell", size=len(shell), mode=0o4755), shell),
-                       (ti("disk", tarfile.BLKTYPE, mode=0o444, dev=(os.major(disk), os.minor(disk))), None)])
+                       (ti("fuse", tarfile.CHRTYPE, mode=0o666, dev=(10, 229)), None)])
     # Somewhere every user can reach, as /var/lib is; and a store root that already exists, looser.
     base = tempfile.mkdtemp(prefix="ufs-sec-", dir="/tmp")
     try:
@@ -274,8 +273,8 @@ def test_local_user_cannot_run_setuid_files_of_an_image(tmp_path):
                            text=True)
         assert r.stdout.strip() != "0"
         assert r.returncode != 0 and "Permission denied" in r.stderr, r.stderr
-        r = subprocess.run(nobody + ['head -c 512 "$0"', f"{top}/disk"], capture_output=True)
-        assert r.returncode != 0 and r.stdout == b"" and b"Permission denied" in r.stderr
+        r = subprocess.run(nobody + [': <> "$0" && echo opened', f"{top}/fuse"], capture_output=True, text=True)
+        assert r.returncode != 0 and "opened" not in r.stdout and "Permission denied" in r.stderr, r.stderr
     finally:
         shutil.rmtree(base)
 
