@@ -17,7 +17,9 @@ from . import digest as digests
 
 OCI_WH = ".wh."
 OCI_OPQ = ".wh..wh..opq"
-OPAQUE_XATTR = "trusted.overlay.opaque"
+# trusted.* as root; a user's store (written as root of the user's namespace, where trusted.*
+# cannot be written) gets the kernel's userxattr form, as unionmount's uppers do there.
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 SKIP_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.unionfs.", "trusted.unionfs.")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -196,9 +198,16 @@ def unpack(blob, dest, expect_digest=None, expect_diff_id=None, progress=None, b
 def _set_opaque(dfd, name):
     fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
     try:
-        os.setxattr(f"/proc/self/fd/{fd}", OPAQUE_XATTR, b"y")
+        _mark_opaque(fd)
     finally:
         os.close(fd)
+
+
+def _mark_opaque(fd):
+    try:
+        os.setxattr(f"/proc/self/fd/{fd}", OPAQUE_XATTRS[0], b"y")
+    except PermissionError:
+        os.setxattr(f"/proc/self/fd/{fd}", OPAQUE_XATTRS[1], b"y")
 
 
 def _extract(tf, m, root_fd, parents, dirs, budget):
@@ -208,7 +217,7 @@ def _extract(tf, m, root_fd, parents, dirs, budget):
     dfd = parents.of(parts)
     name = parts[-1]
     if name == OCI_OPQ:
-        os.setxattr(f"/proc/self/fd/{dfd}", OPAQUE_XATTR, b"y")
+        _mark_opaque(dfd)
         return
     if name.startswith(OCI_WH):
         # OCI layer.md: a whiteout applies only to lower layers; what this layer itself holds under
@@ -364,7 +373,7 @@ def _pack_one(tf, dfd, name, rel, inodes):
             proc = f"/proc/self/fd/{pfd}"
             ti.pax_headers = {"SCHILY.xattr." + k: os.getxattr(proc, k).decode("utf-8", "surrogateescape")
                               for k in os.listxattr(proc) if not k.startswith(SKIP_XATTR_PREFIXES)}
-            opaque = stat.S_ISDIR(st.st_mode) and _getxattr(proc, OPAQUE_XATTR) == b"y"
+            opaque = stat.S_ISDIR(st.st_mode) and any(_getxattr(proc, x) == b"y" for x in OPAQUE_XATTRS)
         finally:
             os.close(pfd)
     if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:

@@ -12,7 +12,7 @@ import secrets
 import sys
 import time
 
-from . import enter, lifecycle, run, spec, state
+from . import enter, lifecycle, rootless, run, seccomp, spec, state
 
 PROG = "unionrun"
 FAILED = 125
@@ -65,6 +65,12 @@ def _parser():
     p.add_argument("--pids-limit", metavar="N")
     p.add_argument("--cap-add", action="append", default=[])
     p.add_argument("--cap-drop", action="append", default=[])
+    # Security (docker's spellings); an init always runs, --init is accepted for docker's sake.
+    p.add_argument("--security-opt", action="append", default=[], metavar="OPT",
+                   help="seccomp=unconfined, seccomp=PROFILE.json (docker's format; default: "
+                        "docker's profile), no-new-privileges")
+    p.add_argument("--init", action="store_true",
+                   help="no-op: the container's PID 1 is always an init (tini)")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="-- CMD | IMAGE [CMD]")
 
     p = sub.add_parser("exec", help="run a command in a running container")
@@ -150,7 +156,15 @@ def _build_spec(args):
         ports=tuple(spec.parse_port(p) for p in args.publish), limits=limits,
         caps=spec.parse_caps(args.cap_add, args.cap_drop), net=args.net,
         readonly=args.read_only, userns=spec.parse_userns(args.userns), tty=args.tty,
-        interactive=args.interactive, detach=args.detach, remove=args.rm), image, store
+        interactive=args.interactive, detach=args.detach, remove=args.rm,
+        **_security(args)), image, store
+
+
+def _security(args):
+    caps = spec.parse_caps(args.cap_add, args.cap_drop)
+    profile, nnp = spec.parse_security_opts(args.security_opt, caps,
+                                            spec.parse_userns(args.userns))
+    return {"seccomp": profile, "no_new_privs": nnp}
 
 
 def _cmd_run(args, root):
@@ -201,7 +215,9 @@ def _cmd_exec(args, root):
     return enter.run_in(st["init"][0], argv, env, workdir=args.workdir or st["workdir"],
                         user=spec.parse_user(args.user) or st["user"], tty=args.tty,
                         interactive=args.interactive, caps=st["caps"],
-                        start_time=st["init"][1], cgroup_dirs=st.get("cgroups") or ())
+                        start_time=st["init"][1], cgroup_dirs=st.get("cgroups") or (),
+                        seccomp=st.get("seccomp"), no_new_privs=st.get("no_new_privs", True),
+                        guard_mounts=seccomp.guards_mounts(st["caps"], st.get("userns")))
 
 
 def _cmd_ps(args, root):
@@ -280,18 +296,29 @@ def _cmd_commit(args, root):
     return 0
 
 
+def _rootless(args):
+    """Run by a user: state and images under $XDG_DATA_HOME, refuse what needs root, then
+    become root of the user's own user namespace (see rootless.py)."""
+    if args.root is None and not os.environ.get("UNIONRUN_ROOT"):
+        args.root = rootless.default_root()
+    if args.store is None and not os.environ.get("UNIONFS_STORE"):
+        args.store = rootless.default_store()
+    if args.cmd == "run":
+        rootless.refuse_what_needs_root(args)
+    rootless.enter()
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
+    if os.geteuid() != 0:
+        try:
+            _rootless(args)
+        except rootless.RootlessError as e:
+            sys.stderr.write(f"{PROG}: rootless: {e}\n")
+            return FAILED
     root = _root(args)
     handler = {"run": _cmd_run, "exec": _cmd_exec, "ps": _cmd_ps, "stop": _cmd_stop,
                "rm": _cmd_rm, "logs": _cmd_logs, "commit": _cmd_commit}[args.cmd]
-    if os.geteuid() != 0 and args.cmd in ("run", "exec", "stop", "rm"):
-        # Rootless would need /dev/fuse open to us; --userns is the unprivileged container root.
-        fuse = "/dev/fuse is not usable by you" if not os.access("/dev/fuse", os.R_OK | os.W_OK) \
-            else "cgroups and the state under /run need root"
-        sys.stderr.write(f"{PROG}: must run as root ({fuse}); run as root with --userns to give "
-                         "the container an unprivileged root\n")
-        return FAILED
     try:
         return handler(args, root)
     except run.CommandFailed as e:
