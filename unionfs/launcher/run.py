@@ -53,9 +53,10 @@ def initial_state(spec, image=None, store=None):
 class _Started:
     """A container whose command runs: what the supervisor waits on and then releases."""
 
-    def __init__(self, paths, st, init_pid, failure, master):
+    def __init__(self, paths, st, init_pid, failure, master, signals):
         self.paths, self.st = paths, st
         self.init_pid, self.failure, self.master = init_pid, failure, master
+        self.signals = signals      # our handlers from before we forwarded signals to the init
 
 
 def start(spec, root, image=None, store=None, to_log=False):
@@ -101,8 +102,8 @@ def start(spec, root, image=None, store=None, to_log=False):
         trees = _open_trees(spec, paths)
         try:
             trees.append(init.sealed_tini())
-            init_pid, rep_r, ctl_w, master = _clone_init(spec, paths, st, trees[:-1],
-                                                         trees[-1])
+            init_pid, rep_r, ctl_w, master, signals = _clone_init(spec, paths, st,
+                                                                  trees[:-1], trees[-1])
         finally:
             for fd in trees:
                 os.close(fd)
@@ -121,7 +122,7 @@ def start(spec, root, image=None, store=None, to_log=False):
     failure = _exec_outcome(rep_r)
     # Held until now: the init checks, before it execs tini, that we are still there.
     os.close(ctl_w)
-    return _Started(paths, st, init_pid, failure, master)
+    return _Started(paths, st, init_pid, failure, master, signals)
 
 
 def _exec_outcome(rep_r):
@@ -195,7 +196,7 @@ def _clone_init(spec, paths, st, trees, tini_fd):
             os.close(cwd)
     os.close(ctl_r)
     os.close(rep_w)
-    master = None
+    master, signals = None, None
     try:
         st["init"] = state.identity(pid)
         state.write(paths, st)
@@ -209,6 +210,9 @@ def _clone_init(spec, paths, st, trees, tini_fd):
             master, slave_n = P.open_pty(pid)
         if spec.ports:
             st["forwarder"] = state.identity(ports.start(spec.ports, pid, paths.log))
+        # Forwarded from before the command exists: a signal sent once it has shown a sign of
+        # life must reach it, not end us in the window before wait().
+        signals = P.forward_signals(pid)
         P.report(ctl_w, f"go {slave_n}" if spec.tty else "go -")
         # The init stays in the cgroups: as tini (a small static binary) it counts against the
         # limits as every process of the container does.
@@ -218,11 +222,13 @@ def _clone_init(spec, paths, st, trees, tini_fd):
         os.close(ctl_w)
         if master is not None:
             os.close(master)
+        if signals is not None:
+            P.restore_signals(signals)
         _kill_init(pid)
         raise
     st["status"] = "running"
     state.write(paths, st)
-    return pid, rep_r, ctl_w, master
+    return pid, rep_r, ctl_w, master, signals
 
 
 def _expect(rep_r, kind):
@@ -252,12 +258,14 @@ def wait(started, interactive):
     """Wait for the command, forwarding our signals to the init (which passes them on); its
     exit status. Messages of a failed exec go to our stderr."""
     pid = started.init_pid
-    with P.forwarding(pid):
+    try:
         if started.master is None:
             code = P.wait_status(pid)
         else:
             code = P.relay(pid, started.master, interactive)
             os.close(started.master)
+    finally:
+        P.restore_signals(started.signals)
     if started.failure:
         code = started.failure[0]
         sys.stderr.write(f"unionrun: {started.failure[1]}\n")
