@@ -1,7 +1,10 @@
-"""Resource limits through cgroups: v2 where the controller is available, else v1 (hybrid hosts).
+"""Resource limits and the device allow-list through cgroups: v2 where the controller is
+available, else v1 (hybrid hosts).
 
-A limit that cannot be applied is an error (CgroupError, one line), never a silent run without it.
-Each container gets one directory per hierarchy used, "unionrun-NAME", under our own cgroup there.
+A limit the user asked for that cannot be applied is an error (CgroupError, one line), never a
+silent run without it; a default (the pids limit, the device list) applies where its controller
+exists. Each container gets one directory per hierarchy used, "unionrun-NAME", under our own
+cgroup there.
 """
 
 from __future__ import annotations
@@ -13,6 +16,12 @@ import time
 
 PREFIX = "unionrun-"
 CPU_PERIOD = 100_000
+# runc's default allow-list (libcontainer/specconv AllowedDevices): mknod of any node (which
+# still takes CAP_MKNOD, not in the default set), the devices of the container's /dev, its ptys
+# (devpts: 136:*) and their multiplexer. Anything else, made in the container or shipped in a
+# layer, cannot be opened.
+DEVICE_RULES = ("c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm",
+                "c 1:9 rwm", "c 5:0 rwm", "c 5:2 rwm", "c 136:* rwm")
 
 
 class CgroupError(Exception):
@@ -91,27 +100,41 @@ def _write(path, value, what):
         raise CgroupError(f"{what}: cannot write {value} to {path}: {e.strerror}") from None
 
 
-def create(name, limits):
-    """Make the container's cgroups with ``limits`` set; returns their directories (empty when
-    no limit was asked for). On error nothing is left."""
-    wanted = []
+def device_control():
+    """Whether containers' device access can be confined here: the cgroup v1 devices controller.
+    (Where cgroup v2 alone is mounted this takes an eBPF device program, which we do not load:
+    the caller then mounts what the container can write nodev instead.)"""
+    if os.environ.get("UNIONRUN_NO_DEVICE_CGROUP") == "1":
+        # For the tests: behave as on a host without the v1 devices controller.
+        return False
+    return _v1_parent("devices", _mounts(), _own_paths()) is not None
+
+
+def create(name, limits, devices=False):
+    """Make the container's cgroups with ``limits`` set, and with ``devices`` its device
+    allow-list; returns their directories. On error nothing is left."""
+    wanted = []     # (controller, option, required)
     if limits.memory is not None:
-        wanted.append(("memory", "--memory"))
+        wanted.append(("memory", "--memory", True))
     if limits.cpus is not None:
-        wanted.append(("cpu", "--cpus"))
+        wanted.append(("cpu", "--cpus", True))
     if limits.pids is not None:
-        wanted.append(("pids", "--pids-limit"))
+        wanted.append(("pids", "--pids-limit", limits.pids_asked and limits.pids != -1))
+    if devices:
+        wanted.append(("devices", "devices", True))
     if not wanted:
         return []
     mounts, own = _mounts(), _own_paths()
     dirs = {}       # directory -> version
     plan = []       # (controller, option, directory, version)
-    for controller, option in wanted:
-        parent = _v2_parent(controller, mounts, own)
+    for controller, option, required in wanted:
+        parent = None if controller == "devices" else _v2_parent(controller, mounts, own)
         version = 2
         if parent is None:
             parent, version = _v1_parent(controller, mounts, own), 1
         if parent is None:
+            if not required:
+                continue    # a default where the controller is missing: as podman does
             raise CgroupError(f"{option}: no cgroup with the {controller} controller is available "
                               "(neither v2 nor v1); refusing to run without the limit")
         d = os.path.join(parent, PREFIX + name)
@@ -152,7 +175,12 @@ def _apply(controller, option, d, version, limits):
             _write(os.path.join(d, "cpu.cfs_period_us"), CPU_PERIOD, option)
             _write(os.path.join(d, "cpu.cfs_quota_us"), quota, option)
     elif controller == "pids":
-        _write(os.path.join(d, "pids.max"), limits.pids, option)
+        _write(os.path.join(d, "pids.max"), "max" if limits.pids == -1 else limits.pids, option)
+    elif controller == "devices":
+        # A new v1 cgroup inherits its parent's list: empty it, then allow ours.
+        _write(os.path.join(d, "devices.deny"), "a", option)
+        for rule in DEVICE_RULES:
+            _write(os.path.join(d, "devices.allow"), rule, option)
 
 
 def dirs_of(pid):
@@ -176,9 +204,12 @@ def join(dirs, pid):
 
 
 def leave(dirs, pid):
-    """Move ``pid`` out of ``dirs`` (the container's) into their parents (ours). Best effort: a
-    process that stays is only counted against the container's limits."""
+    """Move ``pid`` out of ``dirs`` (the container's) into their parents (ours), except out of
+    the device allow-list, which nothing of the container may escape. Best effort: a process
+    that stays is only counted against the container's limits."""
     for d in dirs:
+        if os.path.exists(os.path.join(d, "devices.list")):
+            continue
         try:
             with open(os.path.join(os.path.dirname(d), "cgroup.procs"), "w") as f:
                 f.write(str(pid))

@@ -100,28 +100,57 @@ def remount_readonly(root_fd, path, flags=0):
         os.close(fd)
 
 
-def _make_dev(root_fd, in_userns):
+def _make_dev(root_fd, in_userns, nodev):
+    """/dev: a tmpfs with DEVICES, DEV_LINKS, pts, shm and mqueue. With ``nodev`` (no device
+    cgroup) the tmpfs is nodev, so a node the container makes there cannot be opened, and each
+    of DEVICES is bound onto it from a tmpfs of its own that is then detached."""
     nosuid_noexec = L.MS_NOSUID | L.MS_NOEXEC
-    mount_in_root(root_fd, "/dev", "tmpfs", "tmpfs", L.MS_NOSUID | L.MS_STRICTATIME,
+    mount_in_root(root_fd, "/dev", "tmpfs", "tmpfs",
+                  L.MS_NOSUID | L.MS_STRICTATIME | (L.MS_NODEV if nodev else 0),
                   "mode=755,size=65536k")
+    # Where the nodes are made; the host's own are bound in a user namespace (no mknod there).
+    source = None if in_userns else "/dev" if not nodev else "/dev/.nodes"
+    if source == "/dev/.nodes":
+        mount_in_root(root_fd, source, "tmpfs", "tmpfs", nosuid_noexec, "mode=755,size=64k")
     dev = open_in_root(root_fd, "/dev")
+    nodes = open_in_root(root_fd, source) if source else None
     try:
         for name, major, minor in DEVICES:
-            if in_userns:
-                # No mknod in a user namespace: the host's own nodes are bound below.
+            if source != "/dev":
+                # A file to bind the node onto.
                 os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW
                                  | os.O_CLOEXEC, 0o666, dir_fd=dev))
-            else:
-                os.mknod(name, 0o666 | stat.S_IFCHR, os.makedev(major, minor), dir_fd=dev)
+            if source:
+                os.mknod(name, 0o666 | stat.S_IFCHR, os.makedev(major, minor), dir_fd=nodes)
         for name, target in DEV_LINKS:
             os.symlink(target, name, dir_fd=dev)
         for name, mode in (("pts", 0o755), ("shm", 0o1777), ("mqueue", 0o755)):
             os.mkdir(name, mode, dir_fd=dev)
     finally:
         os.close(dev)
-    if in_userns:
+        if nodes is not None:
+            os.close(nodes)
+    if source != "/dev":
         for name, _, _ in DEVICES:
-            mount_in_root(root_fd, f"/dev/{name}", f"/dev/{name}", None, L.MS_BIND, create=None)
+            # The host's node (still reachable: pivot_root is to come), or ours.
+            node = os.open(f"/dev/{name}", L.O_PATH | os.O_CLOEXEC) if in_userns \
+                else open_in_root(root_fd, f"{source}/{name}")
+            try:
+                mount_in_root(root_fd, f"/dev/{name}", _fdpath(node), None, L.MS_BIND,
+                              create=None)
+            finally:
+                os.close(node)
+    if source == "/dev/.nodes":
+        fd = open_in_root(root_fd, source)
+        try:
+            L.umount2(_fdpath(fd), L.MNT_DETACH)
+        finally:
+            os.close(fd)
+        dev = open_in_root(root_fd, "/dev")
+        try:
+            os.rmdir(".nodes", dir_fd=dev)
+        finally:
+            os.close(dev)
     # uid=0: a pty opened from outside (by the supervisor, by exec) belongs to the container's
     # root, who can then hand it on, also in a user namespace where our own root is nobody.
     mount_in_root(root_fd, "/dev/pts", "devpts", "devpts", nosuid_noexec,
@@ -199,7 +228,7 @@ def setup(spec, root_tree, volume_trees):
         # A procfs of our own pid namespace: the host's processes are not in it.
         mount_in_root(root_fd, "/proc", "proc", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
         # /dev from scratch: the host's devices are not reachable, only the harmless ones.
-        _make_dev(root_fd, spec.userns is not None)
+        _make_dev(root_fd, spec.userns is not None, spec.nodev)
         # sysfs of our network namespace, read-only: it has knobs for the whole machine.
         try:
             mount_in_root(root_fd, "/sys", "sysfs", "sysfs",
@@ -227,6 +256,11 @@ def setup(spec, root_tree, volume_trees):
     finally:
         os.umask(old_umask)
         os.close(root_fd)
+    if spec.net == "none":
+        # podman's default_sysctls, in the container's own network namespace: ICMP echo
+        # sockets for gid 0, so that root can ping (iputils) without NET_RAW.
+        with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+            f.write("0 0")
     for path in MASKED:
         _mask(path)
     for path in READONLY:

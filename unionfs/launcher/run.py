@@ -11,6 +11,7 @@ run leaves nothing behind.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -62,7 +63,12 @@ def start(spec, root, image=None, store=None, to_log=False):
     container's log from the moment it has a directory."""
     if threading.active_count() != 1:
         raise RunError("internal error: the launcher must be single-threaded to clone")
-    paths = state.claim(root, spec.name)
+    try:
+        paths = state.claim(root, spec.name)
+    except state.StateError as e:
+        raise RunError(str(e)) from None
+    except OSError as e:
+        raise RunError(f"cannot create the container's state: {e.strerror}: {root}") from None
     if paths is None:
         raise RunError(f"a container named {spec.name!r} already exists (unionrun rm it first)")
     st = initial_state(spec, image, store)
@@ -78,18 +84,24 @@ def start(spec, root, image=None, store=None, to_log=False):
             os.close(log)
         if spec.ports:
             ports.check_free(spec.ports)
-        st["cgroups"] = cgroups.create(spec.name, spec.limits)
+        confined = cgroups.device_control()
+        if not confined:
+            spec = dataclasses.replace(spec, nodev=True)
+        st["cgroups"] = cgroups.create(spec.name, spec.limits, devices=confined)
         state.write(paths, st)
         if spec.upper is None:
+            # Its root is the container's "/": 0755 as usual, private by the 0700 above it.
             os.mkdir(paths.upper, 0o755)
             upper, work = paths.upper, paths.work
         else:
             upper, work = spec.upper, None
-        options = []
+        # A container's root needs its setuid files (su) and, under the device cgroup, the
+        # nodes of its layers that the allow-list grants; without that cgroup, no nodes.
+        options = ["suid", "nodev" if spec.nodev else "dev"]
         if spec.userns:
             # The container's ids are the host's base.. ; on disk they stay 0.., as without.
             base, count = spec.userns
-            options = [f"uidmapping={base}:0:{count}", f"gidmapping={base}:0:{count}"]
+            options += [f"uidmapping={base}:0:{count}", f"gidmapping={base}:0:{count}"]
         try:
             st["daemon"] = union.mount(spec.lowers, upper, work, paths.merged, options)
         finally:
@@ -157,6 +169,17 @@ def _open_trees(spec, paths):
                 trees.append(L.open_tree(vol.source, recursive=True))
             except OSError as e:
                 raise RunError(f"-v: volume source {vol.source}: {e.strerror}") from None
+        if spec.nodev:
+            # No device cgroup: no node the container makes or its layers ship may open.
+            for i, fd in enumerate(trees):
+                L.mount_setattr(fd, L.MOUNT_ATTR_NODEV, recursive=i > 0)
+        # The host's own view of the union (ROOT/NAME/merged) runs nothing of the container:
+        # the container has its copy (trees[0]), with its own flags.
+        fd = os.open(paths.merged, L.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            L.mount_setattr(fd, L.MOUNT_ATTR_NOSUID | L.MOUNT_ATTR_NODEV | L.MOUNT_ATTR_NOEXEC)
+        finally:
+            os.close(fd)
     except BaseException:
         for fd in trees:
             os.close(fd)

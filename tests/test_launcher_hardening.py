@@ -1,0 +1,257 @@
+"""Attacks on unionrun's storage, devices and default limits, run as an attacker would: a local
+user after a container's setuid-root file or device node, a container after the host's devices
+(nodes it makes, nodes its layers ship), a fork bomb without a limit. Each attack must fail.
+
+Against 14a159e every attack here succeeded: `nobody` ran a container's setuid file with euid 0
+through ROOT/NAME/upper and ROOT/NAME/merged (with --userns too, through upper), a default
+container made /dev/fuse, tty0 and console nodes and opened them for writing, a layer's 10:229
+node opened read-write, and no pids limit applied.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import util
+
+from unionfs.launcher import cgroups
+
+BIN = os.path.dirname(sys.executable)
+BUSYBOX = "/bin/busybox"
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+EUID_C = b"#include <stdio.h>\n#include <unistd.h>\n" \
+         b"int main(void) { printf(\"euid=%d\\n\", (int)geteuid()); return 0; }\n"
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
+    pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="needs busybox-static"),
+]
+needs_device_cgroup = pytest.mark.skipif(
+    os.environ.get("UNIONRUN_NO_DEVICE_CGROUP") == "1" or not cgroups.device_control(),
+    reason="no cgroup v1 devices controller here (the nodev fallback is tested below)")
+
+
+@pytest.fixture(scope="module")
+def layers(tmp_path_factory):
+    """busybox; /euid, a static program that prints its effective uid (not setuid); and in
+    /nodes, character devices as a hostile image ships them, all 0666: fuse (10:229), mem (1:1)
+    and null (1:3, on the allow-list)."""
+    d = tmp_path_factory.mktemp("hardening")
+    base = d / "base"
+    for sub in ("bin", "etc", "tmp", "nodes"):
+        (base / sub).mkdir(parents=True)
+    os.chmod(base / "tmp", 0o1777)
+    util.install_busybox(base / "bin", BUSYBOX)
+    (base / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
+                                     "nobody:x:65534:65534::/:/bin/sh\n")
+    (d / "euid.c").write_bytes(EUID_C)
+    subprocess.run(["gcc", "-static", "-o", str(base / "euid"), str(d / "euid.c")], check=True)
+    for name, major, minor in (("fuse", 10, 229), ("mem", 1, 1), ("null", 1, 3)):
+        os.mknod(base / "nodes" / name, 0o666 | 0o020000, os.makedev(major, minor))
+        os.chmod(base / "nodes" / name, 0o666)
+    return str(base)
+
+
+@pytest.fixture
+def root():
+    """A state root in a directory that any user can walk to (pytest's own are 0700, which
+    would stop the attacker before the launcher's permissions are put to the test); at the end
+    every container is removed and nothing may be left mounted."""
+    top = Path(tempfile.mkdtemp(prefix="unionrun-hardening-"))
+    os.chmod(top, 0o755)
+    r = top / "run"
+    try:
+        yield r
+    finally:
+        for name in os.listdir(r) if r.exists() else []:
+            unionrun(r, "rm", "-f", name)
+        with open("/proc/mounts") as f:
+            left = str(top) in f.read()
+        shutil.rmtree(top, ignore_errors=True)
+    assert not left
+    suffix = top.name.rsplit("-", 1)[1]
+    assert not [d for d in cgroups.leftovers() if d.endswith(f"-{suffix}")]
+
+
+def wait_for(pred, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def unionrun(root, *args, env=None):
+    return subprocess.run([f"{BIN}/unionrun", "--root", str(root), *args], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL,
+                          env=None if env is None else {**os.environ, **env})
+
+
+def as_nobody(script):
+    """``script`` in sh as uid/gid 65534 with no groups and no capabilities. (setpriv execs its
+    own argument before the capabilities are gone: the attack runs in the shell.)"""
+    return subprocess.run(NOBODY + ["/bin/sh", "-c", script], capture_output=True, text=True,
+                          timeout=30)
+
+
+def opens(paths):
+    """Shell that tries to open each path read-write (never creating it): "PATH opened" or the
+    shell's error line."""
+    return "".join(f"if [ -e {p} ]; then (exec 3<>{p}) 2>&1 && echo '{p} opened'; fi;"
+                   for p in paths) + "true;"
+
+
+# ---- item 2: storage that no local user can reach ----------------------------------------------
+
+
+@pytest.mark.parametrize("userns", [False, True], ids=["root", "userns"])
+def test_nobody_cannot_run_a_containers_setuid_file(layers, root, userns):
+    # The state root exists already, open to all (as 14a159e left it, 0711): it is fixed.
+    root.mkdir(mode=0o755)
+    os.chmod(root, 0o755)
+    name = f"suid-{root.parent.name.rsplit('-', 1)[1]}"
+    r = unionrun(root, "run", "-d", "--name", name, *(["--userns"] if userns else []),
+                 "--layers", layers, "--", "sh", "-c",
+                 "cp /euid /tmp/euid && chmod 4755 /tmp/euid && touch /tmp/ready; sleep 60")
+    assert r.returncode == 0, r.stderr
+    upper, merged = root / name / "upper/tmp", root / name / "merged/tmp"
+    assert wait_for(lambda: (upper / "ready").exists())
+    # The container did write a setuid-root file (on disk, ids stay 0.. with --userns too).
+    st = os.stat(upper / "euid")
+    assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o4755)
+    for path in (upper / "euid", merged / "euid"):
+        r = as_nobody(f"{path}; ls {path.parent}")
+        assert "euid=" not in r.stdout and "Permission denied" in r.stderr, (path, r)
+    assert (os.stat(root).st_mode & 0o777, os.stat(root / name).st_mode & 0o777) == \
+        (0o700, 0o700)
+    # Opened to all by mistake: the upper would hand out root (what 0700 prevents), but the
+    # host's view of the union runs nothing of the container.
+    os.chmod(root, 0o755)
+    os.chmod(root / name, 0o755)
+    assert as_nobody(f"{upper / 'euid'}").stdout == "euid=0\n"
+    r = as_nobody(f"{merged / 'euid'}")
+    assert "euid=" not in r.stdout and "Permission denied" in r.stderr, r
+    # The next run makes the root private again.
+    r = unionrun(root, "run", "--rm", "--layers", layers, "--", "true")
+    assert r.returncode == 0, r.stderr
+    assert os.stat(root).st_mode & 0o777 == 0o700
+
+
+def test_a_state_root_of_another_user_is_refused(layers, root):
+    root.mkdir()
+    os.chown(root, 65534, 65534)
+    r = unionrun(root, "run", "--rm", "--layers", layers, "--", "true")
+    assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+    assert "uid 65534" in r.stderr and str(root) in r.stderr
+    assert os.listdir(root) == []
+
+
+# ---- item 3: devices -----------------------------------------------------------------------------
+
+MADE = ("/tmp/fuse c 10 229", "/tmp/tty0 c 4 0", "/tmp/console c 5 1", "/tmp/null c 1 3")
+LAYER_NODES = ("/nodes/fuse", "/nodes/mem", "/nodes/null")
+DEV_LIST = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+
+
+def _mknod_and_open(nodes=MADE):
+    return "".join(f"mknod {n} 2>&1;" for n in nodes) + opens(n.split()[0] for n in nodes)
+
+
+def test_a_default_container_cannot_make_a_device_node(layers, root):
+    r = unionrun(root, "run", "--rm", "--layers", layers, "--", "sh", "-c", _mknod_and_open())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Operation not permitted") == len(MADE), r.stdout
+    assert "opened" not in r.stdout
+
+
+@needs_device_cgroup
+@pytest.mark.parametrize("userns", [False, True], ids=["root", "userns"])
+def test_the_device_cgroup_stops_nodes_made_or_shipped(layers, root, tmp_path, userns):
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    script = (_mknod_and_open(MADE + ("/vol/fuse c 10 229",)) + "echo --;" + opens(LAYER_NODES)
+              + "echo --;" + opens(DEV_LIST) + "head -c 4 /dev/urandom | wc -c;"
+              " grep devices /proc/self/cgroup")
+    r = unionrun(root, "run", "--rm", "--cap-add", "MKNOD", *(["--userns"] if userns else []),
+                 "-v", f"{vol}:/vol", "--layers", layers, "--", "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    made, shipped, devs = r.stdout.split("--\n")
+    if userns:
+        # No mknod in a user namespace, whatever the capabilities say.
+        assert made.count("mknod:") == len(MADE) + 1 and "opened" not in made, made
+    else:
+        # Made (MKNOD was added), and refused at open by the allow-list, but for 1:3.
+        assert "mknod:" not in made, made
+        assert made.count("Operation not permitted") == len(MADE), made
+        assert "/tmp/null opened" in made and made.count("opened") == 1, made
+    assert shipped.splitlines() == [
+        "sh: can't create /nodes/fuse: Operation not permitted",
+        "sh: can't create /nodes/mem: Operation not permitted", "/nodes/null opened"], shipped
+    lines = devs.splitlines()
+    assert lines[:len(DEV_LIST)] == [f"{p} opened" for p in DEV_LIST] and lines[-2] == "4", devs
+    assert lines[-1].endswith(":devices:/unionrun-" + lines[-1].rsplit("-", 1)[1]), devs
+
+
+@needs_device_cgroup
+def test_exec_runs_in_the_device_cgroup(layers, root):
+    name = f"exec-{root.parent.name.rsplit('-', 1)[1]}"
+    r = unionrun(root, "run", "-d", "--name", name, "--cap-add", "MKNOD", "--layers", layers,
+                 "--", "sleep", "60")
+    assert r.returncode == 0, r.stderr
+    r = unionrun(root, "exec", name, "--", "sh", "-c",
+                 _mknod_and_open(("/tmp/fuse c 10 229",)) + opens(["/nodes/fuse"])
+                 + "grep devices /proc/self/cgroup; grep devices /proc/1/cgroup")
+    lines = r.stdout.splitlines()
+    assert lines[:2] == ["sh: can't create /tmp/fuse: Operation not permitted",
+                         "sh: can't create /nodes/fuse: Operation not permitted"], r.stdout
+    assert lines[2] == lines[3] and lines[2].endswith(f":devices:/unionrun-{name}"), r.stdout
+
+
+def test_without_a_device_cgroup_nothing_the_container_writes_is_a_device(layers, root,
+                                                                            tmp_path):
+    # As on a host with cgroup v2 alone: every mount the container can write to is nodev, and
+    # /dev keeps its devices (bound from a tmpfs of their own).
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    script = (_mknod_and_open(MADE + ("/dev/fuse c 10 229", "/vol/fuse c 10 229")) + "echo --;"
+              + opens(LAYER_NODES) + "echo --;" + opens(DEV_LIST)
+              + "head -c 4 /dev/zero | wc -c;"
+              " awk '$5 == \"/\" || $5 == \"/dev\" || $5 == \"/vol\"' /proc/self/mountinfo")
+    r = unionrun(root, "run", "--rm", "--cap-add", "MKNOD", "-v", f"{vol}:/vol", "--layers",
+                 layers, "--", "sh", "-c", script, env={"UNIONRUN_NO_DEVICE_CGROUP": "1"})
+    assert r.returncode == 0, r.stderr
+    made, shipped, devs = r.stdout.split("--\n")
+    assert "mknod:" not in made and "opened" not in made, made
+    assert made.count("Permission denied") == len(MADE) + 2, made
+    assert "opened" not in shipped and shipped.count("Permission denied") == 3, shipped
+    lines = devs.splitlines()
+    assert lines[:len(DEV_LIST)] == [f"{p} opened" for p in DEV_LIST], devs
+    assert lines[len(DEV_LIST)] == "4"
+    mounts = {ln.split()[4]: ln.split()[5].split(",") for ln in lines[len(DEV_LIST) + 1:]}
+    assert all("nodev" in opts for opts in mounts.values()) and len(mounts) == 3, mounts
+
+
+# ---- item 10: the default pids limit ------------------------------------------------------------
+
+@pytest.mark.parametrize("opts,want", [([], "2048"), (["--pids-limit", "-1"], "max"),
+                                       (["--pids-limit", "100"], "100")],
+                         ids=["default", "none", "asked"])
+def test_pids_limit_default_and_none(layers, root, opts, want):
+    name = f"pids-{root.parent.name.rsplit('-', 1)[1]}"
+    r = unionrun(root, "run", "-d", "--name", name, *opts, "--layers", layers, "--",
+                 "sleep", "60")
+    assert r.returncode == 0, r.stderr
+    found = [d for d in cgroups.leftovers(name) if os.path.exists(os.path.join(d, "pids.max"))]
+    assert len(found) == 1, found
+    with open(os.path.join(found[0], "pids.max")) as f:
+        assert f.read().strip() == want
+    with open(os.path.join(found[0], "cgroup.procs")) as f:
+        assert f.read().split(), "the command runs in it"
