@@ -255,3 +255,11 @@ def test_pids_limit_default_and_none(layers, root, opts, want):
         assert f.read().strip() == want
     with open(os.path.join(found[0], "cgroup.procs")) as f:
         assert f.read().split(), "the command runs in it"
+
+
+@pytest.mark.parametrize("value", ["-2", "0", "lots"])
+def test_a_bad_pids_limit_is_one_line(layers, root, value):
+    r = unionrun(root, "run", "--rm", "--pids-limit", value, "--layers", layers, "--", "true")
+    assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+    assert "--pids-limit" in r.stderr and "-1 for none" in r.stderr
+    assert not root.exists() or os.listdir(root) == []

@@ -107,7 +107,8 @@ def device_control():
     if os.environ.get("UNIONRUN_NO_DEVICE_CGROUP") == "1":
         # For the tests: behave as on a host without the v1 devices controller.
         return False
-    return _v1_parent("devices", _mounts(), _own_paths()) is not None
+    # Only root can make cgroups of the host's v1 hierarchies.
+    return os.geteuid() == 0 and _v1_parent("devices", _mounts(), _own_paths()) is not None
 
 
 def create(name, limits, devices=False):
@@ -125,8 +126,7 @@ def create(name, limits, devices=False):
     if not wanted:
         return []
     mounts, own = _mounts(), _own_paths()
-    dirs = {}       # directory -> version
-    plan = []       # (controller, option, directory, version)
+    plan = []       # (controller, option, directory, version, required)
     for controller, option, required in wanted:
         parent = None if controller == "devices" else _v2_parent(controller, mounts, own)
         version = 2
@@ -137,18 +137,19 @@ def create(name, limits, devices=False):
                 continue    # a default where the controller is missing: as podman does
             raise CgroupError(f"{option}: no cgroup with the {controller} controller is available "
                               "(neither v2 nor v1); refusing to run without the limit")
-        d = os.path.join(parent, PREFIX + name)
-        dirs[d] = version
-        plan.append((controller, option, d, version))
+        plan.append((controller, option, os.path.join(parent, PREFIX + name), version,
+                     required))
     made = []
     try:
-        for d in dirs:
-            try:
-                os.mkdir(d)
-            except OSError as e:
-                raise CgroupError(f"cannot create cgroup {d}: {e.strerror}") from None
-            made.append(d)
-        for controller, option, d, version in plan:
+        for controller, option, d, version, required in plan:
+            if d not in made:
+                try:
+                    os.mkdir(d)
+                except OSError as e:
+                    if not required:
+                        continue    # a default we may not set here (not root): skipped too
+                    raise CgroupError(f"cannot create cgroup {d}: {e.strerror}") from None
+                made.append(d)
             _apply(controller, option, d, version, limits)
     except BaseException:
         remove(made)
