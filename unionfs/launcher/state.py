@@ -39,7 +39,8 @@ def make_private(root):
     directory of ours, as its owner could open it again."""
     os.makedirs(root, mode=0o700, exist_ok=True)
     try:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # A symlink is followed (a root moved to another disk): what it leads to is checked.
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         raise StateError(f"state root {root}: {e.strerror}") from None
     try:
