@@ -109,6 +109,7 @@ def start(spec, root, image=None, store=None, to_log=False):
             state.write(paths, st)
         trees = _open_trees(spec, paths)
         try:
+            _seal_host_view(paths)
             init_pid, rep_r, master = _clone_init(spec, paths, st, trees)
         finally:
             for fd in trees:
@@ -173,18 +174,22 @@ def _open_trees(spec, paths):
             # No device cgroup: no node the container makes or its layers ship may open.
             for i, fd in enumerate(trees):
                 L.mount_setattr(fd, L.MOUNT_ATTR_NODEV, recursive=i > 0)
-        # The host's own view of the union (ROOT/NAME/merged) runs nothing of the container:
-        # the container has its copy (trees[0]), with its own flags.
-        fd = os.open(paths.merged, L.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            L.mount_setattr(fd, L.MOUNT_ATTR_NOSUID | L.MOUNT_ATTR_NODEV | L.MOUNT_ATTR_NOEXEC)
-        finally:
-            os.close(fd)
     except BaseException:
         for fd in trees:
             os.close(fd)
         raise
     return trees
+
+
+def _seal_host_view(paths):
+    """The host's own mount of the union (ROOT/NAME/merged) runs nothing of the container:
+    nosuid, nodev, noexec. The container has its copy of the mount (open_tree), whose flags
+    are its own; this one is only for unmount and for root's look from outside."""
+    fd = os.open(paths.merged, L.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        L.mount_setattr(fd, L.MOUNT_ATTR_NOSUID | L.MOUNT_ATTR_NODEV | L.MOUNT_ATTR_NOEXEC)
+    finally:
+        os.close(fd)
 
 
 def _clone_init(spec, paths, st, trees):
