@@ -145,6 +145,51 @@ def test_nobody_cannot_run_a_containers_setuid_file(layers, root, userns):
     assert os.stat(root).st_mode & 0o777 == 0o700
 
 
+def _descendant(pid, comm, timeout=20.0):
+    """The first process named ``comm`` below ``pid``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        todo = [pid]
+        while todo:
+            p = todo.pop()
+            try:
+                with open(f"/proc/{p}/comm") as f:
+                    if p != pid and f.read().strip() == comm:
+                        return p
+                with open(f"/proc/{p}/task/{p}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+            except OSError:
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"no {comm} below {pid}")
+
+
+def test_a_host_user_of_a_containers_uid_gets_nothing_through_proc_root(layers, root):
+    # A container process runs as 65534:65534, so the host's nobody may look into its root
+    # through /proc/PID/root. There: a node the image ships, nodes the container's root made
+    # (--cap-add MKNOD) in /tmp and in /dev, a setuid-root file it wrote.
+    name = f"procroot-{root.parent.name.rsplit('-', 1)[1]}"
+    r = unionrun(root, "run", "-d", "--name", name, "--cap-add", "MKNOD", "--layers", layers,
+                 "--", "sh", "-c", "mknod -m 666 /tmp/fuse c 10 229; mknod -m 666 /dev/fuse c 10"
+                 " 229; cp /euid /tmp/euid; chmod 4755 /tmp/euid; touch /tmp/ready; sleep 60")
+    assert r.returncode == 0, r.stderr
+    assert wait_for(lambda: (root / name / "upper/tmp/ready").exists())
+    ex = subprocess.Popen([f"{BIN}/unionrun", "--root", str(root), "exec", "-u", "65534:65534",
+                           name, "--", "sleep", "30"], stdin=subprocess.DEVNULL)
+    try:
+        pid = _descendant(ex.pid, "sleep")
+        proc_root = f"/proc/{pid}/root"
+        r = as_nobody(f"ls {proc_root}/tmp; {proc_root}/tmp/euid; "
+                      + opens(f"{proc_root}{p}" for p in ("/nodes/fuse", "/nodes/mem",
+                                                         "/tmp/fuse", "/dev/fuse")))
+    finally:
+        ex.kill()
+        ex.wait()
+    # The way in is open (the same uid), and leads to nothing.
+    assert "euid" in r.stdout.split("\n")[0:6] and "euid=65534" in r.stdout, r
+    assert "opened" not in r.stdout and r.stdout.count("Permission denied") == 4, r
+
+
 def test_a_state_root_of_another_user_is_refused(layers, root):
     root.mkdir()
     os.chown(root, 65534, 65534)
@@ -172,76 +217,65 @@ def test_a_default_container_cannot_make_a_device_node(layers, root):
     assert "opened" not in r.stdout
 
 
-@needs_device_cgroup
+@pytest.mark.parametrize("cgroup", [True, False], ids=["cgroup", "no-cgroup"])
 @pytest.mark.parametrize("userns", [False, True], ids=["root", "userns"])
-def test_the_device_cgroup_stops_nodes_made_or_shipped(layers, root, tmp_path, userns):
+def test_nodes_made_or_shipped_do_not_open(layers, root, tmp_path, cgroup, userns):
+    # Every mount the container can write to, and the union of its layers, is nodev (EACCES):
+    # with the device cgroup and without it (as on a host with cgroup v2 alone).
+    if cgroup and not cgroups.device_control():
+        pytest.skip("no cgroup v1 devices controller here")
     vol = tmp_path / "vol"
     vol.mkdir()
-    script = (_mknod_and_open(MADE + ("/vol/fuse c 10 229",)) + "echo --;" + opens(LAYER_NODES)
-              + "echo --;" + opens(DEV_LIST) + "head -c 4 /dev/urandom | wc -c;"
+    made = MADE + ("/dev/fuse c 10 229", "/vol/fuse c 10 229")
+    script = (_mknod_and_open(made) + "echo --;" + opens(LAYER_NODES) + "echo --;"
+              + opens(DEV_LIST) + "head -c 4 /dev/urandom | wc -c;"
+              " awk '$5 == \"/\" || $5 == \"/dev\" || $5 == \"/vol\"' /proc/self/mountinfo;"
               " grep devices /proc/self/cgroup")
     r = unionrun(root, "run", "--rm", "--cap-add", "MKNOD", *(["--userns"] if userns else []),
-                 "-v", f"{vol}:/vol", "--layers", layers, "--", "sh", "-c", script)
+                 "-v", f"{vol}:/vol", "--layers", layers, "--", "sh", "-c", script,
+                 env={"UNIONRUN_NO_DEVICE_CGROUP": "0" if cgroup else "1"})
     assert r.returncode == 0, r.stderr
-    made, shipped, devs = r.stdout.split("--\n")
+    made_out, shipped, devs = r.stdout.split("--\n")
+    assert "opened" not in made_out, made_out
     if userns:
         # No mknod in a user namespace, whatever the capabilities say.
-        assert made.count("mknod:") == len(MADE) + 1 and "opened" not in made, made
+        assert made_out.count("mknod:") == len(made), made_out
     else:
-        # Made (MKNOD was added), and refused at open by the allow-list, but for 1:3.
-        assert "mknod:" not in made, made
-        assert made.count("Operation not permitted") == len(MADE), made
-        assert "/tmp/null opened" in made and made.count("opened") == 1, made
-    assert shipped.splitlines() == [
-        "sh: can't create /nodes/fuse: Operation not permitted",
-        "sh: can't create /nodes/mem: Operation not permitted", "/nodes/null opened"], shipped
-    lines = devs.splitlines()
-    assert lines[:len(DEV_LIST)] == [f"{p} opened" for p in DEV_LIST] and lines[-2] == "4", devs
-    assert lines[-1].endswith(":devices:/unionrun-" + lines[-1].rsplit("-", 1)[1]), devs
-
-
-@needs_device_cgroup
-def test_exec_runs_in_the_device_cgroup(layers, root):
-    name = f"exec-{root.parent.name.rsplit('-', 1)[1]}"
-    r = unionrun(root, "run", "-d", "--name", name, "--cap-add", "MKNOD", "--layers", layers,
-                 "--", "sleep", "60")
-    assert r.returncode == 0, r.stderr
-    r = unionrun(root, "exec", name, "--", "sh", "-c",
-                 _mknod_and_open(("/tmp/fuse c 10 229",)) + opens(["/nodes/fuse"])
-                 + "grep devices /proc/self/cgroup; grep devices /proc/1/cgroup")
-    lines = r.stdout.splitlines()
-    assert lines[:2] == ["sh: can't create /tmp/fuse: Operation not permitted",
-                         "sh: can't create /nodes/fuse: Operation not permitted"], r.stdout
-    assert lines[2] == lines[3] and lines[2].endswith(f":devices:/unionrun-{name}"), r.stdout
-
-
-@pytest.mark.parametrize("userns", [False, True], ids=["root", "userns"])
-def test_without_a_device_cgroup_nothing_the_container_writes_is_a_device(layers, root,
-                                                                            tmp_path, userns):
-    # As on a host with cgroup v2 alone: every mount the container can write to is nodev, and
-    # /dev keeps its devices (bound from a tmpfs of their own).
-    vol = tmp_path / "vol"
-    vol.mkdir()
-    script = (_mknod_and_open(MADE + ("/dev/fuse c 10 229", "/vol/fuse c 10 229")) + "echo --;"
-              + opens(LAYER_NODES) + "echo --;" + opens(DEV_LIST)
-              + "head -c 4 /dev/zero | wc -c;"
-              " awk '$5 == \"/\" || $5 == \"/dev\" || $5 == \"/vol\"' /proc/self/mountinfo")
-    r = unionrun(root, "run", "--rm", "--cap-add", "MKNOD", *(["--userns"] if userns else []),
-                 "-v", f"{vol}:/vol", "--layers", layers, "--", "sh", "-c", script,
-                 env={"UNIONRUN_NO_DEVICE_CGROUP": "1"})
-    assert r.returncode == 0, r.stderr
-    made, shipped, devs = r.stdout.split("--\n")
-    assert "opened" not in made, made
-    if userns:
-        assert made.count("mknod:") == len(MADE) + 2, made
-    else:
-        assert "mknod:" not in made and made.count("Permission denied") == len(MADE) + 2, made
-    assert "opened" not in shipped and shipped.count("Permission denied") == 3, shipped
+        # Made (MKNOD was added), and refused at open.
+        assert "mknod:" not in made_out, made_out
+        assert made_out.count("Permission denied") == len(made), made_out
+    assert shipped.splitlines() == [f"sh: can't create {p}: Permission denied"
+                                    for p in LAYER_NODES], shipped
     lines = devs.splitlines()
     assert lines[:len(DEV_LIST)] == [f"{p} opened" for p in DEV_LIST], devs
     assert lines[len(DEV_LIST)] == "4"
-    mounts = {ln.split()[4]: ln.split()[5].split(",") for ln in lines[len(DEV_LIST) + 1:]}
-    assert all("nodev" in opts for opts in mounts.values()) and len(mounts) == 3, mounts
+    mounts = {ln.split()[4]: ln.split()[5].split(",") for ln in lines[len(DEV_LIST) + 1:-1]}
+    assert sorted(mounts) == ["/", "/dev", "/vol"], mounts
+    assert all("nodev" in opts for opts in mounts.values()), mounts
+    assert lines[-1].split(":", 2)[2].startswith("/unionrun-") == cgroup, lines[-1]
+
+
+@needs_device_cgroup
+def test_the_device_cgroup_holds_where_a_mount_is_dev(layers, root):
+    # The second line: with SYS_ADMIN the container mounts a tmpfs of its own (dev) and makes
+    # nodes in it; only those of the allow-list open, for the command and for exec.
+    name = f"devcg-{root.parent.name.rsplit('-', 1)[1]}"
+    nodes = ("/mnt/fuse c 10 229", "/mnt/console c 5 1", "/mnt/null c 1 3")
+    r = unionrun(root, "run", "-d", "--name", name, "--cap-add", "MKNOD", "--cap-add",
+                 "SYS_ADMIN", "--layers", layers, "--", "sh", "-c",
+                 "mkdir -p /mnt && mount -t tmpfs tmpfs /mnt && echo mounted;"
+                 + "".join(f"mknod -m 666 {n};" for n in nodes) + opens(n.split()[0] for n in nodes)
+                 + "sleep 60")
+    assert r.returncode == 0, r.stderr
+    assert wait_for(lambda: "/mnt/null" in unionrun(root, "logs", name).stdout)
+    ran = unionrun(root, "logs", name).stdout
+    ex = unionrun(root, "exec", name, "--", "sh", "-c",
+                  opens(n.split()[0] for n in nodes) + "grep devices /proc/self/cgroup")
+    for out in (ran, ex.stdout):
+        assert "/mnt/fuse opened" not in out and "/mnt/console opened" not in out, out
+        if "mounted" in ran:
+            assert out.count("Operation not permitted") == 2 and "/mnt/null opened" in out, out
+    assert ex.stdout.splitlines()[-1].endswith(f":devices:/unionrun-{name}"), ex.stdout
 
 
 # ---- item 10: the default pids limit ------------------------------------------------------------

@@ -102,8 +102,9 @@ def _write(path, value, what):
 
 def device_control():
     """Whether containers' device access can be confined here: the cgroup v1 devices controller.
-    (Where cgroup v2 alone is mounted this takes an eBPF device program, which we do not load:
-    the caller then mounts what the container can write nodev instead.)"""
+    (Where cgroup v2 alone is mounted this takes an eBPF device program, which we do not load.
+    It is the second line: every mount a container can write to, or its layers come in, is
+    nodev, so the only nodes that open are those unionrun binds into /dev.)"""
     if os.environ.get("UNIONRUN_NO_DEVICE_CGROUP") == "1":
         # For the tests: behave as on a host without the v1 devices controller.
         return False

@@ -100,26 +100,24 @@ def remount_readonly(root_fd, path, flags=0):
         os.close(fd)
 
 
-def _make_dev(root_fd, in_userns, nodev):
-    """/dev: a tmpfs with DEVICES, DEV_LINKS, pts, shm and mqueue. With ``nodev`` (no device
-    cgroup) the tmpfs is nodev, so a node the container makes there cannot be opened, and each
-    of DEVICES is bound onto it from a tmpfs of its own that is then detached."""
+def _make_dev(root_fd, in_userns):
+    """/dev: a nodev tmpfs with DEVICES, DEV_LINKS, pts, shm and mqueue. Each of DEVICES is a
+    bind mount: of the host's node in a user namespace (no mknod there), else of one made in a
+    tmpfs of its own that is then detached. A node that the container makes in /dev (with
+    --cap-add MKNOD) cannot be opened, from inside or through /proc/PID/root."""
     nosuid_noexec = L.MS_NOSUID | L.MS_NOEXEC
-    mount_in_root(root_fd, "/dev", "tmpfs", "tmpfs",
-                  L.MS_NOSUID | L.MS_STRICTATIME | (L.MS_NODEV if nodev else 0),
+    mount_in_root(root_fd, "/dev", "tmpfs", "tmpfs", L.MS_NOSUID | L.MS_NODEV | L.MS_STRICTATIME,
                   "mode=755,size=65536k")
-    # Where the nodes are made; the host's own are bound in a user namespace (no mknod there).
-    source = None if in_userns else "/dev" if not nodev else "/dev/.nodes"
-    if source == "/dev/.nodes":
+    source = None if in_userns else "/dev/.nodes"
+    if source:
         mount_in_root(root_fd, source, "tmpfs", "tmpfs", nosuid_noexec, "mode=755,size=64k")
     dev = open_in_root(root_fd, "/dev")
     nodes = open_in_root(root_fd, source) if source else None
     try:
         for name, major, minor in DEVICES:
-            if source != "/dev":
-                # A file to bind the node onto.
-                os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW
-                                 | os.O_CLOEXEC, 0o666, dir_fd=dev))
+            # A file to bind the node onto.
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o666, dir_fd=dev))
             if source:
                 os.mknod(name, 0o666 | stat.S_IFCHR, os.makedev(major, minor), dir_fd=nodes)
         for name, target in DEV_LINKS:
@@ -130,17 +128,15 @@ def _make_dev(root_fd, in_userns, nodev):
         os.close(dev)
         if nodes is not None:
             os.close(nodes)
-    if source != "/dev":
-        for name, _, _ in DEVICES:
-            # The host's node (still reachable: pivot_root is to come), or ours.
-            node = os.open(f"/dev/{name}", L.O_PATH | os.O_CLOEXEC) if in_userns \
-                else open_in_root(root_fd, f"{source}/{name}")
-            try:
-                mount_in_root(root_fd, f"/dev/{name}", _fdpath(node), None, L.MS_BIND,
-                              create=None)
-            finally:
-                os.close(node)
-    if source == "/dev/.nodes":
+    for name, _, _ in DEVICES:
+        # The host's node (still reachable: pivot_root is to come), or ours.
+        node = os.open(f"/dev/{name}", L.O_PATH | os.O_CLOEXEC) if in_userns \
+            else open_in_root(root_fd, f"{source}/{name}")
+        try:
+            mount_in_root(root_fd, f"/dev/{name}", _fdpath(node), None, L.MS_BIND, create=None)
+        finally:
+            os.close(node)
+    if source:
         fd = open_in_root(root_fd, source)
         try:
             L.umount2(_fdpath(fd), L.MNT_DETACH)
@@ -228,7 +224,7 @@ def setup(spec, root_tree, volume_trees):
         # A procfs of our own pid namespace: the host's processes are not in it.
         mount_in_root(root_fd, "/proc", "proc", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
         # /dev from scratch: the host's devices are not reachable, only the harmless ones.
-        _make_dev(root_fd, spec.userns is not None, spec.nodev)
+        _make_dev(root_fd, spec.userns is not None)
         # sysfs of our network namespace, read-only: it has knobs for the whole machine.
         try:
             mount_in_root(root_fd, "/sys", "sysfs", "sysfs",

@@ -11,7 +11,6 @@ run leaves nothing behind.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import sys
@@ -84,10 +83,7 @@ def start(spec, root, image=None, store=None, to_log=False):
             os.close(log)
         if spec.ports:
             ports.check_free(spec.ports)
-        confined = cgroups.device_control()
-        if not confined:
-            spec = dataclasses.replace(spec, nodev=True)
-        st["cgroups"] = cgroups.create(spec.name, spec.limits, devices=confined)
+        st["cgroups"] = cgroups.create(spec.name, spec.limits, devices=cgroups.device_control())
         state.write(paths, st)
         if spec.upper is None:
             # Its root is the container's "/": 0755 as usual, private by the 0700 above it.
@@ -95,9 +91,10 @@ def start(spec, root, image=None, store=None, to_log=False):
             upper, work = paths.upper, paths.work
         else:
             upper, work = spec.upper, None
-        # A container's root needs its setuid files (su) and, under the device cgroup, the
-        # nodes of its layers that the allow-list grants; without that cgroup, no nodes.
-        options = ["suid", "nodev" if spec.nodev else "dev"]
+        # A container's root needs its setuid files (su), but no device node of its layers or
+        # its upper: a host user of the same uid as a container process reaches them through
+        # /proc/PID/root, outside the device cgroup (setuid bits do nothing on that path).
+        options = ["suid", "nodev"]
         if spec.userns:
             # The container's ids are the host's base.. ; on disk they stay 0.., as without.
             base, count = spec.userns
@@ -170,10 +167,10 @@ def _open_trees(spec, paths):
                 trees.append(L.open_tree(vol.source, recursive=True))
             except OSError as e:
                 raise RunError(f"-v: volume source {vol.source}: {e.strerror}") from None
-        if spec.nodev:
-            # No device cgroup: no node the container makes or its layers ship may open.
-            for i, fd in enumerate(trees):
-                L.mount_setattr(fd, L.MOUNT_ATTR_NODEV, recursive=i > 0)
+        # No node that the container makes or its layers ship may open, from inside or from
+        # outside (above); the device cgroup is the second line, where there is one.
+        for i, fd in enumerate(trees):
+            L.mount_setattr(fd, L.MOUNT_ATTR_NODEV, recursive=i > 0)
     except BaseException:
         for fd in trees:
             os.close(fd)

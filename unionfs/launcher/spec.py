@@ -70,9 +70,6 @@ class RunSpec:
     interactive: bool = False
     detach: bool = False
     remove: bool = False
-    # Hardening (devices): set by run.start where no device cgroup can confine the container;
-    # then the union, /dev and the volumes are mounted nodev.
-    nodev: bool = False
 
 
 def parse_name(name):
