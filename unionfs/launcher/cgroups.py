@@ -18,8 +18,8 @@ PREFIX = "unionrun-"
 CPU_PERIOD = 100_000
 # runc's default allow-list (libcontainer/specconv AllowedDevices): mknod of any node (which
 # still takes CAP_MKNOD, not in the default set), the devices of the container's /dev, its ptys
-# (devpts: 136:*) and their multiplexer. Anything else, made in the container or shipped in a
-# layer, cannot be opened.
+# (devpts: 136:*) and their multiplexer. Nothing else opens, on any mount: the second line
+# behind the nodev mounts (rootfs, run).
 DEVICE_RULES = ("c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm",
                 "c 1:9 rwm", "c 5:0 rwm", "c 5:2 rwm", "c 136:* rwm")
 
