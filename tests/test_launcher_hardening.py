@@ -302,3 +302,25 @@ def test_a_bad_pids_limit_is_one_line(layers, root, value):
     assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
     assert "--pids-limit" in r.stderr and "-1 for none" in r.stderr
     assert not root.exists() or os.listdir(root) == []
+
+
+def test_without_the_pids_controller_the_default_is_skipped_and_an_asked_limit_refused(
+        layers, root):
+    # unionrun in a mount namespace of its own where the v1 pids hierarchy is not mounted (and
+    # the v2 one has no pids controller): as on a host without the controller.
+    pids_mounts = [ln.split()[4] for ln in open("/proc/self/mountinfo")
+                   if " - cgroup" in ln and "pids" in ln.split(" - ")[1].split()[-1].split(",")]
+    v2_pids = any("pids" in open(os.path.join(ln.split()[4], "cgroup.controllers")).read()
+                  for ln in open("/proc/self/mountinfo") if " - cgroup2 " in ln)
+    if v2_pids or not pids_mounts:
+        pytest.skip("needs the pids controller on cgroup v1 only")
+    base = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            " ".join(f"umount {m} &&" for m in pids_mounts)
+            + f' exec "$@"', "sh", f"{BIN}/unionrun", "--root", str(root), "run", "--rm"]
+    tail = ["--layers", layers, "--", "sh", "-c", "grep pids /proc/self/cgroup"]
+    r = subprocess.run(base + tail, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.endswith(":pids:/\n"), r
+    r = subprocess.run(base + ["--pids-limit", "100"] + tail, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 125 and r.stderr.count("\n") == 1 and "--pids-limit" in r.stderr, r
+    assert os.listdir(root) == []
