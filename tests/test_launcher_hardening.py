@@ -33,9 +33,28 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
     pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="needs busybox-static"),
 ]
-needs_device_cgroup = pytest.mark.skipif(
-    os.environ.get("UNIONRUN_NO_DEVICE_CGROUP") == "1" or not cgroups.device_control(),
-    reason="no cgroup v1 devices controller here (the nodev fallback is tested below)")
+
+
+def _device_mode(mode):
+    """``mode`` ("v1", "bpf", "none") as UNIONRUN_DEVICE_CGROUP asks it, or a skip when this
+    host cannot confine devices that way; the environment for unionrun."""
+    old = os.environ.get("UNIONRUN_DEVICE_CGROUP")
+    os.environ["UNIONRUN_DEVICE_CGROUP"] = mode
+    try:
+        got = cgroups.device_control() or "none"
+    finally:
+        os.environ.pop("UNIONRUN_DEVICE_CGROUP")
+        if old is not None:
+            os.environ["UNIONRUN_DEVICE_CGROUP"] = old
+    if got != mode:
+        pytest.skip(f"devices cannot be confined by {mode} here")
+    return {"UNIONRUN_DEVICE_CGROUP": mode}
+
+
+def _device_cgroup_line(cgroup_lines, mode):
+    """The line of /proc/self/cgroup that holds the device rules of ``mode``."""
+    want = {"v1": ":devices:", "bpf": "0::", "none": ":devices:"}[mode]
+    return next(ln for ln in cgroup_lines if want in ln)
 
 
 @pytest.fixture(scope="module")
@@ -217,25 +236,23 @@ def test_a_default_container_cannot_make_a_device_node(layers, root):
     assert "opened" not in r.stdout
 
 
-@pytest.mark.parametrize("cgroup", [True, False], ids=["cgroup", "no-cgroup"])
+@pytest.mark.parametrize("mode", ["v1", "bpf", "none"])
 @pytest.mark.parametrize("userns", [False, True], ids=["root", "userns"])
-def test_nodes_made_or_shipped_do_not_open(layers, root, tmp_path, cgroup, userns):
+def test_nodes_made_or_shipped_do_not_open(layers, root, tmp_path, mode, userns):
     # Every mount the container can write to, and the union of its layers, is nodev (EACCES):
-    # with the device cgroup and without it (as on a host with cgroup v2 alone).
-    if cgroup and not cgroups.device_control():
-        pytest.skip("no cgroup v1 devices controller here")
+    # with the device cgroup of either kind and without one.
+    env = _device_mode(mode)
     vol = tmp_path / "vol"
     vol.mkdir()
     made = MADE + ("/dev/fuse c 10 229", "/vol/fuse c 10 229")
     script = (_mknod_and_open(made) + "echo --;" + opens(LAYER_NODES) + "echo --;"
               + opens(DEV_LIST) + "head -c 4 /dev/urandom | wc -c;"
               " awk '$5 == \"/\" || $5 == \"/dev\" || $5 == \"/vol\"' /proc/self/mountinfo;"
-              " grep devices /proc/self/cgroup")
+              " echo --; cat /proc/self/cgroup")
     r = unionrun(root, "run", "--rm", "--cap-add", "MKNOD", *(["--userns"] if userns else []),
-                 "-v", f"{vol}:/vol", "--layers", layers, "--", "sh", "-c", script,
-                 env={"UNIONRUN_NO_DEVICE_CGROUP": "0" if cgroup else "1"})
+                 "-v", f"{vol}:/vol", "--layers", layers, "--", "sh", "-c", script, env=env)
     assert r.returncode == 0, r.stderr
-    made_out, shipped, devs = r.stdout.split("--\n")
+    made_out, shipped, devs, cgroup_lines = r.stdout.split("--\n")
     assert "opened" not in made_out, made_out
     if userns:
         # No mknod in a user namespace, whatever the capabilities say.
@@ -249,33 +266,36 @@ def test_nodes_made_or_shipped_do_not_open(layers, root, tmp_path, cgroup, usern
     lines = devs.splitlines()
     assert lines[:len(DEV_LIST)] == [f"{p} opened" for p in DEV_LIST], devs
     assert lines[len(DEV_LIST)] == "4"
-    mounts = {ln.split()[4]: ln.split()[5].split(",") for ln in lines[len(DEV_LIST) + 1:-1]}
+    mounts = {ln.split()[4]: ln.split()[5].split(",") for ln in lines[len(DEV_LIST) + 1:]}
     assert sorted(mounts) == ["/", "/dev", "/vol"], mounts
     assert all("nodev" in opts for opts in mounts.values()), mounts
-    assert lines[-1].split(":", 2)[2].startswith("/unionrun-") == cgroup, lines[-1]
+    line = _device_cgroup_line(cgroup_lines.splitlines(), mode)
+    assert line.split(":", 2)[2].startswith("/unionrun-") == (mode != "none"), cgroup_lines
 
 
-@needs_device_cgroup
-def test_the_device_cgroup_holds_where_a_mount_is_dev(layers, root):
+@pytest.mark.parametrize("mode", ["v1", "bpf"])
+def test_the_device_cgroup_holds_where_a_mount_is_dev(layers, root, mode):
     # The second line: with SYS_ADMIN the container mounts a tmpfs of its own (dev) and makes
     # nodes in it; only those of the allow-list open, for the command and for exec.
+    env = _device_mode(mode)
     name = f"devcg-{root.parent.name.rsplit('-', 1)[1]}"
     nodes = ("/mnt/fuse c 10 229", "/mnt/console c 5 1", "/mnt/null c 1 3")
     r = unionrun(root, "run", "-d", "--name", name, "--cap-add", "MKNOD", "--cap-add",
                  "SYS_ADMIN", "--layers", layers, "--", "sh", "-c",
                  "mkdir -p /mnt && mount -t tmpfs tmpfs /mnt && echo mounted;"
                  + "".join(f"mknod -m 666 {n};" for n in nodes) + opens(n.split()[0] for n in nodes)
-                 + "sleep 60")
+                 + "sleep 60", env=env)
     assert r.returncode == 0, r.stderr
     assert wait_for(lambda: "/mnt/null" in unionrun(root, "logs", name).stdout)
     ran = unionrun(root, "logs", name).stdout
     ex = unionrun(root, "exec", name, "--", "sh", "-c",
-                  opens(n.split()[0] for n in nodes) + "grep devices /proc/self/cgroup")
-    for out in (ran, ex.stdout):
+                  opens(n.split()[0] for n in nodes) + "echo --; cat /proc/self/cgroup")
+    for out in (ran, ex.stdout.split("--\n")[0]):
         assert "/mnt/fuse opened" not in out and "/mnt/console opened" not in out, out
         if "mounted" in ran:
             assert out.count("Operation not permitted") == 2 and "/mnt/null opened" in out, out
-    assert ex.stdout.splitlines()[-1].endswith(f":devices:/unionrun-{name}"), ex.stdout
+    line = _device_cgroup_line(ex.stdout.split("--\n")[1].splitlines(), mode)
+    assert line.endswith(f":/unionrun-{name}"), ex.stdout
 
 
 # ---- item 10: the default pids limit ------------------------------------------------------------

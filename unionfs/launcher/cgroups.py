@@ -14,14 +14,10 @@ import os
 import signal
 import time
 
+from . import devices
+
 PREFIX = "unionrun-"
 CPU_PERIOD = 100_000
-# runc's default allow-list (libcontainer/specconv AllowedDevices): mknod of any node (which
-# still takes CAP_MKNOD, not in the default set), the devices of the container's /dev, its ptys
-# (devpts: 136:*) and their multiplexer. Nothing else opens, on any mount: the second line
-# behind the nodev mounts (rootfs, run).
-DEVICE_RULES = ("c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm",
-                "c 1:9 rwm", "c 5:0 rwm", "c 5:2 rwm", "c 136:* rwm")
 
 
 class CgroupError(Exception):
@@ -101,20 +97,40 @@ def _write(path, value, what):
 
 
 def device_control():
-    """Whether containers' device access can be confined here: the cgroup v1 devices controller.
-    (Where cgroup v2 alone is mounted this takes an eBPF device program, which we do not load.
-    It is the second line: every mount a container can write to, or its layers come in, is
-    nodev, so the only nodes that open are those unionrun binds into /dev.)"""
-    if os.environ.get("UNIONRUN_NO_DEVICE_CGROUP") == "1":
-        # For the tests: behave as on a host without the v1 devices controller.
-        return False
-    # Only root can make cgroups of the host's v1 hierarchies.
-    return os.geteuid() == 0 and _v1_parent("devices", _mounts(), _own_paths()) is not None
+    """How containers' device access is confined here: "v1" (the cgroup v1 devices controller),
+    "bpf" (an eBPF device program on a cgroup v2 directory, where v1 has no such controller), or
+    None. It is the second line: every mount a container can write to, or its layers come in,
+    is nodev, so that the only nodes that open are those unionrun binds into /dev."""
+    if os.geteuid() != 0:
+        return None     # only root makes cgroups of the host's hierarchies, and loads programs
+    mounts, own = _mounts(), _own_paths()
+    # For the tests: UNIONRUN_DEVICE_CGROUP=v1, bpf or none picks one where both could work.
+    want = os.environ.get("UNIONRUN_DEVICE_CGROUP") or "v1"
+    if want == "v1" and _v1_parent("devices", mounts, own) is not None:
+        return "v1"
+    if want in ("v1", "bpf") and _v2_own(mounts, own) is not None:
+        try:
+            os.close(devices.load())
+            return "bpf"
+        except OSError:
+            pass        # a kernel without cgroup device programs
+    return None
 
 
-def create(name, limits, devices=False):
-    """Make the container's cgroups with ``limits`` set, and with ``devices`` its device
-    allow-list; returns their directories. On error nothing is left."""
+def _v2_own(mounts, own):
+    """Our cgroup v2 directory, controllers or not (a device program needs none)."""
+    for mnt, root, fstype, _ in mounts:
+        if fstype == "cgroup2" and "" in own:
+            d = _under(mnt, root, own[""])
+            if os.path.isdir(d):
+                return d
+    return None
+
+
+def create(name, limits, device_mode=None):
+    """Make the container's cgroups with ``limits`` set, and its device allow-list as
+    ``device_mode`` (see device_control) says; returns their directories. On error nothing is
+    left."""
     wanted = []     # (controller, option, required)
     if limits.memory is not None:
         wanted.append(("memory", "--memory", True))
@@ -122,16 +138,19 @@ def create(name, limits, devices=False):
         wanted.append(("cpu", "--cpus", True))
     if limits.pids is not None:
         wanted.append(("pids", "--pids-limit", limits.pids_asked and limits.pids != -1))
-    if devices:
+    if device_mode:
         wanted.append(("devices", "devices", True))
     if not wanted:
         return []
     mounts, own = _mounts(), _own_paths()
     plan = []       # (controller, option, directory, version, required)
     for controller, option, required in wanted:
-        parent = None if controller == "devices" else _v2_parent(controller, mounts, own)
-        version = 2
-        if parent is None:
+        if controller == "devices":
+            parent, version = (_v2_own(mounts, own), 2) if device_mode == "bpf" else \
+                (_v1_parent(controller, mounts, own), 1)
+        else:
+            parent, version = _v2_parent(controller, mounts, own), 2
+        if parent is None and controller != "devices":
             parent, version = _v1_parent(controller, mounts, own), 1
         if parent is None:
             if not required:
@@ -178,11 +197,17 @@ def _apply(controller, option, d, version, limits):
             _write(os.path.join(d, "cpu.cfs_quota_us"), quota, option)
     elif controller == "pids":
         _write(os.path.join(d, "pids.max"), "max" if limits.pids == -1 else limits.pids, option)
-    elif controller == "devices":
+    elif controller == "devices" and version == 1:
         # A new v1 cgroup inherits its parent's list: empty it, then allow ours.
         _write(os.path.join(d, "devices.deny"), "a", option)
-        for rule in DEVICE_RULES:
+        for rule in devices.v1_lines():
             _write(os.path.join(d, "devices.allow"), rule, option)
+    elif controller == "devices":
+        try:
+            devices.attach(d)
+        except OSError as e:
+            raise CgroupError(f"cannot attach the device program to {d}: {e.strerror}") \
+                from None
 
 
 def dirs_of(pid):
@@ -210,7 +235,8 @@ def leave(dirs, pid):
     the device allow-list, which nothing of the container may escape. Best effort: a process
     that stays is only counted against the container's limits."""
     for d in dirs:
-        if os.path.exists(os.path.join(d, "devices.list")):
+        # (On a cgroup v2 host that directory holds the limits too: the process stays in them.)
+        if os.path.exists(os.path.join(d, "devices.list")) or devices.attached(d):
             continue
         try:
             with open(os.path.join(os.path.dirname(d), "cgroup.procs"), "w") as f:

@@ -83,7 +83,7 @@ def start(spec, root, image=None, store=None, to_log=False):
             os.close(log)
         if spec.ports:
             ports.check_free(spec.ports)
-        st["cgroups"] = cgroups.create(spec.name, spec.limits, devices=cgroups.device_control())
+        st["cgroups"] = cgroups.create(spec.name, spec.limits, cgroups.device_control())
         state.write(paths, st)
         if spec.upper is None:
             # Its root is the container's "/": 0755 as usual, private by the 0700 above it.
