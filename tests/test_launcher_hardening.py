@@ -1,11 +1,14 @@
-"""Attacks on unionrun's storage, devices and default limits, run as an attacker would: a local
-user after a container's setuid-root file or device node, a container after the host's devices
-(nodes it makes, nodes its layers ship), a fork bomb without a limit. Each attack must fail.
+"""Attacks on unionrun's storage, devices and default limits (issue 12, items 2, 3 and 10), run
+as an attacker would: a local user after a container's setuid-root file or device node, a
+container after the host's devices (nodes it makes, nodes its layers ship), a fork bomb without
+a limit. Each attack must fail.
 
-Against 14a159e every attack here succeeded: `nobody` ran a container's setuid file with euid 0
-through ROOT/NAME/upper and ROOT/NAME/merged (with --userns too, through upper), a default
-container made /dev/fuse, tty0 and console nodes and opened them for writing, a layer's 10:229
-node opened read-write, and no pids limit applied.
+Against 14a159e these attacks succeeded: `nobody` ran a container's setuid file with euid 0
+through ROOT/NAME/upper and ROOT/NAME/merged (with --userns through upper), and opened for
+writing a 0666 10:229 node the container made there; as the uid of a container process it opened
+an image's 10:229 node through /proc/PID/root; a default container made /dev/fuse, tty0 and
+console nodes and opened them for writing; a layer's 10:229 node opened read-write; no pids
+limit applied.
 """
 
 import json
