@@ -11,12 +11,12 @@ import os
 import stat
 
 from . import _fast, _sys, files
-from .copyup import copy_up
+from .copyup import copy_up, mode_while_moved
 from .lookup import Found, lower_entry_exists
 from .readdir import merged_names
-from .whiteout import (OCI_PREFIX, has_oci_whiteout, make_whiteout, move_leaving_whiteout,
-                       remove_oci_whiteout,
-                       set_opaque, set_redirect, work_name)
+from .whiteout import (OCI_PREFIX, check_movable, has_oci_whiteout, make_whiteout,
+                       move_leaving_whiteout, remove_oci_whiteout, set_opaque, set_redirect,
+                       work_name)
 
 _OPEN_FLAGS_KEPT = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 
@@ -98,7 +98,8 @@ async def mknod(u, parent, name, mode, rdev, ctx):
 
 async def mkdir(u, parent, name, mode, ctx):
     return await _make(u, parent, name, ctx, True,
-                       lambda work, tmp: _sys.mkdir(work, tmp, stat.S_IMODE(mode)),
+                       lambda work, tmp: _sys.mkdir(work, tmp,
+                                                    mode_while_moved(stat.S_IMODE(mode))),
                        stat.S_IMODE(mode))
 
 
@@ -115,11 +116,13 @@ async def _make(u, parent, name, ctx, is_dir, build, mode):
     try:
         _sys.chown(work, tmp, uid, gid)
         if extra:
-            _sys.chmod(work, tmp, mode | extra)
+            _sys.chmod(work, tmp, mode_while_moved(mode) | extra)
     except BaseException:
         _sys.remove_tree(work, tmp)
         raise
     _place(u, parent, name, path, tmp, is_dir)
+    if is_dir and mode_while_moved(mode) != mode:
+        _sys.chmod(u.stack.upper, path, mode | extra)
     return _new_node(u, parent, name, path)
 
 
@@ -215,10 +218,13 @@ def _swap_in_empty_opaque(stack, path, st, tmp):
     directory: a crash at any point leaves the deleted entries deleted. What ends up at ``tmp`` in
     the work directory (the old copy, or the new one if the swap failed) is the caller's to
     discard."""
-    _sys.mkdir(stack.work, tmp, stat.S_IMODE(st.st_mode))
+    mode = stat.S_IMODE(st.st_mode)
+    _sys.mkdir(stack.work, tmp, mode_while_moved(mode))
     _sys.chown(stack.work, tmp, st.st_uid, st.st_gid)
     set_opaque(stack, stack.work, tmp)
     _sys.rename(stack.work, tmp, stack.upper, path, _sys.RENAME_EXCHANGE)
+    if mode_while_moved(mode) != mode:
+        _sys.chmod(stack.upper, path, mode)
 
 
 def _mark_moved_dir(u, node, new_parent, new_name, new_path):
@@ -261,6 +267,9 @@ async def rename(u, p_old, n_old, p_new, n_new, flags):
             if p is src:
                 raise OSError(errno.EINVAL, "cannot move a directory into itself")
             p = p.parent
+    check_movable(u.stack, src)
+    if exchange:
+        check_movable(u.stack, dst)
     await copy_up(u, src)
     await copy_up(u, p_new)
     if exchange:

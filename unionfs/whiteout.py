@@ -3,7 +3,10 @@
 Read: whiteouts as a 0/0 char device, as an OCI/AUFS ``.wh.NAME`` file, and as the kernel's xattr
 form (an empty file with ``overlay.whiteout``); opaque as ``overlay.opaque=y`` (trusted. or user.)
 and as ``.wh..wh..opq``; ``overlay.redirect`` on directories.
-Write: as the kernel does: char 0/0 whiteouts, ``<prefix>opaque=y``, ``<prefix>redirect``.
+Write: as the kernel does, in one of its two formats, chosen by probing the upper's filesystem
+(``choose_format``): with trusted.* xattrs, char 0/0 whiteouts, ``trusted.overlay.opaque=y`` and
+``trusted.overlay.redirect``; without them (an unprivileged user, or root in a user namespace), the
+kernel's ``userxattr`` format: char 0/0 whiteouts, ``user.overlay.opaque=y``, no redirects.
 """
 
 import errno
@@ -154,8 +157,26 @@ def set_opaque(stack, layer, path):
     if stack.oci_whiteouts_in_upper:
         _sys.close(_sys.open_file(layer, _sys.join(path, OCI_OPAQUE),
                                 os.O_CREAT | os.O_WRONLY, 0o600))
+    elif stack.xattr_prefix == USERXATTR.xattr_prefix:
+        _set_user_xattr(layer, path, stack.xattr_prefix + b"opaque", b"y")
     else:
         _sys.setxattr(layer, path, stack.xattr_prefix + b"opaque", b"y")
+
+
+def _set_user_xattr(layer, path, name, value):
+    """user.* xattrs need write permission on the entry even for its owner: a read-only
+    directory of ours is made writable for the moment it takes the marker."""
+    try:
+        _sys.setxattr(layer, path, name, value)
+    except PermissionError:
+        st = _sys.lstat(layer, path)
+        if st is None or st.st_uid != os.geteuid() or st.st_mode & stat.S_IWUSR:
+            raise
+        _sys.chmod(layer, path, stat.S_IMODE(st.st_mode) | stat.S_IWUSR)
+        try:
+            _sys.setxattr(layer, path, name, value)
+        finally:
+            _sys.chmod(layer, path, stat.S_IMODE(st.st_mode))
 
 
 def set_redirect(stack, layer, path, target):
@@ -178,13 +199,49 @@ def has_oci_whiteout(stack, path):
     return _sys.lstat(stack.upper, _sys.join(dirpath, OCI_PREFIX + name)) is not None
 
 
-def probe_xattr_support(layer_fd_path):
-    """Whether the filesystem at this directory takes trusted.* xattrs; raises nothing."""
+@dataclass(frozen=True, slots=True)
+class Format:
+    """The on-disk format of the markers this mount writes in the upper layer."""
+    xattr_prefix: bytes
+    # redirect_dir=on: a renamed lower directory keeps its contents through a redirect xattr.
+    # The kernel refuses redirects with userxattr, so a user's mount answers EXDEV instead.
+    redirects: bool
+
+
+TRUSTED = Format(b"trusted.overlay.", True)
+USERXATTR = Format(b"user.overlay.", False)      # the kernel's -o userxattr
+
+
+def _can_set(path, name):
     try:
-        os.setxattr(layer_fd_path, "trusted.overlay.unionfs-probe", b"1")
-        os.removexattr(layer_fd_path, "trusted.overlay.unionfs-probe")
+        os.setxattr(path, name, b"1")
+        os.removexattr(path, name)
         return True
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
             return False
         raise
+
+
+def choose_format(workdir):
+    """The one switch between the two formats: trusted.* where this process may write them in
+    the work directory (root on the host), else user.* (a user, and also root in a user
+    namespace, where mount works and trusted.* does not); None where neither can be written."""
+    if _can_set(workdir, "trusted.overlay.unionfs-probe"):
+        return TRUSTED
+    if _can_set(workdir, "user.overlay.unionfs-probe"):
+        return USERXATTR
+    return None
+
+
+def takes_markers(stack, mode):
+    """Whether an entry of this type can carry our xattrs: user.* ones exist only on regular
+    files and directories."""
+    return stack.xattr_prefix != USERXATTR.xattr_prefix or stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+
+
+def check_movable(stack, node):
+    """Without redirects a directory with lower contents cannot move: EXDEV, as the kernel's
+    overlayfs answers without redirect_dir (and fuse-overlayfs); ``mv`` then copies it."""
+    if node.is_dir and node.lowers and not stack.redirects:
+        raise OSError(errno.EXDEV, "a lower directory moves only with redirects")

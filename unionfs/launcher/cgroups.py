@@ -15,6 +15,7 @@ import signal
 import time
 
 from . import devices
+from .rootless import in_user_namespace
 
 PREFIX = "unionrun-"
 CPU_PERIOD = 100_000
@@ -101,8 +102,10 @@ def device_control():
     "bpf" (an eBPF device program on a cgroup v2 directory, where v1 has no such controller), or
     None. It is the second line: every mount a container can write to, or its layers come in,
     is nodev, so that the only nodes that open are those unionrun binds into /dev."""
-    if os.geteuid() != 0:
-        return None     # only root makes cgroups of the host's hierarchies, and loads programs
+    if os.geteuid() != 0 or in_user_namespace():
+        # Only the host's root makes cgroups of its hierarchies and loads device programs; a
+        # rootless container has no host devices to reach (no mknod, nodev mounts).
+        return None
     mounts, own = _mounts(), _own_paths()
     # For the tests: UNIONRUN_DEVICE_CGROUP=v1, bpf or none picks one where both could work.
     want = os.environ.get("UNIONRUN_DEVICE_CGROUP") or "v1"
