@@ -91,6 +91,10 @@ async def create(u, parent, name, mode, flags, ctx):
 
 
 async def mknod(u, parent, name, mode, rdev, ctx):
+    if stat.S_ISCHR(mode) and rdev == 0:
+        # A 0/0 character device is how a whiteout is written: it could not be shown (the
+        # kernel's overlayfs refuses it the same way).
+        raise OSError(errno.EPERM, "a 0/0 character device is a whiteout")
     return await _make(u, parent, name, ctx, stat.S_ISDIR(mode),
                        lambda work, tmp: _sys.mknod(work, tmp, mode, rdev),
                        None if stat.S_ISDIR(mode) else stat.S_IMODE(mode))
@@ -158,21 +162,25 @@ async def _discard(u, tmp):
         _sys.unlink(stack.work, tmp)
 
 
-async def _remove_upper(u, path, whiteout):
-    """Take the upper entry at path away, leaving a whiteout there if ``whiteout``."""
+def _take_upper(u, path, whiteout):
+    """Move the upper entry at path to the work directory, leaving a whiteout there if
+    ``whiteout``; its name there, to discard once the inode table has forgotten the name."""
     stack = u.stack
     tmp = work_name()
     if whiteout:
         move_leaving_whiteout(stack, path, stack.work, tmp)
     else:
         _sys.rename(stack.upper, path, stack.work, tmp)
-    await _discard(u, tmp)
+    return tmp
 
 
 def _forget_name(u, node, parent, name, found):
+    """The table forgets a name that is gone, before anything can wait: once the entry is
+    discarded its inode number may be given to a new file (a concurrent mkdir), which must get
+    a node of its own, never this one."""
     u.table.remove_alias(node, parent, name)
     if node.unlinked and found.upper and (node.is_dir or found.st.st_nlink <= 1):
-        # The upper inode is gone; its number may now be given to a new file.
+        # The upper inode is going; its number may now be given to a new file.
         u.table.drop_keys(node)
 
 
@@ -185,14 +193,17 @@ async def unlink(u, parent, name):
     await copy_up(u, parent)
     path = _sys.join(parent.path(), name)
     u.table.pin(u.stack, node)
+    tmp = None
     if found.upper:
         if whiteout:
-            await _remove_upper(u, path, True)
+            tmp = _take_upper(u, path, True)
         else:
             _sys.unlink(u.stack.upper, path)
     else:
         make_whiteout(u.stack, path)
     _forget_name(u, node, parent, name, found)
+    if tmp is not None:
+        await _discard(u, tmp)
 
 
 async def rmdir(u, parent, name):
@@ -205,11 +216,14 @@ async def rmdir(u, parent, name):
     whiteout = lower_entry_exists(u.stack, parent.lowers, name)
     await copy_up(u, parent)
     path = _sys.join(parent.path(), name)
+    tmp = None
     if found.upper:
-        await _remove_upper(u, path, whiteout)
+        tmp = _take_upper(u, path, whiteout)
     else:
         make_whiteout(u.stack, path)
     _forget_name(u, node, parent, name, found)
+    if tmp is not None:
+        await _discard(u, tmp)
 
 
 def _swap_in_empty_opaque(stack, path, st, tmp):

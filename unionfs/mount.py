@@ -221,6 +221,7 @@ def serve(opts, prep, ready):
         union = Union(stack, timeout=opts.timeout, fsync=opts.fsync, uidmap=opts.uidmap,
                       gidmap=opts.gidmap, xattrs=opts.xattrs, writeback=opts.writeback,
                       rt=session.Runtime())
+        union.outer_ino = os.stat(os.path.dirname(prep.mountpoint)).st_ino
         ops = Operations(union, debug=opts.debug)
         try:
             s = session.Session(ops, prep.mountpoint, fuse_options(opts, prep))

@@ -19,6 +19,8 @@ from . import _sys
 
 OCI_PREFIX = b".wh."
 OCI_OPAQUE = b".wh..wh..opq"
+# The longest name a directory entry can have (Linux's NAME_MAX, every layer filesystem's limit).
+NAME_MAX = 255
 PRIVATE_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
 
 _tmp_counter = itertools.count()
@@ -124,13 +126,24 @@ def work_name(prefix=b"#"):
     return prefix + b"%x.%x" % (os.getpid(), next(_tmp_counter))
 
 
+def oci_marker(path):
+    """The path of the ``.wh.NAME`` marker of the entry at ``path``, or None where NAME is too long
+    for a marker to exist (more than NAME_MAX - 4 bytes): such a name is never whited out that
+    way, and asking must not fail with ENAMETOOLONG."""
+    dirpath, name = _sys.split(path)
+    if len(name) + len(OCI_PREFIX) > NAME_MAX:
+        return None
+    return _sys.join(dirpath, OCI_PREFIX + name)
+
+
 def make_whiteout(stack, path):
     """Create a whiteout at ``path`` in the upper layer, atomically (built in the work dir)."""
     tmp = work_name()
     if stack.oci_whiteouts_in_upper:
-        dirpath, name = _sys.split(path)
-        fd = _sys.open_file(stack.upper, _sys.join(dirpath, OCI_PREFIX + name),
-                            os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        marker = oci_marker(path)
+        if marker is None:
+            raise OSError(errno.ENAMETOOLONG, "name too long for a .wh. whiteout")
+        fd = _sys.open_file(stack.upper, marker, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
         _sys.close(fd)
         return
     _sys.mknod(stack.work, tmp, stat.S_IFCHR, 0)   # c--------- 0/0, as the kernel makes them
@@ -186,17 +199,19 @@ def set_redirect(stack, layer, path, target):
 
 def remove_oci_whiteout(stack, path):
     """Drop a ``.wh.NAME`` marker in the upper once NAME exists there again; True if one was."""
-    dirpath, name = _sys.split(path)
+    marker = oci_marker(path)
+    if marker is None:
+        return False
     try:
-        _sys.unlink(stack.upper, _sys.join(dirpath, OCI_PREFIX + name))
+        _sys.unlink(stack.upper, marker)
         return True
     except FileNotFoundError:
         return False
 
 
 def has_oci_whiteout(stack, path):
-    dirpath, name = _sys.split(path)
-    return _sys.lstat(stack.upper, _sys.join(dirpath, OCI_PREFIX + name)) is not None
+    marker = oci_marker(path)
+    return marker is not None and _sys.lstat(stack.upper, marker) is not None
 
 
 @dataclass(frozen=True, slots=True)
