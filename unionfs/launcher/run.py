@@ -65,7 +65,12 @@ def start(spec, root, image=None, store=None, to_log=False):
     container's log from the moment it has a directory."""
     if threading.active_count() != 1:
         raise RunError("internal error: the launcher must be single-threaded to clone")
-    paths = state.claim(root, spec.name)
+    try:
+        paths = state.claim(root, spec.name)
+    except state.StateError as e:
+        raise RunError(str(e)) from None
+    except OSError as e:
+        raise RunError(f"cannot create the container's state: {e.strerror}: {root}") from None
     if paths is None:
         raise RunError(f"a container named {spec.name!r} already exists (unionrun rm it first)")
     st = initial_state(spec, image, store)
@@ -81,19 +86,23 @@ def start(spec, root, image=None, store=None, to_log=False):
             os.close(log)
         if spec.ports:
             ports.check_free(spec.ports)
-        st["cgroups"] = cgroups.create(spec.name, spec.limits)
+        st["cgroups"] = cgroups.create(spec.name, spec.limits, cgroups.device_control())
         state.write(paths, st)
         if spec.upper is None:
+            # Its root is the container's "/": 0755 as usual, private by the 0700 above it.
             os.mkdir(paths.upper, 0o755)
             upper, work = paths.upper, paths.work
         else:
             upper, work = spec.upper, None
-        options = []
+        # A container's root needs its setuid files (su), but no device node of its layers or
+        # its upper: a host user of the same uid as a container process reaches them through
+        # /proc/PID/root, outside the device cgroup (setuid bits do nothing on that path).
+        options = ["suid", "nodev"]
         if spec.userns:
             # The container's ids are the host's base.. ; on disk they stay 0.., as without
             # (fuse-overlayfs's order: on-disk id first, the id shown second).
             base, count = spec.userns
-            options = [f"uidmapping=0:{base}:{count}", f"gidmapping=0:{base}:{count}"]
+            options += [f"uidmapping=0:{base}:{count}", f"gidmapping=0:{base}:{count}"]
         try:
             st["daemon"] = union.mount(spec.lowers, upper, work, paths.merged, options)
         finally:
@@ -101,6 +110,7 @@ def start(spec, root, image=None, store=None, to_log=False):
             state.write(paths, st)
         trees = _open_trees(spec, paths)
         try:
+            _seal_host_view(paths)
             trees.append(init.sealed_tini())
             init_pid, rep_r, ctl_w, master, signals = _clone_init(spec, paths, st,
                                                                   trees[:-1], trees[-1])
@@ -167,11 +177,26 @@ def _open_trees(spec, paths):
                 trees.append(L.open_tree(vol.source, recursive=True))
             except OSError as e:
                 raise RunError(f"-v: volume source {vol.source}: {e.strerror}") from None
+        # No node that the container makes or its layers ship may open, from inside or from
+        # outside (above); the device cgroup is the second line, where there is one.
+        for i, fd in enumerate(trees):
+            L.mount_setattr(fd, L.MOUNT_ATTR_NODEV, recursive=i > 0)
     except BaseException:
         for fd in trees:
             os.close(fd)
         raise
     return trees
+
+
+def _seal_host_view(paths):
+    """The host's own mount of the union (ROOT/NAME/merged) runs nothing of the container:
+    nosuid, nodev, noexec. The container has its copy of the mount (open_tree), whose flags
+    are its own; this one is only for unmount and for root's look from outside."""
+    fd = os.open(paths.merged, L.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        L.mount_setattr(fd, L.MOUNT_ATTR_NOSUID | L.MOUNT_ATTR_NODEV | L.MOUNT_ATTR_NOEXEC)
+    finally:
+        os.close(fd)
 
 
 def _clone_init(spec, paths, st, trees, tini_fd):
