@@ -22,13 +22,14 @@ start, so that an id given back by a rolled-back insert finds its place free).
 import json
 import logging
 import os
-import shutil
 import sqlite3
 import stat
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+
+from ..rmtree import remove_tree
 
 VIEW, ACTIVE, COMMITTED = 1, 2, 3       # the values of containerd's snapshots.v1.Kind
 
@@ -114,6 +115,15 @@ def disk_usage(path):
             except (FileNotFoundError, NotADirectoryError):
                 continue
     return size, len(seen)
+
+
+def _delete(path):
+    """Deletes a tree no snapshot owns (container-shaped: any depth, any names); one that cannot be
+    deleted now stays for the next cleanup."""
+    try:
+        remove_tree(path)
+    except OSError as e:
+        log.warning("cannot delete %s (the next cleanup tries again): %s", path, e)
 
 
 def _fsync_dir(path):
@@ -206,7 +216,7 @@ class Store:
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
-                shutil.rmtree(tmp, ignore_errors=True)
+                _delete(tmp)
                 raise
             return self._mounts(sid, kind, parent_id)
 
@@ -265,7 +275,7 @@ class Store:
                 raise FailedPrecondition(f"snapshot {key!r} has children")
             self._db.execute("DELETE FROM snapshots WHERE id = ?", (row[0],))
             doomed = self._unlink_dir(str(row[0]))
-        shutil.rmtree(doomed, ignore_errors=True)
+        _delete(doomed)
 
     def _unlink_dir(self, name):
         """Renames snapshots/NAME out of the way (to be deleted without the lock) -> its new path."""
@@ -324,7 +334,7 @@ class Store:
             doomed = [self._unlink_dir(n) if not n.startswith(_RM_PREFIX)
                       else os.path.join(self.snapshots_dir, n) for n in orphans]
         for path in doomed:
-            shutil.rmtree(path, ignore_errors=True)
+            _delete(path)
         if orphans:
             log.info("removed %d directories no snapshot owns: %s", len(orphans), " ".join(orphans))
         return orphans
