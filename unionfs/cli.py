@@ -168,7 +168,10 @@ def parse(argv):
         raise UsageError("workdir= needs an upper layer")
     if kw.get("upper_size") is not None and upper is None:
         raise UsageError("upper_size= needs an upper layer")
-    if kw.get("readonly"):
+    if kw.get("readonly") and upper is not None:
+        # As overlayfs's ro: the upper's contents stay visible, as the topmost read-only layer
+        # (containerd adds ro to an active snapshot's mount to diff it); nothing is written.
+        lowers = (upper, *lowers)
         upper = None
         workdir = None
         kw.pop("upper_size", None)      # nothing is written

@@ -45,23 +45,13 @@ def daemon_of(mountpoint):
     return None
 
 
-# What a container's root needs of the mount's flags, and no more:
-# - suid: su, sudo and ping inside work as docker and podman let them (host users cannot reach the
-#   mount: it lies in the container's private state directory);
-# - nodev: the container's /dev is a tmpfs of its own holding the nodes of its allow-list (see
-#   rootfs.py), so no device node in an image layer or made in the union can be opened at all,
-#   whatever a device cgroup allows (podman's storage.conf sets mountopt = "nodev" the same way);
-# - exec: it runs programs.
-CONTAINER_FLAGS = ("suid", "nodev", "exec")
-
-
 def mount(lowers, upper, work, mountpoint, options=(), upper_size=None):
     """Mount and return the daemon's identity. Raises UnionError with unionmount's own line.
     ``upper_size``: bytes the upper layer may hold (unionmount's upper_size=), None for no limit."""
     os.makedirs(mountpoint, exist_ok=True)
     cmd = [sys.executable, "-m", "unionfs", ":".join(l.replace(":", "\\:") for l in lowers),
            upper, mountpoint]
-    options = ([f"workdir={work}"] if work else []) + list(CONTAINER_FLAGS) + list(options)
+    options = ([f"workdir={work}"] if work else []) + list(options)
     if upper_size is not None:
         options.append(f"upper_size={upper_size}")
     if options:
