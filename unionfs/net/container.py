@@ -5,7 +5,7 @@ container's state so that a later `unionrun rm` can undo it after a crash.
 The steps, in order, each undone by release in reverse:
     address    allocated in the network's ipam directory
     ports      host ports bound and held (a bridge) or checked (the forwarder's, --network none)
-    files      /etc/hosts and /etc/resolv.conf written in the state dir, mounted by the init
+    files      /etc/hosts and /etc/resolv.conf on a tmpfs in the state dir, mounted by the init
     netns      the init's network namespace pinned to STATE/netns
     engine     netavark setup: veth, address, routes, NAT, DNAT, DNS entry
 """
@@ -53,15 +53,21 @@ def prepare(rs, root, paths, st):
     """Address, ports and files; records them in ``st["net"]`` (the caller writes it) and
     returns the spec with the held ports and with the two files as volumes of the init."""
     rec = {"mode": rs.net, "network": None, "id": secrets.token_hex(32), "ip": None,
-           "ipam": None, "netns": None, "attached": False, "config": store.config_dir(root),
-           "aliases": list(rs.aliases), "ports": [], "mountpoints": []}
+           "ipam": None, "netns": None, "attached": False, "config": None,
+           "aliases": list(rs.aliases), "ports": [], "mountpoints": [], "files": None}
     st["net"] = rec
     network = None
     if rs.net not in BUILTIN:
-        with store.locked(root, exclusive=False):
+        if rs.net == store.DEFAULT:
             network = store.get(root, rs.net)
-            rec["network"] = network
             rec["ip"], rec["ipam"] = store.allocate(root, network, paths.dir)
+        else:
+            # Shared: `network rm` (exclusive) cannot remove it between the check and the
+            # allocation that makes it in use.
+            with store.locked(root, exclusive=False):
+                network = store.get(root, rs.net)
+                rec["ip"], rec["ipam"] = store.allocate(root, network, paths.dir)
+        rec["network"], rec["config"] = network, store.config_dir(root, network)
     held = rs.ports
     if held:
         held = tuple(ports.hold(held))
@@ -70,8 +76,10 @@ def prepare(rs, root, paths, st):
             ports.release()
     rec["ports"] = _port_list(held)
     st["ports"] = [f"{p.host_addr}:{p.host_port}:{p.ctr_port}/{p.proto}" for p in held]
-    hosts = os.path.join(paths.dir, "hosts")
-    resolv = os.path.join(paths.dir, "resolv.conf")
+    rec["files"] = os.path.join(paths.dir, "etc")
+    files.make_dir(rec["files"])
+    hosts = os.path.join(rec["files"], "hosts")
+    resolv = os.path.join(rec["files"], "resolv.conf")
     files.write(hosts, files.hosts(rs.net if rs.net in BUILTIN else "bridge", rs.hostname,
                                    rs.name, rec["ip"], network, rs.add_hosts))
     files.write(resolv, files.resolv_conf(rs.net if rs.net in BUILTIN else "bridge", network,
@@ -122,6 +130,10 @@ def release(paths, st):
         except OSError as e:
             problems.append(f"cannot unpin {rec['netns']}: {e.strerror}")
         store.free(rec.get("ipam"), paths.dir)
+    try:
+        files.remove_dir(rec.get("files"))
+    except OSError as e:
+        problems.append(f"cannot unmount {rec['files']}: {e.strerror}")
     merged = st.get("merged") or paths.merged
     if rec.get("mountpoints") and not union.is_mounted(merged):
         files.remove_mountpoints(st.get("upper") or paths.upper, rec["mountpoints"])

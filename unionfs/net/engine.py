@@ -86,6 +86,20 @@ def _check_host(network):
                        "with another address (another unionrun root's network?)")
 
 
+def _repair_isolation():
+    """netavark 1.4 deletes FORWARD's jump to NETAVARK_ISOLATION_1 whenever an isolated network
+    goes away, even while others remain, and never puts it back: from then on no network is
+    isolated from another (podman's neither). Put it back, first in FORWARD where netavark
+    puts it, while the chain has rules."""
+    r = subprocess.run(["iptables", "-w", "-S", "NETAVARK_ISOLATION_1"], capture_output=True,
+                       text=True)
+    if r.returncode != 0 or "-A NETAVARK_ISOLATION_1" not in r.stdout:
+        return
+    jump = ["FORWARD", "-j", "NETAVARK_ISOLATION_1"]
+    if subprocess.run(["iptables", "-w", "-C", *jump], capture_output=True).returncode != 0:
+        subprocess.run(["iptables", "-w", "-I", jump[0], "1", *jump[1:]], capture_output=True)
+
+
 def setup(config, netns, opts, network):
     """Configure the container; NetError after undoing whatever netavark did half-way."""
     with store.host_lock():
@@ -95,6 +109,7 @@ def setup(config, netns, opts, network):
             # netavark stops at the first failure and leaves what it made; teardown is
             # idempotent and removes it.
             _run("teardown", config, netns, opts)
+        _repair_isolation()
     if err:
         raise NetError(err)
 
@@ -103,4 +118,6 @@ def teardown(config, netns, opts):
     """Idempotent: remove the container's veth, its port rules, its DNS entry; the bridge,
     the network's rules and aardvark-dns with the last container. Returns a problem or None."""
     with store.host_lock():
-        return _run("teardown", config, netns, opts)
+        err = _run("teardown", config, netns, opts)
+        _repair_isolation()
+        return err

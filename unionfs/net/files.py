@@ -1,6 +1,7 @@
 """/etc/hosts and /etc/resolv.conf of a container, as docker makes them: files of its state
 directory (never of its root), bind-mounted read-write over the image's, so that they land in
-no upper layer and so in no commit.
+no upper layer and so in no commit. They live on a small tmpfs of their own (STATE/etc), so
+that the container's mountinfo shows "/hosts", not a path of the host.
 
 A file the image lacks needs an empty mountpoint made in the upper; it is recorded and removed
 from the upper again at release (once the union is unmounted).
@@ -13,6 +14,7 @@ import os
 import stat
 
 from ..launcher import _libc as L
+from ..launcher import union
 
 TARGETS = ("/etc/hosts", "/etc/resolv.conf")
 HOST_RESOLV = "/etc/resolv.conf"
@@ -73,6 +75,27 @@ def hosts(mode, hostname, name, ip, network, add_hosts):
     for host, addr in add_hosts:
         text += f"{addr}\t{host}\n"
     return text
+
+
+def make_dir(path):
+    os.mkdir(path, 0o755)
+    try:
+        L.mount("tmpfs", path, "tmpfs", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC,
+                "mode=0755,size=256k")
+    except BaseException:
+        os.rmdir(path)
+        raise
+
+
+def remove_dir(path):
+    """Idempotent."""
+    while path and union.is_mounted(path):
+        L.umount2(path, L.MNT_DETACH)
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            for n in os.listdir(path):
+                os.unlink(os.path.join(path, n))
+            os.rmdir(path)
 
 
 def write(path, text):

@@ -42,8 +42,12 @@ def _net_dir(root):
     return os.path.join(root, ".net")
 
 
-def config_dir(root):
-    """netavark's --config: its aardvark-dns directory (one DNS server per root)."""
+def config_dir(root, network):
+    """netavark's --config: its aardvark-dns directory (one DNS server per root). The default
+    network, the host's, has no DNS: a host-wide one, so a root that only uses it gets no
+    .net directory."""
+    if network["name"] == DEFAULT:
+        return os.path.join(HOST_DIR, "netavark")
     return os.path.join(_net_dir(root), "netavark")
 
 
