@@ -99,7 +99,7 @@ def start(spec, root, image=None, store=None, to_log=False):
             # Recorded even on failure: a daemon that did start is found and stopped by release.
             state.write(paths, st)
         # ---- network (unionfs.net): address, held ports, /etc/hosts and resolv.conf as volumes
-        spec = _net.prepare(spec, root, paths, st)
+        spec = _net.prepare(spec, root, paths, st, lambda: state.write(paths, st))
         state.write(paths, st)
         trees = _open_trees(spec, paths)
         try:

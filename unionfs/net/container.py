@@ -49,9 +49,10 @@ def check(root, rs):
                            "use a network of your own (unionrun network create)")
 
 
-def prepare(rs, root, paths, st):
-    """Address, ports and files; records them in ``st["net"]`` (the caller writes it) and
-    returns the spec with the held ports and with the two files as volumes of the init."""
+def prepare(rs, root, paths, st, write):
+    """Address, ports and files; records them in ``st["net"]`` (``write()`` saves the state,
+    before each step that needs undoing) and returns the spec with the held ports and with the
+    two files as volumes of the init."""
     rec = {"mode": rs.net, "network": None, "id": secrets.token_hex(32), "ip": None,
            "ipam": None, "netns": None, "attached": False, "config": None,
            "aliases": list(rs.aliases), "ports": [], "mountpoints": [], "files": None}
@@ -68,6 +69,7 @@ def prepare(rs, root, paths, st):
                 network = store.get(root, rs.net)
                 rec["ip"], rec["ipam"] = store.allocate(root, network, paths.dir)
         rec["network"], rec["config"] = network, store.config_dir(root, network)
+        write()
     held = rs.ports
     if held:
         held = tuple(ports.hold(held))
@@ -77,6 +79,7 @@ def prepare(rs, root, paths, st):
     rec["ports"] = _port_list(held)
     st["ports"] = [f"{p.host_addr}:{p.host_port}:{p.ctr_port}/{p.proto}" for p in held]
     rec["files"] = os.path.join(paths.dir, "etc")
+    write()
     files.make_dir(rec["files"])
     hosts = os.path.join(rec["files"], "hosts")
     resolv = os.path.join(rec["files"], "resolv.conf")
@@ -99,7 +102,9 @@ def attach(paths, st, pid, write):
     rec = st.get("net")
     if not rec or rec["network"] is None:
         return
+    # Recorded before it exists: a supervisor killed in between leaves nothing rm cannot find.
     rec["netns"] = os.path.join(paths.dir, "netns")
+    write()
     netns.pin(pid, rec["netns"])
     rec["attached"] = True
     write()
