@@ -173,7 +173,7 @@ def _web(ur, layers, name, *opts):
 
 def test_containers_reach_each_other_by_name_and_alias_not_across_networks(layers, ur):
     ur.ok("network", "create", "front")
-    ur.ok("network", "create", "back")
+    ur.ok("network", "create", "--internal", "back")
     _web(ur, layers, "web", "--network", "front", "--network-alias", "www")
     front = store.get(str(ur.root), "front")
     ip = ur.state("web")["net"]["ip"]
@@ -187,9 +187,11 @@ def test_containers_reach_each_other_by_name_and_alias_not_across_networks(layer
     # On another network: neither the name nor the address.
     r = ur("run", "--rm", "--network", "back", "--layers", layers, "--", "sh", "-c",
            "timeout 5 wget -qO- http://web/ || echo no-name;"
-           f" timeout 5 wget -qO- http://{ip}/ || echo no-route")
+           f" timeout 5 wget -qO- http://{ip}/ || echo no-route; ip route")
     assert r.stdout.count("served from inside") == 0, r.stdout
     assert "no-name" in r.stdout and "no-route" in r.stdout
+    # --internal: no way out of the network at all.
+    assert "default" not in r.stdout
     # Nor from the default bridge.
     r = ur("run", "--rm", "--layers", layers, "--", "sh", "-c",
            f"timeout 5 wget -qO- http://{ip}/ || echo no-route")
