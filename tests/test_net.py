@@ -196,6 +196,19 @@ def test_containers_reach_each_other_by_name_and_alias_not_across_networks(layer
     r = ur("run", "--rm", "--layers", layers, "--", "sh", "-c",
            f"timeout 5 wget -qO- http://{ip}/ || echo no-route")
     assert "no-route" in r.stdout and "served" not in r.stdout
+    # Joined to the other network too (and off it again): found there by name and alias.
+    ur.ok("network", "connect", "--alias", "web2", "back", "web")
+    _one_line_error(ur("network", "connect", "back", "web"), "already")
+    _one_line_error(ur("network", "rm", "back"), "back", "web")
+    get = "timeout 5 wget -qO- http://{}/ || echo no-{}; "
+    r = ur("run", "--rm", "--network", "back", "--layers", layers, "--", "sh", "-c",
+           get.format("web", "web") + get.format("web2", "web2"))
+    assert r.stdout == "served from inside\n" * 2, r.stdout + r.stderr
+    ur.ok("network", "disconnect", "back", "web")
+    _one_line_error(ur("network", "disconnect", "front", "web"), "front")
+    r = ur("run", "--rm", "--network", "back", "--layers", layers, "--", "sh", "-c",
+           get.format("web", "web"))
+    assert r.stdout == "no-web\n", r.stdout
     _one_line_error(ur("network", "rm", "front"), "front", "web")
     ls = ur.ok("network", "ls")
     assert re.search(r"^front\s+bridge\s+urbr[0-9a-f]{8}\s+10\.", ls, re.M), ls
@@ -252,11 +265,13 @@ def test_resolv_conf_leaves_out_loopback_servers(tmp_path, monkeypatch):
     host.write_text("# managed\nnameserver 127.0.0.53\nnameserver 192.0.2.1\nnameserver ::1\n"
                     "search example.org\noptions edns0\n")
     monkeypatch.setattr(files, "HOST_RESOLV", str(host))
-    assert files.resolv_conf("bridge", store.default_network(), ()) == \
+    assert files.resolv_conf("bridge", [store.default_network()], ()) == \
         "nameserver 192.0.2.1\nsearch example.org\noptions edns0\n"
     user = dict(store.default_network(), dns=True, gateway="10.214.9.1")
-    assert files.resolv_conf("bridge", user, ()).startswith("nameserver 10.214.9.1\n")
-    assert files.resolv_conf("host", None, ()) == host.read_text()
+    assert files.resolv_conf("bridge", [user], ()) == \
+        "nameserver 10.214.9.1\nsearch example.org dns.podman\noptions edns0\n"
+    assert files.resolv_conf("bridge", [user], ("192.0.2.9",)).startswith("nameserver 192.0.2.9\n")
+    assert files.resolv_conf("host", [], ()) == host.read_text()
 
 
 # ---- published ports ---------------------------------------------------------------------------------
@@ -440,8 +455,12 @@ def test_kill_9_of_the_supervisor_then_rm_leaves_nothing(layers, ur):
     tport = _free_port()
     _web(ur, layers, "crash", "--network", "crashnet", "-p", f"{tport}:80")
     _web(ur, layers, "crash2", "-p", "80")
+    ur.ok("network", "create", "joined")
+    ur.ok("network", "connect", "joined", "crash")
     st, st2 = ur.state("crash"), ur.state("crash2")
     net = store.get(str(ur.root), "crashnet")
+    joined = store.get(str(ur.root), "joined")
+    assert joined["interface"] in _links()
     assert net["interface"] in _links() and st["net"]["id"] in _iptables()
     assert _aardvarks(ur.root)
     for s in (st, st2):
@@ -450,9 +469,10 @@ def test_kill_9_of_the_supervisor_then_rm_leaves_nothing(layers, ur):
     # The pinned namespaces keep the veths and rules until rm.
     assert st["net"]["id"] in _iptables() and _mounts_under(ur.root / "crash")
     ur.ok("rm", "crash", "crash2")
-    ur.ok("network", "rm", "crashnet")
+    ur.ok("network", "rm", "crashnet", "joined")
     ur.marks += [st["net"]["id"], st2["net"]["id"], net["interface"], net["subnet"],
-                 f"{st2['net']['ip']}:", engine.engine_name(net)]
+                 f"{st2['net']['ip']}:", engine.engine_name(net), joined["interface"],
+                 joined["subnet"], engine.engine_name(joined)]
     assert _wait_for(lambda: not _aardvarks(ur.root))
     # A free port again, and the address of the default bridge given back.
     with socket.socket() as s:

@@ -1,4 +1,4 @@
-"""`unionrun network create|ls|inspect|rm` and `unionrun port`: argument parsing and printing;
+"""`unionrun network create|ls|inspect|rm|connect|disconnect` and `unionrun port`: argument parsing and printing;
 the work is store.py's. Errors are NetError, one line (unionrun prints it, exit 125)."""
 
 from __future__ import annotations
@@ -22,6 +22,13 @@ def add_parsers(sub):
     i.add_argument("names", nargs="+")
     r = nsub.add_parser("rm", help="remove networks no container uses")
     r.add_argument("names", nargs="+")
+    c = nsub.add_parser("connect", help="join a running container to one more network")
+    c.add_argument("--alias", action="append", default=[], metavar="ALIAS")
+    c.add_argument("network")
+    c.add_argument("container")
+    c = nsub.add_parser("disconnect", help="take a running container off a network it joined")
+    c.add_argument("network")
+    c.add_argument("container")
     p = sub.add_parser("port", help="a container's published ports")
     p.add_argument("name")
 
@@ -47,6 +54,15 @@ def cmd_network(args, root, err):
             n["containers"] = store.containers_of(root, name)
             out.append(n)
         print(json.dumps(out, indent=2, sort_keys=True))
+        return 0
+    if args.net_cmd == "connect":
+        for a in args.alias:
+            if not store.NAME_RE.fullmatch(a):
+                raise NetError(f"--alias {a!r}: not a valid host name")
+        container.connect(root, args.container, args.network, args.alias)
+        return 0
+    if args.net_cmd == "disconnect":
+        container.disconnect(root, args.container, args.network)
         return 0
     code = 0
     for name in args.names:

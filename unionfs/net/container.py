@@ -12,12 +12,14 @@ The steps, in order, each undone by release in reverse:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import secrets
 
 from ..launcher import spec as _spec
-from ..launcher import union
+from ..launcher import state, union
 from . import NetError, engine, files, netns, ports, store
 
 BUILTIN = ("none", "host")
@@ -55,20 +57,11 @@ def prepare(rs, root, paths, st, write):
     two files as volumes of the init."""
     rec = {"mode": rs.net, "network": None, "id": secrets.token_hex(32), "ip": None,
            "ipam": None, "netns": None, "attached": False, "config": None,
-           "aliases": list(rs.aliases), "ports": [], "mountpoints": [], "files": None}
+           "aliases": list(rs.aliases), "ports": [], "mountpoints": [], "files": None,
+           "extra": []}
     st["net"] = rec
-    network = None
     if rs.net not in BUILTIN:
-        if rs.net == store.DEFAULT:
-            network = store.get(root, rs.net)
-            rec["ip"], rec["ipam"] = store.allocate(root, network, paths.dir)
-        else:
-            # Shared: `network rm` (exclusive) cannot remove it between the check and the
-            # allocation that makes it in use.
-            with store.locked(root, exclusive=False):
-                network = store.get(root, rs.net)
-                rec["ip"], rec["ipam"] = store.allocate(root, network, paths.dir)
-        rec["network"], rec["config"] = network, store.config_dir(root, network)
+        rec["network"], rec["ip"], rec["ipam"], rec["config"] = _allocate(root, rs.net, paths)
         write()
     held = rs.ports
     if held:
@@ -81,12 +74,8 @@ def prepare(rs, root, paths, st, write):
     rec["files"] = os.path.join(paths.dir, "etc")
     write()
     files.make_dir(rec["files"])
-    hosts = os.path.join(rec["files"], "hosts")
-    resolv = os.path.join(rec["files"], "resolv.conf")
-    files.write(hosts, files.hosts(rs.net if rs.net in BUILTIN else "bridge", rs.hostname,
-                                   rs.name, rec["ip"], network, rs.add_hosts))
-    files.write(resolv, files.resolv_conf(rs.net if rs.net in BUILTIN else "bridge", network,
-                                          rs.dns))
+    rec["hostname"], rec["add_hosts"], rec["dns"] = rs.hostname, list(rs.add_hosts), list(rs.dns)
+    hosts, resolv = _write_files(rec, rs.name)
     # A volume of the user's over either file (or over /etc) wins, as in docker.
     user = [v.target for v in rs.volumes]
     vols = [_spec.Volume(src, dst, False, False, optional=True)
@@ -94,6 +83,34 @@ def prepare(rs, root, paths, st, write):
             if not any(dst == t or dst.startswith(t.rstrip("/") + "/") for t in user)]
     rec["mountpoints"] = files.missing(paths.merged, [v.target for v in vols])
     return dataclasses.replace(rs, ports=held, volumes=rs.volumes + tuple(vols))
+
+
+def _allocate(root, name, paths):
+    """(network, address, its allocation file, netavark's config dir)."""
+    if name == store.DEFAULT:
+        network = store.get(root, name)
+        ip, ipam = store.allocate(root, network, paths.dir)
+    else:
+        # Shared: `network rm` (exclusive) cannot remove it between the check and the
+        # allocation that makes it in use.
+        with store.locked(root, exclusive=False):
+            network = store.get(root, name)
+            ip, ipam = store.allocate(root, network, paths.dir)
+    return network, ip, ipam, store.config_dir(root, network)
+
+
+def _write_files(rec, name):
+    """/etc/hosts and /etc/resolv.conf from the container's networks; written in place, so the
+    container's bind mounts see a connect or disconnect."""
+    mode = rec["mode"] if rec["mode"] in BUILTIN else "bridge"
+    nets = [rec["network"]] + [x["network"] for x in rec["extra"]] if rec["network"] else []
+    addrs = [rec["ip"]] + [x["ip"] for x in rec["extra"]] if rec["ip"] else []
+    hosts = os.path.join(rec["files"], "hosts")
+    resolv = os.path.join(rec["files"], "resolv.conf")
+    files.write(hosts, files.hosts(mode, rec["hostname"], name, addrs, rec["network"],
+                                   [tuple(h) for h in rec["add_hosts"]]))
+    files.write(resolv, files.resolv_conf(mode, nets, rec["dns"]))
+    return hosts, resolv
 
 
 def attach(paths, st, pid, write):
@@ -116,6 +133,111 @@ def _options(rec, st):
                           _ports_of(rec))
 
 
+def _extra_options(rec, st, link):
+    return engine.options(rec["id"], st["name"], link["network"], link["ip"], link["aliases"],
+                          (), link["iface"])
+
+
+@contextlib.contextmanager
+def _locked(paths):
+    """One change of a container's networks at a time: connect, disconnect, release."""
+    fd = os.open(os.path.join(paths.dir, "net.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _running_on_bridge(paths, st, name):
+    rec = st.get("net")
+    if not state.alive(st.get("init")):
+        raise NetError(f"container {name} is not running")
+    if not rec or rec["network"] is None or not rec.get("attached"):
+        raise NetError(f"container {name} is on --network {(rec or {}).get('mode')}: it has "
+                       "no network namespace of its own to connect")
+    return rec
+
+
+def connect(root, name, net_name, aliases=()):
+    """Join the running container ``name`` to one more network (its next ethN)."""
+    paths = state.Paths(root, name)
+    st = state.read(paths)
+    if st is None:
+        raise NetError(f"no container named {name!r}")
+    with _locked(paths):
+        st = state.read(paths)
+        rec = _running_on_bridge(paths, st, name)
+        if net_name in BUILTIN:
+            raise NetError(f"{net_name} is not a network a container can join")
+        store.get(root, net_name)
+        if net_name in [rec["network"]["name"]] + [x["network"]["name"] for x in rec["extra"]]:
+            raise NetError(f"container {name} is already on network {net_name}")
+        if aliases and not store.get(root, net_name)["dns"]:
+            raise NetError("--alias: the default bridge has no DNS by name")
+        used = {x["iface"] for x in rec["extra"]}
+        iface = next(f"eth{i}" for i in range(1, 64) if f"eth{i}" not in used)
+        network, ip, ipam, config = _allocate(root, net_name, paths)
+        link = {"network": network, "ip": ip, "ipam": ipam, "config": config, "iface": iface,
+                "aliases": list(aliases)}
+        rec["extra"].append(link)
+        state.write(paths, st)
+        try:
+            engine.setup(config, rec["netns"], _extra_options(rec, st, link), network)
+        except BaseException:
+            rec["extra"].remove(link)
+            store.free(ipam, paths.dir)
+            state.write(paths, st)
+            raise
+        _write_files(rec, name)
+
+
+def disconnect(root, name, net_name):
+    paths = state.Paths(root, name)
+    if state.read(paths) is None:
+        raise NetError(f"no container named {name!r}")
+    with _locked(paths):
+        st = state.read(paths)
+        rec = _running_on_bridge(paths, st, name)
+        if net_name == rec["network"]["name"]:
+            raise NetError(f"{net_name} is the first network of container {name}: it stays "
+                           "until rm")
+        link = next((x for x in rec["extra"] if x["network"]["name"] == net_name), None)
+        if link is None:
+            raise NetError(f"container {name} is not on network {net_name}")
+        err = engine.teardown(link["config"], rec["netns"], _extra_options(rec, st, link))
+        if err:
+            raise NetError(err)
+        rec["extra"].remove(link)
+        store.free(link["ipam"], paths.dir)
+        _write_files(rec, name)
+        state.write(paths, st)
+
+
+def _release_extra(paths, st, rec):
+    """The networks joined by connect: the state on disk is their record (the supervisor's
+    copy in memory does not know them)."""
+    problems = []
+    try:
+        with _locked(paths):
+            disk = ((state.read(paths) or {}).get("net") or {}).get("extra")
+            links = disk if disk is not None else rec.get("extra") or []
+            for link in reversed(list(links)):
+                if netns.is_pinned(rec["netns"]):
+                    err = engine.teardown(link["config"], rec["netns"],
+                                          _extra_options(rec, st, link))
+                    if err:
+                        problems.append(err)
+                        continue
+                store.free(link["ipam"], paths.dir)
+                links.remove(link)
+            rec["extra"] = links
+    except FileNotFoundError:
+        pass
+    return problems
+
+
 def release(paths, st):
     """Undo what prepare and attach did; idempotent. Problems as a list of phrases."""
     rec = st.get("net")
@@ -123,7 +245,10 @@ def release(paths, st):
     if not rec:
         return []
     problems = []
-    if rec.get("attached") and rec.get("netns") and netns.is_pinned(rec["netns"]):
+    if rec.get("netns"):
+        problems += _release_extra(paths, st, rec)
+    if not problems and rec.get("attached") and rec.get("netns") and \
+            netns.is_pinned(rec["netns"]):
         err = engine.teardown(rec["config"], rec["netns"], _options(rec, st))
         if err:
             # Kept pinned and recorded: the next rm tries again.
@@ -156,4 +281,5 @@ def network_of(st):
     return rec.get("mode"), rec.get("ip")
 
 
-__all__ = ["NetError", "check", "prepare", "attach", "release", "published"]
+__all__ = ["NetError", "check", "prepare", "attach", "release", "published", "connect",
+           "disconnect"]

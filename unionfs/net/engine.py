@@ -41,13 +41,13 @@ def _network_info(network):
             "options": {"isolate": "true"}, "ipam_options": {"driver": "host-local"}}
 
 
-def options(cid, name, network, ip, aliases, ports):
+def options(cid, name, network, ip, aliases, ports, iface="eth0"):
     """netavark's input for one container on one network; ``ports``: spec Ports."""
     mappings = [{"host_ip": p.host_addr, "container_port": p.ctr_port, "host_port": p.host_port,
                  "range": 1, "protocol": p.proto} for p in ports]
     return {"container_id": cid, "container_name": name, "port_mappings": mappings,
             "networks": {engine_name(network): {"static_ips": [ip], "aliases": list(aliases),
-                                                 "interface_name": "eth0"}},
+                                                 "interface_name": iface}},
             "network_info": {engine_name(network): _network_info(network)}}
 
 

@@ -34,19 +34,22 @@ def _loopback(addr):
     return addr.startswith("127.") or addr == "::1"
 
 
-def resolv_conf(mode, network, dns):
-    """``mode``: none, host or a network's name; ``dns``: --dns servers (replace the others)."""
+def resolv_conf(mode, networks, dns):
+    """``mode``: none, host or bridge (any network); ``networks``: the container's, first one
+    first; ``dns``: --dns servers (replace the others)."""
     lines = _host_resolv()
     if mode == "host" and not dns:
         return "\n".join(lines) + "\n"
     keep = [ln for ln in lines if ln.split()[:1] in (["search"], ["options"], ["domain"])]
+    named = [n for n in networks if n["dns"]]
     if dns:
         servers = list(dns)
-    elif network is not None and network["dns"]:
-        # aardvark-dns on the bridge's gateway: the network's names, then the host's servers.
-        servers = [network["gateway"]]
-        keep = [ln if not ln.startswith("search") else ln + " dns.podman" for ln in keep] \
-            or ["search dns.podman"]
+    elif named:
+        # aardvark-dns on each bridge's gateway: the networks' names, then the host's servers.
+        servers = [n["gateway"] for n in named]
+        keep = [ln if not ln.startswith("search") else ln + " dns.podman" for ln in keep]
+        if not any(ln.startswith("search") for ln in keep):
+            keep.insert(0, "search dns.podman")
     else:
         # Loopback servers of the host (systemd-resolved's 127.0.0.53) are not the
         # container's loopback: left out, as docker does.
@@ -55,8 +58,9 @@ def resolv_conf(mode, network, dns):
     return "".join(f"nameserver {s}\n" for s in servers) + "".join(k + "\n" for k in keep)
 
 
-def hosts(mode, hostname, name, ip, network, add_hosts):
-    """``add_hosts``: [(name, address)] of --add-host."""
+def hosts(mode, hostname, name, addrs, network, add_hosts):
+    """``addrs``: the container's addresses, one per network; ``network``: its first one;
+    ``add_hosts``: [(name, address)] of --add-host."""
     if mode == "host":
         try:
             with open(HOST_HOSTS) as f:
@@ -68,7 +72,7 @@ def hosts(mode, hostname, name, ip, network, add_hosts):
     else:
         text = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
         names = " ".join(dict.fromkeys([hostname, name]))
-        text += f"{ip}\t{names}\n" if ip else f"127.0.1.1\t{names}\n"
+        text += "".join(f"{ip}\t{names}\n" for ip in addrs) if addrs else f"127.0.1.1\t{names}\n"
         if network is not None:
             # The host as the container reaches it: its address on the bridge.
             text += f"{network['gateway']}\thost.containers.internal\n"
