@@ -168,7 +168,7 @@ def _web(ur, layers, name, *opts):
           "httpd", "-f", "-p", "80", "-h", "/www")
 
 
-# ---- by name, by alias, and not across networks ---------------------------------------------------
+# ---- by name, by alias, and not across networks --------------------------------------------------
 
 
 def test_containers_reach_each_other_by_name_and_alias_not_across_networks(layers, ur):
@@ -215,7 +215,7 @@ def test_containers_reach_each_other_by_name_and_alias_not_across_networks(layer
     assert json.loads(ur.ok("network", "inspect", "front"))[0]["containers"] == ["web"]
 
 
-# ---- the default bridge: the host side, the files ---------------------------------------------------
+# ---- the default bridge: the host side, the files ------------------------------------------------
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -274,7 +274,7 @@ def test_resolv_conf_leaves_out_loopback_servers(tmp_path, monkeypatch):
     assert files.resolv_conf("host", [], ()) == host.read_text()
 
 
-# ---- published ports ---------------------------------------------------------------------------------
+# ---- published ports -----------------------------------------------------------------------------
 
 
 UDP_ECHO = ("import socket,sys\n"
@@ -340,7 +340,7 @@ def _try(f, *a, **kw):
         return None
 
 
-# ---- -P and commit, from an image --------------------------------------------------------------------
+# ---- -P and commit, from an image ----------------------------------------------------------------
 
 
 def _oci_archive(path, layer, config):
@@ -398,7 +398,7 @@ def test_publish_all_exposed_ports_and_commit_leaves_the_files_out(layers, ur, t
     assert not os.path.exists(ur.root / "all/upper/etc/resolv.conf")
 
 
-# ---- bad input ---------------------------------------------------------------------------------------
+# ---- bad input -----------------------------------------------------------------------------------
 
 
 def test_bad_input_one_line_nothing_created(layers, ur):
@@ -447,7 +447,7 @@ def test_bad_input_one_line_nothing_created(layers, ur):
     assert sorted(os.listdir(ur.root)) == before
 
 
-# ---- nothing left behind, also after kill -9 -----------------------------------------------------------
+# ---- nothing left behind, also after kill -9 -----------------------------------------------------
 
 
 def test_kill_9_of_the_supervisor_then_rm_leaves_nothing(layers, ur):

@@ -1,5 +1,6 @@
-"""`unionrun network create|ls|inspect|rm|connect|disconnect` and `unionrun port`: argument parsing and printing;
-the work is store.py's. Errors are NetError, one line (unionrun prints it, exit 125)."""
+"""`unionrun network create|ls|inspect|rm|connect|disconnect` and `unionrun port`: argument
+parsing and printing; the work is store.py's and container.py's. Errors are NetError, one line
+(unionrun prints it, exit 125)."""
 
 from __future__ import annotations
 

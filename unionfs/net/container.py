@@ -276,10 +276,5 @@ def published(st):
     return _ports_of(st.get("net") or {})
 
 
-def network_of(st):
-    rec = st.get("net") or {}
-    return rec.get("mode"), rec.get("ip")
-
-
 __all__ = ["NetError", "check", "prepare", "attach", "release", "published", "connect",
            "disconnect"]

@@ -16,7 +16,6 @@ import stat
 from ..launcher import _libc as L
 from ..launcher import union
 
-TARGETS = ("/etc/hosts", "/etc/resolv.conf")
 HOST_RESOLV = "/etc/resolv.conf"
 HOST_HOSTS = "/etc/hosts"
 RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 0x04, 0x08
