@@ -24,7 +24,7 @@ import pytest
 
 import util
 
-from unionfs.net import engine, files, store
+from unionfs.net import NetError, engine, files, store
 
 BIN = os.path.dirname(sys.executable)
 BUSYBOX = "/bin/busybox"
@@ -272,6 +272,25 @@ def test_resolv_conf_leaves_out_loopback_servers(tmp_path, monkeypatch):
         "nameserver 10.214.9.1\nsearch example.org dns.podman\noptions edns0\n"
     assert files.resolv_conf("bridge", [user], ("192.0.2.9",)).startswith("nameserver 192.0.2.9\n")
     assert files.resolv_conf("host", [], ()) == host.read_text()
+
+
+def test_addresses_are_unique_and_a_removed_containers_is_reused(tmp_path):
+    root = str(tmp_path / "root")
+    net = store.create(root, "small", "10.214.251.0/29")    # .1 the gateway, .2-.6 for us
+    dirs = [tmp_path / f"c{i}" for i in range(6)]
+    for d in dirs:
+        d.mkdir()
+    got = [store.allocate(root, net, str(d)) for d in dirs[:5]]
+    assert [ip for ip, _ in got] == [f"10.214.251.{i}" for i in range(2, 7)]
+    with pytest.raises(NetError):
+        store.allocate(root, net, str(dirs[5]))
+    # A container removed without giving its address back (a crash in rm): reused.
+    dirs[2].rmdir()
+    assert store.allocate(root, net, str(dirs[5]))[0] == got[2][0]
+    assert store.containers_of(root, "small") == ["c0", "c1", "c3", "c4", "c5"]
+    store.free(got[0][1], str(dirs[0]))
+    store.free(got[1][1], "/not/its/owner")
+    assert store.containers_of(root, "small") == ["c1", "c3", "c4", "c5"]
 
 
 # ---- published ports -----------------------------------------------------------------------------

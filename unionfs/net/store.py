@@ -242,7 +242,7 @@ def containers_of(root, name):
         owner = _owner(os.path.join(d, n))
         if owner and os.path.isdir(owner):
             out.append(os.path.basename(owner))
-    return out
+    return sorted(out)
 
 
 def allocate(root, network, container_dir):
