@@ -428,6 +428,7 @@ def test_bad_input_one_line_nothing_created(layers, ur):
         (["run", "-p", "1.2.3:80:80", "--layers", layers, "--", "true"], ["1.2.3"]),
         (["run", "-p", "80/sctp", "--layers", layers, "--", "true"], ["-p"]),
         (["run", "-p", "70000:80", "--layers", layers, "--", "true"], ["70000"]),
+        (["run", "-p", "[::1]:8080:80", "--layers", layers, "--", "true"], ["IPv6"]),
         (["run", "--network", "host", "-p", "80", "--layers", layers, "--", "true"], ["host"]),
         (["run", "--network", "none", "-p", "53/udp", "--layers", layers, "--", "true"], ["udp"]),
         (["run", "--network-alias", "x", "--layers", layers, "--", "true"], ["alias"]),

@@ -43,6 +43,11 @@ def check(root, rs):
     if rs.net == "none" and any(p.proto == "udp" for p in rs.ports):
         raise NetError("-p .../udp needs a bridge network (--network none has loopback only)")
     if rs.net not in BUILTIN:
+        v6 = next((p for p in rs.ports if ":" in p.host_addr), None)
+        if v6:
+            # netavark would take it and forward nothing: our networks are IPv4 only.
+            raise NetError(f"-p [{v6.host_addr}]:...: an IPv6 host address needs an IPv6 "
+                           "network (ours are IPv4 only)")
         network = store.get(root, rs.net)
         if not engine.available():
             raise NetError(f"--network {rs.net}: netavark is not installed ({engine.NETAVARK})")
