@@ -260,6 +260,25 @@ def test_default_bridge_reaches_the_host_side_and_has_docker_files(layers, ur):
     assert not os.path.exists(os.path.join(layers, "etc/hosts"))
 
 
+def test_image_symlinks_cannot_send_the_files_to_the_host(layers, ur, tmp_path):
+    """A hostile image: /etc/hosts and /etc/resolv.conf are symlinks to host files (absolute,
+    and by ../). Resolved inside the container's root they lead nowhere: the host files stay
+    as they were, and the container runs without our files."""
+    decoy = tmp_path / "decoy"
+    decoy.write_text("host file\n")
+    top = tmp_path / "top"
+    (top / "etc").mkdir(parents=True)
+    os.symlink(str(decoy), top / "etc/hosts")
+    os.symlink("../../../../../../../../.." + str(decoy), top / "etc/resolv.conf")
+    r = ur("run", "--name", "evil", "--layers", f"{top}:{layers}", "--", "sh", "-c",
+           "cat /etc/hosts /etc/resolv.conf 2>&1; echo x > /etc/hosts; echo ran")
+    assert r.stdout.endswith("ran\n") and "host file" not in r.stdout, r.stdout + r.stderr
+    assert decoy.read_text() == "host file\n"
+    # The write through the link looked for the decoy's directory inside the root, not found.
+    assert not (ur.root / "evil/upper" / str(decoy).lstrip("/")).exists()
+    assert os.path.islink(top / "etc/hosts") and not (ur.root / "evil/upper/etc/hosts").exists()
+
+
 def test_resolv_conf_leaves_out_loopback_servers(tmp_path, monkeypatch):
     host = tmp_path / "resolv.conf"
     host.write_text("# managed\nnameserver 127.0.0.53\nnameserver 192.0.2.1\nnameserver ::1\n"
