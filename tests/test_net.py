@@ -486,6 +486,22 @@ def test_bad_input_one_line_nothing_created(layers, ur):
     assert sorted(os.listdir(ur.root)) == before
 
 
+def test_a_subnet_clash_between_two_roots_is_refused_at_start(layers, ur, tmp_path):
+    other = Runner(tmp_path / "other")
+    ur.ok("network", "create", "--subnet", "10.214.249.0/24", "n")
+    # While ur's network has no container, nothing on the host says the subnet is taken.
+    other.ok("network", "create", "--subnet", "10.214.249.0/24", "n")
+    try:
+        _web(ur, layers, "first", "--network", "n")
+        _one_line_error(other("run", "--name", "second", "--network", "n", "--layers", layers,
+                              "--", "true"), "10.214.249.0/24", "overlaps")
+        assert not (other.root / "second").exists()
+        assert store.containers_of(str(other.root), "n") == []
+        assert _mounts_under(other.root) == []
+    finally:
+        other("network", "rm", "n")
+
+
 # ---- nothing left behind, also after kill -9 -----------------------------------------------------
 
 

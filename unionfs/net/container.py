@@ -130,7 +130,13 @@ def attach(paths, st, pid, write):
     netns.pin(pid, rec["netns"])
     rec["attached"] = True
     write()
-    engine.setup(rec["config"], rec["netns"], _options(rec, st), rec["network"])
+    try:
+        engine.setup(rec["config"], rec["netns"], _options(rec, st), rec["network"])
+    except engine.SetupError as e:
+        if e.clean:
+            rec["attached"] = False
+            write()
+        raise
 
 
 def _options(rec, st):
@@ -190,10 +196,12 @@ def connect(root, name, net_name, aliases=()):
         state.write(paths, st)
         try:
             engine.setup(config, rec["netns"], _extra_options(rec, st, link), network)
-        except BaseException:
-            rec["extra"].remove(link)
-            store.free(ipam, paths.dir)
-            state.write(paths, st)
+        except engine.SetupError as e:
+            # Else it stays recorded: release tears down what is left.
+            if e.clean:
+                rec["extra"].remove(link)
+                store.free(ipam, paths.dir)
+                state.write(paths, st)
             raise
         _write_files(rec, name)
 
@@ -228,43 +236,40 @@ def _release_extra(paths, st, rec):
         with _locked(paths):
             disk = ((state.read(paths) or {}).get("net") or {}).get("extra")
             links = disk if disk is not None else rec.get("extra") or []
-            for link in reversed(list(links)):
+            for link in reversed(links):
                 if netns.is_pinned(rec["netns"]):
                     err = engine.teardown(link["config"], rec["netns"],
                                           _extra_options(rec, st, link))
                     if err:
                         problems.append(err)
-                        continue
                 store.free(link["ipam"], paths.dir)
-                links.remove(link)
-            rec["extra"] = links
+            rec["extra"] = []
     except FileNotFoundError:
         pass
     return problems
 
 
 def release(paths, st):
-    """Undo what prepare and attach did; idempotent. Problems as a list of phrases."""
+    """Undo what prepare and attach did; idempotent. Problems as a list of phrases.
+
+    A teardown that errs is reported (rm fails once, saying so), yet the namespace and the
+    address go anyway: netavark's teardown removes what it can even when it errs, and a kept
+    namespace would only make every later rm fail the same way."""
     rec = st.get("net")
     ports.release()
     if not rec:
         return []
-    problems = []
-    if rec.get("netns"):
-        problems += _release_extra(paths, st, rec)
-    if not problems and rec.get("attached") and rec.get("netns") and \
-            netns.is_pinned(rec["netns"]):
+    problems = _release_extra(paths, st, rec) if rec.get("netns") else []
+    if rec.get("attached") and rec.get("netns") and netns.is_pinned(rec["netns"]):
         err = engine.teardown(rec["config"], rec["netns"], _options(rec, st))
         if err:
-            # Kept pinned and recorded: the next rm tries again.
             problems.append(err)
-    if not problems:
-        rec["attached"] = False
-        try:
-            netns.unpin(rec.get("netns"))
-        except OSError as e:
-            problems.append(f"cannot unpin {rec['netns']}: {e.strerror}")
-        store.free(rec.get("ipam"), paths.dir)
+    rec["attached"] = False
+    try:
+        netns.unpin(rec.get("netns"))
+    except OSError as e:
+        problems.append(f"cannot unpin {rec['netns']}: {e.strerror}")
+    store.free(rec.get("ipam"), paths.dir)
     try:
         files.remove_dir(rec.get("files"))
     except OSError as e:

@@ -100,18 +100,30 @@ def _repair_isolation():
         subprocess.run(["iptables", "-w", "-I", jump[0], "1", *jump[1:]], capture_output=True)
 
 
+class SetupError(NetError):
+    """netavark setup failed; ``clean``: nothing of it is left (no teardown needed)."""
+
+    def __init__(self, message, clean):
+        super().__init__(message)
+        self.clean = clean
+
+
 def setup(config, netns, opts, network):
-    """Configure the container; NetError after undoing whatever netavark did half-way."""
+    """Configure the container; SetupError after undoing whatever netavark did half-way."""
     with store.host_lock():
-        _check_host(network)
+        try:
+            _check_host(network)
+        except NetError as e:
+            raise SetupError(str(e), True) from None
         err = _run("setup", config, netns, opts)
+        left = None
         if err:
             # netavark stops at the first failure and leaves what it made; teardown is
             # idempotent and removes it.
-            _run("teardown", config, netns, opts)
+            left = _run("teardown", config, netns, opts)
         _repair_isolation()
     if err:
-        raise NetError(err)
+        raise SetupError(err, left is None)
 
 
 def teardown(config, netns, opts):
