@@ -39,6 +39,17 @@ def main(argv=None):
     p.add_argument("name")
     p.add_argument("file")
     args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        # A user's images: in a store under $XDG_DATA_HOME, written as root of the user's own
+        # namespace, so that the owners in the layers are kept (as subordinate ids).
+        from ..launcher import rootless
+        if args.store is None and not os.environ.get("UNIONFS_STORE"):
+            args.store = rootless.default_store()
+        try:
+            rootless.enter(need_fuse=False)
+        except rootless.RootlessError as e:
+            print(f"unionfs: rootless: {e}", file=sys.stderr)
+            return 1
     try:
         st = store.open_store(args.store)
         t0 = time.monotonic()

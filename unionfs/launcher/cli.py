@@ -12,7 +12,7 @@ import secrets
 import sys
 import time
 
-from . import enter, lifecycle, run, seccomp, spec, state
+from . import enter, lifecycle, rootless, run, seccomp, spec, state
 from ..net import NetError
 from ..net import cli as _net_cli
 from ..net import container as _net
@@ -62,9 +62,10 @@ def _parser():
                         "when HOSTPORT is left out")
     p.add_argument("-P", "--publish-all", action="store_true",
                    help="publish every port the image EXPOSEs, on random host ports")
-    p.add_argument("--network", "--net", dest="net", default="bridge", metavar="NAME",
-                   help="bridge (default: the host's default bridge, NAT), a network of "
-                        "`unionrun network create`, host (the host's), none (loopback only)")
+    p.add_argument("--network", "--net", dest="net", metavar="NAME",
+                   help="bridge (default: the host's default bridge, NAT; without root: none), "
+                        "a network of `unionrun network create`, host (the host's), none "
+                        "(loopback only)")
     p.add_argument("--network-alias", action="append", default=[], metavar="ALIAS",
                    help="another name the container has in its network's DNS")
     p.add_argument("--dns", action="append", default=[], metavar="IP",
@@ -171,7 +172,7 @@ def _build_spec(args):
         user=spec.parse_user(args.user or config.get("user") or None),
         volumes=tuple(spec.parse_volume(v) for v in args.volume),
         ports=_ports(args, config), limits=limits,
-        caps=spec.parse_caps(args.cap_add, args.cap_drop), net=args.net,
+        caps=spec.parse_caps(args.cap_add, args.cap_drop), net=args.net or "bridge",
         dns=tuple(spec.parse_dns(d) for d in args.dns),
         add_hosts=tuple(spec.parse_add_host(h) for h in args.add_host),
         aliases=tuple(_alias(a) for a in args.network_alias),
@@ -341,19 +342,32 @@ def _cmd_port(args, root):
     return _net_cli.cmd_port(st)
 
 
+def _rootless(args):
+    """Run by a user: state and images under $XDG_DATA_HOME, refuse what needs root, then
+    become root of the user's own user namespace (see rootless.py)."""
+    if args.root is None and not os.environ.get("UNIONRUN_ROOT"):
+        args.root = rootless.default_root()
+    if args.store is None and not os.environ.get("UNIONFS_STORE"):
+        args.store = rootless.default_store()
+    if args.cmd == "run":
+        rootless.refuse_what_needs_root(args)
+    rootless.enter()
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
+    if os.geteuid() != 0:
+        try:
+            # Networks need the host's root: a user's container gets --network none.
+            _net_cli.rootless(args, rootless.RootlessError)
+            _rootless(args)
+        except rootless.RootlessError as e:
+            sys.stderr.write(f"{PROG}: rootless: {e}\n")
+            return FAILED
     root = _root(args)
     handler = {"run": _cmd_run, "exec": _cmd_exec, "ps": _cmd_ps, "stop": _cmd_stop,
                "rm": _cmd_rm, "logs": _cmd_logs, "commit": _cmd_commit,
                "network": _cmd_network, "port": _cmd_port}[args.cmd]
-    if os.geteuid() != 0 and args.cmd in ("run", "exec", "stop", "rm", "network"):
-        # Rootless would need /dev/fuse open to us; --userns is the unprivileged container root.
-        fuse = "/dev/fuse is not usable by you" if not os.access("/dev/fuse", os.R_OK | os.W_OK) \
-            else "cgroups and the state under /run need root"
-        sys.stderr.write(f"{PROG}: must run as root ({fuse}); run as root with --userns to give "
-                         "the container an unprivileged root\n")
-        return FAILED
     try:
         return handler(args, root)
     except run.CommandFailed as e:

@@ -34,6 +34,19 @@ def add_parsers(sub):
     p.add_argument("name")
 
 
+def rootless(args, error):
+    """Run by a user (rootless unionrun): bridges, addresses and firewall rules are the host's
+    root's; the container gets a network namespace with loopback only, or the host's."""
+    if args.cmd == "network":
+        raise error("networks need root (bridges and firewall rules are the host's)")
+    if args.cmd == "run":
+        if args.net is None:
+            args.net = "none"
+        elif args.net not in ("none", "host"):
+            raise error(f"--network {args.net} needs root (bridges and firewall rules are the "
+                        "host's): use --network none or host")
+
+
 def cmd_network(args, root, err):
     if args.net_cmd == "create":
         n = store.create(root, args.name, args.subnet, args.internal)
