@@ -486,6 +486,18 @@ def test_bad_input_one_line_nothing_created(layers, ur):
     assert sorted(os.listdir(ur.root)) == before
 
 
+def test_without_root_networks_are_refused_in_one_line(layers, tmp_path):
+    os.chmod(tmp_path, 0o755)
+    user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", f"{BIN}/unionrun",
+            "--root", str(tmp_path / "run")]
+    for args in (["run", "--network", "bridge", "--layers", layers, "--", "true"],
+                 ["run", "--network", "mynet", "--layers", layers, "--", "true"],
+                 ["network", "create", "mynet"], ["network", "ls"]):
+        r = subprocess.run(user + args, capture_output=True, text=True, timeout=60)
+        _one_line_error(r, "root")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_subnet_clash_between_two_roots_is_refused_at_start(layers, ur, tmp_path):
     other = Runner(tmp_path / "other")
     ur.ok("network", "create", "--subnet", "10.214.249.0/24", "n")
