@@ -144,7 +144,10 @@ def parse(argv):
             raise UsageError(f"expected LOWERS [UPPER] MOUNTPOINT (see {PROG} --help)")
     if upper is None and workdir is not None:
         raise UsageError("workdir= needs an upper layer")
-    if kw.get("readonly"):
+    if kw.get("readonly") and upper is not None:
+        # As overlayfs's ro: the upper's contents stay visible, as the topmost read-only layer
+        # (containerd adds ro to an active snapshot's mount to diff it); nothing is written.
+        lowers = (upper, *lowers)
         upper = None
         workdir = None
     return MountOptions(lowers=lowers, upper=upper, mountpoint=mountpoint, workdir=workdir,
