@@ -41,7 +41,8 @@ class Image:
 def _config_of(oci_config):
     c = oci_config.get("config") or oci_config.get("Config") or {}
     return {"entrypoint": c.get("Entrypoint"), "cmd": c.get("Cmd"), "env": c.get("Env") or [],
-            "workdir": c.get("WorkingDir") or "", "user": c.get("User") or ""}
+            "workdir": c.get("WorkingDir") or "", "user": c.get("User") or "",
+            "exposed_ports": sorted(c.get("ExposedPorts") or {})}
 
 
 def in_use(store, image):
