@@ -47,7 +47,14 @@ def initial_state(spec, image=None, store=None):
             "merged": None, "daemon": None, "init": None, "supervisor": None,
             "forwarder": None, "cgroups": [],
             # What `exec` gives its command too.
-            "seccomp": spec.seccomp, "no_new_privs": spec.no_new_privs}
+            "seccomp": spec.seccomp, "no_new_privs": spec.no_new_privs,
+            # For inspect.
+            "volumes": [{"source": v.source, "target": v.target, "readonly": v.readonly}
+                        for v in spec.volumes],
+            "net": spec.net, "readonly": spec.readonly, "tty": spec.tty,
+            "interactive": spec.interactive,
+            "limits": {"memory": spec.limits.memory, "cpus": spec.limits.cpus,
+                       "pids": spec.limits.pids}}
 
 
 class _Started:

@@ -191,11 +191,14 @@ def parse_user(value):
 
 
 USERNS_DEFAULT = (100000, 65536)
+# What may follow a bare --userns as its value (anything else is the next argument).
+USERNS_VALUE_RE = re.compile(r"auto|host|\d+:\d+")
 
 
 def parse_userns(value):
-    """--userns: "auto" (root's range in /etc/subuid, else 100000:65536) or HOSTID:COUNT."""
-    if value is None:
+    """--userns: "auto" (root's range in /etc/subuid, else 100000:65536), HOSTID:COUNT, or
+    "host" (docker's: none, as without the option)."""
+    if value is None or value == "host":
         return None
     if value == "auto":
         try:
@@ -209,7 +212,8 @@ def parse_userns(value):
         return USERNS_DEFAULT
     m = re.fullmatch(r"(\d+):(\d+)", value)
     if not m or int(m.group(1)) == 0 or int(m.group(2)) < 1:
-        raise SpecError(f"--userns {value!r}: expected HOSTID:COUNT (HOSTID above 0) or nothing")
+        raise SpecError(f"--userns {value!r}: expected auto, host or HOSTID:COUNT "
+                        "(HOSTID above 0)")
     base, count = int(m.group(1)), int(m.group(2))
     if base + count > 1 << 32:
         raise SpecError(f"--userns {value!r}: the range goes past the last id")
