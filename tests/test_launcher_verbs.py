@@ -38,7 +38,14 @@ def layers(tmp_path_factory):
     (base / "etc/gone").write_text("deleted in the container\n")
     (top / "etc").mkdir(parents=True)
     (top / "etc/motd").write_text("top motd\n")
-    return {"layers": f"{top}:{base}", "base": base, "dir": d}
+    # A hostile image: symlinks to a host directory, absolute and relative.
+    host = d / "hostdir"
+    host.mkdir()
+    (host / "keep").write_text("host file\n")
+    os.symlink(str(host), top / "escape")
+    os.symlink("../" * 20 + str(host).lstrip("/"), top / "etc/up")
+    os.symlink(str(host / "keep"), top / "etc/hostfile")
+    return {"layers": f"{top}:{base}", "base": base, "dir": d, "host": host}
 
 
 def _blob(data):
@@ -236,3 +243,64 @@ def test_inspect_diff_top_rename(ur, layers, tmp_path):
     assert "A /etc/new" in ur("diff", "vb-d").stdout
     r = ur("inspect", "vb-d", "vb-nope")
     assert r.returncode == 125 and len(json.loads(r.stdout)) == 1
+
+
+# ---- cp -----------------------------------------------------------------------------------------
+
+def _host_unchanged(host):
+    return sorted(os.listdir(host)) == ["keep"] and (host / "keep").read_text() == "host file\n"
+
+
+@root_only
+def test_cp_both_ways_running_and_stopped(ur, layers, tmp_path):
+    host = layers["host"]
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub/f").write_text("from the host\n")
+    os.chmod(src / "sub/f", 0o640)
+    os.symlink("f", src / "sub/l")
+    r = ur("run", "-d", "--name", "vb-cp", "--layers", layers["layers"], "--", "sleep", "60")
+    assert r.returncode == 0, r.stderr
+    # Into the running container, through its mount: the command inside sees it at once.
+    assert ur("cp", str(src / "sub"), "vb-cp:/tmp").returncode == 0
+    assert ur("cp", str(src / "sub/f"), "vb-cp:/root/renamed").returncode == 0
+    r = ur("exec", "vb-cp", "sh", "-c", "cat /tmp/sub/f /root/renamed; readlink /tmp/sub/l;"
+           " stat -c '%a %u %g' /tmp/sub/f")
+    assert r.stdout == "from the host\nfrom the host\nf\n640 0 0\n", r.stderr
+    # Out of it: a file, and a directory whose symlinks stay symlinks.
+    out = tmp_path / "out"
+    out.mkdir()
+    assert ur("cp", "vb-cp:/etc/motd", str(out / "motd")).returncode == 0
+    assert (out / "motd").read_text() == "top motd\n"
+    assert ur("cp", "vb-cp:/etc", str(out)).returncode == 0
+    assert (out / "etc/passwd").read_text().startswith("root:")
+    assert os.readlink(out / "etc/hostfile") == str(host / "keep")
+    # ATTACK: the image's symlinks to host paths, as source and as destination, resolve inside
+    # the container's root: nothing of the host is read or written.
+    for args in (["vb-cp:/escape/keep", str(out / "stolen")],
+                 ["vb-cp:/etc/up/keep", str(out / "stolen")],
+                 ["vb-cp:/etc/hostfile", str(out / "stolen2")],
+                 [str(src / "sub/f"), "vb-cp:/escape/planted"],
+                 [str(src / "sub/f"), "vb-cp:/etc/up/planted"]):
+        r = ur("cp", *args)
+        assert r.returncode in (0, 125) and "Traceback" not in r.stderr, (args, r.stderr)
+        assert _host_unchanged(host), args
+    assert not (out / "stolen").exists()
+    assert os.readlink(out / "stolen2") == str(host / "keep")
+    # Onto the symlink itself: replaced in the container, the host's file untouched.
+    assert ur("cp", str(src / "sub/f"), "vb-cp:/etc/hostfile").returncode == 0
+    assert ur("exec", "vb-cp", "cat", "/etc/hostfile").stdout == "from the host\n"
+    assert _host_unchanged(host)
+    # Stopped: its union is mounted for the copy only.
+    assert ur("stop", "-t", "0", "vb-cp").returncode == 0
+    assert ur("cp", str(src / "sub/f"), "vb-cp:/root/later").returncode == 0
+    assert ur("cp", "vb-cp:/root/later", str(out / "later")).returncode == 0
+    assert (out / "later").read_text() == "from the host\n"
+    assert "A /root/later" in ur("diff", "vb-cp").stdout
+    assert (ur.root / "vb-cp/upper/root/later").read_text() == "from the host\n"
+    with open("/proc/mounts") as f:
+        assert str(ur.root) not in f.read()
+    for args in (["vb-cp:/nope", str(out / "x")], [str(src / "nope"), "vb-cp:/tmp"],
+                 ["nope:/etc", str(out)], [str(src), str(out)], ["vb-cp:/a", "vb-cp:/b"]):
+        assert _one_line_125(ur("cp", *args)), args
+    assert _host_unchanged(host)

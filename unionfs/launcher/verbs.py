@@ -1,5 +1,5 @@
 """docker's everyday verbs on containers, beside run/exec/stop/rm: ps and logs with docker's
-options, kill, wait, rename, inspect, diff, top; each a parser block and a handler that cli.py
+options, kill, wait, rename, inspect, diff, top, cp (its copying in cp.py); each a parser block and a handler that cli.py
 dispatches to. They work from state.json, as lifecycle.py does.
 """
 
@@ -78,6 +78,10 @@ def add_parsers(sub):
 
     p = sub.add_parser("diff", help="what a container changed: A added, C changed, D deleted")
     p.add_argument("name", help="the container")
+
+    p = sub.add_parser("cp", help="copy files between a container (running or not) and the host")
+    p.add_argument("src", metavar="SRC", help="NAME:PATH or a host path")
+    p.add_argument("dst", metavar="DST", help="a host path or NAME:PATH")
 
     p = sub.add_parser("top", help="the processes of a running container (host ps -f)")
     p.add_argument("name", help="the container")
@@ -462,6 +466,17 @@ def cmd_diff(args, root):
     return 0
 
 
+# ---- cp ------------------------------------------------------------------------------------------
+
+def cmd_cp(args, root):
+    from . import cp
+    try:
+        cp.cp(root, args.src, args.dst)
+    except cp.CopyError as e:
+        raise VerbError(str(e)) from None
+    return 0
+
+
 # ---- top -----------------------------------------------------------------------------------------
 
 def _pid_ns(pid):
@@ -489,4 +504,4 @@ def cmd_top(args, root):
 
 
 HANDLERS = {"ps": cmd_ps, "logs": cmd_logs, "kill": cmd_kill, "wait": cmd_wait,
-            "rename": cmd_rename, "inspect": cmd_inspect, "diff": cmd_diff, "top": cmd_top}
+            "rename": cmd_rename, "inspect": cmd_inspect, "diff": cmd_diff, "top": cmd_top, "cp": cmd_cp}
