@@ -304,3 +304,60 @@ def test_cp_both_ways_running_and_stopped(ur, layers, tmp_path):
                  ["nope:/etc", str(out)], [str(src), str(out)], ["vb-cp:/a", "vb-cp:/b"]):
         assert _one_line_125(ur("cp", *args)), args
     assert _host_unchanged(host)
+
+
+# ---- start, restart, run --restart --------------------------------------------------------------
+
+def _wait_for(pred, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@root_only
+def test_start_restart_and_restart_policies(ur, layers):
+    lay = layers["layers"]
+    # The container counts its runs in its upper: start runs it again on the same upper.
+    count = "echo run >> /root/runs; wc -l < /root/runs"
+    r = ur("run", "--name", "vb-s", "-e", "K=v", "--layers", lay, "--", "sh", "-c",
+           count + '; echo "K=$K"; exit 4')
+    assert (r.returncode, r.stdout) == (4, "1\nK=v\n"), r.stderr
+    assert ur("start", "vb-s").stdout == "vb-s\n"
+    assert ur("wait", "vb-s").stdout == "4\n"
+    assert ur("logs", "vb-s").stdout == "2\nK=v\n"
+    r = ur("restart", "vb-s")
+    assert r.returncode == 0, r.stderr
+    assert ur("wait", "vb-s").stdout == "4\n"
+    assert ur("logs", "vb-s").stdout == "2\nK=v\n3\nK=v\n"
+    assert _one_line_125(ur("start", "vb-nope"))
+    # A long-running one: restart stops it and starts it again.
+    assert ur("run", "-d", "--name", "vb-l", "--layers", lay, "--", "sh", "-c",
+              count + "; exec sleep 60").returncode == 0
+    assert _wait_for(lambda: ur("logs", "vb-l").stdout == "1\n")
+    assert ur("restart", "-t", "0", "vb-l").returncode == 0
+    assert _wait_for(lambda: ur("logs", "vb-l").stdout == "1\n2\n")
+    assert ur("ps", "-q").stdout == "vb-l\n"
+    assert ur("stop", "-t", "0", "vb-l").returncode == 0
+    # --restart on-failure:2: three runs in all, the exit code of the last.
+    r = ur("run", "--name", "vb-f", "--restart", "on-failure:2", "--layers", lay, "--", "sh",
+           "-c", count + "; exit 5")
+    assert (r.returncode, r.stdout) == (5, "1\n2\n3\n"), r.stderr
+    r = ur("run", "--name", "vb-ok", "--restart", "on-failure", "--layers", lay, "--", "sh",
+           "-c", count)
+    assert (r.returncode, r.stdout) == (0, "1\n"), r.stderr
+    # --restart always, detached: it keeps coming back until stop.
+    assert ur("run", "-d", "--name", "vb-al", "--restart", "always", "--layers", lay, "--",
+              "sh", "-c", count + "; sleep 0.2").returncode == 0
+    assert _wait_for(lambda: ur("logs", "vb-al").stdout.count("\n") >= 3)
+    assert ur("stop", "-t", "0", "vb-al").returncode == 0
+    runs = ur("logs", "vb-al").stdout.count("\n")
+    time.sleep(1)
+    assert ur("logs", "vb-al").stdout.count("\n") == runs
+    assert ur("ps", "-q").stdout == ""
+    for bad in (["--restart", "sometimes"], ["--restart", "on-failure:x"],
+                ["--restart", "always", "--rm"]):
+        r = ur("run", *bad, "--layers", lay, "--", "true")
+        assert _one_line_125(r), bad

@@ -85,6 +85,9 @@ def _parser():
                         "'' none")
     p.add_argument("--env-file", action="append", default=[], metavar="FILE",
                    help="NAME=VALUE lines (NAME alone: our value; # comments) before the -e ones")
+    p.add_argument("--restart", metavar="POLICY",
+                   help="no (default), on-failure[:N] (at most N times), always: the supervisor "
+                        "starts the command again when it ends, until `stop`")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="-- CMD | IMAGE [CMD]",
                    help="the command after --layers, or the image and its command")
 
@@ -185,7 +188,15 @@ def _build_spec(args):
         caps=spec.parse_caps(args.cap_add, args.cap_drop), net=args.net,
         readonly=args.read_only, userns=spec.parse_userns(args.userns), tty=args.tty,
         interactive=args.interactive, detach=args.detach, remove=args.rm,
+        restart=_restart(args),
         **_security(args)), image, store
+
+
+def _restart(args):
+    policy = spec.parse_restart(args.restart)
+    if policy != "no" and args.rm:
+        raise spec.SpecError("--restart and --rm exclude each other (as in docker)")
+    return policy
 
 
 def _security(args):

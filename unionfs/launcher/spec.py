@@ -5,6 +5,7 @@ Every parse_* function raises SpecError with one line that names the option and 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import stat
@@ -72,6 +73,7 @@ class RunSpec:
     # docker's own; None: unconfined), and no_new_privs for the command.
     seccomp: dict | None = field(default_factory=lambda: _seccomp.load_profile(None))
     no_new_privs: bool = False
+    restart: str = "no"             # --restart: no, on-failure[:N], always, unless-stopped
 
 
 def parse_name(name):
@@ -262,3 +264,33 @@ def parse_security_opts(values, caps=_caps.DEFAULT, userns=None):
                             "seccomp=PROFILE.json or no-new-privileges (no LSM here for "
                             "apparmor= or label=)")
     return profile, nnp
+
+
+def parse_restart(value):
+    """--restart, docker's policies: no, on-failure[:N], always, unless-stopped (as always
+    here: nothing restarts containers at boot)."""
+    if value is None:
+        return "no"
+    if value in ("no", "always", "unless-stopped", "on-failure") or \
+            re.fullmatch(r"on-failure:[1-9]\d{0,5}", value):
+        return value
+    raise SpecError(f"--restart {value!r}: expected no, on-failure[:N], always or unless-stopped")
+
+
+def spec_from_record(record):
+    """The RunSpec of state.json's "spec" (dataclasses.asdict of it), for start."""
+    names = {f.name for f in dataclasses.fields(RunSpec)}
+    kw = {}
+    for key, value in record.items():
+        if key not in names:
+            continue
+        if key == "volumes":
+            value = tuple(Volume(**v) for v in value)
+        elif key == "ports":
+            value = tuple(Port(**p) for p in value)
+        elif key == "limits":
+            value = Limits(**value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kw[key] = value
+    return RunSpec(**kw)

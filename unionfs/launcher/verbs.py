@@ -1,11 +1,12 @@
 """docker's everyday verbs on containers, beside run/exec/stop/rm: ps and logs with docker's
-options, kill, wait, rename, inspect, diff, top, cp (its copying in cp.py); each a parser block and a handler that cli.py
+options, start, restart, kill, wait, rename, inspect, diff, top, cp (its copying in cp.py); each a parser block and a handler that cli.py
 dispatches to. They work from state.json, as lifecycle.py does.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -61,6 +62,14 @@ def add_parsers(sub):
     p = sub.add_parser("kill", help="send a signal (default KILL) to a running container")
     p.add_argument("-s", "--signal", default="KILL", metavar="SIG",
                    help="the signal, by name (KILL, SIGTERM, HUP) or number")
+    p.add_argument("names", nargs="+", metavar="NAME", help="the containers")
+
+    p = sub.add_parser("start", help="start stopped containers again, detached, on their upper")
+    p.add_argument("names", nargs="+", metavar="NAME", help="the containers")
+
+    p = sub.add_parser("restart", help="stop containers (if running), then start them")
+    p.add_argument("-t", "--time", type=float, default=10.0, metavar="SECONDS",
+                   help="how long to wait after SIGTERM (default 10)")
     p.add_argument("names", nargs="+", metavar="NAME", help="the containers")
 
     p = sub.add_parser("wait", help="wait for containers to end; print their exit codes")
@@ -274,9 +283,39 @@ def cmd_kill(args, root):
         if lifecycle.status(st) != "running" or not state.alive(st["init"]):
             raise VerbError(f"container {name} is not running")
         # To the init (tini), which passes the signal on to the command; KILL ends the
-        # namespace's pid 1 and so everything in it.
+        # namespace's pid 1 and so everything in it. Not restarted, as after docker's kill.
+        lifecycle.mark_stopped(state.Paths(root, name))
         state.kill(st["init"], sig)
     return each(args.names, kill)
+
+
+def start(root, name):
+    """Run a stopped container's recorded command again, detached, on its kept upper."""
+    from . import run, spec
+    paths, st = lifecycle.load(root, name)
+    if lifecycle.is_running(st):
+        return None     # docker's start of a running container: nothing to do
+    if "spec" not in st:
+        raise VerbError(f"container {name} was made by an older unionrun: cannot start it")
+    rs = spec.spec_from_record(st["spec"])
+    rs = dataclasses.replace(rs, detach=True, interactive=False)
+    image, store = st.get("image"), st.get("store")
+    try:
+        run.run_detached(rs, root, image, store, again=True)
+    except run.RunError as e:
+        raise VerbError(str(e)) from None
+    return None
+
+
+def cmd_start(args, root):
+    return each(args.names, lambda name: start(root, name))
+
+
+def cmd_restart(args, root):
+    def restart(name):
+        lifecycle.stop(root, name, args.time)
+        return start(root, name)
+    return each(args.names, restart)
 
 
 def cmd_wait(args, root):
@@ -503,5 +542,5 @@ def cmd_top(args, root):
     return 0
 
 
-HANDLERS = {"ps": cmd_ps, "logs": cmd_logs, "kill": cmd_kill, "wait": cmd_wait,
+HANDLERS = {"start": cmd_start, "restart": cmd_restart, "ps": cmd_ps, "logs": cmd_logs, "kill": cmd_kill, "wait": cmd_wait,
             "rename": cmd_rename, "inspect": cmd_inspect, "diff": cmd_diff, "top": cmd_top, "cp": cmd_cp}
