@@ -125,7 +125,7 @@ def _row(root, name, st):
     pid = st["init"][0] if st.get("init") and status == "running" else 0
     return {"ID": name, "Names": name, "Image": st.get("image") or ":".join(st["lowers"]),
             "Command": " ".join(st["argv"]), "Status": status, "State": status.split()[0],
-            "CreatedAt": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(st["created"])),
+            "CreatedAt": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["created"])),
             "Ports": ", ".join(st.get("ports") or []), "Pid": str(pid),
             "Upper": st.get("upper") or os.path.join(root, name, "upper"),
             "_created": st["created"], "_code": st.get("exit_code")}
