@@ -1,11 +1,12 @@
 """docker's everyday verbs in unionrun (issue 16): --version and help everywhere, run --userns
 IMAGE, --entrypoint, --env-file, ps -q/--format/--filter, logs --tail, kill, wait, inspect,
-diff, top, rename; on real containers of busybox layers."""
+diff, top, port, rename, cp, start, restart, --restart; on real containers of busybox layers."""
 
 import hashlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -205,7 +206,11 @@ def test_ps_logs_kill_wait(ur, layers):
 def test_inspect_diff_top_rename(ur, layers, tmp_path):
     vol = tmp_path / "vol"
     vol.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     r = ur("run", "-d", "--name", "vb-c", "-e", "X=1", "-w", "/tmp", "-v", f"{vol}:/data:ro",
+           "-p", f"{port}:80",
            "--layers", layers["layers"], "--", "sh", "-c",
            "echo new > /etc/new; echo more >> /etc/motd; rm /etc/gone; mkdir -p /root/d/e;"
            " touch /ready; exec sleep 60")
@@ -223,6 +228,12 @@ def test_inspect_diff_top_rename(ur, layers, tmp_path):
                               "Mode": "ro", "RW": False, "Propagation": "rprivate"}]
     assert obj["GraphDriver"]["Data"]["UpperDir"] == str(ur.root / "vb-c/upper")
     pid = obj["State"]["Pid"]
+    assert obj["NetworkSettings"]["Ports"] == {"80/tcp": [{"HostIp": "127.0.0.1",
+                                                          "HostPort": str(port)}]}
+    assert ur("port", "vb-c").stdout == f"80/tcp -> 127.0.0.1:{port}\n"
+    assert ur("port", "vb-c", "80").stdout == f"127.0.0.1:{port}\n"
+    assert _one_line_125(ur("port", "vb-c", "81/tcp"))
+    assert _one_line_125(ur("port", "vb-c", "80/udp"))
     assert ur("inspect", "-f", "{{.State.Pid}} {{.State.Running}}", "vb-c").stdout == \
         f"{pid} true\n"
     r = ur("top", "vb-c")
@@ -233,7 +244,7 @@ def test_inspect_diff_top_rename(ur, layers, tmp_path):
                                          "A /ready\nC /root\nA /root/d\nA /root/d/e\n")
     r = ur("rename", "vb-c", "vb-d")
     assert _one_line_125(r) and "running" in r.stderr
-    assert ur("stop", "-t", "0", "vb-c").returncode == 0
+    assert ur("stop", "-t", "10", "vb-c").returncode == 0
     assert _one_line_125(ur("rename", "vb-c", "bad/name"))
     assert ur("rename", "vb-c", "vb-d").returncode == 0
     assert ur("ps", "-aq").stdout == "vb-d\n"

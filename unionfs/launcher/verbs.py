@@ -1,5 +1,5 @@
 """docker's everyday verbs on containers, beside run/exec/stop/rm: ps and logs with docker's
-options, start, restart, kill, wait, rename, inspect, diff, top, cp (its copying in cp.py); each a parser block and a handler that cli.py
+options, start, restart, kill, wait, rename, inspect, diff, top, port, cp (its copying in cp.py); each a parser block and a handler that cli.py
 dispatches to. They work from state.json, as lifecycle.py does.
 """
 
@@ -87,6 +87,10 @@ def add_parsers(sub):
 
     p = sub.add_parser("diff", help="what a container changed: A added, C changed, D deleted")
     p.add_argument("name", help="the container")
+
+    p = sub.add_parser("port", help="a container's published ports")
+    p.add_argument("name", help="the container")
+    p.add_argument("private", nargs="?", metavar="PORT[/tcp]", help="only this container port")
 
     p = sub.add_parser("cp", help="copy files between a container (running or not) and the host")
     p.add_argument("src", metavar="SRC", help="NAME:PATH or a host path")
@@ -505,6 +509,31 @@ def cmd_diff(args, root):
     return 0
 
 
+# ---- port ----------------------------------------------------------------------------------------
+
+def cmd_port(args, root):
+    _, st = lifecycle.load(root, args.name)
+    want = None
+    if args.private is not None:
+        m = re.fullmatch(r"(\d+)(/tcp)?", args.private)
+        if not m:
+            raise VerbError(f"port {args.private!r}: expected PORT or PORT/tcp (only TCP here)")
+        want = int(m.group(1))
+    found = False
+    for p in st.get("ports") or []:
+        addr, hport, cport = p.rsplit(":", 2)
+        if want is None:
+            print(f"{cport}/tcp -> {addr}:{hport}")
+        elif int(cport) == want:
+            print(f"{addr}:{hport}")
+        else:
+            continue
+        found = True
+    if want is not None and not found:
+        raise VerbError(f"container {args.name}: no public port for {want}/tcp")
+    return 0
+
+
 # ---- cp ------------------------------------------------------------------------------------------
 
 def cmd_cp(args, root):
@@ -543,4 +572,5 @@ def cmd_top(args, root):
 
 
 HANDLERS = {"start": cmd_start, "restart": cmd_restart, "ps": cmd_ps, "logs": cmd_logs, "kill": cmd_kill, "wait": cmd_wait,
-            "rename": cmd_rename, "inspect": cmd_inspect, "diff": cmd_diff, "top": cmd_top, "cp": cmd_cp}
+            "rename": cmd_rename, "inspect": cmd_inspect, "diff": cmd_diff, "top": cmd_top, "cp": cmd_cp,
+            "port": cmd_port}
