@@ -6,11 +6,11 @@ Processes are recorded as (pid, start time) so that a recycled pid is never mist
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import shutil
 import time
+
+from .. import rmtree
 
 # Persistent, as the containers' upper layers are kept until rm (after a reboot, too).
 DEFAULT_ROOT = "/var/lib/unionrun"
@@ -113,10 +113,6 @@ def wait_gone(ident, timeout):
 
 
 def remove_tree(path):
-    """rm -r that does not follow symlinks and copes with whiteout devices and odd modes."""
-    def onerror(func, p, exc):
-        if isinstance(exc[1], OSError) and exc[1].errno == errno.ENOENT:
-            return
-        raise exc[1]
-    if os.path.lexists(path):
-        shutil.rmtree(path, onerror=onerror)
+    """rm -r that does not follow symlinks, copes with whiteout devices and odd modes, and survives any
+    depth a container gave its upper (iterative: shutil.rmtree recurses)."""
+    rmtree.remove_tree(path)
