@@ -6,10 +6,12 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 
 import pytest
@@ -372,3 +374,52 @@ def test_start_restart_and_restart_policies(ur, layers):
                 ["--restart", "always", "--rm"]):
         r = ur("run", *bad, "--layers", lay, "--", "true")
         assert _one_line_125(r), bad
+
+
+# ---- against podman -----------------------------------------------------------------------------
+
+@root_only
+@pytest.mark.skipif(not shutil.which("podman"), reason="podman is not installed")
+def test_diff_wait_inspect_as_podman(ur, layers, tmp_path):
+    """The same image and command under podman (vfs, a store of its own) and unionrun: the same
+    diff, exit code from wait, and State/Config fields of inspect."""
+    runroot = tempfile.mkdtemp(prefix="pmv", dir="/tmp")
+    pm = [shutil.which("podman"), "--root", str(tmp_path / "pm"), "--runroot", runroot,
+          "--runtime", "runc", "--cgroup-manager=cgroupfs", "--events-backend=none",
+          "--storage-driver", "vfs"]
+    try:
+        tar = tmp_path / "base.tar"
+        subprocess.run(["tar", "-C", str(layers["base"]), "--numeric-owner", "-cf", str(tar), "."],
+                       check=True)
+        subprocess.run(pm + ["import", str(tar), "localhost/busybox:1"], check=True,
+                       capture_output=True)
+        script = ("echo new > /etc/new; echo more >> /etc/motd; rm /etc/gone; mkdir -p /root/d/e;"
+                  " ln -s /etc/new /root/l; exit 3")
+        results = {}
+        for who, run, image in ((pm, ["--net=none", "--ulimit", "nproc=1000:1000", "--ulimit",
+                                      "nofile=1000:1000"], "localhost/busybox:1"),
+                                ([f"{BIN}/unionrun", "--root", str(ur.root), "--store",
+                                  str(ur.store)], [], "busybox:1")):
+            r = subprocess.run(who + ["run", *run, "--name", "vb-pm", "-e", "A=b", "-w", "/root",
+                                      image, "sh", "-c", script], capture_output=True, text=True,
+                               timeout=120)
+            assert r.returncode == 3, r.stderr
+            out = {}
+            for verb in (["diff"], ["wait"],
+                         ["inspect", "--format", "{{.State.Status}} {{.State.ExitCode}} "
+                          "{{.State.Running}} {{.Config.WorkingDir}} {{.Config.Cmd}}"]):
+                r = subprocess.run(who + verb + ["vb-pm"], capture_output=True, text=True,
+                                   timeout=60)
+                assert r.returncode == 0, (verb, r.stderr)
+                out[verb[0]] = r.stdout
+            results["podman" if who is pm else "unionrun"] = out
+        theirs, ours = results["podman"], results["unionrun"]
+        assert "D /etc/gone" in theirs["diff"] and "A /root/l" in theirs["diff"]
+        assert sorted(ours["diff"].splitlines()) == sorted(theirs["diff"].splitlines())
+        assert ours["wait"] == theirs["wait"] == "3\n"
+        assert ours["inspect"].split()[:4] == theirs["inspect"].split()[:4] == \
+            ["exited", "3", "false", "/root"]
+    finally:
+        subprocess.run(pm + ["rm", "-af"], capture_output=True)
+        subprocess.run(pm + ["rmi", "-af"], capture_output=True)
+        shutil.rmtree(runroot, ignore_errors=True)
