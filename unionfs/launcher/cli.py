@@ -68,7 +68,12 @@ def _parser():
                         "none, the default)")
     p.add_argument("--memory", metavar="SIZE", help="e.g. 64m, through cgroups (v2, else v1)")
     p.add_argument("--cpus", metavar="N", help="e.g. 0.5")
-    p.add_argument("--pids-limit", metavar="N", help="at most N processes in the container")
+    p.add_argument("--pids-limit", metavar="N",
+                   help=f"at most N processes (default {spec.DEFAULT_PIDS_LIMIT} where the pids "
+                        "controller exists; -1: none)")
+    p.add_argument("--storage-opt", action="append", default=[], metavar="size=SIZE",
+                   help="the most the container's upper layer may hold, e.g. size=10g: past it "
+                   "writes get ENOSPC")
     p.add_argument("--cap-add", action="append", default=[], metavar="CAP",
                    help="a capability on top of docker's default set (ALL: every one)")
     p.add_argument("--cap-drop", action="append", default=[], metavar="CAP",
@@ -178,13 +183,15 @@ def _build_spec(args):
     limits = spec.Limits(
         memory=spec.parse_memory(args.memory) if args.memory is not None else None,
         cpus=spec.parse_cpus(args.cpus) if args.cpus is not None else None,
-        pids=spec.parse_pids(args.pids_limit) if args.pids_limit is not None else None)
+        **({"pids": spec.parse_pids(args.pids_limit), "pids_asked": True}
+           if args.pids_limit is not None else {}))
     return spec.RunSpec(
         name=name, lowers=lowers, upper=spec.parse_upper(args.upper), argv=tuple(argv),
         env=env, hostname=hostname, workdir=os.path.normpath(workdir),
         user=spec.parse_user(args.user or config.get("user") or None),
         volumes=tuple(spec.parse_volume(v) for v in args.volume),
         ports=tuple(spec.parse_port(p) for p in args.publish), limits=limits,
+        storage=spec.parse_storage_opts(args.storage_opt),
         caps=spec.parse_caps(args.cap_add, args.cap_drop), net=args.net,
         readonly=args.read_only, userns=spec.parse_userns(args.userns), tty=args.tty,
         interactive=args.interactive, detach=args.detach, remove=args.rm,

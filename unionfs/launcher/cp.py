@@ -41,10 +41,13 @@ def container_root(root, name):
             raise CopyError(f"container {name}: {merged} is mounted already (another cp?)")
         upper = st.get("upper") or paths.upper
         work = paths.work if not st.get("upper") else None
-        options = ([f"uidmapping=0:{owner}:{st['userns'][1]}",
-                    f"gidmapping=0:{owner}:{st['userns'][1]}"] if st.get("userns") else [])
+        # As run mounts it (run.start), its size limit included.
+        options = ["suid", "nodev"] + ([f"uidmapping=0:{owner}:{st['userns'][1]}",
+                                        f"gidmapping=0:{owner}:{st['userns'][1]}"]
+                                       if st.get("userns") else [])
+        size = ((st.get("spec") or {}).get("storage") or {}).get("size")
         try:
-            daemon = union.mount(st["lowers"], upper, work, merged, options)
+            daemon = union.mount(st["lowers"], upper, work, merged, options, upper_size=size)
         except union.UnionError as e:
             raise CopyError(str(e)) from None
     elif not union.is_mounted(merged):

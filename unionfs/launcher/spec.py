@@ -11,6 +11,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 
+from ..options import parse_size
 from . import caps as _caps
 from . import seccomp as _seccomp
 
@@ -38,14 +39,23 @@ class Port:
     ctr_port: int
 
 
+# podman's default (containers.conf pids_limit): a fork bomb stops there, not at the host's.
+DEFAULT_PIDS_LIMIT = 2048
+
+
 @dataclass(frozen=True)
 class Limits:
     memory: int | None = None       # bytes
     cpus: float | None = None
-    pids: int | None = None
+    pids: int | None = DEFAULT_PIDS_LIMIT   # -1: none ("max")
+    # --pids-limit given: an error where it cannot be set; the default is skipped there.
+    pids_asked: bool = False
 
-    def any(self):
-        return self.memory is not None or self.cpus is not None or self.pids is not None
+
+@dataclass(frozen=True)
+class Storage:
+    """--storage-opt KEY=VALUE, docker's spelling: what the container's upper layer may hold."""
+    size: int | None = None         # bytes; unionmount's upper_size= enforces it
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,7 @@ class RunSpec:
     volumes: tuple = ()
     ports: tuple = ()
     limits: Limits = field(default_factory=Limits)
+    storage: Storage = field(default_factory=Storage)
     caps: int = _caps.DEFAULT
     net: str = "none"
     readonly: bool = False
@@ -150,6 +161,21 @@ def parse_memory(value):
     return size
 
 
+def parse_storage_opts(values):
+    """--storage-opt size=SIZE (docker's key; suffixes k, m, g, t). Any other key is refused, as
+    docker refuses what its storage driver does not know."""
+    size = None
+    for item in values:
+        key, eq, value = item.partition("=")
+        if key != "size" or not eq:
+            raise SpecError(f"--storage-opt {item!r}: the only option is size=SIZE")
+        try:
+            size = parse_size(value)
+        except ValueError as e:
+            raise SpecError(f"--storage-opt {item!r}: {e}") from None
+    return Storage(size=size)
+
+
 def parse_cpus(value):
     try:
         cpus = float(value)
@@ -161,8 +187,10 @@ def parse_cpus(value):
 
 
 def parse_pids(value):
+    if value == "-1":
+        return -1
     if not re.fullmatch(r"\d+", value) or int(value) < 1:
-        raise SpecError(f"--pids-limit {value!r}: expected a positive number")
+        raise SpecError(f"--pids-limit {value!r}: expected a positive number, or -1 for none")
     return int(value)
 
 
@@ -279,17 +307,19 @@ def parse_restart(value):
 
 def spec_from_record(record):
     """The RunSpec of state.json's "spec" (dataclasses.asdict of it), for start."""
-    names = {f.name for f in dataclasses.fields(RunSpec)}
+    fields = {f.name: f for f in dataclasses.fields(RunSpec)}
     kw = {}
     for key, value in record.items():
-        if key not in names:
+        if key not in fields:
             continue
+        made_by = fields[key].default_factory
         if key == "volumes":
             value = tuple(Volume(**v) for v in value)
         elif key == "ports":
             value = tuple(Port(**p) for p in value)
-        elif key == "limits":
-            value = Limits(**value)
+        elif isinstance(value, dict) and isinstance(made_by, type) and \
+                dataclasses.is_dataclass(made_by):
+            value = made_by(**value)      # Limits, Storage, ...
         elif isinstance(value, list):
             value = tuple(value)
         kw[key] = value
