@@ -12,7 +12,7 @@ import secrets
 import sys
 import time
 
-from . import enter, lifecycle, rootless, run, seccomp, spec, state
+from . import enter, lifecycle, rootless, run, seccomp, spec, state, verbs
 from ..net import NetError
 from ..net import cli as _net_cli
 from ..net import container as _net
@@ -37,12 +37,13 @@ def _parser():
     ap.add_argument("--root", help="containers: state, upper layers, logs "
                                    "(default $UNIONRUN_ROOT or /var/lib/unionrun)")
     ap.add_argument("--store", help="image store (default $UNIONFS_STORE or /var/lib/unionfs)")
+    verbs.add_version(ap)
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     p = sub.add_parser("run", help="run a command in a new container",
                        usage=f"{PROG} run [OPTIONS] (--layers L1[:L2...] -- CMD [ARG...] | "
                              "IMAGE [CMD [ARG...]])")
-    p.add_argument("--layers", help="lower layers, leftmost topmost")
+    p.add_argument("--layers", metavar="L1[:L2...]", help="lower layers, leftmost topmost")
     p.add_argument("--upper", help="upper layer to use (default: a fresh one, kept until rm)")
     p.add_argument("--name", help="the container's name (default: 12 random hex digits)")
     p.add_argument("-d", "--detach", action="store_true",
@@ -50,11 +51,15 @@ def _parser():
     p.add_argument("--rm", action="store_true", help="remove the container when it exits")
     p.add_argument("-t", "--tty", action="store_true", help="a pty of the container's devpts")
     p.add_argument("-i", "--interactive", action="store_true", help="pass our stdin on")
-    p.add_argument("-e", "--env", action="append", default=[], metavar="NAME[=VALUE]")
-    p.add_argument("-w", "--workdir", metavar="DIR")
-    p.add_argument("-u", "--user", metavar="UID[:GID]|NAME[:GROUP]")
-    p.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:CTR[:ro]")
-    p.add_argument("--hostname")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="set NAME in the command's environment (NAME alone: our value of it)")
+    p.add_argument("-w", "--workdir", metavar="DIR",
+                   help="the command's working directory (default: the image's, else /)")
+    p.add_argument("-u", "--user", metavar="UID[:GID]|NAME[:GROUP]",
+                   help="run the command as this user (names from the container's /etc/passwd)")
+    p.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:CTR[:ro]",
+                   help="bind-mount a host path into the container")
+    p.add_argument("--hostname", help="the container's host name (default: its name)")
     # ---- networks (unionfs.net)
     p.add_argument("-p", "--publish", action="append", default=[],
                    metavar="[ADDR:][HOSTPORT:]CTRPORT[/tcp|/udp]",
@@ -74,9 +79,10 @@ def _parser():
                    help="a line of the container's /etc/hosts")
     # ----
     p.add_argument("--read-only", action="store_true", help="the root read-only")
-    p.add_argument("--userns", nargs="?", const="auto", metavar="HOSTID:COUNT",
-                   help="a user namespace: the container's root is host id HOSTID (default: "
-                        "root's /etc/subuid range, else 100000:65536)")
+    p.add_argument("--userns", nargs="?", const="auto", metavar="auto|host|HOSTID:COUNT",
+                   help="a user namespace: the container's root is host id HOSTID (auto, or "
+                        "--userns alone: root's /etc/subuid range, else 100000:65536; host: "
+                        "none, the default)")
     p.add_argument("--memory", metavar="SIZE", help="e.g. 64m, through cgroups (v2, else v1)")
     p.add_argument("--cpus", metavar="N", help="e.g. 0.5")
     p.add_argument("--pids-limit", metavar="N",
@@ -85,41 +91,61 @@ def _parser():
     p.add_argument("--storage-opt", action="append", default=[], metavar="size=SIZE",
                    help="the most the container's upper layer may hold, e.g. size=10g: past it "
                    "writes get ENOSPC")
-    p.add_argument("--cap-add", action="append", default=[])
-    p.add_argument("--cap-drop", action="append", default=[])
+    p.add_argument("--cap-add", action="append", default=[], metavar="CAP",
+                   help="a capability on top of docker's default set (ALL: every one)")
+    p.add_argument("--cap-drop", action="append", default=[], metavar="CAP",
+                   help="a capability off docker's default set (ALL: every one)")
     # Security (docker's spellings); an init always runs, --init is accepted for docker's sake.
     p.add_argument("--security-opt", action="append", default=[], metavar="OPT",
                    help="seccomp=unconfined, seccomp=PROFILE.json (docker's format; default: "
                         "docker's profile), no-new-privileges")
     p.add_argument("--init", action="store_true",
                    help="no-op: the container's PID 1 is always an init (tini)")
-    p.add_argument("args", nargs=argparse.REMAINDER, metavar="-- CMD | IMAGE [CMD]")
+    # docker's everyday run options (issue 16).
+    p.add_argument("--entrypoint", metavar="CMD",
+                   help="the command instead of the image's entrypoint (and the image's CMD); "
+                        "'' none")
+    p.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                   help="NAME=VALUE lines (NAME alone: our value; # comments) before the -e ones")
+    p.add_argument("--restart", metavar="POLICY",
+                   help="no (default), on-failure[:N] (at most N times), always: the supervisor "
+                        "starts the command again when it ends, until `stop`")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="-- CMD | IMAGE [CMD]",
+                   help="the command after --layers, or the image and its command")
 
     p = sub.add_parser("exec", help="run a command in a running container")
-    p.add_argument("-t", "--tty", action="store_true")
-    p.add_argument("-i", "--interactive", action="store_true")
-    p.add_argument("-e", "--env", action="append", default=[])
-    p.add_argument("-w", "--workdir")
-    p.add_argument("-u", "--user")
-    p.add_argument("name")
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.add_argument("-t", "--tty", action="store_true", help="a pty of the container's devpts")
+    p.add_argument("-i", "--interactive", action="store_true", help="pass our stdin on")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="set NAME in the command's environment")
+    p.add_argument("-w", "--workdir", metavar="DIR", help="the command's working directory")
+    p.add_argument("-u", "--user", metavar="UID[:GID]|NAME[:GROUP]",
+                   help="run the command as this user")
+    p.add_argument("name", help="the container")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="CMD [ARG...]",
+                   help="the command to run in it")
 
-    p = sub.add_parser("ps", help="list containers (running ones; -a: all)")
-    p.add_argument("-a", "--all", action="store_true")
     p = sub.add_parser("stop", help="SIGTERM, then SIGKILL after a timeout")
-    p.add_argument("-t", "--time", type=float, default=10.0)
-    p.add_argument("names", nargs="+")
+    p.add_argument("-t", "--time", type=float, default=10.0, metavar="SECONDS",
+                   help="how long to wait after SIGTERM (default 10)")
+    p.add_argument("names", nargs="+", metavar="NAME", help="the containers")
     p = sub.add_parser("rm", help="remove containers (their upper and state; layers untouched)")
-    p.add_argument("-f", "--force", action="store_true")
-    p.add_argument("names", nargs="+")
-    p = sub.add_parser("logs", help="the output of a detached container")
-    p.add_argument("-f", "--follow", action="store_true")
-    p.add_argument("name")
+    p.add_argument("-f", "--force", action="store_true", help="stop running ones first")
+    p.add_argument("names", nargs="+", metavar="NAME", help="the containers")
+    verbs.add_parsers(sub)
     p = sub.add_parser("commit", help="a stopped container's upper as a new image")
-    p.add_argument("name")
-    p.add_argument("image")
+    p.add_argument("name", help="the container")
+    p.add_argument("image", help="the new image's name")
     _net_cli.add_parsers(sub)
+    for p in sub.choices.values():
+        # Each sub-command's help line is its description too, and each has --version.
+        p.description = p.description or _helps(sub).get(p.prog.split()[-1])
+        verbs.add_version(p)
     return ap
+
+
+def _helps(sub):
+    return {a.dest: a.help for a in sub._choices_actions}
 
 
 def _command_args(args):
@@ -155,7 +181,11 @@ def _image_config(args):
 def _build_spec(args):
     lowers, config, image, store, cmd = _image_config(args)
     entrypoint = list(config.get("entrypoint") or [])
-    argv = entrypoint + (cmd or list(config.get("cmd") or []))
+    image_cmd = list(config.get("cmd") or [])
+    if args.entrypoint is not None:
+        # docker's: --entrypoint replaces the image's entrypoint and drops its CMD.
+        entrypoint, image_cmd = ([args.entrypoint] if args.entrypoint else []), []
+    argv = entrypoint + (cmd or image_cmd)
     if not argv:
         raise spec.SpecError("no command given (after --, or in the image's config)")
     name = spec.parse_name(args.name) if args.name else secrets.token_hex(6)
@@ -163,7 +193,8 @@ def _build_spec(args):
     if not spec.NAME_RE.fullmatch(hostname):
         raise spec.SpecError(f"--hostname {hostname!r}: not a valid host name")
     image_env = [e for e in config.get("env") or [] if "=" in e]
-    env = spec.parse_env(image_env + args.env, args.tty, hostname)
+    env = spec.parse_env(image_env + verbs.read_env_files(args.env_file) + args.env, args.tty,
+                         hostname)
     workdir = args.workdir or config.get("workdir") or "/"
     if not workdir.startswith("/"):
         raise spec.SpecError(f"-w {workdir!r}: must be an absolute path")
@@ -185,7 +216,15 @@ def _build_spec(args):
         aliases=tuple(_alias(a) for a in args.network_alias),
         readonly=args.read_only, userns=spec.parse_userns(args.userns), tty=args.tty,
         interactive=args.interactive, detach=args.detach, remove=args.rm,
+        restart=_restart(args),
         **_security(args)), image, store
+
+
+def _restart(args):
+    policy = spec.parse_restart(args.restart)
+    if policy != "no" and args.rm:
+        raise spec.SpecError("--restart and --rm exclude each other (as in docker)")
+    return policy
 
 
 def _security(args):
@@ -264,23 +303,6 @@ def _cmd_exec(args, root):
                         guard_mounts=seccomp.guards_mounts(st["caps"], st.get("userns")))
 
 
-def _cmd_ps(args, root):
-    rows = [("NAME", "STATUS", "PID", "CREATED", "COMMAND", "LAYERS", "UPPER")]
-    for name, st in lifecycle.containers(root):
-        status = lifecycle.status(st)
-        if not args.all and status != "running":
-            continue
-        pid = str(st["init"][0]) if st.get("init") and status == "running" else "-"
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["created"]))
-        upper = st["upper"] or os.path.join(root, name, "upper")
-        layers = st["image"] or ":".join(st["lowers"])
-        rows.append((name, status, pid, created, " ".join(st["argv"]), layers, upper))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
-    return 0
-
-
 def _each(names, action):
     """``action`` on every name, as docker does: a failure is reported and the others go on."""
     code = 0
@@ -300,26 +322,6 @@ def _cmd_stop(args, root):
 
 def _cmd_rm(args, root):
     return _each(args.names, lambda name: lifecycle.rm(root, name, args.force))
-
-
-def _cmd_logs(args, root):
-    paths, st = lifecycle.load(root, args.name)
-    try:
-        f = open(paths.log, "rb")
-    except FileNotFoundError:
-        return 0
-    with f:
-        while True:
-            data = f.read(65536)
-            if data:
-                sys.stdout.buffer.write(data)
-                sys.stdout.flush()
-                continue
-            if not args.follow or not state.alive((state.read(paths) or st)["supervisor"]):
-                break
-            time.sleep(0.1)
-        sys.stdout.buffer.write(f.read())
-    return 0
 
 
 def _cmd_commit(args, root):
@@ -344,11 +346,6 @@ def _cmd_network(args, root):
     return _net_cli.cmd_network(args, root, lambda msg: sys.stderr.write(f"{PROG}: {msg}\n"))
 
 
-def _cmd_port(args, root):
-    _, st = lifecycle.load(root, args.name)
-    return _net_cli.cmd_port(st)
-
-
 def _rootless(args):
     """Run by a user: state and images under $XDG_DATA_HOME, refuse what needs root, then
     become root of the user's own user namespace (see rootless.py)."""
@@ -361,8 +358,23 @@ def _rootless(args):
     rootless.enter()
 
 
+def _unswallow_userns(args, argv):
+    """``run --userns IMAGE CMD``: argparse gave --userns the image; docker's --userns needs
+    its value after '=', ours may stand alone (auto). A word that is no --userns value and is
+    followed by the command was the image."""
+    if args.cmd != "run" or args.userns is None or spec.USERNS_VALUE_RE.fullmatch(args.userns):
+        return
+    for i in range(len(argv) - 1):
+        if argv[i] == "--userns" and argv[i + 1] == args.userns and argv[i + 2:] == args.args:
+            args.args = [args.userns] + args.args
+            args.userns = "auto"
+            return
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    _unswallow_userns(args, argv)
     if os.geteuid() != 0:
         try:
             # Networks need the host's root: a user's container gets --network none.
@@ -372,16 +384,15 @@ def main(argv=None):
             sys.stderr.write(f"{PROG}: rootless: {e}\n")
             return FAILED
     root = _root(args)
-    handler = {"run": _cmd_run, "exec": _cmd_exec, "ps": _cmd_ps, "stop": _cmd_stop,
-               "rm": _cmd_rm, "logs": _cmd_logs, "commit": _cmd_commit,
-               "network": _cmd_network, "port": _cmd_port}[args.cmd]
+    handler = {"run": _cmd_run, "exec": _cmd_exec, "stop": _cmd_stop, "rm": _cmd_rm,
+               "commit": _cmd_commit, "network": _cmd_network, **verbs.HANDLERS}[args.cmd]
     try:
         return handler(args, root)
     except run.CommandFailed as e:
         sys.stderr.write(f"{PROG}: {e}\n")
         return e.code
     except (spec.SpecError, run.RunError, enter.EnterError, lifecycle.LifecycleError,
-            _Fail, NetError) as e:
+            verbs.VerbError, _Fail, NetError) as e:
         sys.stderr.write(f"{PROG}: {e}\n")
         return FAILED
     except KeyboardInterrupt:

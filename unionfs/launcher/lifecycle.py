@@ -69,6 +69,7 @@ def stop(root, name, timeout=10.0):
     """SIGTERM to the command (through the init), SIGKILL to the init after ``timeout``; then
     wait for the supervisor to release everything (or release it ourselves if it is gone)."""
     paths, st = load(root, name)
+    mark_stopped(paths)
     if state.alive(st["init"]):
         state.kill(st["init"], signal.SIGTERM)
         if not state.wait_gone(st["init"], timeout):
@@ -85,6 +86,12 @@ def stop(root, name, timeout=10.0):
         if problem:
             raise LifecycleError(f"container {name}: {problem}")
     return st
+
+
+def mark_stopped(paths):
+    """The user ended it: its supervisor does not --restart it."""
+    if os.path.isdir(paths.dir):
+        os.close(os.open(paths.stopped, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
 
 
 def rm(root, name, force=False):

@@ -11,6 +11,7 @@ run leaves nothing behind.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -50,7 +51,16 @@ def initial_state(spec, image=None, store=None):
             "merged": None, "daemon": None, "init": None, "supervisor": None,
             "forwarder": None, "cgroups": [],
             # What `exec` gives its command too.
-            "seccomp": spec.seccomp, "no_new_privs": spec.no_new_privs}
+            "seccomp": spec.seccomp, "no_new_privs": spec.no_new_privs,
+            # For inspect.
+            "volumes": [{"source": v.source, "target": v.target, "readonly": v.readonly}
+                        for v in spec.volumes],
+            "net": spec.net, "readonly": spec.readonly, "tty": spec.tty,
+            "interactive": spec.interactive,
+            "limits": {"memory": spec.limits.memory, "cpus": spec.limits.cpus,
+                       "pids": spec.limits.pids},
+            # For start: the whole spec, as it was given.
+            "spec": dataclasses.asdict(spec)}
 
 
 class _Started:
@@ -62,21 +72,33 @@ class _Started:
         self.signals = signals      # our handlers from before we forwarded signals to the init
 
 
-def start(spec, root, image=None, store=None, to_log=False):
+def start(spec, root, image=None, store=None, to_log=False, again=False):
     """Everything up to the command running; returns a _Started. Raises RunError, after
     undoing what was done. ``to_log``: our stdout and stderr, and so the command's, go to the
-    container's log from the moment it has a directory."""
+    container's log from the moment it has a directory. ``again``: the container exists,
+    stopped (start, restart): its directory and upper are kept, and kept on failure."""
     if threading.active_count() != 1:
         raise RunError("internal error: the launcher must be single-threaded to clone")
-    try:
-        paths = state.claim(root, spec.name)
-    except state.StateError as e:
-        raise RunError(str(e)) from None
-    except OSError as e:
-        raise RunError(f"cannot create the container's state: {e.strerror}: {root}") from None
+    old = None
+    if again:
+        paths = state.Paths(root, spec.name)
+        old = state.read(paths)
+        if old is None or lifecycle.is_running(old):
+            raise RunError(f"container {spec.name} is not a stopped container")
+        if os.path.lexists(paths.stopped):
+            os.unlink(paths.stopped)
+    else:
+        try:
+            paths = state.claim(root, spec.name)
+        except state.StateError as e:
+            raise RunError(str(e)) from None
+        except OSError as e:
+            raise RunError(f"cannot create the container's state: {e.strerror}: {root}") from None
     if paths is None:
         raise RunError(f"a container named {spec.name!r} already exists (unionrun rm it first)")
     st = initial_state(spec, image, store)
+    if old is not None:
+        st["created"], st["started"] = old["created"], time.time()
     st["merged"] = paths.merged
     st["supervisor"] = state.identity(os.getpid())
     init_pid, master = None, None
@@ -93,7 +115,8 @@ def start(spec, root, image=None, store=None, to_log=False):
         state.write(paths, st)
         if spec.upper is None:
             # Its root is the container's "/": 0755 as usual, private by the 0700 above it.
-            os.mkdir(paths.upper, 0o755)
+            if not (again and os.path.isdir(paths.upper)):
+                os.mkdir(paths.upper, 0o755)
             upper, work = paths.upper, paths.work
         else:
             upper, work = spec.upper, None
@@ -128,7 +151,11 @@ def start(spec, root, image=None, store=None, to_log=False):
         if init_pid is not None:
             _kill_init(init_pid)
         lifecycle.release(paths, st)
-        state.remove_tree(paths.dir)
+        if old is None:
+            state.remove_tree(paths.dir)
+        else:
+            old["status"], old["finished"] = "exited", time.time()
+            state.write(paths, old)
         if isinstance(e, (ports.PortError, cgroups.CgroupError, union.UnionError, P.SetupError,
                           init.InitError, RunError, NetError, SpecError)):
             raise RunError(str(e)) from None
@@ -319,15 +346,41 @@ def finish(started, code):
         state.write(paths, st)
 
 
+def _should_restart(spec, code, count, paths):
+    policy, _, limit = (spec.restart or "no").partition(":")
+    if policy == "no" or os.path.lexists(paths.stopped):
+        return False
+    if policy == "on-failure":
+        return code != 0 and (not limit or count < int(limit))
+    return policy in ("always", "unless-stopped")
+
+
+def _wait_and_restart(spec, root, image, store, started, to_log):
+    """Wait for the command; under --restart start it again (with docker's doubling delay)
+    until the policy or a `stop` says no. The last exit status."""
+    count = 0
+    while True:
+        code = wait(started, spec.interactive and not to_log)
+        again = _should_restart(spec, code, count, started.paths)
+        finish(started, code)
+        if not again:
+            return code
+        time.sleep(min(0.1 * 2 ** count, 10.0))
+        count += 1
+        if os.path.lexists(started.paths.stopped):
+            return code
+        started = start(spec, root, image, store, to_log=to_log, again=True)
+        started.st["restarts"] = count
+        state.write(started.paths, started.st)
+
+
 def run(spec, root, image=None, store=None):
     """In the foreground: the command's exit status."""
     started = start(spec, root, image, store)
-    code = wait(started, spec.interactive)
-    finish(started, code)
-    return code
+    return _wait_and_restart(spec, root, image, store, started, False)
 
 
-def run_detached(spec, root, image=None, store=None):
+def run_detached(spec, root, image=None, store=None, again=False):
     """Start a supervisor of its own session, return once the command runs. Raises RunError."""
     r, w = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
@@ -335,7 +388,7 @@ def run_detached(spec, root, image=None, store=None):
     pid = os.fork()
     if pid == 0:
         os.close(r)
-        _supervise(spec, root, image, store, w)
+        _supervise(spec, root, image, store, w, again)
     os.close(w)
     line = P.read_line(r)
     os.close(r)
@@ -348,7 +401,7 @@ def run_detached(spec, root, image=None, store=None):
         raise RunError(rest or "the container's supervisor died while it started the container")
 
 
-def _supervise(spec, root, image, store, w):
+def _supervise(spec, root, image, store, w, again=False):
     code = 1
     try:
         # Not our caller's child nor in its session: the caller returns now.
@@ -359,7 +412,7 @@ def _supervise(spec, root, image, store, w):
         os.dup2(null, 0)
         os.close(null)
         try:
-            started = start(spec, root, image, store, to_log=True)
+            started = start(spec, root, image, store, to_log=True, again=again)
         except RunError as e:
             P.report(w, f"error {e}")
             os._exit(P.SETUP_FAILED)
@@ -369,8 +422,7 @@ def _supervise(spec, root, image, store, w):
             P.report(w, "started")
         os.close(w)
         w = -1
-        code = wait(started, False)
-        finish(started, code)
+        _wait_and_restart(spec, root, image, store, started, True)
         code = 0
     except BaseException as e:
         if w >= 0:

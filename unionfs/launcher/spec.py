@@ -5,6 +5,7 @@ Every parse_* function raises SpecError with one line that names the option and 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -89,6 +90,7 @@ class RunSpec:
     # docker's own; None: unconfined), and no_new_privs for the command.
     seccomp: dict | None = field(default_factory=lambda: _seccomp.load_profile(None))
     no_new_privs: bool = False
+    restart: str = "no"             # --restart: no, on-failure[:N], always, unless-stopped
 
 
 def parse_name(name):
@@ -237,11 +239,14 @@ def parse_user(value):
 
 
 USERNS_DEFAULT = (100000, 65536)
+# What may follow a bare --userns as its value (anything else is the next argument).
+USERNS_VALUE_RE = re.compile(r"auto|host|\d+:\d+")
 
 
 def parse_userns(value):
-    """--userns: "auto" (root's range in /etc/subuid, else 100000:65536) or HOSTID:COUNT."""
-    if value is None:
+    """--userns: "auto" (root's range in /etc/subuid, else 100000:65536), HOSTID:COUNT, or
+    "host" (docker's: none, as without the option)."""
+    if value is None or value == "host":
         return None
     if value == "auto":
         try:
@@ -255,7 +260,8 @@ def parse_userns(value):
         return USERNS_DEFAULT
     m = re.fullmatch(r"(\d+):(\d+)", value)
     if not m or int(m.group(1)) == 0 or int(m.group(2)) < 1:
-        raise SpecError(f"--userns {value!r}: expected HOSTID:COUNT (HOSTID above 0) or nothing")
+        raise SpecError(f"--userns {value!r}: expected auto, host or HOSTID:COUNT "
+                        "(HOSTID above 0)")
     base, count = int(m.group(1)), int(m.group(2))
     if base + count > 1 << 32:
         raise SpecError(f"--userns {value!r}: the range goes past the last id")
@@ -304,3 +310,35 @@ def parse_security_opts(values, caps=_caps.DEFAULT, userns=None):
                             "seccomp=PROFILE.json or no-new-privileges (no LSM here for "
                             "apparmor= or label=)")
     return profile, nnp
+
+
+def parse_restart(value):
+    """--restart, docker's policies: no, on-failure[:N], always, unless-stopped (as always
+    here: nothing restarts containers at boot)."""
+    if value is None:
+        return "no"
+    if value in ("no", "always", "unless-stopped", "on-failure") or \
+            re.fullmatch(r"on-failure:[1-9]\d{0,5}", value):
+        return value
+    raise SpecError(f"--restart {value!r}: expected no, on-failure[:N], always or unless-stopped")
+
+
+def spec_from_record(record):
+    """The RunSpec of state.json's "spec" (dataclasses.asdict of it), for start."""
+    fields = {f.name: f for f in dataclasses.fields(RunSpec)}
+    kw = {}
+    for key, value in record.items():
+        if key not in fields:
+            continue
+        made_by = fields[key].default_factory
+        if key == "volumes":
+            value = tuple(Volume(**v) for v in value)
+        elif key == "ports":
+            value = tuple(Port(**p) for p in value)
+        elif isinstance(value, dict) and isinstance(made_by, type) and \
+                dataclasses.is_dataclass(made_by):
+            value = made_by(**value)      # Limits, Storage, ...
+        elif isinstance(value, list):
+            value = tuple(value)
+        kw[key] = value
+    return RunSpec(**kw)

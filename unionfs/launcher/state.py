@@ -26,6 +26,8 @@ class Paths:
         self.upper = os.path.join(self.dir, "upper")
         self.work = os.path.join(self.dir, "work")
         self.log = os.path.join(self.dir, "log")
+        # Made by stop and kill: --restart does not start the container again.
+        self.stopped = os.path.join(self.dir, "stopped-by-user")
 
 
 class StateError(Exception):

@@ -16,22 +16,22 @@ def add_parsers(sub):
     c.add_argument("--subnet", metavar="CIDR", help="IPv4 subnet (default: a free /24 of "
                                                      f"{store.USER_POOL})")
     c.add_argument("--internal", action="store_true", help="no route out of the network")
-    c.add_argument("--driver", "-d", default="bridge", choices=("bridge",))
-    c.add_argument("name")
+    c.add_argument("--driver", "-d", default="bridge", choices=("bridge",),
+                   help="the network's driver (only bridge)")
+    c.add_argument("name", help="the network's name")
     nsub.add_parser("ls", help="list networks")
     i = nsub.add_parser("inspect", help="a network as JSON, with its containers")
-    i.add_argument("names", nargs="+")
+    i.add_argument("names", nargs="+", metavar="NAME", help="the networks")
     r = nsub.add_parser("rm", help="remove networks no container uses")
-    r.add_argument("names", nargs="+")
+    r.add_argument("names", nargs="+", metavar="NAME", help="the networks")
     c = nsub.add_parser("connect", help="join a running container to one more network")
-    c.add_argument("--alias", action="append", default=[], metavar="ALIAS")
-    c.add_argument("network")
-    c.add_argument("container")
+    c.add_argument("--alias", action="append", default=[], metavar="ALIAS",
+                   help="another name of the container in the network's DNS")
+    c.add_argument("network", help="the network")
+    c.add_argument("container", help="the container")
     c = nsub.add_parser("disconnect", help="take a running container off a network it joined")
-    c.add_argument("network")
-    c.add_argument("container")
-    p = sub.add_parser("port", help="a container's published ports")
-    p.add_argument("name")
+    c.add_argument("network", help="the network")
+    c.add_argument("container", help="the container")
 
 
 def rootless(args, error):

@@ -1,0 +1,425 @@
+"""docker's everyday verbs in unionrun (issue 16): --version and help everywhere, run --userns
+IMAGE, --entrypoint, --env-file, ps -q/--format/--filter, logs --tail, kill, wait, inspect,
+diff, top, port, rename, cp, start, restart, --restart; on real containers of busybox layers."""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+import pytest
+
+import util
+
+from unionfs.launcher import cli
+
+BIN = os.path.dirname(sys.executable)
+BUSYBOX = "/bin/busybox"
+
+root_only = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not os.path.exists(BUSYBOX),
+    reason="needs root, /dev/fuse and busybox-static")
+
+
+@pytest.fixture(scope="module")
+def layers(tmp_path_factory):
+    d = tmp_path_factory.mktemp("verbs")
+    base, top = d / "base", d / "top"
+    for sub in ("bin", "etc", "tmp", "root"):
+        (base / sub).mkdir(parents=True)
+    util.install_busybox(base / "bin", BUSYBOX)
+    (base / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (base / "etc/group").write_text("root:x:0:\n")
+    (base / "etc/motd").write_text("base motd\n")
+    (base / "etc/gone").write_text("deleted in the container\n")
+    (top / "etc").mkdir(parents=True)
+    (top / "etc/motd").write_text("top motd\n")
+    # A hostile image: symlinks to a host directory, absolute and relative.
+    host = d / "hostdir"
+    host.mkdir()
+    (host / "keep").write_text("host file\n")
+    os.symlink(str(host), top / "escape")
+    os.symlink("../" * 20 + str(host).lstrip("/"), top / "etc/up")
+    os.symlink(str(host / "keep"), top / "etc/hostfile")
+    return {"layers": f"{top}:{base}", "base": base, "dir": d, "host": host}
+
+
+def _blob(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def store(layers):
+    """An image busybox:1 (the base layer, CMD echo image-cmd) in a store of its own."""
+    from unionfs.images import store as _store
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        tf.add(layers["base"], arcname=".")
+    layer = buf.getvalue()
+    cfg = json.dumps({"rootfs": {"type": "layers", "diff_ids": [_blob(layer)]},
+                      "config": {"Cmd": ["echo", "image-cmd"]}}).encode()
+    man = json.dumps({"schemaVersion": 2, "config": {"digest": _blob(cfg), "size": len(cfg)},
+                      "layers": [{"digest": _blob(layer), "size": len(layer)}]}).encode()
+    idx = json.dumps({"schemaVersion": 2, "manifests": [{"digest": _blob(man),
+                                                          "size": len(man)}]}).encode()
+    archive = layers["dir"] / "busybox.tar"
+    with tarfile.open(archive, "w") as tf:
+        for name, data in ((_blob(layer), layer), (_blob(cfg), cfg), (_blob(man), man),
+                           ("index.json", idx)):
+            ti = tarfile.TarInfo(name if name == "index.json" else "blobs/sha256/" + name[7:])
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    path = layers["dir"] / "store"
+    _store.open_store(str(path)).import_archive(str(archive), "busybox:1")
+    return path
+
+
+class Runner:
+    def __init__(self, root, store=None):
+        self.root, self.store = root, store
+
+    def __call__(self, *args, timeout=60, **kw):
+        extra = ["--store", str(self.store)] if self.store else []
+        return subprocess.run([f"{BIN}/unionrun", "--root", str(self.root), *extra, *args],
+                              capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture
+def ur(tmp_path, store):
+    r = Runner(tmp_path / "run", store)
+    yield r
+    for name in os.listdir(r.root) if r.root.exists() else []:
+        r("rm", "-f", name)
+    with open("/proc/mounts") as f:
+        assert str(tmp_path) not in f.read()
+
+
+def _one_line_125(r):
+    return r.returncode == 125 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+# ---- the parser: no container needed ------------------------------------------------------------
+
+def test_version_and_a_description_everywhere():
+    ap = cli._parser()
+    sub = next(a for a in ap._actions if a.dest == "cmd")
+    assert {"run", "exec", "ps", "stop", "rm", "logs", "commit", "kill", "wait", "rename",
+            "inspect", "diff", "top"} <= set(sub.choices)
+    missing = [f"{name} {a.option_strings or a.dest}"
+               for name, p in [("", ap), *sub.choices.items()]
+               for a in p._actions if not a.help and a.dest != "cmd"]
+    assert missing == []
+    assert all(p.description for p in sub.choices.values())
+    for args in (["--version"], ["ps", "--version"], ["run", "--version"]):
+        r = subprocess.run([f"{BIN}/unionrun", *args], capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.startswith("unionrun "), r
+
+
+# ---- run: --userns, --entrypoint, --env-file ----------------------------------------------------
+
+@root_only
+def test_run_userns_image_entrypoint_env_file(ur, tmp_path):
+    # --userns alone, then the image: the image is not taken as --userns's value.
+    r = ur("run", "--rm", "--userns", "busybox:1", "cat", "/proc/self/uid_map")
+    assert r.returncode == 0, r.stderr
+    inside, host, _ = r.stdout.split()
+    assert inside == "0" and host != "0"
+    r = ur("run", "--rm", "--userns=host", "busybox:1", "cat", "/proc/self/uid_map")
+    assert r.returncode == 0 and r.stdout.split()[:2] == ["0", "0"], r.stderr
+    r = ur("run", "--rm", "--userns", "busybox:1")
+    assert (r.returncode, r.stdout) == (0, "image-cmd\n"), r.stderr
+    # --entrypoint replaces the entrypoint and drops the image's CMD, as docker does.
+    r = ur("run", "--rm", "--entrypoint", "echo", "busybox:1", "from", "args")
+    assert (r.returncode, r.stdout) == (0, "from args\n"), r.stderr
+    r = ur("run", "--rm", "--entrypoint", "echo", "busybox:1")
+    assert (r.returncode, r.stdout) == (0, "\n"), r.stderr
+    r = ur("run", "--rm", "--entrypoint", "", "busybox:1", "echo", "no-entrypoint")
+    assert (r.returncode, r.stdout) == (0, "no-entrypoint\n"), r.stderr
+    # --env-file: NAME=VALUE lines, comments, NAME alone from our environment; -e wins.
+    envf = tmp_path / "env"
+    envf.write_text("# a comment\n\nA=from file\nB=b=c\nFROM_US\nC=file\n")
+    r = ur("run", "--rm", "--env-file", str(envf), "-e", "C=cli", "busybox:1", "sh", "-c",
+           'echo "$A|$B|$FROM_US|$C"', env={**os.environ, "FROM_US": "ours"})
+    assert (r.returncode, r.stdout) == (0, "from file|b=c|ours|cli\n"), r.stderr
+    # Bad input: one line, 125, nothing made.
+    envf.write_text(" A=1\n")
+    for args in (["--env-file", str(envf)], ["--env-file", str(tmp_path / "none")],
+                 ["--userns=busybox:1"]):
+        r = ur("run", "--rm", *args, "busybox:1", "true")
+        assert _one_line_125(r), (args, r.stderr)
+    assert not ur.root.exists() or os.listdir(ur.root) == []
+
+
+# ---- ps, logs, kill, wait -----------------------------------------------------------------------
+
+@root_only
+def test_ps_logs_kill_wait(ur, layers):
+    lay = layers["layers"]
+    r = ur("run", "-d", "--name", "vb-a", "--layers", lay, "--", "sh", "-c",
+           "for i in 1 2 3 4 5; do echo line$i; done; exec sleep 60")
+    assert r.returncode == 0, r.stderr
+    r = ur("run", "--name", "vb-b", "--layers", lay, "--", "sh", "-c", "exit 3")
+    assert r.returncode == 3, r.stderr
+    assert ur("ps", "-q").stdout == "vb-a\n"
+    assert ur("ps", "-aq").stdout == "vb-a\nvb-b\n"
+    r = ur("ps", "-a", "--format", "{{.Names}}\\t{{.State}}\\t{{.Command}}")
+    assert r.stdout == "vb-a\trunning\tsh -c for i in 1 2 3 4 5; do echo line$i; done; " \
+                       "exec sleep 60\nvb-b\texited\tsh -c exit 3\n"
+    r = ur("ps", "--format", "table {{.Names}} {{.Status}}")
+    assert r.stdout == "NAMES STATUS\nvb-a running\n"
+    assert ur("ps", "--filter", "status=exited", "-q").stdout == "vb-b\n"
+    assert ur("ps", "-a", "--filter", "name=-b$", "--format", "{{.Status}}").stdout == \
+        "exited (3)\n"
+    assert ur("ps", "-a", "-f", "exited=3", "-f", "name=vb", "-q").stdout == "vb-b\n"
+    assert ur("ps", "-a", "-f", "name=vb-a", "-f", "name=vb-b", "-q").stdout == "vb-a\nvb-b\n"
+    for bad in (["--filter", "colour=red"], ["--filter", "status=asleep"],
+                ["--format", "{{.Nope}}"], ["--filter", "name=("]):
+        assert _one_line_125(ur("ps", "-a", *bad)), bad
+    deadline = time.monotonic() + 10
+    while ur("logs", "vb-a").stdout.count("\n") < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ur("logs", "--tail", "2", "vb-a").stdout == "line4\nline5\n"
+    assert ur("logs", "-n", "0", "vb-a").stdout == ""
+    assert _one_line_125(ur("logs", "--tail", "x", "vb-a"))
+    # wait on an exited container: its code at once.
+    assert ur("wait", "vb-b").stdout == "3\n"
+    # kill -s TERM: tini passes it on to sleep, which dies of it; wait sees 128+15.
+    waiter = subprocess.Popen([f"{BIN}/unionrun", "--root", str(ur.root), "wait", "vb-a"],
+                              stdout=subprocess.PIPE, text=True)
+    assert _one_line_125(ur("kill", "-s", "NOPE", "vb-a"))
+    r = ur("kill", "-s", "TERM", "vb-a")
+    assert (r.returncode, r.stdout) == (0, "vb-a\n"), r.stderr
+    assert waiter.communicate(timeout=30)[0] == "143\n"
+    r = ur("kill", "vb-a")
+    assert _one_line_125(r) and "not running" in r.stderr
+    assert ur("ps", "-q").stdout == ""
+
+
+# ---- inspect, diff, top, rename -----------------------------------------------------------------
+
+@root_only
+def test_inspect_diff_top_rename(ur, layers, tmp_path):
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = ur("run", "-d", "--name", "vb-c", "-e", "X=1", "-w", "/tmp", "-v", f"{vol}:/data:ro",
+           "-p", f"127.0.0.1:{port}:80",
+           "--layers", layers["layers"], "--", "sh", "-c",
+           "echo new > /etc/new; echo more >> /etc/motd; rm /etc/gone; mkdir -p /root/d/e;"
+           " touch /ready; exec sleep 60")
+    assert r.returncode == 0, r.stderr
+    merged = ur.root / "vb-c/merged"
+    deadline = time.monotonic() + 10
+    while not (merged / "ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [obj] = json.loads(ur("inspect", "vb-c").stdout)
+    assert obj["Name"] == "/vb-c" and obj["State"]["Running"] is True
+    assert obj["State"]["Status"] == "running" and obj["State"]["Pid"] > 0
+    assert obj["Config"]["Cmd"][:2] == ["sh", "-c"] and "X=1" in obj["Config"]["Env"]
+    assert obj["Config"]["WorkingDir"] == "/tmp"
+    assert obj["Mounts"] == [{"Type": "bind", "Source": str(vol), "Destination": "/data",
+                              "Mode": "ro", "RW": False, "Propagation": "rprivate"}]
+    assert obj["GraphDriver"]["Data"]["UpperDir"] == str(ur.root / "vb-c/upper")
+    pid = obj["State"]["Pid"]
+    assert obj["NetworkSettings"]["Ports"] == {"80/tcp": [{"HostIp": "127.0.0.1",
+                                                          "HostPort": str(port)}]}
+    assert ur("port", "vb-c").stdout == f"80/tcp -> 127.0.0.1:{port}\n"
+    assert ur("port", "vb-c", "80").stdout == f"127.0.0.1:{port}\n"
+    assert _one_line_125(ur("port", "vb-c", "81/tcp"))
+    assert _one_line_125(ur("port", "vb-c", "80/udp"))
+    assert ur("inspect", "-f", "{{.State.Pid}} {{.State.Running}}", "vb-c").stdout == \
+        f"{pid} true\n"
+    r = ur("top", "vb-c")
+    assert r.returncode == 0 and "sleep 60" in r.stdout and str(pid) in r.stdout, r.stderr
+    r = ur("top", "vb-c", "-o", "comm=")
+    assert sorted(r.stdout.split()) == ["memfd:tini", "sleep"], r.stdout
+    assert ur("diff", "vb-c").stdout == ("C /etc\nD /etc/gone\nC /etc/motd\nA /etc/new\n"
+                                         "A /ready\nC /root\nA /root/d\nA /root/d/e\n")
+    r = ur("rename", "vb-c", "vb-d")
+    assert _one_line_125(r) and "running" in r.stderr
+    assert ur("stop", "-t", "10", "vb-c").returncode == 0
+    assert _one_line_125(ur("rename", "vb-c", "bad/name"))
+    assert ur("rename", "vb-c", "vb-d").returncode == 0
+    assert ur("ps", "-aq").stdout == "vb-d\n"
+    [obj] = json.loads(ur("inspect", "vb-d").stdout)
+    assert obj["State"]["Status"] == "exited" and obj["State"]["Running"] is False
+    assert obj["State"]["ExitCode"] == 143
+    assert "A /etc/new" in ur("diff", "vb-d").stdout
+    r = ur("inspect", "vb-d", "vb-nope")
+    assert r.returncode == 125 and len(json.loads(r.stdout)) == 1
+
+
+# ---- cp -----------------------------------------------------------------------------------------
+
+def _host_unchanged(host):
+    return sorted(os.listdir(host)) == ["keep"] and (host / "keep").read_text() == "host file\n"
+
+
+@root_only
+def test_cp_both_ways_running_and_stopped(ur, layers, tmp_path):
+    host = layers["host"]
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub/f").write_text("from the host\n")
+    os.chmod(src / "sub/f", 0o640)
+    os.symlink("f", src / "sub/l")
+    r = ur("run", "-d", "--name", "vb-cp", "--layers", layers["layers"], "--", "sleep", "60")
+    assert r.returncode == 0, r.stderr
+    # Into the running container, through its mount: the command inside sees it at once.
+    assert ur("cp", str(src / "sub"), "vb-cp:/tmp").returncode == 0
+    assert ur("cp", str(src / "sub/f"), "vb-cp:/root/renamed").returncode == 0
+    r = ur("exec", "vb-cp", "sh", "-c", "cat /tmp/sub/f /root/renamed; readlink /tmp/sub/l;"
+           " stat -c '%a %u %g' /tmp/sub/f")
+    assert r.stdout == "from the host\nfrom the host\nf\n640 0 0\n", r.stderr
+    # Out of it: a file, and a directory whose symlinks stay symlinks.
+    out = tmp_path / "out"
+    out.mkdir()
+    assert ur("cp", "vb-cp:/etc/motd", str(out / "motd")).returncode == 0
+    assert (out / "motd").read_text() == "top motd\n"
+    assert ur("cp", "vb-cp:/etc", str(out)).returncode == 0
+    assert (out / "etc/passwd").read_text().startswith("root:")
+    assert os.readlink(out / "etc/hostfile") == str(host / "keep")
+    # ATTACK: the image's symlinks to host paths, as source and as destination, resolve inside
+    # the container's root: nothing of the host is read or written.
+    for args in (["vb-cp:/escape/keep", str(out / "stolen")],
+                 ["vb-cp:/etc/up/keep", str(out / "stolen")],
+                 ["vb-cp:/etc/hostfile", str(out / "stolen2")],
+                 [str(src / "sub/f"), "vb-cp:/escape/planted"],
+                 [str(src / "sub/f"), "vb-cp:/etc/up/planted"]):
+        r = ur("cp", *args)
+        assert r.returncode in (0, 125) and "Traceback" not in r.stderr, (args, r.stderr)
+        assert _host_unchanged(host), args
+    assert not (out / "stolen").exists()
+    assert os.readlink(out / "stolen2") == str(host / "keep")
+    # Onto the symlink itself: replaced in the container, the host's file untouched.
+    assert ur("cp", str(src / "sub/f"), "vb-cp:/etc/hostfile").returncode == 0
+    assert ur("exec", "vb-cp", "cat", "/etc/hostfile").stdout == "from the host\n"
+    assert _host_unchanged(host)
+    # Stopped: its union is mounted for the copy only.
+    assert ur("stop", "-t", "0", "vb-cp").returncode == 0
+    assert ur("cp", str(src / "sub/f"), "vb-cp:/root/later").returncode == 0
+    assert ur("cp", "vb-cp:/root/later", str(out / "later")).returncode == 0
+    assert (out / "later").read_text() == "from the host\n"
+    assert "A /root/later" in ur("diff", "vb-cp").stdout
+    assert (ur.root / "vb-cp/upper/root/later").read_text() == "from the host\n"
+    with open("/proc/mounts") as f:
+        assert str(ur.root) not in f.read()
+    for args in (["vb-cp:/nope", str(out / "x")], [str(src / "nope"), "vb-cp:/tmp"],
+                 ["nope:/etc", str(out)], [str(src), str(out)], ["vb-cp:/a", "vb-cp:/b"]):
+        assert _one_line_125(ur("cp", *args)), args
+    assert _host_unchanged(host)
+
+
+# ---- start, restart, run --restart --------------------------------------------------------------
+
+def _wait_for(pred, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@root_only
+def test_start_restart_and_restart_policies(ur, layers):
+    lay = layers["layers"]
+    # The container counts its runs in its upper: start runs it again on the same upper.
+    count = "echo run >> /root/runs; wc -l < /root/runs"
+    r = ur("run", "--name", "vb-s", "-e", "K=v", "--layers", lay, "--", "sh", "-c",
+           count + '; echo "K=$K"; exit 4')
+    assert (r.returncode, r.stdout) == (4, "1\nK=v\n"), r.stderr
+    assert ur("start", "vb-s").stdout == "vb-s\n"
+    assert ur("wait", "vb-s").stdout == "4\n"
+    assert ur("logs", "vb-s").stdout == "2\nK=v\n"
+    r = ur("restart", "vb-s")
+    assert r.returncode == 0, r.stderr
+    assert ur("wait", "vb-s").stdout == "4\n"
+    assert ur("logs", "vb-s").stdout == "2\nK=v\n3\nK=v\n"
+    assert _one_line_125(ur("start", "vb-nope"))
+    # A long-running one: restart stops it and starts it again.
+    assert ur("run", "-d", "--name", "vb-l", "--layers", lay, "--", "sh", "-c",
+              count + "; exec sleep 60").returncode == 0
+    assert _wait_for(lambda: ur("logs", "vb-l").stdout == "1\n")
+    assert ur("restart", "-t", "0", "vb-l").returncode == 0
+    assert _wait_for(lambda: ur("logs", "vb-l").stdout == "1\n2\n")
+    assert ur("ps", "-q").stdout == "vb-l\n"
+    assert ur("stop", "-t", "0", "vb-l").returncode == 0
+    # --restart on-failure:2: three runs in all, the exit code of the last.
+    r = ur("run", "--name", "vb-f", "--restart", "on-failure:2", "--layers", lay, "--", "sh",
+           "-c", count + "; exit 5")
+    assert (r.returncode, r.stdout) == (5, "1\n2\n3\n"), r.stderr
+    r = ur("run", "--name", "vb-ok", "--restart", "on-failure", "--layers", lay, "--", "sh",
+           "-c", count)
+    assert (r.returncode, r.stdout) == (0, "1\n"), r.stderr
+    # --restart always, detached: it keeps coming back until stop.
+    assert ur("run", "-d", "--name", "vb-al", "--restart", "always", "--layers", lay, "--",
+              "sh", "-c", count + "; sleep 0.2").returncode == 0
+    assert _wait_for(lambda: ur("logs", "vb-al").stdout.count("\n") >= 3)
+    assert ur("stop", "-t", "0", "vb-al").returncode == 0
+    runs = ur("logs", "vb-al").stdout.count("\n")
+    time.sleep(1)
+    assert ur("logs", "vb-al").stdout.count("\n") == runs
+    assert ur("ps", "-q").stdout == ""
+    for bad in (["--restart", "sometimes"], ["--restart", "on-failure:x"],
+                ["--restart", "always", "--rm"]):
+        r = ur("run", *bad, "--layers", lay, "--", "true")
+        assert _one_line_125(r), bad
+
+
+# ---- against podman -----------------------------------------------------------------------------
+
+@root_only
+@pytest.mark.skipif(not shutil.which("podman"), reason="podman is not installed")
+def test_diff_wait_inspect_as_podman(ur, layers, tmp_path):
+    """The same image and command under podman (vfs, a store of its own) and unionrun: the same
+    diff, exit code from wait, and State/Config fields of inspect."""
+    runroot = tempfile.mkdtemp(prefix="pmv", dir="/tmp")
+    pm = [shutil.which("podman"), "--root", str(tmp_path / "pm"), "--runroot", runroot,
+          "--runtime", "runc", "--cgroup-manager=cgroupfs", "--events-backend=none",
+          "--storage-driver", "vfs"]
+    try:
+        tar = tmp_path / "base.tar"
+        subprocess.run(["tar", "-C", str(layers["base"]), "--numeric-owner", "-cf", str(tar), "."],
+                       check=True)
+        subprocess.run(pm + ["import", str(tar), "localhost/busybox:1"], check=True,
+                       capture_output=True)
+        script = ("echo new > /etc/new; echo more >> /etc/motd; rm /etc/gone; mkdir -p /root/d/e;"
+                  " ln -s /etc/new /root/l; exit 3")
+        results = {}
+        for who, run, image in ((pm, ["--net=none", "--ulimit", "nproc=1000:1000", "--ulimit",
+                                      "nofile=1000:1000"], "localhost/busybox:1"),
+                                ([f"{BIN}/unionrun", "--root", str(ur.root), "--store",
+                                  str(ur.store)], [], "busybox:1")):
+            r = subprocess.run(who + ["run", *run, "--name", "vb-pm", "-e", "A=b", "-w", "/root",
+                                      image, "sh", "-c", script], capture_output=True, text=True,
+                               timeout=120)
+            assert r.returncode == 3, r.stderr
+            out = {}
+            for verb in (["diff"], ["wait"],
+                         ["inspect", "--format", "{{.State.Status}} {{.State.ExitCode}} "
+                          "{{.State.Running}} {{.Config.WorkingDir}} {{.Config.Cmd}}"]):
+                r = subprocess.run(who + verb + ["vb-pm"], capture_output=True, text=True,
+                                   timeout=60)
+                assert r.returncode == 0, (verb, r.stderr)
+                out[verb[0]] = r.stdout
+            results["podman" if who is pm else "unionrun"] = out
+        theirs, ours = results["podman"], results["unionrun"]
+        assert "D /etc/gone" in theirs["diff"] and "A /root/l" in theirs["diff"]
+        assert sorted(ours["diff"].splitlines()) == sorted(theirs["diff"].splitlines())
+        assert ours["wait"] == theirs["wait"] == "3\n"
+        assert ours["inspect"].split()[:4] == theirs["inspect"].split()[:4] == \
+            ["exited", "3", "false", "/root"]
+    finally:
+        subprocess.run(pm + ["rm", "-af"], capture_output=True)
+        subprocess.run(pm + ["rmi", "-af"], capture_output=True)
+        shutil.rmtree(runroot, ignore_errors=True)
