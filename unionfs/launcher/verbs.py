@@ -90,7 +90,8 @@ def add_parsers(sub):
 
     p = sub.add_parser("port", help="a container's published ports")
     p.add_argument("name", help="the container")
-    p.add_argument("private", nargs="?", metavar="PORT[/tcp]", help="only this container port")
+    p.add_argument("private", nargs="?", metavar="PORT[/PROTO]",
+                   help="only this container port (tcp unless /udp)")
 
     p = sub.add_parser("cp", help="copy files between a container (running or not) and the host")
     p.add_argument("src", metavar="SRC", help="NAME:PATH or a host path")
