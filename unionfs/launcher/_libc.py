@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -21,7 +20,7 @@ _NR = {
                "open_tree": 428, "move_mount": 429},
     "aarch64": {"clone": 220, "pivot_root": 41, "capget": 90, "capset": 91, "openat2": 437,
                 "open_tree": 428, "move_mount": 429},
-}[platform.machine()]
+}[os.uname().machine]
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
