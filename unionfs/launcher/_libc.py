@@ -64,6 +64,15 @@ _libc.syscall.restype = ctypes.c_long
 _libc_gil.syscall.restype = ctypes.c_long
 
 
+def malloc_trim():
+    """Hand the free memory of glibc's heap back to the kernel: what start-up left behind in a
+    supervisor that then idles for the container's life (~0.7 MB). A no-op off glibc."""
+    try:
+        _libc.malloc_trim(0)
+    except AttributeError:
+        pass
+
+
 def _check(ret, what=""):
     if ret < 0:
         e = ctypes.get_errno()

@@ -252,6 +252,7 @@ def wait(started, interactive):
     """Wait for the command, forwarding our signals to the init (which passes them on); its
     exit status. Messages of a failed exec go to our stderr."""
     pid = started.init_pid
+    L.malloc_trim()
     with P.forwarding(pid):
         if started.master is None:
             code = P.wait_status(pid)
