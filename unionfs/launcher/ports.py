@@ -410,6 +410,7 @@ def main(argv=None):
     _log("listening on " + ", ".join(args.mappings))
     fwd = Forwarder(list(zip(socks, (p.ctr_port for p in ports))), netns_fd, args.pid,
                     args.start_time)
+    L.malloc_trim()     # start-up is over: what it left free in the heap goes back
     fwd.run()
     return 0
 
