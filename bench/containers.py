@@ -251,13 +251,14 @@ def measure_idle(impl, count: int, settle: float, log) -> dict:
 
 def table(result: dict) -> str:
     keys = list(result["start"])
+    keys += [k for rows in result["idle"].values() for k in rows if k not in keys]
     lines = ["| row | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
 
     def cell_ms(v):
         return (f"{statistics.median(v) * 1000:.0f} ms ({min(v) * 1000:.0f}–{max(v) * 1000:.0f})"
                 if v else "-")
     lines.append("| start (`run --rm ... true`), median (min–max) | "
-                 + " | ".join(cell_ms(result["start"][k]) for k in keys) + " |")
+                 + " | ".join(cell_ms(result["start"].get(k)) for k in keys) + " |")
     for count, rows in result["idle"].items():
         def cell(k):
             rs = rows.get(k)
