@@ -250,8 +250,8 @@ def measure_idle(impl, count: int, settle: float, log) -> dict:
 
 
 def table(result: dict) -> str:
-    keys = list(result["start"])
-    keys += [k for rows in result["idle"].values() for k in rows if k not in keys]
+    keys = list(dict.fromkeys([*result["start"], *(k for rows in result["idle"].values()
+                                                   for k in rows)]))
     lines = ["| row | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
 
     def cell_ms(v):

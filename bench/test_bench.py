@@ -114,6 +114,7 @@ def test_container_table_and_pss():
     idle = {"total_kib": 2048, "per_container_kib": 2048, "by_role_kib": {"daemon": 2048},
             "processes": {"daemon": 1}}
     md = containers.table({"start": {"unionrun": [0.2, 0.3, 0.25], "podman native": []},
-                           "idle": {1: {"unionrun": [idle, idle], "unionrun -p": [idle]}}})
-    assert "250 ms (200–300)" in md and "| - |" in md and "unionrun -p" in md
+                           "idle": {1: {"unionrun": [idle, idle], "unionrun -p": [idle]},
+                                    10: {"unionrun -p": [idle]}}})
+    assert "250 ms (200–300)" in md and "| - |" in md and md.count("unionrun -p |") == 1
     assert "2.0–2.0 MiB" in md and "1 × unionrun: daemon 2.0 (1 proc)" in md
