@@ -88,7 +88,6 @@ def _run(spec, root_tree, volume_trees, tini_fd, ctl_r, rep_w):
     # The supervisor's other fds (its cwd, what its caller passed on) are host files and
     # directories: through /proc/1/fd they would lead the container out of its root.
     _close_fds_but({ctl_r, rep_w, root_tree, tini_fd, *volume_trees})
-    _seccomp.preload()
     if P.read_line(ctl_r) != "setup":
         os._exit(P.SETUP_FAILED)
     if spec.userns:

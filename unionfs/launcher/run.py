@@ -18,7 +18,7 @@ import threading
 import time
 
 from . import _libc as L
-from . import cgroups, init, lifecycle, ports, union
+from . import cgroups, init, lifecycle, ports, seccomp, union
 from . import process as P
 from . import state
 
@@ -101,6 +101,9 @@ def start(spec, root, image=None, store=None, to_log=False):
         trees = _open_trees(spec, paths)
         try:
             trees.append(init.sealed_tini())
+            # Loaded before the clone: imported in the init, pyseccomp would run `ldconfig -p`
+            # twice as children of the container's PID 1, and its command would not be PID 2.
+            seccomp.preload()
             init_pid, rep_r, ctl_w, master = _clone_init(spec, paths, st, trees[:-1],
                                                          trees[-1])
         finally:

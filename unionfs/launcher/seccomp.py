@@ -45,9 +45,8 @@ _CALL_KEYS = {"name", "names", "action", "errnoRet", "args", "comment", "include
 
 
 class _Pyseccomp:
-    """pyseccomp, imported on first use: only the process that builds a filter (the init before
-    it execs, `exec`, a --security-opt check) pays for it, not a supervisor that idles for the
-    container's life (pyseccomp with ctypes.util and typing is ~2 MB and ~20 ms)."""
+    """pyseccomp, imported on first use (or by preload): unionrun's commands that build no
+    filter (ps, stop, rm, logs) do not pay for it (with ctypes.util and typing, ~20 ms)."""
 
     def __getattr__(self, name):
         import pyseccomp
@@ -58,8 +57,8 @@ S = _Pyseccomp()
 
 
 def preload():
-    """Import pyseccomp (and load libseccomp) now, while the host's files are still in reach: a
-    filter is built after the switch to the container's root."""
+    """Import pyseccomp (and load libseccomp) now, while the host's files are still in reach and
+    before any pid namespace: a filter is built after the switch to the container's root."""
     import pyseccomp  # noqa: F401
 
 
