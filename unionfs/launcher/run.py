@@ -255,8 +255,8 @@ def wait(started, interactive):
     """Wait for the command, forwarding our signals to the init (which passes them on); its
     exit status. Messages of a failed exec go to our stderr."""
     pid = started.init_pid
-    L.malloc_trim()
     with P.forwarding(pid):
+        L.malloc_trim()     # signals are forwarded by now: the trim widens no window
         if started.master is None:
             code = P.wait_status(pid)
         else:
