@@ -6,6 +6,8 @@ import json
 import tarfile
 import time
 
+from . import digest as digests
+
 
 class ArchiveError(ValueError):
     """An archive we cannot read: not a tar, no manifest, missing blobs."""
@@ -36,11 +38,27 @@ def _json(tf, name):
         raise ArchiveError(f"bad JSON in {name}: {e}") from None
 
 
-def _verified_json(tf, digest):
-    data = _member(tf, "blobs/" + digest.replace(":", "/")).read()
-    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+def _digest(value, what):
+    """`value` if it is a digest of the OCI shape: only then may it name a blob or a layer."""
+    try:
+        return digests.check(value)
+    except digests.DigestError as e:
+        raise ArchiveError(f"{what}: {e}") from None
+
+
+def _blob(digest):
+    alg, hexpart = digests.parse(digest)
+    return f"blobs/{alg}/{hexpart}"
+
+
+def _verified_json(tf, digest, what):
+    data = _member(tf, _blob(_digest(digest, what))).read()
+    if digests.of_bytes(data, digests.algorithm(digest)) != digest:
         raise ArchiveError(f"blob {digest} does not match its digest")
-    return json.loads(data)
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise ArchiveError(f"bad JSON in {what} {digest}: {e}") from None
 
 
 def open_archive(path):
@@ -50,19 +68,32 @@ def open_archive(path):
         names = set(tf.getnames())
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ArchiveError(f"not a readable tar archive: {e}") from None
+    try:
+        return _read_index(tf, names)
+    except BaseException as e:
+        tf.close()
+        # A JSON document of another shape than the spec's (a string where a list should be, ...).
+        if isinstance(e, (KeyError, IndexError, TypeError, AttributeError, ValueError)) \
+                and not isinstance(e, ArchiveError):
+            what = f"missing {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+            raise ArchiveError(f"malformed archive: {what}") from None
+        raise
+
+
+def _read_index(tf, names):
     if "index.json" in names:
         index = _json(tf, "index.json")
         desc = index["manifests"][0]
-        manifest = _verified_json(tf, desc["digest"])
+        manifest = _verified_json(tf, desc["digest"], "manifest")
         if "manifests" in manifest:  # an index inside the index
-            manifest = _verified_json(tf, manifest["manifests"][0]["digest"])
-        config = _verified_json(tf, manifest["config"]["digest"])
-        diff_ids = config.get("rootfs", {}).get("diff_ids", [])
+            manifest = _verified_json(tf, manifest["manifests"][0]["digest"], "manifest")
+        config = _verified_json(tf, manifest["config"]["digest"], "config")
+        diff_ids = [_digest(d, "diff_id") for d in config.get("rootfs", {}).get("diff_ids", [])]
         if len(diff_ids) != len(manifest["layers"]):
             raise ArchiveError("config's diff_ids do not match the manifest's layers")
         layers = []
         for ld, diff_id in zip(manifest["layers"], diff_ids):
-            name = "blobs/" + ld["digest"].replace(":", "/")
+            name = _blob(_digest(ld["digest"], "layer"))
             layers.append((lambda n=name: _member(tf, n), ld["digest"], diff_id))
         ref = desc.get("annotations", {}).get("org.opencontainers.image.ref.name")
         return Source(tf, layers, config, ref)
@@ -70,7 +101,7 @@ def open_archive(path):
         manifest = _json(tf, "manifest.json")[0]
         data = _member(tf, manifest["Config"]).read()
         config = json.loads(data)
-        diff_ids = config.get("rootfs", {}).get("diff_ids", [])
+        diff_ids = [_digest(d, "diff_id") for d in config.get("rootfs", {}).get("diff_ids", [])]
         if len(diff_ids) != len(manifest["Layers"]):
             raise ArchiveError("config's diff_ids do not match the manifest's layers")
         layers = [(lambda n=name: _member(tf, n), None, d) for name, d in zip(manifest["Layers"], diff_ids)]

@@ -7,6 +7,7 @@ import sys
 import time
 
 from . import archive, layer, store
+from .limits import Limits
 
 
 class _Progress:
@@ -32,6 +33,10 @@ def main(argv=None):
     p = img.add_parser("import")
     p.add_argument("file")
     p.add_argument("--name")
+    p.add_argument("--max-layer-size", metavar="SIZE",
+                   help="stop a layer that unpacks to more (e.g. 500m, 2g; default $UNIONFS_MAX_LAYER_SIZE)")
+    p.add_argument("--max-layer-entries", metavar="N",
+                   help="stop a layer with more files, dirs and links (default $UNIONFS_MAX_LAYER_ENTRIES)")
     img.add_parser("ls")
     img.add_parser("rm").add_argument("name")
     img.add_parser("inspect").add_argument("name")
@@ -51,7 +56,8 @@ def main(argv=None):
             print(f"unionfs: rootless: {e}", file=sys.stderr)
             return 1
     try:
-        st = store.open_store(args.store)
+        lim = Limits.from_env(getattr(args, "max_layer_size", None), getattr(args, "max_layer_entries", None))
+        st = store.open_store(args.store, lim)
         t0 = time.monotonic()
         prog = _Progress()
         if args.cmd == "import":

@@ -5,11 +5,13 @@ Every parse_* function raises SpecError with one line that names the option and 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
 from dataclasses import dataclass, field
 
+from ..options import parse_size
 from . import caps as _caps
 from . import seccomp as _seccomp
 
@@ -28,23 +30,34 @@ class Volume:
     target: str         # container path, absolute; resolved inside the new root
     readonly: bool
     is_dir: bool
+    optional: bool = False  # skipped when the target cannot be made (the network's files)
 
 
 @dataclass(frozen=True)
 class Port:
-    host_addr: str
+    host_addr: str      # "": every address of the host
     host_port: int
     ctr_port: int
+    proto: str = "tcp"
+
+
+# podman's default (containers.conf pids_limit): a fork bomb stops there, not at the host's.
+DEFAULT_PIDS_LIMIT = 2048
 
 
 @dataclass(frozen=True)
 class Limits:
     memory: int | None = None       # bytes
     cpus: float | None = None
-    pids: int | None = None
+    pids: int | None = DEFAULT_PIDS_LIMIT   # -1: none ("max")
+    # --pids-limit given: an error where it cannot be set; the default is skipped there.
+    pids_asked: bool = False
 
-    def any(self):
-        return self.memory is not None or self.cpus is not None or self.pids is not None
+
+@dataclass(frozen=True)
+class Storage:
+    """--storage-opt KEY=VALUE, docker's spelling: what the container's upper layer may hold."""
+    size: int | None = None         # bytes; unionmount's upper_size= enforces it
 
 
 @dataclass(frozen=True)
@@ -60,8 +73,12 @@ class RunSpec:
     volumes: tuple = ()
     ports: tuple = ()
     limits: Limits = field(default_factory=Limits)
+    storage: Storage = field(default_factory=Storage)
     caps: int = _caps.DEFAULT
-    net: str = "none"
+    net: str = "none"       # none, host, or a network's name (bridge: the default one)
+    dns: tuple = ()         # --dns servers
+    add_hosts: tuple = ()   # ((name, address), ...) of --add-host
+    aliases: tuple = ()     # --network-alias
     readonly: bool = False
     userns: tuple | None = None     # (first host id, count): the container's 0.. are these
     tty: bool = False
@@ -124,15 +141,27 @@ def parse_volume(value):
 
 
 def parse_port(value):
-    m = re.fullmatch(r"(?:(\[[0-9a-fA-F:]+\]|[0-9.]+):)?(\d+):(\d+)(?:/tcp)?", value)
-    if not m:
-        raise SpecError(f"-p {value!r}: expected [ADDRESS:]HOSTPORT:CONTAINERPORT")
-    addr = (m.group(1) or "127.0.0.1").strip("[]")
-    hport, cport = int(m.group(2)), int(m.group(3))
-    for p in (hport, cport):
-        if not 0 < p < 65536:
-            raise SpecError(f"-p {value!r}: port {p} is out of range")
-    return Port(addr, hport, cport)
+    """-p [ADDR:][HOSTPORT:]CTRPORT[/tcp|/udp]: see unionfs.net.ports."""
+    from ..net import ports
+    return ports.parse(value)
+
+
+def parse_add_host(value):
+    name, sep, addr = value.partition(":")
+    try:
+        ipaddress.ip_address(addr)
+    except ValueError:
+        addr = ""
+    if not sep or not addr or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", name):
+        raise SpecError(f"--add-host {value!r}: expected NAME:IP")
+    return name, addr
+
+
+def parse_dns(value):
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise SpecError(f"--dns {value!r}: expected an IP address") from None
 
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -148,6 +177,21 @@ def parse_memory(value):
     return size
 
 
+def parse_storage_opts(values):
+    """--storage-opt size=SIZE (docker's key; suffixes k, m, g, t). Any other key is refused, as
+    docker refuses what its storage driver does not know."""
+    size = None
+    for item in values:
+        key, eq, value = item.partition("=")
+        if key != "size" or not eq:
+            raise SpecError(f"--storage-opt {item!r}: the only option is size=SIZE")
+        try:
+            size = parse_size(value)
+        except ValueError as e:
+            raise SpecError(f"--storage-opt {item!r}: {e}") from None
+    return Storage(size=size)
+
+
 def parse_cpus(value):
     try:
         cpus = float(value)
@@ -159,8 +203,10 @@ def parse_cpus(value):
 
 
 def parse_pids(value):
+    if value == "-1":
+        return -1
     if not re.fullmatch(r"\d+", value) or int(value) < 1:
-        raise SpecError(f"--pids-limit {value!r}: expected a positive number")
+        raise SpecError(f"--pids-limit {value!r}: expected a positive number, or -1 for none")
     return int(value)
 
 
