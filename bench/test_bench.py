@@ -104,3 +104,17 @@ def test_table_has_ratios_and_errors():
     assert fuse.split()[-4:] == ["4.000", "4.000–4.000", "1.00", "2.00"]
     assert "error: boom" in broken
     assert "| error | boom |" in report.markdown_table(cells)
+
+
+def test_container_table_and_pss():
+    import containers
+
+    assert containers.pss_kib(os.getpid()) > 0
+    assert containers.pss_kib(2 ** 22 + 1) == 0     # above pid_max: gone
+    idle = {"total_kib": 2048, "per_container_kib": 2048, "by_role_kib": {"daemon": 2048},
+            "processes": {"daemon": 1}}
+    md = containers.table({"start": {"unionrun": [0.2, 0.3, 0.25], "podman native": []},
+                           "idle": {1: {"unionrun": [idle, idle], "unionrun -p": [idle]},
+                                    10: {"unionrun -p": [idle]}}})
+    assert "250 ms (200–300)" in md and "| - |" in md and md.count("unionrun -p |") == 1
+    assert "2.0–2.0 MiB" in md and "1 × unionrun: daemon 2.0 (1 proc)" in md

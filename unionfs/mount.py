@@ -5,6 +5,7 @@ the mount is ready (exit 0) or why it failed (its one line, non-zero exit). Clea
 order of setup.
 """
 
+import ctypes
 import logging
 import os
 import re
@@ -256,6 +257,7 @@ def serve(opts, prep, ready):
         log.info("mounted %s (%s build, %s session)", prep.mountpoint, _fast.IMPLEMENTATION,
                  session.IMPLEMENTATION)
         ready(None)
+        _give_back_heap()
         unmount = True
         try:
             unmount = s.serve()
@@ -287,6 +289,15 @@ def main(opts):
             undo_workdir(prep)
         return code
     return _daemonize(opts, prep)
+
+
+def _give_back_heap():
+    """Start-up (imports, option parsing, the first layer scans) leaves free memory in glibc's
+    heap that it keeps: ~1 MB of each idle container's daemon, handed back here."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc
+        pass
 
 
 def _daemonize(opts, prep):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -21,7 +20,7 @@ _NR = {
                "open_tree": 428, "move_mount": 429, "mount_setattr": 442},
     "aarch64": {"clone": 220, "pivot_root": 41, "capget": 90, "capset": 91, "openat2": 437,
                 "open_tree": 428, "move_mount": 429, "mount_setattr": 442},
-}[platform.machine()]
+}[os.uname().machine]
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -63,6 +62,15 @@ RESOLVE_IN_ROOT = 0x10
 
 _libc.syscall.restype = ctypes.c_long
 _libc_gil.syscall.restype = ctypes.c_long
+
+
+def malloc_trim():
+    """Hand the free memory of glibc's heap back to the kernel: what start-up left behind in a
+    supervisor that then idles for the container's life (~0.7 MB). A no-op off glibc."""
+    try:
+        _libc.malloc_trim(0)
+    except AttributeError:
+        pass
 
 
 def _check(ret, what=""):

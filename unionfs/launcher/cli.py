@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 import time
 
@@ -188,7 +187,7 @@ def _build_spec(args):
     argv = entrypoint + (cmd or image_cmd)
     if not argv:
         raise spec.SpecError("no command given (after --, or in the image's config)")
-    name = spec.parse_name(args.name) if args.name else secrets.token_hex(6)
+    name = spec.parse_name(args.name) if args.name else os.urandom(6).hex()
     hostname = args.hostname or name[:63]
     if not spec.NAME_RE.fullmatch(hostname):
         raise spec.SpecError(f"--hostname {hostname!r}: not a valid host name")

@@ -14,6 +14,7 @@ from . import cgroups
 from . import process as P
 from . import state
 from .rootless import in_user_namespace
+from .seccomp import preload as _seccomp_preload
 
 # Joined in this order: the user namespace first, as it grants the rights to join the others;
 # mnt last, as it changes what every path means.
@@ -67,6 +68,7 @@ def run_in(pid, argv, env, workdir="/", user=None, tty=False, interactive=False,
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     cmd = P.Command(list(argv), env, workdir, user, slave_n, interactive, mask, null, setgroups,
                     seccomp, guard_mounts, no_new_privs)
+    _seccomp_preload()
     r, w = os.pipe()
     try:
         child = os.fork()

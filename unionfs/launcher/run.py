@@ -19,7 +19,7 @@ import threading
 import time
 
 from . import _libc as L
-from . import cgroups, init, lifecycle, ports, union
+from . import cgroups, init, lifecycle, ports, seccomp, union
 from . import process as P
 from . import state
 from ..net import NetError
@@ -142,6 +142,9 @@ def start(spec, root, image=None, store=None, to_log=False, again=False):
         try:
             _seal_host_view(paths)
             trees.append(init.sealed_tini())
+            # Loaded before the clone: imported in the init, pyseccomp would run `ldconfig -p`
+            # twice as children of the container's PID 1, and its command would not be PID 2.
+            seccomp.preload()
             init_pid, rep_r, ctl_w, master, signals = _clone_init(spec, paths, st,
                                                                   trees[:-1], trees[-1])
         finally:
@@ -321,6 +324,7 @@ def wait(started, interactive):
     exit status. Messages of a failed exec go to our stderr."""
     pid = started.init_pid
     try:
+        L.malloc_trim()     # signals are forwarded by now: the trim widens no window
         if started.master is None:
             code = P.wait_status(pid)
         else:

@@ -1,10 +1,10 @@
 """Seccomp: a profile in docker's JSON format turned into a filter through libseccomp (pyseccomp),
 and the mount guard that keeps --cap-add SYS_ADMIN from mounting anything over the host.
 
-The profile is read and checked once (load_profile, at `run`); the filter is built from it and
-the container's capabilities in the process that execs the container's init or an exec'd command
-(apply), as runc does it: before the user switch while CAP_SYS_ADMIN is still held, or after it
-with no_new_privs.
+The profile is read once (load_profile, at `run`; a user's is checked then too); the filter is
+built from it and the container's capabilities in the process that execs the container's init or
+an exec'd command (apply), as runc does it: before the user switch while CAP_SYS_ADMIN is still
+held, or after it with no_new_privs.
 """
 
 from __future__ import annotations
@@ -12,9 +12,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import platform
-
-import pyseccomp as S
 
 from . import caps as _caps
 
@@ -33,17 +30,36 @@ _NATIVE = {"amd64": "SCMP_ARCH_X86_64", "arm64": "SCMP_ARCH_AARCH64", "arm": "SC
            "ppc64le": "SCMP_ARCH_PPC64LE", "s390x": "SCMP_ARCH_S390X",
            "riscv64": "SCMP_ARCH_RISCV64", "x86": "SCMP_ARCH_X86",
            "loongarch64": "SCMP_ARCH_LOONGARCH64"}
-_ARCHES = {f"SCMP_ARCH_{name}": getattr(S.Arch, name) for name in
+# pyseccomp's names of the architectures, comparisons and filter attributes docker's names stand for.
+_ARCHES = {f"SCMP_ARCH_{name}": name for name in
            ("X86", "X86_64", "X32", "ARM", "AARCH64", "MIPS", "MIPS64", "MIPS64N32", "MIPSEL",
             "MIPSEL64", "MIPSEL64N32", "PPC", "PPC64", "PPC64LE", "S390", "S390X", "PARISC",
             "PARISC64", "RISCV64")}
-_OPS = {"SCMP_CMP_NE": S.NE, "SCMP_CMP_LT": S.LT, "SCMP_CMP_LE": S.LE, "SCMP_CMP_EQ": S.EQ,
-        "SCMP_CMP_GE": S.GE, "SCMP_CMP_GT": S.GT, "SCMP_CMP_MASKED_EQ": S.MASKED_EQ}
-_FLAGS = {"SECCOMP_FILTER_FLAG_TSYNC": None, "SECCOMP_FILTER_FLAG_LOG": S.Attr.CTL_LOG,
-          "SECCOMP_FILTER_FLAG_SPEC_ALLOW": S.Attr.CTL_SSB}
+_OPS = {"SCMP_CMP_NE": "NE", "SCMP_CMP_LT": "LT", "SCMP_CMP_LE": "LE", "SCMP_CMP_EQ": "EQ",
+        "SCMP_CMP_GE": "GE", "SCMP_CMP_GT": "GT", "SCMP_CMP_MASKED_EQ": "MASKED_EQ"}
+_FLAGS = {"SECCOMP_FILTER_FLAG_TSYNC": None, "SECCOMP_FILTER_FLAG_LOG": "CTL_LOG",
+          "SECCOMP_FILTER_FLAG_SPEC_ALLOW": "CTL_SSB"}
 _KEYS = {"defaultAction", "defaultErrnoRet", "architectures", "archMap", "syscalls", "flags",
          "listenerPath", "listenerMetadata"}
 _CALL_KEYS = {"name", "names", "action", "errnoRet", "args", "comment", "includes", "excludes"}
+
+
+class _Pyseccomp:
+    """pyseccomp, imported on first use (or by preload): unionrun's commands that build no
+    filter (ps, stop, rm, logs) do not pay for it (with ctypes.util and typing, ~20 ms)."""
+
+    def __getattr__(self, name):
+        import pyseccomp
+        return getattr(pyseccomp, name)
+
+
+S = _Pyseccomp()
+
+
+def preload():
+    """Import pyseccomp (and load libseccomp) now, while the host's files are still in reach and
+    before any pid namespace: a filter is built after the switch to the container's root."""
+    import pyseccomp  # noqa: F401
 
 
 class ProfileError(Exception):
@@ -51,12 +67,12 @@ class ProfileError(Exception):
 
 
 def goarch():
-    return _GOARCH.get(platform.machine(), platform.machine())
+    return _GOARCH.get(os.uname().machine, os.uname().machine)
 
 
 def load_profile(path):
-    """The profile of ``path`` (None: docker's default, shipped with us) as a dict, checked by
-    building its filter once. Raises ProfileError."""
+    """The profile of ``path`` (None: docker's default, shipped with us) as a dict; one of the
+    user's is checked by building its filter once. Raises ProfileError."""
     where = path or DEFAULT_PATH
     try:
         with open(where, "rb") as f:
@@ -65,7 +81,11 @@ def load_profile(path):
         raise ProfileError(f"seccomp profile {where}: {e.strerror}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ProfileError(f"seccomp profile {where}: not valid JSON: {e}") from None
-    build(profile, _caps.ALL, guard_mounts=False, where=where)
+    if path is not None:
+        # Docker's default, shipped with us, is built by every container's init anyway (and by
+        # the tests): building it here too cost each start ~0.1-0.25 s under load (pyseccomp
+        # runs `ldconfig -p` twice to find libseccomp) and kept pyseccomp in the supervisor.
+        build(profile, _caps.ALL, guard_mounts=False, where=where)
     return profile
 
 
@@ -134,7 +154,7 @@ def _condition(arg, where):
     for v in (value, value2):
         if not isinstance(v, int) or not 0 <= v < 1 << 64:
             raise ProfileError(f"{where}: args value {v!r}: expected an unsigned 64-bit number")
-    return index, S.Arg(index, _OPS[op], value, value2)
+    return index, S.Arg(index, getattr(S, _OPS[op]), value, value2)
 
 
 def _arches(profile, where):
@@ -152,7 +172,7 @@ def _arches(profile, where):
     for name in names:
         if name not in _ARCHES:
             raise ProfileError(f"{where}: unknown architecture {name!r}")
-    return [_ARCHES[n] for n in names]
+    return [getattr(S.Arch, _ARCHES[n]) for n in names]
 
 
 def build(profile, caps, guard_mounts, where="seccomp profile"):
@@ -178,7 +198,7 @@ def build(profile, caps, guard_mounts, where="seccomp profile"):
         if flag not in _FLAGS:
             raise ProfileError(f"{where}: unsupported flag {flag!r}")
         if _FLAGS[flag] is not None:
-            f.set_attr(_FLAGS[flag], 1)
+            f.set_attr(getattr(S.Attr, _FLAGS[flag]), 1)
     arches = _arches(profile, where)
     if arches:
         # The native arch is in a new filter already; the profile's list is the whole set.
