@@ -11,6 +11,8 @@ import stat
 import tarfile
 import zlib
 
+import zstandard
+
 OCI_WH = ".wh."
 OCI_OPQ = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -122,14 +124,19 @@ def _apply_meta(dfd, name, m, is_link=False):
 
 
 def unpack(blob, dest, expect_digest=None, expect_diff_id=None, progress=None):
-    """Unpack a layer tar (plain or gzip) read from `blob` into the empty dir `dest`.
+    """Unpack a layer tar (plain, gzip or zstd) read from `blob` into the empty dir `dest`.
 
     Returns (blob_digest, diff_id, size). Raises LayerError on hostile or corrupt input.
     """
     raw = _Hashing(blob, progress)
     buffered = io.BufferedReader(raw, 1 << 20)
-    gz = buffered.peek(2)[:2] == b"\x1f\x8b"
-    plain = gzip.GzipFile(fileobj=buffered) if gz else buffered
+    magic = buffered.peek(4)[:4]
+    if magic[:2] == b"\x1f\x8b":
+        plain = gzip.GzipFile(fileobj=buffered)
+    elif magic == b"\x28\xb5\x2f\xfd":
+        plain = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
+    else:
+        plain = buffered
     untar = _Hashing(plain)
     root_fd = os.open(dest, _DIR_FLAGS)
     dirs = []
@@ -144,7 +151,7 @@ def unpack(blob, dest, expect_digest=None, expect_diff_id=None, progress=None):
                 pass
             while buffered.read(1 << 20):
                 pass
-        except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+        except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as e:
             raise LayerError(f"corrupt or truncated layer: {e}") from None
         # Directory mtimes last: extracting their children changed them.
         for parts, m in reversed(dirs):

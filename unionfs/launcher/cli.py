@@ -1,4 +1,4 @@
-"""The unionrun command: run, exec, ps, stop, rm, logs, commit.
+"""The unionrun command: run, exec, ps, stop, rm, logs, commit, and the image verbs of images/cli.py.
 
 Exit status: the command's own for run (foreground) and exec; 125 when unionrun itself failed
 (bad input, a resource that could not be set up), with one line on stderr saying why.
@@ -12,6 +12,7 @@ import secrets
 import sys
 import time
 
+from ..images import cli as image_cli
 from . import enter, lifecycle, run, spec, state
 
 PROG = "unionrun"
@@ -90,6 +91,9 @@ def _parser():
     p = sub.add_parser("commit", help="a stopped container's upper as a new image")
     p.add_argument("name")
     p.add_argument("image")
+
+    # --- image verbs (pull, push, login, logout, images, tag, rmi, image, save, load): unionfs/images/cli.py
+    image_cli.add_parsers(sub)
     return ap
 
 
@@ -117,8 +121,16 @@ def _image_config(args):
     from ..images import store as _store
     try:
         st = _store.open_store(args.store)
-        im = st.image(rest[0])
-    except (_store.StoreError, OSError) as e:
+        try:
+            im = st.image(rest[0])
+        except _store.StoreError as missing:
+            # As docker does: an image the store lacks is pulled (with the default transport options).
+            pull_args = argparse.Namespace(tls_verify=True, cert_dir=None, creds=None, platform=None)
+            try:
+                im = image_cli.pull(st, rest[0], pull_args)
+            except image_cli.ERRORS as e:
+                raise spec.SpecError(f"{missing}; pulling it: {e}") from None
+    except image_cli.ERRORS as e:
         raise spec.SpecError(str(e)) from None
     return tuple(im.layers), im.config or {}, im.name, st, _command_args(rest[1:])
 
@@ -274,7 +286,7 @@ def _cmd_commit(args, root):
     try:
         im = _store.open_store(args.store or st.get("store")).commit(upper, st["image"],
                                                                       args.image)
-    except (_store.StoreError, OSError) as e:
+    except image_cli.ERRORS as e:
         raise _Fail(f"commit: {e}") from None
     print(f"{im.name}: {len(im.layers)} layers", file=sys.stderr)
     return 0
@@ -283,6 +295,8 @@ def _cmd_commit(args, root):
 def main(argv=None):
     args = _parser().parse_args(argv)
     root = _root(args)
+    if args.cmd in image_cli.VERBS:
+        return image_cli.main(args, args.store)
     handler = {"run": _cmd_run, "exec": _cmd_exec, "ps": _cmd_ps, "stop": _cmd_stop,
                "rm": _cmd_rm, "logs": _cmd_logs, "commit": _cmd_commit}[args.cmd]
     if os.geteuid() != 0 and args.cmd in ("run", "exec", "stop", "rm"):

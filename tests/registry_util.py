@@ -1,0 +1,170 @@
+"""Real registries for the tests: Debian's docker-registry (the CNCF distribution registry) on 127.0.0.1 with a
+free port, its own storage and log; optionally behind TLS with a CA made here (openssl), with htpasswd (Basic)
+or token auth; and a TCP proxy that can cut a connection after N bytes from the server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REGISTRY = "/usr/bin/docker-registry"
+
+
+def why_no_registry():
+    if not os.path.exists(REGISTRY):
+        return "docker-registry is not installed (apt-get install docker-registry)"
+    return None
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_ca(d: Path, host="127.0.0.1"):
+    """A CA and a server certificate for `host` signed by it; returns (ca.crt, server.crt, server.key)."""
+    d.mkdir(parents=True, exist_ok=True)
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True, cwd=d)  # noqa: E731
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "2", "-subj", "/CN=unionfs test CA")
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", f"/CN={host}")
+    (d / "ext.cnf").write_text(f"subjectAltName=IP:{host}\n" if host[0].isdigit() else f"subjectAltName=DNS:{host}\n")
+    run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")
+    return d / "ca.crt", d / "server.crt", d / "server.key"
+
+
+class Registry:
+    """docker-registry serving from `home`; `log` holds every request it served (level info)."""
+
+    def __init__(self, home: Path, tls=None, htpasswd=None, token=None):
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.storage = home / "storage"
+        self.log = home / "registry.log"
+        cfg = ["version: 0.1", "log:", "  level: info", "  accesslog:", "    disabled: false",
+               "storage:", "  filesystem:", f"    rootdirectory: {self.storage}", "  delete:", "    enabled: true",
+               "http:", f"  addr: 127.0.0.1:{self.port}"]
+        if tls:
+            cfg += ["  tls:", f"    certificate: {tls[0]}", f"    key: {tls[1]}"]
+        if htpasswd:
+            cfg += ["auth:", "  htpasswd:", "    realm: test-realm", f"    path: {htpasswd}"]
+        if token:
+            cfg += ["auth:", "  token:", f"    realm: {token['realm']}", f"    service: {token['service']}",
+                    f"    issuer: {token['issuer']}", f"    rootcertbundle: {token['rootcertbundle']}"]
+        (home / "config.yml").write_text("\n".join(cfg) + "\n")
+        self.logf = open(self.log, "wb")
+        self.proc = subprocess.Popen([REGISTRY, "serve", str(home / "config.yml")], stdout=self.logf,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"docker-registry did not start: {self.log.read_text()[-2000:]}")
+                time.sleep(0.05)
+
+    def log_mark(self):
+        return self.log.stat().st_size
+
+    def requests_since(self, mark):
+        """The access-log lines written since `mark` (method path status)."""
+        with open(self.log, "rb") as f:
+            f.seek(mark)
+            text = f.read().decode(errors="replace")
+        return [line for line in text.splitlines() if '"GET /v2' in line or '"HEAD /v2' in line
+                or '"PUT /v2' in line or '"POST /v2' in line or '"PATCH /v2' in line]
+
+    def blob_file(self, digest):
+        hexd = digest.split(":")[1]
+        return self.storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.logf.close()
+
+
+class CuttingProxy:
+    """127.0.0.1:port -> target; the server-to-client stream of a connection is cut after `cut_after`
+    bytes, for the first `cuts` connections that get that far (cuts=None: every one)."""
+
+    def __init__(self, target_port, cut_after, cuts=1):
+        self.target, self.cut_after, self.cuts = target_port, cut_after, cuts
+        self.done_cuts = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.host = f"127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                s = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                c.close()
+                continue
+            threading.Thread(target=self._pipe, args=(c, s, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(s, c, True), daemon=True).start()
+
+    def _pipe(self, src, dst, cutting):
+        n = 0
+        try:
+            while data := src.recv(65536):
+                if cutting:
+                    with self._lock:
+                        may_cut = self.cuts is None or self.done_cuts < self.cuts
+                        if may_cut and n + len(data) > self.cut_after:
+                            self.done_cuts += 1
+                            dst.sendall(data[:self.cut_after - n])
+                            raise ConnectionAbortedError
+                    n += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for so in (src, dst):
+                try:
+                    so.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                so.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def http_ok(url, timeout=2):
+    try:
+        urllib.request.urlopen(url, timeout=timeout)
+        return True
+    except Exception:
+        return False
+
+
+def have(prog):
+    return shutil.which(prog) is not None
