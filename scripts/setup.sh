@@ -93,10 +93,14 @@ install_unionfs() {
 # `fuse.unionmount` mount (and of an fstab line) in /usr/local/bin: link the commands there.
 install_commands() {
     local cmd
-    for cmd in unionmount unionrun unionfs; do
+    for cmd in unionmount unionrun; do
         [ -x "$VENV/bin/$cmd" ] && ln -sfn "$VENV/bin/$cmd" "/usr/local/bin/$cmd"
     done
-    echo "commands linked in /usr/local/bin: unionmount unionrun unionfs"
+    # Our former `unionfs` command (now `unionrun`'s image verbs) shadowed unionfs-fuse's /usr/bin/unionfs.
+    if [ -L /usr/local/bin/unionfs ] && [ "$(readlink /usr/local/bin/unionfs)" = "$VENV/bin/unionfs" ]; then
+        rm -f /usr/local/bin/unionfs
+    fi
+    echo "commands linked in /usr/local/bin: unionmount unionrun"
 }
 
 setup_all() {
