@@ -333,3 +333,85 @@ def _saved_base(world, tmp_path):
     out = tmp_path / "base-oci.tar"
     skopeo("copy", "--src-tls-verify=false", f"docker://{reg.host}/base:1", f"oci-archive:{out}")
     return out
+
+
+def _put_manifest(reg, repo, tag, data, media_type):
+    import httpx
+    r = httpx.put(f"http://{reg.host}/v2/{repo}/manifests/{tag}", content=data,
+                  headers={"Content-Type": media_type})
+    assert r.status_code == 201, r.text
+
+
+def _inspect(st, ref):
+    r = unionrun(st, "image", "inspect", ref)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)[0]
+
+
+def test_platform_from_an_index(world, tmp_path):
+    d, reg, pm = world
+    # An OCI index in repository base: linux/amd64 is base:1, linux/arm64/v8 is (pretending) derived:1.
+    skopeo("copy", "--src-tls-verify=false", "--dest-tls-verify=false", f"docker://{reg.host}/derived:1",
+           f"docker://{reg.host}/base:derived")
+    entries = []
+    for tag, plat in (("1", {"architecture": "amd64", "os": "linux"}),
+                      ("derived", {"architecture": "arm64", "os": "linux", "variant": "v8"})):
+        raw = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{reg.host}/base:{tag}").encode()
+        entries.append({"mediaType": json.loads(raw).get("mediaType", "application/vnd.oci.image.manifest.v1+json"),
+                        "digest": "sha256:" + hashlib.sha256(raw).hexdigest(), "size": len(raw),
+                        "platform": plat})
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": entries}).encode()
+    _put_manifest(reg, "base", "multi", index, "application/vnd.oci.image.index.v1+json")
+    st = tmp_path / "store"
+    base_cfg, derived_cfg = (manifest_of(reg, n)["config"]["digest"] for n in ("base:1", "derived:1"))
+    if os.uname().machine == "x86_64":
+        r = unionrun(st, "pull", "-q", f"{reg.host}/base:multi")
+        assert r.returncode == 0 and "sha256:" + r.stdout.strip() == base_cfg, r.stderr
+    r = unionrun(st, "pull", "-q", "--platform", "linux/arm64", f"{reg.host}/base:multi")
+    assert r.returncode == 0 and "sha256:" + r.stdout.strip() == derived_cfg, r.stderr
+    before = snapshot(st)
+    assert "no image for platform linux/s390x" in one_error(
+        unionrun(st, "pull", "--platform", "linux/s390x", f"{reg.host}/base:multi"))
+    assert snapshot(st) == before
+    # By digest: kept as NAME@DIGEST.
+    r = unionrun(st, "pull", "-q", f"{reg.host}/base@{entries[0]['digest']}")
+    assert r.returncode == 0, r.stderr
+    assert _inspect(st, f"{reg.host}/base@{entries[0]['digest']}")["Id"] == base_cfg
+
+
+def test_formats_zstd_docker_v2s2_uncompressed_chunked(world, tmp_path):
+    d, reg, pm = world
+    want = _inspect_layers(world, tmp_path)
+    st = tmp_path / "store"
+    # skopeo reuses the registry's gzip blobs when copying between its repositories: zstd goes by a dir.
+    skopeo("copy", "--src-tls-verify=false", "--dest-compress-format", "zstd", f"docker://{reg.host}/base:1",
+           f"oci:{tmp_path / 'zstd'}:x")
+    for tag, src, extra in (("v2s2", f"docker://{reg.host}/base:1", ["-f", "v2s2", "--src-tls-verify=false"]),
+                            ("zstd", f"oci:{tmp_path / 'zstd'}:x", [])):
+        skopeo("copy", "--dest-tls-verify=false", *extra, src, f"docker://{reg.host}/formats:{tag}")
+        assert unionrun(st, "pull", f"{reg.host}/formats:{tag}").returncode == 0
+        got = _inspect(st, f"{reg.host}/formats:{tag}")
+        assert got["RootFS"]["diff_ids"] == want
+        mt = got["MediaType"]
+        assert mt == ("application/vnd.docker.distribution.manifest.v2+json" if tag == "v2s2"
+                      else "application/vnd.oci.image.manifest.v1+json")
+        layers = manifest_of(reg, f"formats:{tag}")["layers"]
+        assert all(lyr["mediaType"].endswith("+zstd") for lyr in layers) == (tag == "zstd")
+    # A docker archive's plain tar layers, pushed in 64 KiB chunks (PATCH, then PUT), pulled back.
+    pm("save", "--format", "docker-archive", "-o", str(tmp_path / "base-docker.tar"), "localhost/base:1")
+    assert unionrun(st, "load", "-i", tmp_path / "base-docker.tar", "plain:1").returncode == 0
+    mark = reg.log_mark()
+    r = unionrun(st, "push", "plain:1", f"{reg.host}/plain:1", env={"UNIONRUN_PUSH_CHUNK": "65536"})
+    assert r.returncode == 0, r.stderr
+    assert len([line for line in reg.requests_since(mark) if '"PATCH /v2/plain/blobs/uploads/' in line]) > 2
+    st2 = tmp_path / "store2"
+    assert unionrun(st2, "pull", f"{reg.host}/plain:1").returncode == 0
+    assert _inspect(st2, f"{reg.host}/plain:1")["RootFS"]["diff_ids"] == want
+    assert manifest_of(reg, "plain:1")["layers"][0]["mediaType"] == "application/vnd.oci.image.layer.v1.tar"
+
+
+def _inspect_layers(world, tmp_path):
+    d, reg, pm = world
+    cfg = json.loads(skopeo("inspect", "--config", "--tls-verify=false", f"docker://{reg.host}/base:1"))
+    return cfg["rootfs"]["diff_ids"]

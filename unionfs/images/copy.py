@@ -62,9 +62,8 @@ def pull(store, reg, ref, platform=None, progress=None):
                 task.done()
 
         _run_all(fetch, range(len(layers)))
-        names = [str(ref)] if ref.tag else []
-        if not names:   # pulled by digest only: docker keeps it as NAME@DIGEST
-            names = [f"{ref.name}@{digest}"]
+        # Pulled by digest: docker keeps it as NAME@DIGEST, the tag (if one was given too) aside.
+        names = [f"{ref.name}@{digest}" if ref.digest else str(ref)]
         return st.commit(names, data, mt, config, source=where)
 
 

@@ -6,6 +6,7 @@ with Range after a dropped connection, uploads with HEAD first and cross-reposit
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
@@ -114,7 +115,7 @@ class Registry:
     def _answer(self, challenge, request):
         scheme, params = challenge
         if scheme == "basic":
-            return httpx.BasicAuth(*self.creds)._auth_header if self.creds else None
+            return _basic(*self.creds) if self.creds else None
         if scheme != "bearer" or "realm" not in params:
             return None
         scopes = [s for s in params.get("scope", "").split(" ") if s]
@@ -292,6 +293,10 @@ class Registry:
             return
         if r.status_code != 200:
             raise self._fail(r, f"login to {self.registry}")
+
+
+def _basic(user, password):
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def _reading(f, progress):
