@@ -168,3 +168,87 @@ def http_ok(url, timeout=2):
 
 def have(prog):
     return shutil.which(prog) is not None
+
+
+def _b64url(data: bytes) -> str:
+    import base64
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenServer:
+    """A token issuer for distribution's `auth: token`: HTTP on 127.0.0.1, JWTs signed RS256 (openssl) with
+    a key whose self-signed certificate is the registry's rootcertbundle and travels in the x5c header.
+    Users in `users` get every action they ask for; anonymous requests get pull only. `requests` keeps
+    (user, scopes) of each token handed out."""
+
+    SERVICE, ISSUER = "unionfs-test-registry", "unionfs-test-issuer"
+
+    def __init__(self, d: Path, users):
+        import http.server
+        import json
+        d.mkdir(parents=True, exist_ok=True)
+        self.key, self.cert = d / "token.key", d / "token.crt"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(self.key),
+                        "-out", str(self.cert), "-days", "2", "-subj", "/CN=unionfs test token issuer"],
+                       check=True, capture_output=True)
+        der = subprocess.run(["openssl", "x509", "-in", str(self.cert), "-outform", "DER"], check=True,
+                             capture_output=True).stdout
+        import base64
+        self.x5c = base64.b64encode(der).decode()
+        self.users, self.requests = users, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                import urllib.parse
+                q = urllib.parse.urlparse(self.path)
+                params = urllib.parse.parse_qs(q.query)
+                user = None
+                h = self.headers.get("Authorization", "")
+                if h.startswith("Basic "):
+                    u, _, p = base64.b64decode(h[6:]).decode().partition(":")
+                    if server.users.get(u) != p:
+                        self.send_response(401)
+                        self.end_headers()
+                        return
+                    user = u
+                scopes = [s for v in params.get("scope", []) for s in v.split(" ") if s]
+                server.requests.append((user, scopes))
+                access = []
+                for s in scopes:
+                    kind, name, actions = s.split(":", 2) if s.count(":") >= 2 else (s, "", "")
+                    acts = [a for a in actions.split(",") if a and (user or a == "pull")]
+                    access.append({"type": kind, "name": name, "actions": acts})
+                body = json.dumps({"token": server.sign(user or "", access)}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.realm = f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def sign(self, sub, access):
+        import json
+        import secrets
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [self.x5c]}
+        claims = {"iss": self.ISSUER, "sub": sub, "aud": self.SERVICE, "exp": now + 600, "nbf": now - 60,
+                  "iat": now, "jti": secrets.token_hex(8), "access": access}
+        signing_input = _b64url(json.dumps(header).encode()) + "." + _b64url(json.dumps(claims).encode())
+        sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)], input=signing_input.encode(),
+                             check=True, capture_output=True).stdout
+        return signing_input + "." + _b64url(sig)
+
+    def registry_config(self):
+        return {"realm": self.realm, "service": self.SERVICE, "issuer": self.ISSUER,
+                "rootcertbundle": str(self.cert)}
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

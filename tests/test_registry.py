@@ -415,3 +415,38 @@ def _inspect_layers(world, tmp_path):
     d, reg, pm = world
     cfg = json.loads(skopeo("inspect", "--config", "--tls-verify=false", f"docker://{reg.host}/base:1"))
     return cfg["rootfs"]["diff_ids"]
+
+
+def test_token_auth_registry(world, tmp_path):
+    """distribution's `auth: token` with a token issuer of the test's own (JWTs signed with a test key)."""
+    d, plain, pm = world
+    issuer = ru.TokenServer(tmp_path / "token", {"tester": "s3cret"})
+    reg = ru.Registry(tmp_path / "reg", token=issuer.registry_config())
+    try:
+        st = tmp_path / "store"
+        assert unionrun(st, "pull", f"{plain.host}/derived:1").returncode == 0
+        before = snapshot(st)
+        # Anonymous tokens carry pull only: the push is refused (one line), the store untouched.
+        r = unionrun(st, "push", f"{plain.host}/derived:1", f"{reg.host}/first:1")
+        assert "401" in one_error(r) and snapshot(st) == before
+        r = unionrun(st, "push", "--creds", "tester:s3cret", f"{plain.host}/derived:1", f"{reg.host}/first:1")
+        assert r.returncode == 0, r.stderr
+        # A second repository: the layers are mounted from the first, with a token that may pull there.
+        issuer.requests.clear()
+        mark = reg.log_mark()
+        r = unionrun(st, "push", "--creds", "tester:s3cret", f"{plain.host}/derived:1", f"{reg.host}/second:1")
+        assert r.returncode == 0, r.stderr
+        assert "0 blobs uploaded" in r.stderr, r.stderr
+        assert any("repository:first:pull" in scopes for _, scopes in issuer.requests), issuer.requests
+        reqs = reg.requests_since(mark)
+        assert any("mount=" in line for line in reqs) and not [x for x in reqs if '"PUT /v2/second/blobs' in x]
+        # Anonymous pulls (a token with pull scope), by us and by podman.
+        st2 = tmp_path / "store2"
+        r = unionrun(st2, "pull", f"{reg.host}/second:1")
+        assert r.returncode == 0, r.stderr
+        assert any(user is None for user, _ in issuer.requests)
+        pm("pull", "--tls-verify=false", f"{reg.host}/second:1")
+        assert pm.run("--rm", f"{reg.host}/second:1") == "1000\n/home/app\nbar\n"
+    finally:
+        reg.stop()
+        issuer.close()
