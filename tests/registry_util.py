@@ -104,10 +104,12 @@ class Registry:
 
 class CuttingProxy:
     """127.0.0.1:port -> target; the server-to-client stream of a connection is cut after `cut_after`
-    bytes, for the first `cuts` connections that get that far (cuts=None: every one)."""
+    bytes, for the first `cuts` connections that get that far (cuts=None: every one); with stall=True
+    it stops there instead, the connection left open."""
 
-    def __init__(self, target_port, cut_after, cuts=1):
-        self.target, self.cut_after, self.cuts = target_port, cut_after, cuts
+    def __init__(self, target_port, cut_after, cuts=1, stall=False):
+        self.target, self.cut_after, self.cuts, self.stall = target_port, cut_after, cuts, stall
+        self.stalled = threading.Event()
         self.done_cuts = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -141,6 +143,9 @@ class CuttingProxy:
                         if may_cut and n + len(data) > self.cut_after:
                             self.done_cuts += 1
                             dst.sendall(data[:self.cut_after - n])
+                            if self.stall:
+                                self.stalled.set()
+                                src.recv(1)     # until the proxy or the server closes it
                             raise ConnectionAbortedError
                     n += len(data)
                 dst.sendall(data)

@@ -450,3 +450,35 @@ def test_token_auth_registry(world, tmp_path):
     finally:
         reg.stop()
         issuer.close()
+
+
+def test_killed_pull_leaves_nothing(world, tmp_path):
+    """kill -9 in the middle of a blob: the next use of the store finds no image, layer or blob of it."""
+    d, reg, pm = world
+    biggest = max(manifest_of(reg, "base:1")["layers"], key=lambda lyr: lyr["size"])
+    proxy = ru.CuttingProxy(reg.port, cut_after=biggest["size"] // 2, stall=True)
+    st = tmp_path / "store"
+    try:
+        p = subprocess.Popen([f"{BIN}/unionrun", "--store", str(st), "pull", f"{proxy.host}/base:1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert proxy.stalled.wait(30)
+        assert any(os.scandir(st / "tmp")), "the blob was being staged"
+        p.kill()
+        p.wait()
+    finally:
+        proxy.close()
+    r = unionrun(st, "images", "-q")
+    assert r.returncode == 0 and r.stdout == ""
+    for sub in ("images", "layers", "blobs/sha256", "tmp"):
+        assert os.listdir(st / sub) == [], sub
+
+
+def test_progress_bars_on_a_terminal(world, tmp_path):
+    d, reg, pm = world
+    if not ru.have("script"):
+        pytest.skip("script (util-linux) is not installed")
+    st = tmp_path / "store"
+    r = subprocess.run(["script", "-qec", f"{BIN}/unionrun --store {st} pull {reg.host}/derived:1", "/dev/null"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout
+    assert "\x1b[" in r.stdout and "Copying blob" in r.stdout and "MB" in r.stdout   # rich's bars

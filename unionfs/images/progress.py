@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress as _Bars, TextColumn, TransferSpeedColumn
 
 
-def _mb(n):
-    return f"{n / 1e6:.1f} MB"
+def _human(n):
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n} B"
 
 
 class Progress:
@@ -50,7 +50,7 @@ class _Task:
         self.p, self.label, self.total, self.n = progress, label, total, 0
         self.id = progress._bars.add_task(label, total=total) if progress._bars else None
         if progress.mode == "lines":
-            progress.line(f"{label} ({_mb(total)}) ...")
+            progress.line(f"{label} ({_human(total)}) ...")
 
     def __call__(self, n):
         """`n` bytes done so far (it may go back to 0 when a download starts over)."""
