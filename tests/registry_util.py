@@ -257,3 +257,86 @@ class TokenServer:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class RedirectingFront:
+    """An HTTP front of a registry that wants Basic auth (user:password) and answers every blob GET with a
+    307 to a 'blob storage' server on another port, which serves the blob and keeps the headers it got
+    (`storage_headers`): what a registry on S3 does."""
+
+    def __init__(self, registry_port, user, password):
+        import base64
+        import http.server
+        import urllib.error
+        import urllib.request
+        want = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        upstream = f"http://127.0.0.1:{registry_port}"
+        self.storage_headers = []
+        front = self
+
+        def relay(handler, url, head=False):
+            try:
+                r = urllib.request.urlopen(urllib.request.Request(url, method="HEAD" if head else "GET",
+                                                                  headers={k: v for k, v in handler.headers.items()
+                                                                           if k in ("Accept", "Range")}))
+                status, headers, body = r.status, r.headers, r.read()
+            except urllib.error.HTTPError as e:
+                status, headers, body = e.code, e.headers, e.read()
+            handler.send_response(status)
+            for k in ("Content-Type", "Docker-Content-Digest", "Content-Range"):
+                if headers.get(k):
+                    handler.send_header(k, headers[k])
+            handler.send_header("Content-Length", headers.get("Content-Length") or str(len(body)))
+            handler.end_headers()
+            if not head:
+                handler.wfile.write(body)
+
+        class Storage(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                front.storage_headers.append(dict(self.headers.items()))
+                relay(self, upstream + self.path[len("/storage"):])
+
+        class Front(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _authorised(self):
+                if self.headers.get("Authorization") == want:
+                    return True
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="front"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return False
+
+            def do_HEAD(self):
+                if self._authorised():
+                    relay(self, upstream + self.path, head=True)
+
+            def do_GET(self):
+                if not self._authorised():
+                    return
+                if "/blobs/" in self.path:
+                    self.send_response(307)
+                    self.send_header("Location", f"http://127.0.0.1:{front.storage_port}/storage{self.path}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                relay(self, upstream + self.path)
+
+        self.storage = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Storage)
+        self.storage_port = self.storage.server_address[1]
+        self.front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Front)
+        self.host = f"127.0.0.1:{self.front.server_address[1]}"
+        for srv in (self.storage, self.front):
+            threading.Thread(target=srv.serve_forever, daemon=True).start()
+
+    def close(self):
+        for srv in (self.front, self.storage):
+            srv.shutdown()
+            srv.server_close()

@@ -482,3 +482,18 @@ def test_progress_bars_on_a_terminal(world, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout
     assert "\x1b[" in r.stdout and "Copying blob" in r.stdout and "MB" in r.stdout   # rich's bars
+
+
+def test_redirect_to_storage_drops_authorization(world, tmp_path):
+    """A registry that redirects blob GETs to storage elsewhere: followed, without our Authorization."""
+    d, reg, pm = world
+    front = ru.RedirectingFront(reg.port, "tester", "s3cret")
+    try:
+        st = tmp_path / "store"
+        assert "401" in one_error(unionrun(st, "pull", f"{front.host}/derived:1"))
+        r = unionrun(st, "pull", "--creds", "tester:s3cret", f"{front.host}/derived:1")
+        assert r.returncode == 0, r.stderr
+        assert len(front.storage_headers) >= 3      # config and two layers, all through the redirect
+        assert not [h for h in front.storage_headers if "Authorization" in h], front.storage_headers
+    finally:
+        front.close()
