@@ -257,6 +257,15 @@ def test_bad_inputs_one_line_store_unchanged(world, tmp_path):
         r = unionrun(st, *args)
         assert want in one_error(r), (args, r.stderr)
         assert snapshot(st) == before, args
+    # A registry failing with 500: a tag whose link holds no digest.
+    tags = reg.storage / "docker/registry/v2/repositories/base/_manifests/tags"
+    shutil.copytree(tags / "1", tags / "broken")
+    (tags / "broken/current/link").write_text("garbage")
+    try:
+        assert "500" in one_error(unionrun(st, "pull", f"{reg.host}/base:broken"))
+    finally:
+        shutil.rmtree(tags / "broken")
+    assert snapshot(st) == before
     # A registry serving a corrupted blob: the digest does not match, nothing is kept.
     layer = max(manifest_of(reg, "derived:1")["layers"], key=lambda lyr: lyr["size"])
     fresh = tmp_path / "store2"
