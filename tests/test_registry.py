@@ -19,7 +19,8 @@ BIN = os.path.dirname(sys.executable)
 why = ru.why_no_registry() or why_no_podman()
 pytestmark = pytest.mark.skipif(why is not None, reason=why or "")
 RUN = ["--net=none", "--ulimit", "nproc=1000:1000", "--ulimit", "nofile=1000:1000"]
-SEE = "id -u; pwd; echo $FOO; cat /etc/motd; ls -ln /data /home/app | while read m n u g rest; do echo $m $u $g $rest; done"
+SEE = ("id -u; pwd; echo $FOO; cat /etc/motd;"
+       " ls -ln /data /home/app | while read m n u g rest; do echo $m $u $g $rest; done")
 
 
 def unionrun(store, *args, root=None, env=None, timeout=120, **kw):

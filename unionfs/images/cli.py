@@ -11,12 +11,14 @@ import json
 import sys
 import time
 
-from . import archive, auth, copy, layer, manifest, reference, registry, store
-from .progress import Progress
+from . import archive, auth, copy, layer, manifest, reference, store
+
+# httpx (registry) and rich (progress) are imported by the verbs that use them: `unionrun run` of a
+# stored image starts without them.
 
 VERBS = ("pull", "push", "login", "logout", "images", "tag", "rmi", "image", "save", "load")
 ERRORS = (store.StoreError, archive.ArchiveError, layer.LayerError, manifest.ManifestError,
-          registry.RegistryError, auth.AuthError, reference.ReferenceError, OSError)
+          copy.TransportError, auth.AuthError, reference.ReferenceError, OSError)
 
 
 class ImageError(Exception):
@@ -91,6 +93,7 @@ def _creds(text):
 
 
 def _registry(args, ref):
+    from . import registry
     return registry.Registry(ref.registry, tls_verify=args.tls_verify, creds=_creds(getattr(args, "creds", None)),
                              cert_dir=args.cert_dir, repository=ref.repository)
 
@@ -99,6 +102,7 @@ def pull(st, text, args, quiet=False):
     ref = reference.parse(text)
     platform = manifest.parse_platform(args.platform) if getattr(args, "platform", None) else None
     reg = _registry(args, ref)
+    from .progress import Progress
     try:
         with Progress(quiet) as prog:
             prog.line(f"Trying to pull {ref}...")
@@ -119,6 +123,7 @@ def _cmd_push(args, st):
     if not dest.tag:
         raise ImageError(f"{args.dest}: push needs a tag, not a digest")
     reg = _registry(args, dest)
+    from .progress import Progress
     try:
         with Progress(args.quiet) as prog:
             prog.line(f"Pushing {dest}")
@@ -139,6 +144,7 @@ def _cmd_login(args, st):
         pw = sys.stdin.readline().rstrip("\n")
     else:
         pw = args.password if args.password is not None else getpass.getpass("Password: ")
+    from . import registry
     reg = registry.Registry(reg_name, tls_verify=args.tls_verify, creds=(user, pw), cert_dir=args.cert_dir)
     try:
         reg.ping()
@@ -238,6 +244,7 @@ def _cmd_save(args, st):
 
 
 def _cmd_load(args, st):
+    from .progress import Progress
     with Progress(args.quiet) as prog:
         im, added, shared = copy.load(st, args.input, args.name, prog)
     print(f"Loaded image: {im.name} ({len(im.layers)} layers: {added} new, {shared} shared)")

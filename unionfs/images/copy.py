@@ -13,6 +13,10 @@ from .store import StoreError, normalise
 PARALLEL = 3     # layers fetched (and unpacked) at once
 
 
+class TransportError(Exception):
+    """A transport (a registry) refused or failed us; the message is one line for the user."""
+
+
 def _short(digest):
     return digest[7:19]
 

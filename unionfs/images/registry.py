@@ -16,6 +16,7 @@ import threading
 import httpx
 
 from . import auth, manifest, reference
+from .copy import TransportError
 
 RETRIES = 3                         # fresh tries of a blob download after a dropped connection
 CHUNK = int(os.environ.get("UNIONRUN_PUSH_CHUNK", 0)) or None   # chunked uploads of this size (else monolithic)
@@ -23,7 +24,7 @@ _USER_AGENT = "unionrun/0.1 (httpx)"
 _DROPPED = (httpx.ReadError, httpx.RemoteProtocolError, httpx.ReadTimeout, httpx.WriteError)
 
 
-class RegistryError(Exception):
+class RegistryError(TransportError):
     """A registry refused or failed us; the message is one line for the user."""
 
 
