@@ -15,9 +15,15 @@ fi
 unionfs_mounts() { awk '$3 ~ /^fuse/ && ($1 ~ /union/ || $3 ~ /union/)' /proc/mounts; }
 before=$(unionfs_mounts)
 
+# A temporary root of this run's own: pytest's shared /tmp/pytest-of-$USER may hold trees of other
+# runs that its end-of-run clean-up (a recursive rmtree) cannot remove, and that would fail this run.
+# rm -rf removes trees of any depth.
+basetemp=$(mktemp -d /tmp/unionfs-tests.XXXXXX)
+trap 'rm -rf --one-file-system "$basetemp"' EXIT
+
 say "python -m pytest tests -v $*"
 rc=0
-"$VENV/bin/python" -m pytest tests -v "$@" </dev/null || rc=$?
+"$VENV/bin/python" -m pytest tests -v --basetemp "$basetemp/t" "$@" </dev/null || rc=$?
 if [ "$rc" -eq 5 ]; then
     die "pytest collected no tests (exit 5): that is a failure, not a pass"
 fi
