@@ -459,3 +459,41 @@ def test_unionrun_refuses_what_it_cannot_run_or_commit(configured, tmp_path):
     for name in ("plain", "busy"):
         assert unionrun(root, st, "rm", "-f", name).returncode == 0
     assert os.listdir(root) == []
+
+
+def test_held_layers_survive_a_name_given_to_another_image(tmp_path):
+    """A pull or load that gives a container's image name to another image keeps the layers it runs on."""
+    st = tmp_path / "store"
+    for n in ("one", "two"):
+        _oci_archive(tmp_path / f"{n}.tar", _layer_tar([(_ti(n, size=1), b"x")]))
+    assert cli(st, "image", "import", str(tmp_path / "one.tar"), "--name", "img").returncode == 0
+    s = images.open_store(str(st))
+    old = s.image("img").layers[0]
+    state = tmp_path / "state"
+    state.mkdir()
+    s.hold(s.image("img").name, str(state))
+    assert cli(st, "image", "import", str(tmp_path / "two.tar"), "--name", "img").returncode == 0
+    assert os.path.exists(f"{old}/one") and images.open_store(str(st)).image("img").layers[0] != old
+    s.unhold(str(state))
+    state.rmdir()
+    images.open_store(str(st))
+    assert not os.path.exists(old)
+
+
+def test_store_made_before_blobs_were_kept_saves_and_pushes(work, tmp_path):
+    """Image records without manifest and blobs (the first store format): save packs them once."""
+    d, pm = work
+    st = tmp_path / "store"
+    assert cli(st, "image", "import", str(d / "derived-oci-archive.tar"), "--name", "old").returncode == 0
+    rec_path = next((st / "images").iterdir())
+    rec = json.loads(rec_path.read_text())
+    rec_path.write_text(json.dumps({"layers": rec["layers"], "config": rec["config"]}))
+    for f in (st / "blobs/sha256").iterdir():
+        f.unlink()
+    before = {h: tree_of_dir(images.open_store(str(st)).layer_dir(h)) for h in rec["layers"]}
+    r = cli(st, "image", "export", "old", str(tmp_path / "old.tar"))
+    assert r.returncode == 0, r.stderr
+    st2 = tmp_path / "store2"
+    assert cli(st2, "image", "import", str(tmp_path / "old.tar"), "--name", "new").returncode == 0
+    s2 = images.open_store(str(st2))
+    assert [tree_of_dir(p) for p in s2.image("new").layers] == [before[h] for h in rec["layers"]]

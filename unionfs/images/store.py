@@ -78,6 +78,9 @@ class Store:
             rec = self._read(name)
             layers.update(rec["layers"])
             blobs.update(rec.get("blobs") or ())
+        # A container keeps the layers it runs on even when a pull or load gave its image's name to another.
+        for h in self.holds():
+            layers.update(h.get("layers") or ())
         for hexid in os.listdir(os.path.join(self.root, "layers")):
             if hexid not in layers:
                 self._drop(os.path.join(self.root, "layers", hexid))
@@ -130,8 +133,8 @@ class Store:
         """Mark `image` as used by the container whose state lives in `state_dir` (written by its
         creator before the container exists): rm refuses the image while the hold is live."""
         with self._locked():
-            self._read(image)
-            self._write_json(self._hold_path(state_dir), {"image": image, "state": state_dir,
+            layers = self._read(image)["layers"]
+            self._write_json(self._hold_path(state_dir), {"image": image, "state": state_dir, "layers": layers,
                                                           "creator": procs.identity(os.getpid())})
 
     def unhold(self, state_dir):
