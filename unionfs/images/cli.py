@@ -105,7 +105,6 @@ def pull(st, text, args, quiet=False):
     from .progress import Progress
     try:
         with Progress(quiet) as prog:
-            prog.line(f"Trying to pull {ref}...")
             im = copy.pull(st, reg, ref, platform, prog)
     finally:
         reg.close()
@@ -126,7 +125,6 @@ def _cmd_push(args, st):
     from .progress import Progress
     try:
         with Progress(args.quiet) as prog:
-            prog.line(f"Pushing {dest}")
             counts = copy.push(st, reg, args.image, dest, prog)
     finally:
         reg.close()
