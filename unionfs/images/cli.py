@@ -223,7 +223,7 @@ def _cmd_image(args, st):
     out = []
     for text in args.images:
         im, cfg, size = _describe(st, text)
-        names = [n for n in st.names() if st._read(n).get("id") == im.id]
+        names = st.names_of(im.id)
         out.append({
             "Id": im.id, "Digest": im.manifest, "MediaType": im.media_type,
             "RepoTags": [n for n in names if "@" not in n],

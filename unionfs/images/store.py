@@ -8,6 +8,7 @@ which the next open removes along with blobs and layers no image needs.
 
 import contextlib
 import fcntl
+import gzip
 import hashlib
 import json
 import os
@@ -174,6 +175,10 @@ class Store:
         return sorted(urllib.parse.unquote(n[:-5]) for n in os.listdir(os.path.join(self.root, "images"))
                       if n.endswith(".json"))
 
+    def names_of(self, image_id):
+        """Every name of the image whose ID (config digest) is `image_id`."""
+        return [n for n in self.names() if self._read(n).get("id") == image_id]
+
     def image(self, text):
         name = self.resolve(text)
         d = self._read(name)
@@ -328,7 +333,6 @@ class Staging:
 
     def compress(self, tar):
         """gzip a plain layer tar into a staged blob; returns (digest, size, path)."""
-        import gzip
         path = self.new_file()
         with open(tar, "rb") as src, open(path, "wb") as raw:
             with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
