@@ -206,11 +206,17 @@ class Registry:
                         if n and r.status_code == 206 and \
                                 r.headers.get("Content-Range", "").startswith(f"bytes {n}-"):
                             pass
-                        elif r.status_code == 200:
-                            if n:   # the server sends it all again: start over
-                                out.seek(0)
-                                out.truncate()
-                                h, n = hashlib.sha256(), 0
+                        elif r.status_code == 200 or n:
+                            # Anything but the rest we asked for: start over, from this answer if it is
+                            # the whole blob, else with a plain GET.
+                            out.seek(0)
+                            out.truncate()
+                            h, n = hashlib.sha256(), 0
+                            if r.status_code != 200:
+                                drops += 1
+                                if drops > RETRIES:
+                                    raise RegistryError(f"{what}: the registry did not resume ({r.status_code})")
+                                continue
                         else:
                             r.read()
                             raise self._fail(r, what)
