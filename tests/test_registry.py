@@ -138,6 +138,12 @@ def test_shared_base_moves_only_the_new_layer(world, tmp_path):
     blob_gets = [line for line in reg.requests_since(mark) if '"GET /v2/derived/blobs/' in line]
     fetched = {digest for digest in shared | set(new) if any(digest in line for line in blob_gets)}
     assert fetched == set(new), blob_gets
+    # Pulled again: a HEAD of the tag says the store has it; nothing else is asked.
+    mark = reg.log_mark()
+    r = unionrun(st, "pull", f"{reg.host}/derived:1")
+    assert r.returncode == 0 and "image is up to date" in r.stderr, r.stderr
+    reqs = [line for line in reg.requests_since(mark) if "/v2/derived/" in line]
+    assert reqs and all('"HEAD /v2/derived/manifests/1' in line for line in reqs), reqs
     # Push a pulled image to another repository of the same registry: the layers are mounted across
     # (the store saw them in derived), none is uploaded; pushing where it is uploads nothing at all.
     mark = reg.log_mark()

@@ -34,9 +34,23 @@ def pull(store, reg, ref, platform=None, progress=None):
 
     Verified layers of a pull that fails are not kept: the store is left exactly as it was.
     """
+    if not ref.digest:
+        # What the tag points at, by HEAD: when the store has that already, nothing is fetched.
+        try:
+            have = store.image(str(ref))
+        except StoreError:
+            have = None
+        want = "/".join(filter(None, platform or manifest.host_platform()))
+        if have and have.ref_digest and (have.ref_digest == have.manifest or have.platform == want) \
+                and reg.head_manifest(ref.repository, ref.ref) == have.ref_digest:
+            if progress:
+                progress.line(f"{ref}: image is up to date")
+            return have
     data, mt, digest = reg.get_manifest(ref.repository, ref.ref)
+    ref_digest, picked = digest, None
     if mt in manifest.INDEXES:
         desc = manifest.pick(data, platform)
+        picked = "/".join(filter(None, platform or manifest.host_platform()))
         data, mt, digest = reg.get_manifest(ref.repository, desc["digest"])
         if mt in manifest.INDEXES:
             raise manifest.ManifestError(f"{ref}: an index inside an index")
@@ -68,7 +82,8 @@ def pull(store, reg, ref, platform=None, progress=None):
         _run_all(fetch, range(len(layers)))
         # Pulled by digest: docker keeps it as NAME@DIGEST, the tag (if one was given too) aside.
         names = [f"{ref.name}@{digest}" if ref.digest else str(ref)]
-        return st.commit(names, data, mt, config, source=where)
+        return st.commit(names, data, mt, config, source=where, ref_digest=ref_digest,
+                         platform=picked)
 
 
 def push(store, reg, image, dest, progress=None):

@@ -183,6 +183,12 @@ class Registry:
         mt = manifest.media_type(data, r.headers.get("Content-Type", "").split(";")[0].strip())
         return data, mt, digest
 
+    def head_manifest(self, repo, ref):
+        """The digest a tag points at now (Docker-Content-Digest of a HEAD), or None when not told."""
+        r = self._request("HEAD", f"/v2/{repo}/manifests/{ref}", headers={"Accept": manifest.ACCEPT})
+        digest = r.headers.get("Docker-Content-Digest")
+        return digest if r.status_code == 200 and digest else None
+
     def get_blob_bytes(self, repo, digest, limit=manifest.MAX_MANIFEST * 4):
         r = self._request("GET", f"/v2/{repo}/blobs/{digest}")
         if r.status_code != 200:

@@ -38,6 +38,8 @@ class Image:
     id: str = ""            # the config's digest, docker's IMAGE ID
     manifest: str = ""      # the manifest's digest
     media_type: str = ""    # the manifest's media type
+    ref_digest: str = ""    # what its name pointed at on the registry it was pulled from (manifest or index)
+    platform: str = ""      # the platform picked from that index
 
 
 def in_use(store, image):
@@ -183,7 +185,8 @@ class Store:
         name = self.resolve(text)
         d = self._read(name)
         return Image(name, [self.layer_dir(h) for h in d["layers"]], d["config"], list(d["layers"]),
-                     d.get("id", ""), d.get("manifest", ""), d.get("media_type", ""))
+                     d.get("id", ""), d.get("manifest", ""), d.get("media_type", ""), d.get("ref_digest", ""),
+                     d.get("platform", ""))
 
     def layer_meta(self, hexid):
         with open(os.path.join(self.root, "layers", hexid, "meta.json")) as f:
@@ -369,7 +372,8 @@ class Staging:
             self.layers[hexid] = staged
         return True
 
-    def commit(self, names, manifest_data, media_type, config_data, source=None):
+    def commit(self, names, manifest_data, media_type, config_data, source=None, ref_digest=None,
+               platform=None):
         """Name the staged blobs and layers and the image (under each of `names`); returns the Image."""
         s = self.store
         man_digest = self.put_bytes(manifest_data)
@@ -390,6 +394,10 @@ class Staging:
                 os.rename(path, s.blob_path(digest))
         rec = {"layers": [d[7:] for d in reversed(diff_ids)], "config": manifest.summary(config_data),
                "id": cfg_digest, "manifest": man_digest, "media_type": media_type, "blobs": blobs}
+        if ref_digest:
+            rec["ref_digest"] = ref_digest
+        if platform:
+            rec["platform"] = platform
         for name in names:
             s._write_json(s._image_path(name), rec)
         if source:
