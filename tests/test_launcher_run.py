@@ -117,7 +117,8 @@ def test_pid1_is_our_init_and_the_host_is_out_of_sight(layers, ur):
                        " cat /etc/motd; ls /escape/ 2>&1; true")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.split("\n")
-    assert lines[:3] == ["2", "unionrun-init", "inside"]
+    # PID 1 is tini, exec'd from a sealed memfd (see test_launcher_security.py).
+    assert lines[:3] == ["2", "memfd:tini", "inside"]
     assert int(lines[3]) <= 4         # init, sh, ls, grep
     assert "host-visible" not in r.stdout
     assert "top motd" in r.stdout
@@ -196,7 +197,8 @@ def test_capabilities_no_new_privs_fds_and_masked_paths(layers, ur):
     r = ur("run", "--rm", "--layers", layers["layers"], "--", "sh", "-c", script)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.split("\n")
-    assert lines[:3] == [f"CapEff:\t{DEFAULT_CAPS}", f"CapBnd:\t{DEFAULT_CAPS}", "NoNewPrivs:\t1"]
+    # As docker: no_new_privs only with --security-opt no-new-privileges (setuid files work).
+    assert lines[:3] == [f"CapEff:\t{DEFAULT_CAPS}", f"CapBnd:\t{DEFAULT_CAPS}", "NoNewPrivs:\t0"]
     assert lines[3] == "4"                      # 0 1 2, and ls's own
     assert lines[4] == "0"                      # /proc/keys masked
     assert "Read-only file system" in lines[5] and "Read-only file system" in lines[6]

@@ -29,6 +29,7 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
+CLONE_NEWCGROUP = 0x02000000
 SIGCHLD = 17
 
 MS_RDONLY = 0x1
@@ -90,6 +91,10 @@ def pivot_root(new_root, put_old):
 
 def setns(fd, nstype=0):
     _check(_libc.setns(fd, nstype))
+
+
+def unshare(flags):
+    _check(_libc.unshare(flags), "unshare")
 
 
 def clone(flags):

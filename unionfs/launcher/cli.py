@@ -13,7 +13,7 @@ import sys
 import time
 
 from ..images import cli as image_cli
-from . import enter, lifecycle, run, spec, state
+from . import enter, lifecycle, run, seccomp, spec, state
 
 PROG = "unionrun"
 FAILED = 125
@@ -66,6 +66,12 @@ def _parser():
     p.add_argument("--pids-limit", metavar="N")
     p.add_argument("--cap-add", action="append", default=[])
     p.add_argument("--cap-drop", action="append", default=[])
+    # Security (docker's spellings); an init always runs, --init is accepted for docker's sake.
+    p.add_argument("--security-opt", action="append", default=[], metavar="OPT",
+                   help="seccomp=unconfined, seccomp=PROFILE.json (docker's format; default: "
+                        "docker's profile), no-new-privileges")
+    p.add_argument("--init", action="store_true",
+                   help="no-op: the container's PID 1 is always an init (tini)")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="-- CMD | IMAGE [CMD]")
 
     p = sub.add_parser("exec", help="run a command in a running container")
@@ -162,7 +168,15 @@ def _build_spec(args):
         ports=tuple(spec.parse_port(p) for p in args.publish), limits=limits,
         caps=spec.parse_caps(args.cap_add, args.cap_drop), net=args.net,
         readonly=args.read_only, userns=spec.parse_userns(args.userns), tty=args.tty,
-        interactive=args.interactive, detach=args.detach, remove=args.rm), image, store
+        interactive=args.interactive, detach=args.detach, remove=args.rm,
+        **_security(args)), image, store
+
+
+def _security(args):
+    caps = spec.parse_caps(args.cap_add, args.cap_drop)
+    profile, nnp = spec.parse_security_opts(args.security_opt, caps,
+                                            spec.parse_userns(args.userns))
+    return {"seccomp": profile, "no_new_privs": nnp}
 
 
 def _cmd_run(args, root):
@@ -213,7 +227,9 @@ def _cmd_exec(args, root):
     return enter.run_in(st["init"][0], argv, env, workdir=args.workdir or st["workdir"],
                         user=spec.parse_user(args.user) or st["user"], tty=args.tty,
                         interactive=args.interactive, caps=st["caps"],
-                        start_time=st["init"][1], cgroup_dirs=st.get("cgroups") or ())
+                        start_time=st["init"][1], cgroup_dirs=st.get("cgroups") or (),
+                        seccomp=st.get("seccomp"), no_new_privs=st.get("no_new_privs", True),
+                        guard_mounts=seccomp.guards_mounts(st["caps"], st.get("userns")))
 
 
 def _cmd_ps(args, root):

@@ -33,14 +33,17 @@ def _status_field(pid, name):
 
 
 def run_in(pid, argv, env, workdir="/", user=None, tty=False, interactive=False,
-           caps=_caps.DEFAULT, start_time=None, cgroup_dirs=()):
+           caps=_caps.DEFAULT, start_time=None, cgroup_dirs=(), seccomp=None,
+           no_new_privs=True, guard_mounts=False):
     """Run ``argv`` inside the container whose init is host process ``pid``; returns its exit
     status (126 not executable, 127 not found, 128+N killed by signal N). ``env`` is a mapping
     or "K=V" strings; ``user`` is "UID[:GID]" or a name of the container's /etc/passwd.
     The command gets ``caps`` as far as the init's bounding set allows. With ``start_time`` the
     pid must still be that process. The command joins the cgroups of ``pid`` and then
-    ``cgroup_dirs`` (the container's limits, which its init has left). Raises EnterError when the
-    command could not be set up.
+    ``cgroup_dirs`` (the container's limits). The command gets the container's ``seccomp``
+    profile (as docker's format, None: unconfined) for ``caps``, the mount guard with
+    ``guard_mounts``, and no_new_privs with ``no_new_privs``. Raises EnterError when the command
+    could not be set up.
     Call it from the main thread (it sets signal handlers while it waits) of a single-threaded
     process: it forks, and the fork joins the namespaces; the caller's own stay as they were."""
     if not argv:
@@ -61,7 +64,8 @@ def run_in(pid, argv, env, workdir="/", user=None, tty=False, interactive=False,
     if tty:
         master, slave_n = P.open_pty(pid)
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    cmd = P.Command(list(argv), env, workdir, user, slave_n, interactive, mask, null, setgroups)
+    cmd = P.Command(list(argv), env, workdir, user, slave_n, interactive, mask, null, setgroups,
+                    seccomp, guard_mounts, no_new_privs)
     r, w = os.pipe()
     try:
         child = os.fork()

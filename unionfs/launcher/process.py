@@ -1,7 +1,8 @@
 """The container's command as a process: how it is set up and exec'd (session, pty, capabilities,
-user, no_new_privs, fds), how its status reads, and the relay of a pty to our terminal.
+user, seccomp, no_new_privs, fds), how its status reads, and the relay of a pty to our terminal.
 
-Shared by `run` (the init forks the command) and `exec` (a process that joined the container does).
+Shared by `run` (the container's PID 1 sets itself up so and execs the init, tini, which runs the
+command) and `exec` (a process that joined the container does it and execs the command).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import selectors
 import signal
 import stat
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from . import _libc as L
 from . import caps as _caps
 from . import rootfs
+from . import seccomp as _seccomp
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2)
@@ -45,6 +48,11 @@ class Command:
     mask: int               # capabilities
     null: int               # an fd of /dev/null, stdin without -i
     setgroups: bool         # whether the user namespace allows setgroups
+    seccomp: dict | None = None     # the profile (docker's format); None: unconfined
+    guard_mounts: bool = False      # deny the mount family whatever the profile says
+    no_new_privs: bool = False
+    init_fd: int | None = None      # run: exec this init (tini), which runs the command
+    alive_fd: int | None = None     # run: hangs up when the supervisor is gone
 
 
 def report(w, line):
@@ -115,9 +123,9 @@ def copy_winsize(src_fd, master):
 
 
 def exec_command(cmd, w):
-    """Set this process up as ``cmd`` says and exec it; ``w`` (closed at exec) gets a line
-    "exec CODE MESSAGE" if the exec itself fails, and the process exits with CODE. Raises
-    SetupError or OSError when something before the exec fails."""
+    """Set this process up as ``cmd`` says and exec it (or the init that runs it); ``w`` (closed
+    at exec) gets a line "exec CODE MESSAGE" if the command cannot be exec'd, and the process
+    exits with CODE. Raises SetupError or OSError when something before the exec fails."""
     # Dispositions we (Python) set would survive exec as SIG_IGN.
     for sig in FORWARDED + (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
@@ -136,12 +144,20 @@ def exec_command(cmd, w):
         os.close(fd)
     elif not cmd.interactive:
         os.dup2(cmd.null, 0)
-    # Nothing of ours reaches the command but the three standard fds (and w, closed at exec).
-    os.set_inheritable(w, False)
-    os.closerange(3, w)
-    os.closerange(w + 1, 1 << 20)
+    # Nothing of ours reaches the command but the three standard fds (and those closed at exec).
+    keep = {fd for fd in (w, cmd.init_fd, cmd.alive_fd) if fd is not None}
+    low = 3
+    for fd in sorted(keep):
+        os.set_inheritable(fd, False)
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
     # The bounding set needs CAP_SETPCAP, so it goes before the switch of user.
     _caps.drop_bounding(cmd.mask)
+    if not cmd.no_new_privs:
+        # Without no_new_privs a filter needs CAP_SYS_ADMIN: load it while we hold it (runc's
+        # order), so that setuid files (su, ping) keep working inside.
+        _load_seccomp(cmd)
     try:
         # A user namespace may forbid setgroups (its setgroups file says "deny", as for one
         # made by an unprivileged user); the groups we joined it with are then what we keep.
@@ -159,16 +175,70 @@ def exec_command(cmd, w):
         raise SetupError(f"-w {cmd.workdir}: {e.strerror}") from None
     env = dict(cmd.env)
     env.setdefault("HOME", home)
-    # Never gain any more privileges during exec (setuid files, file capabilities).
-    L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
+    if cmd.no_new_privs:
+        # --security-opt no-new-privileges: never gain any more privileges during exec
+        # (setuid files, file capabilities); the filter then needs no capability.
+        L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
+        _load_seccomp(cmd)
+    if cmd.init_fd is not None:
+        _exec_init(cmd, env, w)
     try:
         os.execvpe(cmd.argv[0], cmd.argv, env)
     except (FileNotFoundError, NotADirectoryError):
-        report(w, f"exec 127 {cmd.argv[0]}: executable file not found")
-        os._exit(127)
+        _exec_failed(w, 127, f"{cmd.argv[0]}: executable file not found")
     except OSError as e:
-        report(w, f"exec 126 {cmd.argv[0]}: {e.strerror}")
-        os._exit(126)
+        _exec_failed(w, 126, f"{cmd.argv[0]}: {e.strerror}")
+
+
+def _load_seccomp(cmd):
+    try:
+        _seccomp.apply(cmd.seccomp, cmd.mask, cmd.guard_mounts)
+    except OSError as e:
+        raise SetupError(f"cannot load the seccomp filter: {e.strerror}") from None
+
+
+def _exec_failed(w, code, message):
+    report(w, f"exec {code} {message}")
+    os._exit(code)
+
+
+def _exec_init(cmd, env, w):
+    """PID 1 becomes the init (tini, from its sealed memfd), which forks and execs the command
+    with what we set up here, forwards signals to it, reaps orphans and exits with its status.
+    Never returns."""
+    # The command is looked up as execvp will (in the same PATH, with the same ids): a command
+    # that cannot start is reported to the supervisor (126/127 and one line), as without init.
+    problem = _cannot_exec(cmd.argv[0], env)
+    if problem:
+        _exec_failed(w, *problem)
+    # The switch of user cleared the parent-death signal set at clone: set it again, then make
+    # sure the supervisor did not go in between (it holds the other end of alive_fd until the
+    # init runs).
+    L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if select.select([cmd.alive_fd], [], [], 0)[0]:
+        os._exit(SETUP_FAILED)
+    # tini's own messages only when something is wrong; "--": the command's options stay its own.
+    os.execve(cmd.init_fd, ["tini", "--"] + list(cmd.argv), env)
+
+
+def _cannot_exec(name, env):
+    """(code, message) when execvp would fail to run ``name``, else None."""
+    if not name:
+        return 127, "'': executable file not found"
+    candidates = [name] if "/" in name else [os.path.join(d or ".", name)
+                                             for d in os.get_exec_path(env)]
+    denied = None
+    for path in candidates:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK):
+            return None
+        denied = denied or path
+    if denied is None:
+        return 127, f"{name}: executable file not found"
+    return 126, f"{name}: {os.strerror(errno.EACCES)}"
 
 
 def read_line(r):

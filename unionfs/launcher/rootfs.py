@@ -131,6 +131,47 @@ def _make_dev(root_fd, in_userns):
     mount_in_root(root_fd, "/dev/mqueue", "mqueue", "mqueue", nosuid_noexec | L.MS_NODEV)
 
 
+def _cgroup_hierarchies():
+    """[(path under /sys/fs/cgroup, fstype, options)] of the host's cgroup file systems, as our
+    copy of its mount table shows them."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            point, (fstype, _, opts) = left.split()[4], (right.split() + ["", "", ""])[:3]
+            if fstype in ("cgroup", "cgroup2") and (point == "/sys/fs/cgroup"
+                                                     or point.startswith("/sys/fs/cgroup/")):
+                keep = [o for o in opts.split(",") if o not in ("rw", "ro")]
+                out.append((point[len("/sys/fs/cgroup"):], fstype, ",".join(keep) or None))
+    return out
+
+
+def _cgroup_fs(root_fd, in_userns):
+    """/sys/fs/cgroup as the host lays it out, every hierarchy read-only and seen from the
+    container's cgroup namespace (its own cgroups are the root): limits can be read, not
+    changed, and no release_agent nor host path is in sight."""
+    flags = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC
+    hierarchies = _cgroup_hierarchies()
+    if any(sub == "" for sub, _, _ in hierarchies):
+        pure_v2 = True      # cgroup2 right at /sys/fs/cgroup
+    else:
+        pure_v2 = False
+        mount_in_root(root_fd, "/sys/fs/cgroup", "tmpfs", "tmpfs", flags, "mode=755,size=64k",
+                      create=None)
+    for sub, fstype, opts in hierarchies:
+        if pure_v2 and sub:
+            continue
+        try:
+            mount_in_root(root_fd, "/sys/fs/cgroup" + sub, fstype, fstype, flags | L.MS_RDONLY,
+                          opts)
+        except PermissionError:
+            # A user namespace may not mount a v1 hierarchy whose root is not its own.
+            if not in_userns:
+                raise
+    if not pure_v2:
+        remount_readonly(root_fd, "/sys/fs/cgroup", flags)
+
+
 def _bind_volume(root_fd, vol, tree_fd):
     fd = open_in_root(root_fd, vol.target, "dir" if vol.is_dir else "file")
     try:
@@ -211,6 +252,7 @@ def setup(spec, root_tree, volume_trees):
             # (--net host): the host's, bound read-only.
             mount_in_root(root_fd, "/sys", "/sys", None, L.MS_BIND | L.MS_REC)
             remount_readonly(root_fd, "/sys", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
+        _cgroup_fs(root_fd, spec.userns is not None)
         for vol, fd in zip(spec.volumes, volume_trees):
             _bind_volume(root_fd, vol, fd)
         # The working directory exists before the root may turn read-only (docker creates it).

@@ -3,9 +3,9 @@
 The supervisor is the process that calls run() (unionrun itself in the foreground; with -d, a
 process of its own session whose output goes to the container's log). In order it: claims the
 name, creates the cgroups, mounts the union, clones the init into new namespaces, moves it into
-the cgroups, lets it set the root up, opens the pty, starts the port forwarder, lets it start the
-command, takes the init out of the cgroups again; then it waits, forwarding signals to the init,
-and releases everything at the end. Any failure on the way undoes what was done, so that a refused
+the cgroups, lets it set the root up, opens the pty, starts the port forwarder, lets it exec the
+init (tini), which starts the command; then it waits, forwarding signals to the init, and releases
+everything at the end. Any failure on the way undoes what was done, so that a refused
 run leaves nothing behind.
 """
 
@@ -45,7 +45,9 @@ def initial_state(spec, image=None, store=None):
             "ports": [f"{p.host_addr}:{p.host_port}:{p.ctr_port}" for p in spec.ports],
             "created": time.time(), "finished": None,
             "merged": None, "daemon": None, "init": None, "supervisor": None,
-            "forwarder": None, "cgroups": []}
+            "forwarder": None, "cgroups": [],
+            # What `exec` gives its command too.
+            "seccomp": spec.seccomp, "no_new_privs": spec.no_new_privs}
 
 
 class _Started:
@@ -97,7 +99,9 @@ def start(spec, root, image=None, store=None, to_log=False):
             state.write(paths, st)
         trees = _open_trees(spec, paths)
         try:
-            init_pid, rep_r, master = _clone_init(spec, paths, st, trees)
+            trees.append(init.sealed_tini())
+            init_pid, rep_r, ctl_w, master = _clone_init(spec, paths, st, trees[:-1],
+                                                         trees[-1])
         finally:
             for fd in trees:
                 os.close(fd)
@@ -107,18 +111,21 @@ def start(spec, root, image=None, store=None, to_log=False):
         lifecycle.release(paths, st)
         state.remove_tree(paths.dir)
         if isinstance(e, (ports.PortError, cgroups.CgroupError, union.UnionError, P.SetupError,
-                          RunError)):
+                          init.InitError, RunError)):
             raise RunError(str(e)) from None
         if isinstance(e, OSError):
             raise RunError(f"cannot start the container: {e.strerror}"
                            + (f": {e.filename}" if e.filename else "")) from None
         raise
-    return _Started(paths, st, init_pid, _exec_outcome(rep_r), master)
+    failure = _exec_outcome(rep_r)
+    # Held until now: the init checks, before it execs tini, that we are still there.
+    os.close(ctl_w)
+    return _Started(paths, st, init_pid, failure, master)
 
 
 def _exec_outcome(rep_r):
-    """None once the command is exec'd (its end of the pipe closes at exec), else (exit code,
-    message) of what stopped it."""
+    """None once the init (tini) is exec'd (its end of the pipe closes at exec), else (exit
+    code, message) of what stopped it."""
     failure = None
     for line in P.read_rest(rep_r):
         kind, _, msg = line.partition(" ")
@@ -132,6 +139,7 @@ def _exec_outcome(rep_r):
 
 
 def _flags(spec):
+    # The cgroup namespace comes later, made by the init once it is in the container's cgroups.
     flags = L.CLONE_NEWNS | L.CLONE_NEWPID | L.CLONE_NEWUTS | L.CLONE_NEWIPC
     if spec.net == "none":
         flags |= L.CLONE_NEWNET
@@ -164,7 +172,7 @@ def _open_trees(spec, paths):
     return trees
 
 
-def _clone_init(spec, paths, st, trees):
+def _clone_init(spec, paths, st, trees, tini_fd):
     ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC)
     rep_r, rep_w = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
@@ -179,7 +187,7 @@ def _clone_init(spec, paths, st, trees):
         if pid == 0:
             os.close(ctl_w)
             os.close(rep_r)
-            init.main(spec, trees[0], trees[1:], ctl_r, rep_w)
+            init.main(spec, trees[0], trees[1:], tini_fd, ctl_r, rep_w)
     finally:
         if pid != 0:
             os.fchdir(cwd)
@@ -201,22 +209,19 @@ def _clone_init(spec, paths, st, trees):
         if spec.ports:
             st["forwarder"] = state.identity(ports.start(spec.ports, pid, paths.log))
         P.report(ctl_w, f"go {slave_n}" if spec.tty else "go -")
+        # The init stays in the cgroups: as tini (a small static binary) it counts against the
+        # limits as every process of the container does.
         _expect(rep_r, "pid")
-        # The command is born inside the limits; the init leaves them. A Python process, it is
-        # bigger than most commands: the OOM killer of a small --memory would pick it, and the
-        # whole container would die with it instead of the process that went over.
-        cgroups.leave(st["cgroups"], pid)
     except BaseException:
         os.close(rep_r)
+        os.close(ctl_w)
         if master is not None:
             os.close(master)
         _kill_init(pid)
         raise
-    finally:
-        os.close(ctl_w)
     st["status"] = "running"
     state.write(paths, st)
-    return pid, rep_r, master
+    return pid, rep_r, ctl_w, master
 
 
 def _expect(rep_r, kind):

@@ -11,6 +11,7 @@ import stat
 from dataclasses import dataclass, field
 
 from . import caps as _caps
+from . import seccomp as _seccomp
 
 
 class SpecError(Exception):
@@ -67,6 +68,10 @@ class RunSpec:
     interactive: bool = False
     detach: bool = False
     remove: bool = False
+    # --security-opt (docker's): the seccomp profile, docker's JSON format as a dict (default:
+    # docker's own; None: unconfined), and no_new_privs for the command.
+    seccomp: dict | None = field(default_factory=lambda: _seccomp.load_profile(None))
+    no_new_privs: bool = False
 
 
 def parse_name(name):
@@ -224,3 +229,32 @@ def parse_caps(add, drop):
                     raise SpecError(f"{what}: unknown capability {name!r}") from None
             mask = mask | bits if what == "--cap-add" else mask & ~bits
     return mask
+
+
+# ---- --security-opt ----------------------------------------------------------------------------
+
+def parse_security_opts(values, caps=_caps.DEFAULT, userns=None):
+    """(seccomp profile or None, no_new_privs) of docker's --security-opt values:
+    seccomp=unconfined, seccomp=PROFILE.json, no-new-privileges[=true|false]. The profile is
+    checked by building its filter for the container's ``caps``."""
+    profile, nnp = _seccomp.load_profile(None), False
+    for value in values:
+        # docker also took "seccomp:PROFILE" once.
+        cut = min((i for i in (value.find("="), value.find(":")) if i >= 0), default=-1)
+        key, eq, arg = (value, "", "") if cut < 0 else (value[:cut], "=", value[cut + 1:])
+        if key == "seccomp" and eq and arg:
+            if arg == "unconfined":
+                profile = None
+            else:
+                try:
+                    profile = _seccomp.load_profile(arg)
+                    _seccomp.build(profile, caps, _seccomp.guards_mounts(caps, userns), arg)
+                except _seccomp.ProfileError as e:
+                    raise SpecError(f"--security-opt {value}: {e}") from None
+        elif key == "no-new-privileges" and arg in ("", "true", "false"):
+            nnp = arg != "false"
+        else:
+            raise SpecError(f"--security-opt {value!r}: expected seccomp=unconfined, "
+                            "seccomp=PROFILE.json or no-new-privileges (no LSM here for "
+                            "apparmor= or label=)")
+    return profile, nnp
