@@ -174,6 +174,8 @@ cdef extern from "fuse_lowlevel.h" nogil:
         void (*forget_multi)(fuse_req_t req, size_t count, fuse_forget_data *forgets)
         void (*readdirplus)(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                             fuse_file_info *fi)
+        void (*fallocate)(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
+                          fuse_file_info *fi)
 
     fuse_session *fuse_session_new(fuse_args *args, const fuse_lowlevel_ops *op,
                                    size_t op_size, void *userdata)
@@ -560,6 +562,11 @@ cdef void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync,
     _reply_ok(req, _ops.fsync, (fi.fh, bool(datasync),))
 
 
+cdef void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
+                       fuse_file_info *fi) noexcept with gil:
+    _reply_ok(req, _ops.fallocate, (fi.fh, mode, offset, length))
+
+
 cdef void op_opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
     try:
         fi.fh = _run(_ops.opendir(ino, None))
@@ -716,6 +723,7 @@ cdef void _init_ops():
     _fuse_ops.flush = op_flush
     _fuse_ops.release = op_release
     _fuse_ops.fsync = op_fsync
+    _fuse_ops.fallocate = op_fallocate
     _fuse_ops.opendir = op_opendir
     _fuse_ops.readdirplus = op_readdirplus
     _fuse_ops.releasedir = op_releasedir

@@ -127,26 +127,50 @@ def test_malformed_known_option_is_an_error(side, impl, no_mounts_left, bad):
     assert (sorted(p.name for p in side.upper.iterdir()), sorted(side.work.iterdir())) == before
 
 
-def test_uid_and_gid_mapping(side, impl, no_mounts_left):
-    """As podman passes them for a user-namespaced container: layers hold host ids
-    100000.., processes see container ids 0.."""
-    opts = (f"lowerdir={lowerdir(side)},upperdir={side.upper},workdir={side.work},"
-            "uidmapping=0:100000:65536,gidmapping=0:100000:1000:1000:101000:1000")
-    with mounted(["-o", opts, side.mnt], impl, side.mnt):
-        st = os.lstat(side.mnt / "owned")
-        assert (st.st_uid, st.st_gid) == (123, 456)
-        assert os.lstat(side.mnt / "top").st_uid == 65534     # root on disk: outside the map
-        (side.mnt / "new").write_bytes(b"n")                   # created by root (0 inside)
-        os.chown(side.mnt / "owned", 7, 1500)
-        st = os.lstat(side.mnt / "owned")
-        assert (st.st_uid, st.st_gid) == (7, 1500)
-        with pytest.raises(OSError) as e:
-            os.chown(side.mnt / "owned", 70000, -1)             # no mapping for it
-        assert e.value.errno == errno.EINVAL
-    st = os.lstat(side.upper / "new")
-    assert (st.st_uid, st.st_gid) == (100000, 100000)
-    st = os.lstat(side.upper / "owned")
-    assert (st.st_uid, st.st_gid) == (100007, 101500)
+def _mapped_view(mnt, upper, writes):
+    """What processes see through a mount with id mappings, and what their writes leave on
+    disk."""
+    seen = {n: tuple(os.lstat(mnt / n))[4:6] for n in ("owned", "top", "d/b")}
+    if writes:
+        (mnt / "new").write_bytes(b"n")                     # created by root (0 as shown)
+        os.chown(mnt / "owned", 7, 1500)
+        seen["owned after chown"] = tuple(os.lstat(mnt / "owned"))[4:6]
+        seen.update({f"{n} on disk": tuple(os.lstat(upper / n))[4:6] for n in ("new", "owned")})
+    return seen
+
+
+@pytest.mark.parametrize("mapping, writes, want", [
+    # fuse-overlayfs's meaning, DISK:SHOWN:LENGTH: an on-disk 0 is shown as 1000
+    ("uidmapping=0:1000:1,gidmapping=0:1000:1", False, {"top": (1000, 1000)}),
+    # as a user-namespaced container's store: layers hold 100000.., processes see 0..
+    ("uidmapping=100000:0:65536,gidmapping=100000:0:1000:101000:1000:1000", True,
+     {"owned": (123, 456), "top": (65534, 65534), "new on disk": (100000, 100000),
+      "owned on disk": (100007, 101500)})])
+def test_uid_and_gid_mapping_as_fuse_overlayfs(tmp_path, impl, no_mounts_left, mapping, writes,
+                                               want):
+    """The same mapping options through unionmount and through the real fuse-overlayfs."""
+    if not shutil.which("fuse-overlayfs"):
+        pytest.skip("fuse-overlayfs is not installed")
+    views = []
+    for name in ("unionmount", "fuse-overlayfs"):
+        side = util.build_side(tmp_path / name, LOWERS, {})
+        opts = f"lowerdir={lowerdir(side)},upperdir={side.upper},workdir={side.work},{mapping}"
+        if name == "unionmount":
+            with mounted(["-o", opts, side.mnt], impl, side.mnt):
+                views.append(_mapped_view(side.mnt, side.upper, writes))
+                if writes:
+                    with pytest.raises(OSError) as e:
+                        os.chown(side.mnt / "owned", 70000, -1)     # no mapping for it
+                    assert e.value.errno == errno.EINVAL            # (fuse-overlayfs stores 65534)
+        else:
+            subprocess.run(["fuse-overlayfs", "-o", opts, side.mnt], check=True,
+                           capture_output=True)
+            try:
+                views.append(_mapped_view(side.mnt, side.upper, writes))
+            finally:
+                util.fuse_unmount(side.mnt)
+    assert views[0] == views[1]
+    assert {n: views[0][n] for n in want} == want
 
 
 @pytest.mark.parametrize("option, want", [("squash_to_root", (0, 0)),

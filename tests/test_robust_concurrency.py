@@ -186,6 +186,96 @@ def test_processes_in_the_same_directories(tmp_path, impl, kernel_overlay, no_mo
               f"{daemon_st['VmHWM'] // 1024} MiB")
 
 
+def _tree_worker(mnt, k, rounds, out):
+    """issue 13's mkdir -p/rmdir race: one process's own names, so any error is a finding.
+    Each round makes c<k>/sub/deep, moves a file through it, links, moves a lower directory away
+    and back, and removes everything again; the last round leaves c<k>/sub/deep/last."""
+    top = mnt / "shared"
+    base = top / f"c{k}"
+    findings = []
+    for r in range(rounds):
+        step = "mkdir -p"
+        try:
+            os.makedirs(base / "sub" / "deep", exist_ok=True)
+            step = "create"
+            (base / "sub" / "deep" / "f").write_bytes(b"%d" % r)
+            step = "rename"
+            os.rename(base / "sub" / "deep" / "f", base / "sub" / "g")
+            step = "link"
+            os.link(base / "sub" / "g", base / "h")
+            step = "unlink"
+            os.unlink(base / "sub" / "g")
+            step = "rename lower dir"
+            os.rename(top / f"low{k}", base / "sub" / "low")
+            os.rename(base / "sub" / "low", top / f"low{k}")
+            if r == rounds - 1:
+                step = "last"
+                (base / "sub" / "deep" / "last").write_bytes(b"%d" % r)
+                break
+            step = "rmdir"
+            os.rmdir(base / "sub" / "deep")
+            os.rmdir(base / "sub")
+            step = "unlink h"
+            os.unlink(base / "h")
+            step = "rmdir top"
+            os.rmdir(base)
+        except OSError as e:
+            findings.append(f"p{k} round {r} {step}: {e!r}")
+            if len(findings) >= 5:
+                break
+    out.put(findings)
+
+
+def _run_tree_workers(mnt, procs_n, rounds):
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_tree_worker, args=(mnt, k, rounds, out)) for k in range(procs_n)]
+    for p in procs:
+        p.start()
+    findings = []
+    for _ in procs:
+        findings += out.get(timeout=300)
+    for p in procs:
+        p.join(10)
+    return findings
+
+
+def test_mkdir_p_and_rmdir_in_many_processes_lose_nothing(tmp_path, impl, kernel_overlay,
+                                                          no_mounts_left):
+    """Processes making and removing their own trees at once: a directory removed frees its
+    inode number, and one made meanwhile may get it; it must never be taken for the dying one.
+    The final tree equals the kernel's after the same run, and what each process expects."""
+    procs_n, rounds = 4, ru.scale(100, 2000)
+    trees = {}
+    for side in ("union", "kernel"):
+        layers = ru.make_layers(tmp_path / side)
+        for k in range(procs_n):
+            (layers.lowers[k % 2] / "shared" / f"low{k}").mkdir(parents=True)
+            ru.write_file(layers.lowers[k % 2] / "shared" / f"low{k}" / "x", f"low{k}", 100)
+        start = time.monotonic()
+        if side == "union":
+            with ru.daemon(layers, impl) as d:
+                findings = _run_tree_workers(layers.mnt, procs_n, rounds)
+                trees[side] = util.snapshot(layers.mnt)
+                assert d.stop() == 0, d.log_text()[-3000:]
+        else:
+            kside = util.Side(layers.root, list(layers.lowers), layers.upper, layers.work,
+                              layers.mnt)
+            with util.kernel_mount(kside):
+                findings = _run_tree_workers(layers.mnt, procs_n, rounds)
+                trees[side] = util.snapshot(layers.mnt)
+        assert not findings, f"{side}:\n" + "\n".join(findings)
+        ru.figure(f"mkdir-p/rmdir race[{impl}] {side}: {procs_n} processes x {rounds} rounds",
+                  f"{time.monotonic() - start:.1f}s, no entry lost")
+    want = {"shared"} | {f"shared/low{k}" for k in range(procs_n)} | {
+        f"shared/low{k}/x" for k in range(procs_n)}
+    for k in range(procs_n):
+        want |= {f"shared/c{k}", f"shared/c{k}/sub", f"shared/c{k}/sub/deep",
+                 f"shared/c{k}/sub/deep/last", f"shared/c{k}/h"}
+    assert trees["union"].names() == want
+    util.assert_same(trees["union"], trees["kernel"], "after the race: unionmount vs kernel")
+
+
 def _wchan(pid):
     try:
         with open(f"/proc/{pid}/wchan") as f:

@@ -6,7 +6,9 @@ side's upper must read the same when mounted by the other implementation.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import signal
 import stat
 
 import pytest
@@ -376,6 +378,79 @@ def test_open_flags(pair):
     assert results[1] == b"f0+app" and results[5] == "E:EEXIST"
 
 
+FALLOCATE_CASES = [        # (file, mode, offset, length)
+    ("low", 0, 0, 1 << 20),                                          # plain, growing
+    ("low2", util.FALLOC_FL_KEEP_SIZE, 0, 1 << 20),                  # a lower file: copy-up
+    ("up", util.FALLOC_FL_KEEP_SIZE | util.FALLOC_FL_PUNCH_HOLE, 4096, 8192),
+    ("up", util.FALLOC_FL_ZERO_RANGE, 20_000, 4096),
+    ("up", util.FALLOC_FL_ZERO_RANGE, 60_000, 40_000),                # and grows the file
+    ("low3", util.FALLOC_FL_KEEP_SIZE | util.FALLOC_FL_PUNCH_HOLE, 0, 4096),
+    ("low3", util.FALLOC_FL_PUNCH_HOLE, 0, 4096),                     # without KEEP_SIZE: EOPNOTSUPP
+    ("up", 0, -1, 10), ("up", 0, 0, 0),                               # EINVAL
+]
+
+
+def _fallocate_under_rlimit(path, ignore_sigxfsz):
+    """fallocate past RLIMIT_FSIZE in a child: its errno, or the signal that ended it."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            import resource
+            import signal
+            os.close(r)
+            # Python ignores SIGXFSZ from the start; a C program would die of it.
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN if ignore_sigxfsz else signal.SIG_DFL)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+            fd = os.open(path, os.O_RDWR)
+            os.write(w, str(attempt(util.fallocate, fd, 0, 0, 1 << 20)).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        got = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    return f"killed by {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else got
+
+
+def test_fallocate(pair):
+    """Plain, KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE as the kernel's overlayfs serves them (copy-up
+    first), and EFBIG (with SIGXFSZ) past RLIMIT_FSIZE. pyfuse3 has no fallocate handler: the
+    pure-Python build answers EOPNOTSUPP to every mode (README, known gaps)."""
+    data = bytes(range(256)) * 400
+    lowers = [{"low": File(data), "low2": File(data), "low3": File(data)}]
+    upper = {"up": File(data)}
+
+    def scenario(m):
+        r = []
+        for name, mode, off, length in FALLOCATE_CASES:
+            fd = os.open(m / name, os.O_RDWR)
+            try:
+                r.append(attempt(util.fallocate, fd, mode, off, length))
+            finally:
+                os.close(fd)
+            st = os.stat(m / name)
+            r.append((name, st.st_size, st.st_blocks,
+                      hashlib.sha256(read_bytes(m / name)).hexdigest()[:16]))
+        r += [_fallocate_under_rlimit(m / "up", True), _fallocate_under_rlimit(m / "up", False),
+              os.stat(m / "up").st_size]
+        return r
+
+    if pair.impl == "python":
+        pair.build(lowers, upper)
+        with util.union_mount(pair.u, pair.impl):
+            fd = os.open(pair.u.mnt / "up", os.O_RDWR)
+            try:
+                got = [attempt(util.fallocate, fd, mode, off, length)
+                       for _, mode, off, length in FALLOCATE_CASES if length > 0 and off >= 0]
+            finally:
+                os.close(fd)
+        assert set(got) == {"E:" + errno.errorcode[errno.EOPNOTSUPP]}, got
+        return
+    results, _ = pair.run(scenario, lowers, upper)
+    assert results[0] is None and results[-3:-1] == ["E:EFBIG", f"killed by {signal.SIGXFSZ}"]
+
+
 def test_open_unlinked_file_keeps_working(pair):
     def scenario(m):
         fd = os.open(m / "d/x", os.O_RDWR)          # a lower file, copied up by this open
@@ -430,7 +505,12 @@ def test_fifos_and_devices(pair):
         r = [stat.filemode(os.lstat(m / "p").st_mode), attempt(os.chmod, m / "p", 0o600),
              stat.filemode(os.lstat(m / "p").st_mode), attempt(os.mkfifo, m / "newfifo", 0o644),
              attempt(os.rename, m / "d/q", m / "q"),
-             attempt(os.mknod, m / "null", stat.S_IFCHR | 0o644, os.makedev(1, 3))]
+             attempt(os.mknod, m / "null", stat.S_IFCHR | 0o644, os.makedev(1, 3)),
+             # 0/0 is a whiteout's form: refused (EPERM), never an invisible entry
+             attempt(os.mknod, m / "d/wh", stat.S_IFCHR | 0o644, os.makedev(0, 0)),
+             attempt(os.lstat, m / "d/wh"), attempt(os.mkdir, m / "onlywh"),
+             attempt(os.mknod, m / "onlywh/wh", stat.S_IFCHR, os.makedev(0, 0)),
+             attempt(os.rmdir, m / "onlywh")]
         # Data goes through a fifo opened via the union.
         rfd = os.open(m / "newfifo", os.O_RDONLY | os.O_NONBLOCK)
         wfd = os.open(m / "newfifo", os.O_WRONLY)
@@ -443,6 +523,7 @@ def test_fifos_and_devices(pair):
 
     results, _ = pair.run(scenario, lowers)
     assert results[-3] == b"through the pipe"
+    assert results[6] == "E:EPERM"
 
 
 def test_xattrs(pair):
@@ -697,3 +778,114 @@ def test_every_change_shows_in_the_next_listing(pair):
         return out
 
     pair.run(scenario, lowers)
+
+
+def test_listings_have_dot_and_dotdot_with_their_inode_numbers(pair):
+    """getdents gives "." and ".." first, numbered as stat numbers the directory and its parent
+    (at the root, the root itself), in merged, upper-only, lower-only and new directories, also
+    when read again from the start and after a change, as the kernel's overlayfs does."""
+    lowers = [{"d/a": File(b"a"), "d/sub/x": File(b"x"), "low/l": File(b"l")},
+              {"d/b": File(b"b"), "d/sub/y": File(b"y")}]
+    upper = {"d/u": File(b"u"), "up/v": File(b"v")}
+
+    roots = []
+
+    def scenario(m):
+        os.mkdir(m / "new")
+        out = []
+        for rel, parent in (("", None), ("d", ""), ("d/sub", "d"), ("low", ""), ("up", ""),
+                            ("new", ""), ("d/sub", "d"), ("", None)):
+            ents = util.getdents(m / rel)
+            ino = {name: d_ino for name, d_ino, _ in ents}
+            types = {name: d_type for name, _, d_type in ents}
+            if parent is None:
+                # The root's "..": the kernel gives the upper directory's real parent, we give the
+                # directory the mount sits in (what stat says of ".."); only ours is checked.
+                roots.append(ino[".."] == os.lstat(m / "..").st_ino)
+                dotdot = None
+            else:
+                dotdot = ino[".."] == os.lstat(m / parent).st_ino
+            out.append((rel, sorted(ino), len(ents), ino["."] == os.lstat(m / rel).st_ino, dotdot,
+                        types["."], types[".."]))
+            (m / rel / f"added{len(out)}").write_bytes(b"")      # the next listing shows it
+        return out
+
+    results, _ = pair.run(scenario, lowers, upper)
+    assert all(r[3] and r[4] is not False for r in results), results
+    assert roots[0], "unionmount: the root's '..' is not numbered as stat numbers it"
+
+
+# --- names of every length --------------------------------------------------------------------
+
+# 1 byte, then around the 251 bytes that leave room for a ".wh." marker, up to NAME_MAX and past it.
+NAME_LENGTHS = (1, 251, 252, 253, 254, 255, 256)
+ON_DISK = [n for n in NAME_LENGTHS if n <= 255]
+
+
+def long_name(char, n):
+    return char * n
+
+
+def test_every_namespace_operation_with_names_of_every_length(pair):
+    """pjdfstest's long-name checks: every namespace operation with names of 1, 251-255 and 256
+    bytes, on entries in the upper and in a lower. A name too long for its ``.wh.NAME`` marker
+    (over 251 bytes) simply has none: never ENAMETOOLONG but past NAME_MAX, as with the kernel."""
+    lower, upper = {}, {}
+    for n in ON_DISK:
+        for where, spec in (("low", lower), ("up", upper)):
+            spec[f"{where}/f/{long_name('f', n)}"] = File(b"%d" % n)
+            spec[f"{where}/d/{long_name('d', n)}/inner"] = File(b"i")
+            spec[f"{where}/e/{long_name('e', n)}"] = Dir()
+    lower.update({"low/src": File(b"src"), "list/": Dir()})
+    for n in ON_DISK:
+        lower[f"list/{long_name('l', n)}"] = File(b"")
+
+    def scenario(m):
+        r = []
+        for op in ("create", "mkdir", "mknod", "symlink", "link", "rename"):
+            os.mkdir(m / op)
+        for n in NAME_LENGTHS:
+            c = long_name("c", n)
+            r += [n,
+                  attempt(lambda: os.close(os.open(m / "create" / c, os.O_CREAT | os.O_EXCL
+                                                   | os.O_WRONLY, 0o644))),
+                  attempt(lambda: os.close(os.open(m / "create" / c, os.O_CREAT | os.O_EXCL
+                                                   | os.O_WRONLY, 0o644))),
+                  attempt(os.lstat, m / "create" / c),
+                  attempt(os.mkdir, m / "mkdir" / c), attempt(os.mkdir, m / "mkdir" / c),
+                  attempt(os.lstat, m / "mkdir" / c),
+                  attempt(os.mknod, m / "mknod" / c, stat.S_IFIFO | 0o600),
+                  attempt(os.lstat, m / "mknod" / c),
+                  attempt(os.symlink, "target", m / "symlink" / c),
+                  attempt(os.readlink, m / "symlink" / c),
+                  attempt(os.link, m / "low/src", m / "link" / c),
+                  attempt(os.lstat, m / "link" / c),
+                  attempt(os.rename, m / "create" / c, m / "rename" / c),
+                  attempt(os.rename, m / "rename" / c, m / "create" / long_name("C", n)),
+                  attempt(os.rename, m / "create" / long_name("C", n), m / "create" / c)]
+            for where in ("low", "up"):
+                f, d, e = (m / where / k / long_name(k, n) for k in "fde")
+                r += [where, attempt(os.lstat, f), read(f),
+                      attempt(os.listdir, d), read(d / "inner"),
+                      attempt(os.setxattr, d / "inner", "user.x", b"1"),
+                      attempt(write_at, f, b"more", 1),             # a copy-up
+                      attempt(os.setxattr, f, "user.x", b"1"),
+                      attempt(os.getxattr, f, "user.x"),
+                      attempt(os.unlink, d / "inner"), attempt(os.rmdir, d),
+                      attempt(os.lstat, d), attempt(os.rmdir, e), attempt(os.lstat, e),
+                      attempt(os.rename, f, m / where / "moved"),
+                      attempt(os.rename, m / where / "moved", f),
+                      attempt(os.unlink, f), attempt(os.lstat, f),
+                      attempt(os.mkdir, d), attempt(os.mkdir, e), ls(d)]
+            r.append(ls(m / "list"))
+        for top in ("create", "mkdir", "mknod", "symlink", "link", "rename", "low", "up",
+                    "list"):
+            r.append(ls(m / top))
+        for k in "fde":
+            r += [ls(m / "low" / k), ls(m / "up" / k)]
+        return r
+
+    results, snap = pair.run(scenario, [lower], upper)
+    assert any(isinstance(x, str) and "ENAMETOOLONG" in x for x in results)
+    assert f"list/{long_name('l', 255)}" in snap.entries
+    assert f"create/{long_name('c', 255)}" in snap.entries

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -453,6 +454,46 @@ def stat_summary(st: os.stat_result) -> tuple:
 def read_bytes(path) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+_SYS_getdents64 = 217        # x86_64
+
+
+def getdents(path) -> list:
+    """(name, d_ino, d_type) of every entry getdents64(2) gives for a directory, "." and ".."
+    included, in the order given (os.scandir and os.listdir drop those two)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    out = []
+    try:
+        buf = ctypes.create_string_buffer(1 << 16)
+        while True:
+            n = _libc.syscall(_SYS_getdents64, fd, buf, len(buf))
+            if n < 0:
+                e = ctypes.get_errno()
+                raise OSError(e, os.strerror(e), str(path))
+            if n == 0:
+                return out
+            pos = 0
+            while pos < n:
+                d_ino, _off, reclen, d_type = struct.unpack_from("QqHB", buf.raw, pos)
+                name = buf.raw[pos + 19:pos + reclen].split(b"\0", 1)[0]
+                out.append((os.fsdecode(name), d_ino, d_type))
+                pos += reclen
+    finally:
+        os.close(fd)
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (os.posix_fallocate has none)."""
+    if _libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
 
 
 RENAME_NOREPLACE = 1

@@ -493,6 +493,14 @@ def ftruncate(fd, size):
     os.ftruncate(fd, size)
 
 
+def fallocate(fd, mode, offset, length):
+    """fallocate(2) with its mode flags (os.posix_fallocate has none)."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    _trace("fallocate", fd, mode, offset, length)
+
+
 def fsync(fd, datasync):
     (os.fdatasync if datasync else os.fsync)(fd)
 
@@ -542,6 +550,7 @@ class _FileHandle(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 def file_handle(layer, path):

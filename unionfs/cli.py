@@ -21,7 +21,8 @@ Mounts the union of the lower layers (leftmost topmost) under a copy-on-write up
   -o OPTIONS    workdir=DIR, timeout=SECONDS, fsync=0, volatile, ro, noxattrs,
                 writeback=1 (the kernel caches writes: fewer, larger requests, but a
                 full disk or a dead daemon is reported late, at fsync, not at write),
-                uidmapping=C:H:N[:C:H:N...], gidmapping=..., squash_to_root,
+                uidmapping=D:P:N[:D:P:N...] (on-disk id D shown as P, as
+                fuse-overlayfs), gidmapping=..., squash_to_root,
                 squash_to_uid=ID, squash_to_gid=ID, and the fuse-overlayfs form
                 lowerdir=,upperdir=,workdir=
 Unmount with: fusermount3 -u MOUNTPOINT"""

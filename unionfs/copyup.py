@@ -6,11 +6,12 @@ copied in a worker thread so that other requests keep being served.
 """
 
 import errno
+import os
 import stat
 
 from . import _sys
 from .core import ORIGIN_XATTR
-from .whiteout import is_private_xattr, work_name
+from .whiteout import is_private_xattr, takes_markers, work_name
 
 # Below this size a copy is cheaper than a trip to a worker thread.
 THREAD_THRESHOLD = 1 << 20
@@ -45,12 +46,33 @@ async def _copy_up_one(u, node, data):
         done.set()
 
 
+def mode_while_moved(mode):
+    """The mode a directory is built with in the work directory. Moving a directory to another
+    parent writes its ".." entry: without privileges (a user's mount) that needs write
+    permission on it, so a read-only one gets its owner's write bit until it is in place."""
+    if _UNPRIVILEGED and not mode & stat.S_IWUSR:
+        return mode | stat.S_IWUSR
+    return mode
+
+
+_UNPRIVILEGED = os.geteuid() != 0
+
+
 def _place_keeping_parent_times(stack, tmp, path):
     """Rename the copy into place. A copy-up is not a change of the parent directory: its times
     stay as they were, as the kernel keeps them."""
     parent = _sys.split(path)[0]
     pst = _sys.lstat(stack.upper, parent)
-    _sys.rename(stack.work, tmp, stack.upper, path)
+    # A file copied up into a read-only directory of a user's mount: the user could write the
+    # file, so the copy must land; the directory is writable for the moment of the rename.
+    opened = mode_while_moved(stat.S_IMODE(pst.st_mode)) != stat.S_IMODE(pst.st_mode)
+    if opened:
+        _sys.chmod(stack.upper, parent, mode_while_moved(stat.S_IMODE(pst.st_mode)))
+    try:
+        _sys.rename(stack.work, tmp, stack.upper, path)
+    finally:
+        if opened:
+            _sys.chmod(stack.upper, parent, stat.S_IMODE(pst.st_mode))
     _sys.utime(stack.upper, parent, pst.st_atime_ns, pst.st_mtime_ns)
 
 
@@ -71,8 +93,8 @@ async def _build(u, node, data):
             node.upper = True
             return
         # The number a process saw stays the file's number after copy-up, also after a remount.
-        origin = [] if stat.S_ISDIR(mode) else [(stack.xattr_prefix + ORIGIN_XATTR,
-                                                 b"%d" % node.ino)]
+        origin = [] if stat.S_ISDIR(mode) or not takes_markers(stack, mode) else [
+            (stack.xattr_prefix + ORIGIN_XATTR, b"%d" % node.ino)]
         if stat.S_ISREG(mode):
             # Data, xattrs, owner, mode, times, all through the open copy; then fsync.
             args = (src, lpath, work, tmp, st, data, u.fsync, origin, is_private_xattr)
@@ -93,13 +115,17 @@ async def _build(u, node, data):
             for attr, value in origin:
                 _sys.setxattr(work, tmp, attr, value)
             _sys.chown(work, tmp, st.st_uid, st.st_gid)
-            if not stat.S_ISLNK(mode):
+            if stat.S_ISDIR(mode):
+                _sys.chmod(work, tmp, mode_while_moved(stat.S_IMODE(mode)))
+            elif not stat.S_ISLNK(mode):
                 _sys.chmod(work, tmp, stat.S_IMODE(mode))
             _sys.utime(work, tmp, st.st_atime_ns, st.st_mtime_ns)
         if node.unlinked:
             raise OSError(errno.ENOENT, "entry was removed during its copy-up")
         # No await from here to the rename: the destination is computed and used in one step.
         _place_keeping_parent_times(stack, tmp, node.path())
+        if stat.S_ISDIR(mode) and mode_while_moved(stat.S_IMODE(mode)) != stat.S_IMODE(mode):
+            _sys.chmod(stack.upper, node.path(), stat.S_IMODE(mode))
     except BaseException:
         # Whatever was built stays in the work directory, never visible, and is removed now.
         _sys.remove_tree(work, tmp)

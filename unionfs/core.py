@@ -47,6 +47,8 @@ class Union:
         lowers = tuple((layer.index, b"") for layer in stack.lowers)
         keys = [(layer.st_dev, layer.st_ino) for layer in (stack.upper, *stack.lowers) if layer]
         self.root = self.table.add_root(stat.S_IFDIR, stack.upper is not None, lowers, keys)
+        # st_ino of the directory the mount sits in: what ".." of the root lists (set by mount)
+        self.outer_ino = None
         self.handles = {}
         self._next_fh = 1
         # copy-ups in progress, by ino: a second request for the same node waits on the first

@@ -11,12 +11,12 @@ import os
 import stat
 
 from . import _fast, _sys, files
-from .copyup import copy_up
+from .copyup import copy_up, mode_while_moved
 from .lookup import Found, lower_entry_exists
 from .readdir import merged_names
-from .whiteout import (OCI_PREFIX, has_oci_whiteout, make_whiteout, move_leaving_whiteout,
-                       remove_oci_whiteout,
-                       set_opaque, set_redirect, work_name)
+from .whiteout import (OCI_PREFIX, check_movable, has_oci_whiteout, make_whiteout,
+                       move_leaving_whiteout, remove_oci_whiteout, set_opaque, set_redirect,
+                       work_name)
 
 _OPEN_FLAGS_KEPT = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 
@@ -91,6 +91,10 @@ async def create(u, parent, name, mode, flags, ctx):
 
 
 async def mknod(u, parent, name, mode, rdev, ctx):
+    if stat.S_ISCHR(mode) and rdev == 0:
+        # A 0/0 character device is how a whiteout is written: it could not be shown (the
+        # kernel's overlayfs refuses it the same way).
+        raise OSError(errno.EPERM, "a 0/0 character device is a whiteout")
     return await _make(u, parent, name, ctx, stat.S_ISDIR(mode),
                        lambda work, tmp: _sys.mknod(work, tmp, mode, rdev),
                        None if stat.S_ISDIR(mode) else stat.S_IMODE(mode))
@@ -98,7 +102,8 @@ async def mknod(u, parent, name, mode, rdev, ctx):
 
 async def mkdir(u, parent, name, mode, ctx):
     return await _make(u, parent, name, ctx, True,
-                       lambda work, tmp: _sys.mkdir(work, tmp, stat.S_IMODE(mode)),
+                       lambda work, tmp: _sys.mkdir(work, tmp,
+                                                    mode_while_moved(stat.S_IMODE(mode))),
                        stat.S_IMODE(mode))
 
 
@@ -115,11 +120,13 @@ async def _make(u, parent, name, ctx, is_dir, build, mode):
     try:
         _sys.chown(work, tmp, uid, gid)
         if extra:
-            _sys.chmod(work, tmp, mode | extra)
+            _sys.chmod(work, tmp, mode_while_moved(mode) | extra)
     except BaseException:
         _sys.remove_tree(work, tmp)
         raise
     _place(u, parent, name, path, tmp, is_dir)
+    if is_dir and mode_while_moved(mode) != mode:
+        _sys.chmod(u.stack.upper, path, mode | extra)
     return _new_node(u, parent, name, path)
 
 
@@ -155,21 +162,25 @@ async def _discard(u, tmp):
         _sys.unlink(stack.work, tmp)
 
 
-async def _remove_upper(u, path, whiteout):
-    """Take the upper entry at path away, leaving a whiteout there if ``whiteout``."""
+def _take_upper(u, path, whiteout):
+    """Move the upper entry at path to the work directory, leaving a whiteout there if
+    ``whiteout``; its name there, to discard once the inode table has forgotten the name."""
     stack = u.stack
     tmp = work_name()
     if whiteout:
         move_leaving_whiteout(stack, path, stack.work, tmp)
     else:
         _sys.rename(stack.upper, path, stack.work, tmp)
-    await _discard(u, tmp)
+    return tmp
 
 
 def _forget_name(u, node, parent, name, found):
+    """The table forgets a name that is gone, before anything can wait: once the entry is
+    discarded its inode number may be given to a new file (a concurrent mkdir), which must get
+    a node of its own, never this one."""
     u.table.remove_alias(node, parent, name)
     if node.unlinked and found.upper and (node.is_dir or found.st.st_nlink <= 1):
-        # The upper inode is gone; its number may now be given to a new file.
+        # The upper inode is going; its number may now be given to a new file.
         u.table.drop_keys(node)
 
 
@@ -182,14 +193,17 @@ async def unlink(u, parent, name):
     await copy_up(u, parent)
     path = _sys.join(parent.path(), name)
     u.table.pin(u.stack, node)
+    tmp = None
     if found.upper:
         if whiteout:
-            await _remove_upper(u, path, True)
+            tmp = _take_upper(u, path, True)
         else:
             _sys.unlink(u.stack.upper, path)
     else:
         make_whiteout(u.stack, path)
     _forget_name(u, node, parent, name, found)
+    if tmp is not None:
+        await _discard(u, tmp)
 
 
 async def rmdir(u, parent, name):
@@ -202,11 +216,14 @@ async def rmdir(u, parent, name):
     whiteout = lower_entry_exists(u.stack, parent.lowers, name)
     await copy_up(u, parent)
     path = _sys.join(parent.path(), name)
+    tmp = None
     if found.upper:
-        await _remove_upper(u, path, whiteout)
+        tmp = _take_upper(u, path, whiteout)
     else:
         make_whiteout(u.stack, path)
     _forget_name(u, node, parent, name, found)
+    if tmp is not None:
+        await _discard(u, tmp)
 
 
 def _swap_in_empty_opaque(stack, path, st, tmp):
@@ -215,10 +232,13 @@ def _swap_in_empty_opaque(stack, path, st, tmp):
     directory: a crash at any point leaves the deleted entries deleted. What ends up at ``tmp`` in
     the work directory (the old copy, or the new one if the swap failed) is the caller's to
     discard."""
-    _sys.mkdir(stack.work, tmp, stat.S_IMODE(st.st_mode))
+    mode = stat.S_IMODE(st.st_mode)
+    _sys.mkdir(stack.work, tmp, mode_while_moved(mode))
     _sys.chown(stack.work, tmp, st.st_uid, st.st_gid)
     set_opaque(stack, stack.work, tmp)
     _sys.rename(stack.work, tmp, stack.upper, path, _sys.RENAME_EXCHANGE)
+    if mode_while_moved(mode) != mode:
+        _sys.chmod(stack.upper, path, mode)
 
 
 def _mark_moved_dir(u, node, new_parent, new_name, new_path):
@@ -261,6 +281,9 @@ async def rename(u, p_old, n_old, p_new, n_new, flags):
             if p is src:
                 raise OSError(errno.EINVAL, "cannot move a directory into itself")
             p = p.parent
+    check_movable(u.stack, src)
+    if exchange:
+        check_movable(u.stack, dst)
     await copy_up(u, src)
     await copy_up(u, p_new)
     if exchange:

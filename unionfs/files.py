@@ -1,4 +1,4 @@
-"""Open files: open (copying up for writing), read, write, fsync, release.
+"""Open files: open (copying up for writing), read, write, fallocate, fsync, release.
 
 A file opened for reading on a lower copy follows a later copy-up of the same entry: the next read
 goes to the upper copy, so readers never mix old and new data.
@@ -87,6 +87,18 @@ def read(u, fh, off, size):
 
 def write(u, fh, off, buf):
     return _sys.pwrite(u.handle(fh).fd, buf, off)
+
+
+def fallocate(u, fh, mode, off, length):
+    """Plain, KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE, as FUSE forwards them (it refuses collapse
+    and insert range itself). The handle is a writer's, so the file was copied up when opened;
+    RLIMIT_FSIZE is checked by the kernel before the request is sent (EFBIG, SIGXFSZ)."""
+    h = u.handle(fh)
+    if not h.upper:
+        raise OSError(errno.EBADF, "not open for writing")
+    # An upper size limit reserves here what the call may add: up to off + length beyond the
+    # file's size, unless mode has FALLOC_FL_KEEP_SIZE or FALLOC_FL_PUNCH_HOLE.
+    _sys.fallocate(h.fd, mode, off, length)
 
 
 def fsync(u, fh, datasync):

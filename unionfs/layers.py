@@ -32,8 +32,10 @@ class LayerStack:
     upper: Layer | None
     lowers: tuple[Layer, ...]
     work: Layer | None
-    # xattr namespace of the markers we write: "trusted.overlay." as root, "user.overlay." otherwise
+    # xattr namespace of the markers we write, and whether lower directories move by redirects:
+    # chosen by whiteout.choose_format ("trusted.overlay." and redirects, or "user.overlay.")
     xattr_prefix: bytes = b"trusted.overlay."
+    redirects: bool = True
     # where mknod of a 0/0 char device is refused, whiteouts in the upper are ".wh.NAME" files
     oci_whiteouts_in_upper: bool = False
     # the kernel's inode index (workdir/index, index=on), read-only to us; its Layer.index comes

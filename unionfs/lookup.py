@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from . import _sys
 from .layers import UPPER
-from .whiteout import OCI_PREFIX, dir_markers, is_whiteout, oci_whiteouts
+from .whiteout import OCI_PREFIX, dir_markers, has_oci_whiteout, is_whiteout, oci_whiteouts
 
 
 @dataclass(slots=True)
@@ -31,7 +31,7 @@ class Found:
 
 def _oci_whited_out(stack, index, dirpath, name):
     if index == UPPER:
-        return _sys.lstat(stack.upper, _sys.join(dirpath, OCI_PREFIX + name)) is not None
+        return has_oci_whiteout(stack, _sys.join(dirpath, name))
     return name in oci_whiteouts(stack.layer(index), dirpath)
 
 

@@ -18,7 +18,7 @@ from .core import Union
 from .layers import LayerStack, open_layer
 from .operations import Operations
 from .options import UsageError
-from .whiteout import probe_xattr_support, work_name
+from .whiteout import TRUSTED, choose_format, work_name
 
 log = logging.getLogger("unionfs")
 
@@ -34,6 +34,7 @@ class Prepared:
     mountpoint: str
     created_workdir: bool = False
     oci_whiteouts: bool = False
+    format: object = TRUSTED        # whiteout.Format of the markers written in the upper
 
 
 def _is_below(path, top):
@@ -120,12 +121,18 @@ def prepare_workdir(prep):
         os.mkdir(prep.workdir, 0o700)
         prep.created_workdir = True
     try:
-        if not probe_xattr_support(prep.workdir):
-            raise UsageError(f"upper layer {prep.upper}: its filesystem has no trusted xattrs "
-                             "(overlay markers cannot be written)")
+        prep.format = choose_format(prep.workdir)
+        if prep.format is None:
+            raise UsageError(f"upper layer {prep.upper}: neither trusted.* nor user.* xattrs "
+                             "can be written on its filesystem (overlay markers need them)")
         workdir = open_layer(-1, prep.workdir)
         try:
-            # Leftovers of a crash are half-built copies: never visible, now removed.
+            # Leftovers of a crash are half-built copies: never visible, now removed. The
+            # kernel leaves its "work" mode 000: without privileges, we open it up first.
+            try:
+                _sys.chmod(workdir, WORK_SUBDIR.encode(), 0o700)
+            except (FileNotFoundError, PermissionError):
+                pass
             _sys.remove_tree(workdir, WORK_SUBDIR.encode())
             _sys.mkdir(workdir, WORK_SUBDIR.encode(), 0o700)
             # Where a 0/0 device cannot be made, whiteouts are written as .wh. files.
@@ -163,12 +170,26 @@ def build_stack(prep):
     if prep.workdir and os.path.isdir(os.path.join(prep.workdir, INDEX_SUBDIR)):
         index = open_layer(len(lowers) + 1, os.path.join(prep.workdir, INDEX_SUBDIR))
     return LayerStack(upper=upper, lowers=lowers, work=work, index=index,
-                      oci_whiteouts_in_upper=prep.oci_whiteouts)
+                      oci_whiteouts_in_upper=prep.oci_whiteouts,
+                      xattr_prefix=prep.format.xattr_prefix, redirects=prep.format.redirects)
+
+
+def _allow_other_allowed():
+    """fusermount3 refuses allow_other to a user unless /etc/fuse.conf says user_allow_other;
+    root (also root in a user namespace, which mounts without fusermount3) may ask for it."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/etc/fuse.conf") as f:
+            return any(line.split("#")[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
 
 
 def fuse_options(opts, prep):
-    options = {f"fsname={opts.source}", "subtype=unionmount", "default_permissions",
-               "allow_other"}
+    options = {f"fsname={opts.source}", "subtype=unionmount", "default_permissions"}
+    if _allow_other_allowed():
+        options.add("allow_other")
     if os.geteuid() == 0:
         options |= {"dev", "suid"}       # a container's rootfs has device nodes and setuid files
     if prep.upper is None:
@@ -200,6 +221,7 @@ def serve(opts, prep, ready):
         union = Union(stack, timeout=opts.timeout, fsync=opts.fsync, uidmap=opts.uidmap,
                       gidmap=opts.gidmap, xattrs=opts.xattrs, writeback=opts.writeback,
                       rt=session.Runtime())
+        union.outer_ino = os.stat(os.path.dirname(prep.mountpoint)).st_ino
         ops = Operations(union, debug=opts.debug)
         try:
             s = session.Session(ops, prep.mountpoint, fuse_options(opts, prep))

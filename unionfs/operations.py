@@ -189,6 +189,10 @@ class Operations:
         return files.write(self.u, fh, off, buf)
 
     @_handler
+    async def fallocate(self, fh, mode, off, length):
+        files.fallocate(self.u, fh, mode, off, length)
+
+    @_handler
     async def flush(self, fh):
         pass
 
@@ -218,9 +222,22 @@ class Operations:
         u = self.u
         h = u.handle(fh)
         if start_id == 0 or h.names is None:
-            h.names = merged_names(u.stack, h.node.dirs())     # and rewinddir sees changes
+            # "." and ".." first, as the kernel's overlayfs lists them; then the merged names
+            # (taken again at each rewinddir, so that it sees changes).
+            h.names = [b".", b".."] + merged_names(u.stack, h.node.dirs())
         for i in range(start_id, len(h.names)):
             name = h.names[i]
+            if i < 2:
+                # The directory itself and its parent, with the numbers stat gives them; the
+                # root's parent is the directory the mount sits in. The kernel counts no lookup
+                # for these two.
+                node = h.node if i == 0 else (h.node.parent or h.node)
+                a = u.attrs(node)
+                if i == 1 and h.node is u.root and u.outer_ino is not None:
+                    a = (u.outer_ino,) + a[1:]
+                if not add(name, a, i + 1):
+                    break
+                continue
             node, st = u.lookup(h.node, name)
             if node is None:
                 continue            # removed since the listing was taken

@@ -3,7 +3,10 @@
 Read: whiteouts as a 0/0 char device, as an OCI/AUFS ``.wh.NAME`` file, and as the kernel's xattr
 form (an empty file with ``overlay.whiteout``); opaque as ``overlay.opaque=y`` (trusted. or user.)
 and as ``.wh..wh..opq``; ``overlay.redirect`` on directories.
-Write: as the kernel does: char 0/0 whiteouts, ``<prefix>opaque=y``, ``<prefix>redirect``.
+Write: as the kernel does, in one of its two formats, chosen by probing the upper's filesystem
+(``choose_format``): with trusted.* xattrs, char 0/0 whiteouts, ``trusted.overlay.opaque=y`` and
+``trusted.overlay.redirect``; without them (an unprivileged user, or root in a user namespace), the
+kernel's ``userxattr`` format: char 0/0 whiteouts, ``user.overlay.opaque=y``, no redirects.
 """
 
 import errno
@@ -16,6 +19,8 @@ from . import _sys
 
 OCI_PREFIX = b".wh."
 OCI_OPAQUE = b".wh..wh..opq"
+# The longest name a directory entry can have (Linux's NAME_MAX, every layer filesystem's limit).
+NAME_MAX = 255
 PRIVATE_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
 
 _tmp_counter = itertools.count()
@@ -121,13 +126,24 @@ def work_name(prefix=b"#"):
     return prefix + b"%x.%x" % (os.getpid(), next(_tmp_counter))
 
 
+def oci_marker(path):
+    """The path of the ``.wh.NAME`` marker of the entry at ``path``, or None where NAME is too long
+    for a marker to exist (more than NAME_MAX - 4 bytes): such a name is never whited out that
+    way, and asking must not fail with ENAMETOOLONG."""
+    dirpath, name = _sys.split(path)
+    if len(name) + len(OCI_PREFIX) > NAME_MAX:
+        return None
+    return _sys.join(dirpath, OCI_PREFIX + name)
+
+
 def make_whiteout(stack, path):
     """Create a whiteout at ``path`` in the upper layer, atomically (built in the work dir)."""
     tmp = work_name()
     if stack.oci_whiteouts_in_upper:
-        dirpath, name = _sys.split(path)
-        fd = _sys.open_file(stack.upper, _sys.join(dirpath, OCI_PREFIX + name),
-                            os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        marker = oci_marker(path)
+        if marker is None:
+            raise OSError(errno.ENAMETOOLONG, "name too long for a .wh. whiteout")
+        fd = _sys.open_file(stack.upper, marker, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
         _sys.close(fd)
         return
     _sys.mknod(stack.work, tmp, stat.S_IFCHR, 0)   # c--------- 0/0, as the kernel makes them
@@ -154,8 +170,26 @@ def set_opaque(stack, layer, path):
     if stack.oci_whiteouts_in_upper:
         _sys.close(_sys.open_file(layer, _sys.join(path, OCI_OPAQUE),
                                 os.O_CREAT | os.O_WRONLY, 0o600))
+    elif stack.xattr_prefix == USERXATTR.xattr_prefix:
+        _set_user_xattr(layer, path, stack.xattr_prefix + b"opaque", b"y")
     else:
         _sys.setxattr(layer, path, stack.xattr_prefix + b"opaque", b"y")
+
+
+def _set_user_xattr(layer, path, name, value):
+    """user.* xattrs need write permission on the entry even for its owner: a read-only
+    directory of ours is made writable for the moment it takes the marker."""
+    try:
+        _sys.setxattr(layer, path, name, value)
+    except PermissionError:
+        st = _sys.lstat(layer, path)
+        if st is None or st.st_uid != os.geteuid() or st.st_mode & stat.S_IWUSR:
+            raise
+        _sys.chmod(layer, path, stat.S_IMODE(st.st_mode) | stat.S_IWUSR)
+        try:
+            _sys.setxattr(layer, path, name, value)
+        finally:
+            _sys.chmod(layer, path, stat.S_IMODE(st.st_mode))
 
 
 def set_redirect(stack, layer, path, target):
@@ -165,26 +199,64 @@ def set_redirect(stack, layer, path, target):
 
 def remove_oci_whiteout(stack, path):
     """Drop a ``.wh.NAME`` marker in the upper once NAME exists there again; True if one was."""
-    dirpath, name = _sys.split(path)
+    marker = oci_marker(path)
+    if marker is None:
+        return False
     try:
-        _sys.unlink(stack.upper, _sys.join(dirpath, OCI_PREFIX + name))
+        _sys.unlink(stack.upper, marker)
         return True
     except FileNotFoundError:
         return False
 
 
 def has_oci_whiteout(stack, path):
-    dirpath, name = _sys.split(path)
-    return _sys.lstat(stack.upper, _sys.join(dirpath, OCI_PREFIX + name)) is not None
+    marker = oci_marker(path)
+    return marker is not None and _sys.lstat(stack.upper, marker) is not None
 
 
-def probe_xattr_support(layer_fd_path):
-    """Whether the filesystem at this directory takes trusted.* xattrs; raises nothing."""
+@dataclass(frozen=True, slots=True)
+class Format:
+    """The on-disk format of the markers this mount writes in the upper layer."""
+    xattr_prefix: bytes
+    # redirect_dir=on: a renamed lower directory keeps its contents through a redirect xattr.
+    # The kernel refuses redirects with userxattr, so a user's mount answers EXDEV instead.
+    redirects: bool
+
+
+TRUSTED = Format(b"trusted.overlay.", True)
+USERXATTR = Format(b"user.overlay.", False)      # the kernel's -o userxattr
+
+
+def _can_set(path, name):
     try:
-        os.setxattr(layer_fd_path, "trusted.overlay.unionfs-probe", b"1")
-        os.removexattr(layer_fd_path, "trusted.overlay.unionfs-probe")
+        os.setxattr(path, name, b"1")
+        os.removexattr(path, name)
         return True
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
             return False
         raise
+
+
+def choose_format(workdir):
+    """The one switch between the two formats: trusted.* where this process may write them in
+    the work directory (root on the host), else user.* (a user, and also root in a user
+    namespace, where mount works and trusted.* does not); None where neither can be written."""
+    if _can_set(workdir, "trusted.overlay.unionfs-probe"):
+        return TRUSTED
+    if _can_set(workdir, "user.overlay.unionfs-probe"):
+        return USERXATTR
+    return None
+
+
+def takes_markers(stack, mode):
+    """Whether an entry of this type can carry our xattrs: user.* ones exist only on regular
+    files and directories."""
+    return stack.xattr_prefix != USERXATTR.xattr_prefix or stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+
+
+def check_movable(stack, node):
+    """Without redirects a directory with lower contents cannot move: EXDEV, as the kernel's
+    overlayfs answers without redirect_dir (and fuse-overlayfs); ``mv`` then copies it."""
+    if node.is_dir and node.lowers and not stack.redirects:
+        raise OSError(errno.EXDEV, "a lower directory moves only with redirects")

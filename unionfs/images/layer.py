@@ -15,7 +15,9 @@ import zstandard
 
 OCI_WH = ".wh."
 OCI_OPQ = ".wh..wh..opq"
-OPAQUE_XATTR = "trusted.overlay.opaque"
+# trusted.* as root; a user's store (written as root of the user's namespace, where trusted.*
+# cannot be written) gets the kernel's userxattr form, as unionmount's uppers do there.
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 SKIP_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.unionfs.", "trusted.unionfs.")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -172,9 +174,16 @@ def unpack(blob, dest, expect_digest=None, expect_diff_id=None, progress=None):
 def _set_opaque(dfd, name):
     fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
     try:
-        os.setxattr(f"/proc/self/fd/{fd}", OPAQUE_XATTR, b"y")
+        _mark_opaque(fd)
     finally:
         os.close(fd)
+
+
+def _mark_opaque(fd):
+    try:
+        os.setxattr(f"/proc/self/fd/{fd}", OPAQUE_XATTRS[0], b"y")
+    except PermissionError:
+        os.setxattr(f"/proc/self/fd/{fd}", OPAQUE_XATTRS[1], b"y")
 
 
 def _extract(tf, m, root_fd, dirs):
@@ -185,7 +194,7 @@ def _extract(tf, m, root_fd, dirs):
     try:
         name = parts[-1]
         if name == OCI_OPQ:
-            os.setxattr(f"/proc/self/fd/{dfd}", OPAQUE_XATTR, b"y")
+            _mark_opaque(dfd)
             return
         if name.startswith(OCI_WH):
             # OCI layer.md: a whiteout applies only to lower layers; what this layer itself holds under
@@ -315,10 +324,12 @@ def _pack_one(tf, root, rel, inodes):
     else:
         tf.addfile(ti)
     if stat.S_ISDIR(st.st_mode):
-        try:
-            opaque = os.getxattr(full, OPAQUE_XATTR) == b"y"
-        except OSError:
-            opaque = False
+        opaque = False
+        for name in OPAQUE_XATTRS:
+            try:
+                opaque = opaque or os.getxattr(full, name) == b"y"
+            except OSError:
+                pass
         if opaque:
             wi = tarfile.TarInfo(os.path.join(rel, OCI_OPQ))
             tf.addfile(wi, io.BytesIO(b""))

@@ -13,7 +13,7 @@ import sys
 import time
 
 from ..images import cli as image_cli
-from . import enter, lifecycle, run, seccomp, spec, state
+from . import enter, lifecycle, rootless, run, seccomp, spec, state
 
 PROG = "unionrun"
 FAILED = 125
@@ -308,20 +308,32 @@ def _cmd_commit(args, root):
     return 0
 
 
+def _rootless(args):
+    """Run by a user: state and images under $XDG_DATA_HOME, refuse what needs root, then
+    become root of the user's own user namespace (see rootless.py)."""
+    if args.root is None and not os.environ.get("UNIONRUN_ROOT"):
+        args.root = rootless.default_root()
+    if args.store is None and not os.environ.get("UNIONFS_STORE"):
+        args.store = rootless.default_store()
+    if args.cmd == "run":
+        rootless.refuse_what_needs_root(args)
+    # The image verbs (pull, push, load, ...) write the store, not a mount: no /dev/fuse needed.
+    rootless.enter(need_fuse=args.cmd not in image_cli.VERBS)
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
+    if os.geteuid() != 0:
+        try:
+            _rootless(args)
+        except rootless.RootlessError as e:
+            sys.stderr.write(f"{PROG}: rootless: {e}\n")
+            return FAILED
     root = _root(args)
     if args.cmd in image_cli.VERBS:
         return image_cli.main(args, args.store)
     handler = {"run": _cmd_run, "exec": _cmd_exec, "ps": _cmd_ps, "stop": _cmd_stop,
                "rm": _cmd_rm, "logs": _cmd_logs, "commit": _cmd_commit}[args.cmd]
-    if os.geteuid() != 0 and args.cmd in ("run", "exec", "stop", "rm"):
-        # Rootless would need /dev/fuse open to us; --userns is the unprivileged container root.
-        fuse = "/dev/fuse is not usable by you" if not os.access("/dev/fuse", os.R_OK | os.W_OK) \
-            else "cgroups and the state under /run need root"
-        sys.stderr.write(f"{PROG}: must run as root ({fuse}); run as root with --userns to give "
-                         "the container an unprivileged root\n")
-        return FAILED
     try:
         return handler(args, root)
     except run.CommandFailed as e:

@@ -13,6 +13,7 @@ from . import caps as _caps
 from . import cgroups
 from . import process as P
 from . import state
+from .rootless import in_user_namespace
 
 # Joined in this order: the user namespace first, as it grants the rights to join the others;
 # mnt last, as it changes what every path means.
@@ -129,6 +130,10 @@ def _join(pid, start_time, cgroup_dirs):
     # The cgroups through the host's cgroup file systems, before they are out of sight; the
     # command, forked later, is born in them and counts against the container's limits.
     for d in cgroups.dirs_of(pid) + list(cgroup_dirs):
+        if not cgroup_dirs and in_user_namespace():
+            # Rootless (we are in the user's namespace): no limits were set, and the host's
+            # cgroups are not ours to move into.
+            break
         try:
             with open(os.path.join(d, "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))

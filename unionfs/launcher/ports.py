@@ -256,7 +256,12 @@ class Forwarder:
         try:
             return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         finally:
-            L.setns(self.own_ns_fd, L.CLONE_NEWNET)
+            try:
+                L.setns(self.own_ns_fd, L.CLONE_NEWNET)
+            except PermissionError:
+                # Rootless: the host's namespace is not ours to enter again. We stay in the
+                # container's; the listeners, made before, keep the host's.
+                pass
 
     def _accept(self, listener, ctr_port):
         try:

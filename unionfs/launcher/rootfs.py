@@ -16,6 +16,7 @@ import stat
 import struct
 
 from . import _libc as L
+from .rootless import in_user_namespace
 
 DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
            ("urandom", 1, 9), ("tty", 5, 0))
@@ -240,13 +241,14 @@ def setup(spec, root_tree, volume_trees):
         # A procfs of our own pid namespace: the host's processes are not in it.
         mount_in_root(root_fd, "/proc", "proc", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
         # /dev from scratch: the host's devices are not reachable, only the harmless ones.
-        _make_dev(root_fd, spec.userns is not None)
+        in_userns = spec.userns is not None or in_user_namespace()
+        _make_dev(root_fd, in_userns)
         # sysfs of our network namespace, read-only: it has knobs for the whole machine.
         try:
             mount_in_root(root_fd, "/sys", "sysfs", "sysfs",
                           L.MS_RDONLY | L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
         except PermissionError:
-            if spec.userns is None:
+            if not in_userns:
                 raise
             # A user namespace may mount sysfs only for a network namespace of its own
             # (--net host): the host's, bound read-only.

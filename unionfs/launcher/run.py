@@ -89,9 +89,10 @@ def start(spec, root, image=None, store=None, to_log=False):
             upper, work = spec.upper, None
         options = []
         if spec.userns:
-            # The container's ids are the host's base.. ; on disk they stay 0.., as without.
+            # The container's ids are the host's base.. ; on disk they stay 0.., as without
+            # (fuse-overlayfs's order: on-disk id first, the id shown second).
             base, count = spec.userns
-            options = [f"uidmapping={base}:0:{count}", f"gidmapping={base}:0:{count}"]
+            options = [f"uidmapping=0:{base}:{count}", f"gidmapping=0:{base}:{count}"]
         try:
             st["daemon"] = union.mount(spec.lowers, upper, work, paths.merged, options)
         finally:
