@@ -319,8 +319,10 @@ def test_digest_mismatch_and_truncation(work, tmp_path):
     _store_is_clean(st)
 
 
-def test_disk_full_leaves_store_consistent(work, tmp_path):
+def test_disk_full_leaves_store_consistent(work, tmp_path, monkeypatch):
     d, _ = work
+    # No reserve: the filesystem itself runs full (the reserve is tested in test_images_security.py).
+    monkeypatch.setenv("UNIONFS_STORE_RESERVE", "0")
     st = tmp_path / "store"
     st.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(st)], check=True)

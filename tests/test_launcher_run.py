@@ -18,7 +18,7 @@ from unionfs.launcher import cgroups, state
 
 BIN = os.path.dirname(sys.executable)
 BUSYBOX = "/bin/busybox"
-DEFAULT_CAPS = "00000000a80425fb"
+DEFAULT_CAPS = "00000000800405fb"     # podman's 11
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),

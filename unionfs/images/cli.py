@@ -12,6 +12,7 @@ import sys
 import time
 
 from . import archive, auth, copy, layer, manifest, reference, store
+from .limits import Limits
 
 # httpx (registry) and rich (progress) are imported by the verbs that use them: `unionrun run` of a
 # stored image starts without them.
@@ -47,6 +48,7 @@ def add_parsers(sub):
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="from a multi-platform index "
                    "(default: this machine's)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress; print the image ID only")
+    _limit_options(p)
     p.add_argument("ref", metavar="REF")
     p = sub.add_parser("push", help="push a store image to a registry (only the blobs it lacks)")
     _transport_options(p)
@@ -78,7 +80,15 @@ def add_parsers(sub):
     p = sub.add_parser("load", help="load an OCI or docker archive (`podman save`, `docker save`)")
     p.add_argument("-i", "--input", required=True, metavar="FILE")
     p.add_argument("-q", "--quiet", action="store_true")
+    _limit_options(p)
     p.add_argument("name", metavar="NAME", nargs="?", help="name for it (default: the archive's own)")
+
+
+def _limit_options(p):
+    p.add_argument("--max-layer-size", metavar="SIZE",
+                   help="stop a layer that unpacks to more (e.g. 500m, 2g; default $UNIONFS_MAX_LAYER_SIZE)")
+    p.add_argument("--max-layer-entries", metavar="N",
+                   help="stop a layer with more files, dirs and links (default $UNIONFS_MAX_LAYER_ENTRIES)")
 
 
 def _creds(text):
@@ -252,7 +262,8 @@ def main(args, store_dir):
     """Run the image verb in `args`; returns the exit status (125 with one line on stderr on failure)."""
     handler = globals()["_cmd_" + args.cmd]
     try:
-        st = store.open_store(store_dir)
+        lim = Limits.from_env(getattr(args, "max_layer_size", None), getattr(args, "max_layer_entries", None))
+        st = store.open_store(store_dir, lim)
         return handler(args, st) or 0
     except ERRORS + (ImageError,) as e:
         print(f"unionrun: {e}", file=sys.stderr)

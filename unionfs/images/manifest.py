@@ -10,6 +10,7 @@ import json
 import platform as _platform
 import time
 
+from . import digest as digests
 from .reference import DIGEST_RE
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -38,9 +39,13 @@ def digest_of(data):
 
 
 def check_digest(d):
-    """A digest that will name a file: sha256 and 64 lower-case hex digits, nothing else."""
-    if not isinstance(d, str) or not DIGEST_RE.fullmatch(d):
-        raise ManifestError(f"unsupported or malformed digest {d!r}")
+    """A digest that will name a file (digest.py's check), of sha256: the blob store's one algorithm."""
+    try:
+        digests.check(d)
+    except digests.DigestError as e:
+        raise ManifestError(str(e)) from None
+    if not DIGEST_RE.fullmatch(d):
+        raise ManifestError(f"unsupported digest {d!r}: the store keeps sha256 blobs only")
     return d
 
 

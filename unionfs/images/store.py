@@ -13,14 +13,19 @@ import hashlib
 import json
 import os
 import re
-import shutil
+import stat
 import tempfile
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
 
+from .. import rmtree
 from ..launcher import state as procs
+from . import digest as digests
 from . import layer, manifest, reference
+from .limits import LimitError, Limits
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 DEFAULT_STORE = "/var/lib/unionfs"
 
@@ -55,11 +60,32 @@ def normalise(name):
         raise StoreError(str(e)) from None
 
 
+def private_dir(path):
+    """`path` as a directory of ours that only we can enter: made 0700, or made so if it exists looser
+    (a store from before, or made by hand). One owned by another user is refused: they could loosen it."""
+    os.makedirs(path, 0o700, exist_ok=True)
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"{path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise StoreError(f"{path} belongs to uid {st.st_uid}, not to us: not using it as a store")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+def _remove_tree(path):
+    # What cannot go now is tried again at the next open; the store works meanwhile.
+    with contextlib.suppress(OSError):
+        rmtree.remove_tree(path)
+
+
 class Store:
-    def __init__(self, root):
+    def __init__(self, root, limits=None):
         self.root = os.path.abspath(root)
-        for sub in ("layers", "images", "tmp", "holds", "blobs/sha256"):
-            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        self.limits = limits or Limits()
+        private_dir(self.root)
+        for sub in ("layers", "images", "tmp", "holds", "blobs", "blobs/sha256"):
+            private_dir(os.path.join(self.root, sub))
         with self._locked():
             self._fsck()
 
@@ -75,7 +101,7 @@ class Store:
     def _fsck(self):
         tmp = os.path.join(self.root, "tmp")
         for name in os.listdir(tmp):
-            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+            _remove_tree(os.path.join(tmp, name))
         layers, blobs = set(), set()
         for name in self.names():
             rec = self._read(name)
@@ -98,7 +124,7 @@ class Store:
         # Renamed into tmp first, so a crash mid-removal leaves no half layer under layers/.
         staged = tempfile.mkdtemp(dir=os.path.join(self.root, "tmp"))
         os.rename(path, os.path.join(staged, "gone"))
-        shutil.rmtree(staged, ignore_errors=True)
+        _remove_tree(staged)
 
     def _image_path(self, name):
         return os.path.join(self.root, "images", urllib.parse.quote(name, safe="") + ".json")
@@ -177,6 +203,24 @@ class Store:
         return sorted(urllib.parse.unquote(n[:-5]) for n in os.listdir(os.path.join(self.root, "images"))
                       if n.endswith(".json"))
 
+    def committed(self, hexid):
+        """Whether layers/HEX is a layer our verified import committed: a real directory with diff/ and
+        a meta.json (written last) naming the diff_id HEX stands for (sec-store's check)."""
+        try:
+            diff_id = digests.from_component(hexid)
+            fd = os.open(os.path.join(self.root, "layers", hexid), _DIR_FLAGS)
+        except (digests.DigestError, OSError):
+            return False
+        try:
+            if not stat.S_ISDIR(os.stat("diff", dir_fd=fd, follow_symlinks=False).st_mode):
+                return False
+            with open(os.open("meta.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)) as f:
+                return json.load(f).get("diff_id") == diff_id
+        except (OSError, ValueError, AttributeError):
+            return False
+        finally:
+            os.close(fd)
+
     def names_of(self, image_id):
         """Every name of the image whose ID (config digest) is `image_id`."""
         return [n for n in self.names() if self._read(n).get("id") == image_id]
@@ -184,6 +228,10 @@ class Store:
     def image(self, text):
         name = self.resolve(text)
         d = self._read(name)
+        for hexid in d["layers"]:
+            if not self.committed(hexid):
+                raise StoreError(f"image {reference.familiar(name)!r}: its layer {hexid!r} is missing or not "
+                                 "the verified layer: re-import the image")
         return Image(name, [self.layer_dir(h) for h in d["layers"]], d["config"], list(d["layers"]),
                      d.get("id", ""), d.get("manifest", ""), d.get("media_type", ""), d.get("ref_digest", ""),
                      d.get("platform", ""))
@@ -228,7 +276,7 @@ class Store:
             try:
                 yield st
             finally:
-                shutil.rmtree(st.dir, ignore_errors=True)
+                _remove_tree(st.dir)
 
     def manifest_of(self, text):
         """(image, manifest bytes, its media type, config bytes), materialising a store-made-before-blobs image."""
@@ -295,8 +343,7 @@ class Staging:
     def has_layer(self, blob_digest, diff_id):
         """Both the verbatim blob and its unpacked layer: nothing to fetch."""
         hexid = manifest.check_digest(diff_id)[7:]
-        return self.has_blob(blob_digest) and (os.path.isdir(os.path.join(self.store.root, "layers", hexid))
-                                               or hexid in self.layers)
+        return self.has_blob(blob_digest) and (self.store.committed(hexid) or hexid in self.layers)
 
     def new_file(self):
         fd, path = tempfile.mkstemp(dir=self.dir, suffix=".blob")
@@ -339,7 +386,8 @@ class Staging:
         path = self.new_file()
         with open(tar, "rb") as src, open(path, "wb") as raw:
             with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-                shutil.copyfileobj(src, gz, 1 << 20)
+                while chunk := src.read(1 << 20):
+                    gz.write(chunk)
         h = hashlib.sha256()
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
@@ -353,7 +401,7 @@ class Staging:
         """Unpack a verified blob into a staged layer unless the store has the layer; checks diff_id."""
         hexid = manifest.check_digest(diff_id)[7:]
         with self._mutex:
-            if os.path.isdir(os.path.join(self.store.root, "layers", hexid)) or hexid in self.layers:
+            if self.store.committed(hexid) or hexid in self.layers:
                 return False
             self.layers[hexid] = None      # claimed: another thread with the same layer skips it
         staged = tempfile.mkdtemp(dir=self.dir)
@@ -361,13 +409,18 @@ class Staging:
         os.mkdir(os.path.join(staged, "diff"), 0o755)
         try:
             with open(self.blob_file(blob_digest), "rb") as blob:
-                _, got_diff, size = layer.unpack(blob, os.path.join(staged, "diff"), None, diff_id, progress)
+                _, got_diff, size = layer.unpack(blob, os.path.join(staged, "diff"), None, diff_id, progress,
+                                                 self.store.limits.budget(self.store.root))
         except BaseException:
             with self._mutex:
                 del self.layers[hexid]
             raise
-        with open(os.path.join(staged, "meta.json"), "w") as f:
+        # meta.json last, durable before the rename: it is what makes the dir a committed layer.
+        with open(os.open(os.path.join(staged, "meta.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                          0o600), "w") as f:
             json.dump({"diff_id": got_diff, "digest": blob_digest, "size": size}, f)
+            f.flush()
+            os.fsync(f.fileno())
         with self._mutex:
             self.layers[hexid] = staged
         return True
@@ -386,7 +439,9 @@ class Staging:
                 raise StoreError(f"internal error: blob {d} was never fetched")
         for hexid, staged in self.layers.items():
             dest = os.path.join(s.root, "layers", hexid)
-            if staged and not os.path.isdir(dest):
+            if staged and not s.committed(hexid):
+                if os.path.lexists(dest):
+                    s._drop(dest)   # not our verified layer: a leftover or planted; replaced
                 os.rename(staged, dest)
         for digest, path in self.blobs.items():
             if not s.has_blob(digest):
@@ -426,5 +481,11 @@ class Staging:
         self.commit([name], man, mt, cfg)
 
 
-def open_store(path=None):
-    return Store(path or os.environ.get("UNIONFS_STORE") or DEFAULT_STORE)
+def open_store(path=None, limits=None):
+    """The store at `path` (else $UNIONFS_STORE, else /var/lib/unionfs). `limits` bound each layer
+    unpacked into it; by default those of the environment (UNIONFS_MAX_LAYER_SIZE, ...)."""
+    try:
+        limits = limits or Limits.from_env()
+    except LimitError as e:
+        raise StoreError(str(e)) from None
+    return Store(path or os.environ.get("UNIONFS_STORE") or DEFAULT_STORE, limits)

@@ -18,9 +18,9 @@ _libc_gil = ctypes.PyDLL(None, use_errno=True)
 # Syscall numbers for the calls glibc has no wrapper for (or only a callback-style one).
 _NR = {
     "x86_64": {"clone": 56, "pivot_root": 155, "capget": 125, "capset": 126, "openat2": 437,
-               "open_tree": 428, "move_mount": 429},
+               "open_tree": 428, "move_mount": 429, "mount_setattr": 442},
     "aarch64": {"clone": 220, "pivot_root": 41, "capget": 90, "capset": 91, "openat2": 437,
-                "open_tree": 428, "move_mount": 429},
+                "open_tree": 428, "move_mount": 429, "mount_setattr": 442},
 }[platform.machine()]
 
 CLONE_NEWNS = 0x00020000
@@ -175,3 +175,20 @@ def set_cmdline(title):
     raw = title.encode()[:end - start - 1]
     ctypes.memset(start, 0, end - start)
     ctypes.memmove(start, raw, len(raw))
+
+
+AT_EMPTY_PATH = 0x1000
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+
+
+def mount_setattr(fd, attr_set, recursive=False):
+    """Add the MOUNT_ATTR_* flags ``attr_set`` to the mount ``fd`` is on (attached or detached,
+    and with ``recursive`` every mount below it), leaving its other flags as they are."""
+    attr = struct.pack("=QQQQ", attr_set, 0, 0, 0)
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    _check(_libc.syscall(_NR["mount_setattr"], fd, b"", ctypes.c_uint(flags), buf,
+                         ctypes.c_size_t(len(attr))), "mount_setattr")

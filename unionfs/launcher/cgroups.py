@@ -1,7 +1,10 @@
-"""Resource limits through cgroups: v2 where the controller is available, else v1 (hybrid hosts).
+"""Resource limits and the device allow-list through cgroups: v2 where the controller is
+available, else v1 (hybrid hosts).
 
-A limit that cannot be applied is an error (CgroupError, one line), never a silent run without it.
-Each container gets one directory per hierarchy used, "unionrun-NAME", under our own cgroup there.
+A limit the user asked for that cannot be applied is an error (CgroupError, one line), never a
+silent run without it; a default (the pids limit, the device list) applies where its controller
+exists. Each container gets one directory per hierarchy used, "unionrun-NAME", under our own
+cgroup there.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ import errno
 import os
 import signal
 import time
+
+from . import devices
+from .rootless import in_user_namespace
 
 PREFIX = "unionrun-"
 CPU_PERIOD = 100_000
@@ -91,41 +97,82 @@ def _write(path, value, what):
         raise CgroupError(f"{what}: cannot write {value} to {path}: {e.strerror}") from None
 
 
-def create(name, limits):
-    """Make the container's cgroups with ``limits`` set; returns their directories (empty when
-    no limit was asked for). On error nothing is left."""
-    wanted = []
+def device_control():
+    """How containers' device access is confined here: "v1" (the cgroup v1 devices controller),
+    "bpf" (an eBPF device program on a cgroup v2 directory, where v1 has no such controller), or
+    None. It is the second line: every mount a container can write to, or its layers come in,
+    is nodev, so that the only nodes that open are those unionrun binds into /dev."""
+    if os.geteuid() != 0 or in_user_namespace():
+        # Only the host's root makes cgroups of its hierarchies and loads device programs; a
+        # rootless container has no host devices to reach (no mknod, nodev mounts).
+        return None
+    mounts, own = _mounts(), _own_paths()
+    # For the tests: UNIONRUN_DEVICE_CGROUP=v1, bpf or none picks one where both could work.
+    want = os.environ.get("UNIONRUN_DEVICE_CGROUP") or "v1"
+    if want == "v1" and _v1_parent("devices", mounts, own) is not None:
+        return "v1"
+    if want in ("v1", "bpf") and _v2_own(mounts, own) is not None:
+        try:
+            os.close(devices.load())
+            return "bpf"
+        except OSError:
+            pass        # a kernel without cgroup device programs
+    return None
+
+
+def _v2_own(mounts, own):
+    """Our cgroup v2 directory, controllers or not (a device program needs none)."""
+    for mnt, root, fstype, _ in mounts:
+        if fstype == "cgroup2" and "" in own:
+            d = _under(mnt, root, own[""])
+            if os.path.isdir(d):
+                return d
+    return None
+
+
+def create(name, limits, device_mode=None):
+    """Make the container's cgroups with ``limits`` set, and its device allow-list as
+    ``device_mode`` (see device_control) says; returns their directories. On error nothing is
+    left."""
+    wanted = []     # (controller, option, required)
     if limits.memory is not None:
-        wanted.append(("memory", "--memory"))
+        wanted.append(("memory", "--memory", True))
     if limits.cpus is not None:
-        wanted.append(("cpu", "--cpus"))
+        wanted.append(("cpu", "--cpus", True))
     if limits.pids is not None:
-        wanted.append(("pids", "--pids-limit"))
+        wanted.append(("pids", "--pids-limit", limits.pids_asked and limits.pids != -1))
+    if device_mode:
+        wanted.append(("devices", "devices", True))
     if not wanted:
         return []
     mounts, own = _mounts(), _own_paths()
-    dirs = {}       # directory -> version
-    plan = []       # (controller, option, directory, version)
-    for controller, option in wanted:
-        parent = _v2_parent(controller, mounts, own)
-        version = 2
-        if parent is None:
+    plan = []       # (controller, option, directory, version, required)
+    for controller, option, required in wanted:
+        if controller == "devices":
+            parent, version = (_v2_own(mounts, own), 2) if device_mode == "bpf" else \
+                (_v1_parent(controller, mounts, own), 1)
+        else:
+            parent, version = _v2_parent(controller, mounts, own), 2
+        if parent is None and controller != "devices":
             parent, version = _v1_parent(controller, mounts, own), 1
         if parent is None:
+            if not required:
+                continue    # a default where the controller is missing: as podman does
             raise CgroupError(f"{option}: no cgroup with the {controller} controller is available "
                               "(neither v2 nor v1); refusing to run without the limit")
-        d = os.path.join(parent, PREFIX + name)
-        dirs[d] = version
-        plan.append((controller, option, d, version))
+        plan.append((controller, option, os.path.join(parent, PREFIX + name), version,
+                     required))
     made = []
     try:
-        for d in dirs:
-            try:
-                os.mkdir(d)
-            except OSError as e:
-                raise CgroupError(f"cannot create cgroup {d}: {e.strerror}") from None
-            made.append(d)
-        for controller, option, d, version in plan:
+        for controller, option, d, version, required in plan:
+            if d not in made:
+                try:
+                    os.mkdir(d)
+                except OSError as e:
+                    if not required:
+                        continue    # a default we may not set here (not root): skipped too
+                    raise CgroupError(f"cannot create cgroup {d}: {e.strerror}") from None
+                made.append(d)
             _apply(controller, option, d, version, limits)
     except BaseException:
         remove(made)
@@ -152,7 +199,18 @@ def _apply(controller, option, d, version, limits):
             _write(os.path.join(d, "cpu.cfs_period_us"), CPU_PERIOD, option)
             _write(os.path.join(d, "cpu.cfs_quota_us"), quota, option)
     elif controller == "pids":
-        _write(os.path.join(d, "pids.max"), limits.pids, option)
+        _write(os.path.join(d, "pids.max"), "max" if limits.pids == -1 else limits.pids, option)
+    elif controller == "devices" and version == 1:
+        # A new v1 cgroup inherits its parent's list: empty it, then allow ours.
+        _write(os.path.join(d, "devices.deny"), "a", option)
+        for rule in devices.v1_lines():
+            _write(os.path.join(d, "devices.allow"), rule, option)
+    elif controller == "devices":
+        try:
+            devices.attach(d)
+        except OSError as e:
+            raise CgroupError(f"cannot attach the device program to {d}: {e.strerror}") \
+                from None
 
 
 def dirs_of(pid):
@@ -176,9 +234,13 @@ def join(dirs, pid):
 
 
 def leave(dirs, pid):
-    """Move ``pid`` out of ``dirs`` (the container's) into their parents (ours). Best effort: a
-    process that stays is only counted against the container's limits."""
+    """Move ``pid`` out of ``dirs`` (the container's) into their parents (ours), except out of
+    the device allow-list, which nothing of the container may escape. Best effort: a process
+    that stays is only counted against the container's limits."""
     for d in dirs:
+        # (On a cgroup v2 host that directory holds the limits too: the process stays in them.)
+        if os.path.exists(os.path.join(d, "devices.list")) or devices.attached(d):
+            continue
         try:
             with open(os.path.join(os.path.dirname(d), "cgroup.procs"), "w") as f:
                 f.write(str(pid))

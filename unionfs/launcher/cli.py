@@ -63,7 +63,9 @@ def _parser():
                         "root's /etc/subuid range, else 100000:65536)")
     p.add_argument("--memory", metavar="SIZE", help="e.g. 64m, through cgroups (v2, else v1)")
     p.add_argument("--cpus", metavar="N", help="e.g. 0.5")
-    p.add_argument("--pids-limit", metavar="N")
+    p.add_argument("--pids-limit", metavar="N",
+                   help=f"at most N processes (default {spec.DEFAULT_PIDS_LIMIT} where the pids "
+                        "controller exists; -1: none)")
     p.add_argument("--cap-add", action="append", default=[])
     p.add_argument("--cap-drop", action="append", default=[])
     # Security (docker's spellings); an init always runs, --init is accepted for docker's sake.
@@ -159,7 +161,8 @@ def _build_spec(args):
     limits = spec.Limits(
         memory=spec.parse_memory(args.memory) if args.memory is not None else None,
         cpus=spec.parse_cpus(args.cpus) if args.cpus is not None else None,
-        pids=spec.parse_pids(args.pids_limit) if args.pids_limit is not None else None)
+        **({"pids": spec.parse_pids(args.pids_limit), "pids_asked": True}
+           if args.pids_limit is not None else {}))
     return spec.RunSpec(
         name=name, lowers=lowers, upper=spec.parse_upper(args.upper), argv=tuple(argv),
         env=env, hostname=hostname, workdir=os.path.normpath(workdir),

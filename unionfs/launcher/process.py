@@ -75,21 +75,31 @@ def wait_status(pid):
     return exit_code(status)
 
 
-@contextlib.contextmanager
-def forwarding(pid):
-    """While inside, the signals of FORWARDED that we get go on to ``pid``."""
+def forward_signals(pid):
+    """From now on the signals of FORWARDED that we get go on to ``pid``; returns the handlers
+    they had, for restore_signals()."""
     def forward(signum, frame):
         try:
             os.kill(pid, signum)
         except ProcessLookupError:
             pass
 
-    old = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    return {sig: signal.signal(sig, forward) for sig in FORWARDED}
+
+
+def restore_signals(old):
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def forwarding(pid):
+    """While inside, the signals of FORWARDED that we get go on to ``pid``."""
+    old = forward_signals(pid)
     try:
         yield
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        restore_signals(old)
 
 
 def open_pty(pid):

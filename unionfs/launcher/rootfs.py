@@ -102,27 +102,52 @@ def remount_readonly(root_fd, path, flags=0):
 
 
 def _make_dev(root_fd, in_userns):
+    """/dev: a nodev tmpfs with DEVICES, DEV_LINKS, pts, shm and mqueue. Each of DEVICES is a
+    bind mount: of the host's node in a user namespace (no mknod there), else of one made in a
+    tmpfs of its own that is then detached. A node that the container makes in /dev (with
+    --cap-add MKNOD) cannot be opened, from inside or through /proc/PID/root."""
     nosuid_noexec = L.MS_NOSUID | L.MS_NOEXEC
-    mount_in_root(root_fd, "/dev", "tmpfs", "tmpfs", L.MS_NOSUID | L.MS_STRICTATIME,
+    mount_in_root(root_fd, "/dev", "tmpfs", "tmpfs", L.MS_NOSUID | L.MS_NODEV | L.MS_STRICTATIME,
                   "mode=755,size=65536k")
+    source = None if in_userns else "/dev/.nodes"
+    if source:
+        mount_in_root(root_fd, source, "tmpfs", "tmpfs", nosuid_noexec, "mode=755,size=64k")
     dev = open_in_root(root_fd, "/dev")
+    nodes = open_in_root(root_fd, source) if source else None
     try:
         for name, major, minor in DEVICES:
-            if in_userns:
-                # No mknod in a user namespace: the host's own nodes are bound below.
-                os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW
-                                 | os.O_CLOEXEC, 0o666, dir_fd=dev))
-            else:
-                os.mknod(name, 0o666 | stat.S_IFCHR, os.makedev(major, minor), dir_fd=dev)
+            # A file to bind the node onto.
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o666, dir_fd=dev))
+            if source:
+                os.mknod(name, 0o666 | stat.S_IFCHR, os.makedev(major, minor), dir_fd=nodes)
         for name, target in DEV_LINKS:
             os.symlink(target, name, dir_fd=dev)
         for name, mode in (("pts", 0o755), ("shm", 0o1777), ("mqueue", 0o755)):
             os.mkdir(name, mode, dir_fd=dev)
     finally:
         os.close(dev)
-    if in_userns:
-        for name, _, _ in DEVICES:
-            mount_in_root(root_fd, f"/dev/{name}", f"/dev/{name}", None, L.MS_BIND, create=None)
+        if nodes is not None:
+            os.close(nodes)
+    for name, _, _ in DEVICES:
+        # The host's node (still reachable: pivot_root is to come), or ours.
+        node = os.open(f"/dev/{name}", L.O_PATH | os.O_CLOEXEC) if in_userns \
+            else open_in_root(root_fd, f"{source}/{name}")
+        try:
+            mount_in_root(root_fd, f"/dev/{name}", _fdpath(node), None, L.MS_BIND, create=None)
+        finally:
+            os.close(node)
+    if source:
+        fd = open_in_root(root_fd, source)
+        try:
+            L.umount2(_fdpath(fd), L.MNT_DETACH)
+        finally:
+            os.close(fd)
+        dev = open_in_root(root_fd, "/dev")
+        try:
+            os.rmdir(".nodes", dir_fd=dev)
+        finally:
+            os.close(dev)
     # uid=0: a pty opened from outside (by the supervisor, by exec) belongs to the container's
     # root, who can then hand it on, also in a user namespace where our own root is nobody.
     mount_in_root(root_fd, "/dev/pts", "devpts", "devpts", nosuid_noexec,
@@ -271,6 +296,11 @@ def setup(spec, root_tree, volume_trees):
     finally:
         os.umask(old_umask)
         os.close(root_fd)
+    if spec.net == "none":
+        # podman's default_sysctls, in the container's own network namespace: ICMP echo
+        # sockets for gid 0, so that root can ping (iputils) without NET_RAW.
+        with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+            f.write("0 0")
     for path in MASKED:
         _mask(path)
     for path in READONLY:

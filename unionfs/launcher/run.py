@@ -53,9 +53,10 @@ def initial_state(spec, image=None, store=None):
 class _Started:
     """A container whose command runs: what the supervisor waits on and then releases."""
 
-    def __init__(self, paths, st, init_pid, failure, master):
+    def __init__(self, paths, st, init_pid, failure, master, signals):
         self.paths, self.st = paths, st
         self.init_pid, self.failure, self.master = init_pid, failure, master
+        self.signals = signals      # our handlers from before we forwarded signals to the init
 
 
 def start(spec, root, image=None, store=None, to_log=False):
@@ -64,7 +65,12 @@ def start(spec, root, image=None, store=None, to_log=False):
     container's log from the moment it has a directory."""
     if threading.active_count() != 1:
         raise RunError("internal error: the launcher must be single-threaded to clone")
-    paths = state.claim(root, spec.name)
+    try:
+        paths = state.claim(root, spec.name)
+    except state.StateError as e:
+        raise RunError(str(e)) from None
+    except OSError as e:
+        raise RunError(f"cannot create the container's state: {e.strerror}: {root}") from None
     if paths is None:
         raise RunError(f"a container named {spec.name!r} already exists (unionrun rm it first)")
     st = initial_state(spec, image, store)
@@ -80,19 +86,23 @@ def start(spec, root, image=None, store=None, to_log=False):
             os.close(log)
         if spec.ports:
             ports.check_free(spec.ports)
-        st["cgroups"] = cgroups.create(spec.name, spec.limits)
+        st["cgroups"] = cgroups.create(spec.name, spec.limits, cgroups.device_control())
         state.write(paths, st)
         if spec.upper is None:
+            # Its root is the container's "/": 0755 as usual, private by the 0700 above it.
             os.mkdir(paths.upper, 0o755)
             upper, work = paths.upper, paths.work
         else:
             upper, work = spec.upper, None
-        options = []
+        # A container's root needs its setuid files (su), but no device node of its layers or
+        # its upper: a host user of the same uid as a container process reaches them through
+        # /proc/PID/root, outside the device cgroup (setuid bits do nothing on that path).
+        options = ["suid", "nodev"]
         if spec.userns:
             # The container's ids are the host's base.. ; on disk they stay 0.., as without
             # (fuse-overlayfs's order: on-disk id first, the id shown second).
             base, count = spec.userns
-            options = [f"uidmapping=0:{base}:{count}", f"gidmapping=0:{base}:{count}"]
+            options += [f"uidmapping=0:{base}:{count}", f"gidmapping=0:{base}:{count}"]
         try:
             st["daemon"] = union.mount(spec.lowers, upper, work, paths.merged, options)
         finally:
@@ -100,9 +110,10 @@ def start(spec, root, image=None, store=None, to_log=False):
             state.write(paths, st)
         trees = _open_trees(spec, paths)
         try:
+            _seal_host_view(paths)
             trees.append(init.sealed_tini())
-            init_pid, rep_r, ctl_w, master = _clone_init(spec, paths, st, trees[:-1],
-                                                         trees[-1])
+            init_pid, rep_r, ctl_w, master, signals = _clone_init(spec, paths, st,
+                                                                  trees[:-1], trees[-1])
         finally:
             for fd in trees:
                 os.close(fd)
@@ -121,7 +132,7 @@ def start(spec, root, image=None, store=None, to_log=False):
     failure = _exec_outcome(rep_r)
     # Held until now: the init checks, before it execs tini, that we are still there.
     os.close(ctl_w)
-    return _Started(paths, st, init_pid, failure, master)
+    return _Started(paths, st, init_pid, failure, master, signals)
 
 
 def _exec_outcome(rep_r):
@@ -166,11 +177,26 @@ def _open_trees(spec, paths):
                 trees.append(L.open_tree(vol.source, recursive=True))
             except OSError as e:
                 raise RunError(f"-v: volume source {vol.source}: {e.strerror}") from None
+        # No node that the container makes or its layers ship may open, from inside or from
+        # outside (above); the device cgroup is the second line, where there is one.
+        for i, fd in enumerate(trees):
+            L.mount_setattr(fd, L.MOUNT_ATTR_NODEV, recursive=i > 0)
     except BaseException:
         for fd in trees:
             os.close(fd)
         raise
     return trees
+
+
+def _seal_host_view(paths):
+    """The host's own mount of the union (ROOT/NAME/merged) runs nothing of the container:
+    nosuid, nodev, noexec. The container has its copy of the mount (open_tree), whose flags
+    are its own; this one is only for unmount and for root's look from outside."""
+    fd = os.open(paths.merged, L.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        L.mount_setattr(fd, L.MOUNT_ATTR_NOSUID | L.MOUNT_ATTR_NODEV | L.MOUNT_ATTR_NOEXEC)
+    finally:
+        os.close(fd)
 
 
 def _clone_init(spec, paths, st, trees, tini_fd):
@@ -195,7 +221,7 @@ def _clone_init(spec, paths, st, trees, tini_fd):
             os.close(cwd)
     os.close(ctl_r)
     os.close(rep_w)
-    master = None
+    master, signals = None, None
     try:
         st["init"] = state.identity(pid)
         state.write(paths, st)
@@ -209,6 +235,9 @@ def _clone_init(spec, paths, st, trees, tini_fd):
             master, slave_n = P.open_pty(pid)
         if spec.ports:
             st["forwarder"] = state.identity(ports.start(spec.ports, pid, paths.log))
+        # Forwarded from before the command exists: a signal sent once it has shown a sign of
+        # life must reach it, not end us in the window before wait().
+        signals = P.forward_signals(pid)
         P.report(ctl_w, f"go {slave_n}" if spec.tty else "go -")
         # The init stays in the cgroups: as tini (a small static binary) it counts against the
         # limits as every process of the container does.
@@ -218,11 +247,13 @@ def _clone_init(spec, paths, st, trees, tini_fd):
         os.close(ctl_w)
         if master is not None:
             os.close(master)
+        if signals is not None:
+            P.restore_signals(signals)
         _kill_init(pid)
         raise
     st["status"] = "running"
     state.write(paths, st)
-    return pid, rep_r, ctl_w, master
+    return pid, rep_r, ctl_w, master, signals
 
 
 def _expect(rep_r, kind):
@@ -252,12 +283,14 @@ def wait(started, interactive):
     """Wait for the command, forwarding our signals to the init (which passes them on); its
     exit status. Messages of a failed exec go to our stderr."""
     pid = started.init_pid
-    with P.forwarding(pid):
+    try:
         if started.master is None:
             code = P.wait_status(pid)
         else:
             code = P.relay(pid, started.master, interactive)
             os.close(started.master)
+    finally:
+        P.restore_signals(started.signals)
     if started.failure:
         code = started.failure[0]
         sys.stderr.write(f"unionrun: {started.failure[1]}\n")

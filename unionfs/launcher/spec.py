@@ -37,14 +37,17 @@ class Port:
     ctr_port: int
 
 
+# podman's default (containers.conf pids_limit): a fork bomb stops there, not at the host's.
+DEFAULT_PIDS_LIMIT = 2048
+
+
 @dataclass(frozen=True)
 class Limits:
     memory: int | None = None       # bytes
     cpus: float | None = None
-    pids: int | None = None
-
-    def any(self):
-        return self.memory is not None or self.cpus is not None or self.pids is not None
+    pids: int | None = DEFAULT_PIDS_LIMIT   # -1: none ("max")
+    # --pids-limit given: an error where it cannot be set; the default is skipped there.
+    pids_asked: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,8 +162,10 @@ def parse_cpus(value):
 
 
 def parse_pids(value):
+    if value == "-1":
+        return -1
     if not re.fullmatch(r"\d+", value) or int(value) < 1:
-        raise SpecError(f"--pids-limit {value!r}: expected a positive number")
+        raise SpecError(f"--pids-limit {value!r}: expected a positive number, or -1 for none")
     return int(value)
 
 

@@ -6,11 +6,11 @@ Processes are recorded as (pid, start time) so that a recycled pid is never mist
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import shutil
 import time
+
+from .. import rmtree
 
 # Persistent, as the containers' upper layers are kept until rm (after a reboot, too).
 DEFAULT_ROOT = "/var/lib/unionrun"
@@ -28,14 +28,40 @@ class Paths:
         self.log = os.path.join(self.dir, "log")
 
 
+class StateError(Exception):
+    """The state root cannot be made private: one line for the user."""
+
+
+def make_private(root):
+    """Create ``root`` 0700, or make an existing one 0700: below it are the containers' uppers
+    and merged trees, where a container's root writes setuid-root files and device nodes that
+    no local user may reach (as podman keeps its storage 0700). Refused when it is not a
+    directory of ours, as its owner could open it again."""
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    try:
+        # A symlink is followed (a root moved to another disk): what it leads to is checked.
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise StateError(f"state root {root}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise StateError(f"state root {root} belongs to uid {st.st_uid}, not to us: "
+                             "refusing to keep containers there")
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
 def claim(root, name):
     """Create the container's directory; the atomic mkdir is what makes a name taken."""
-    os.makedirs(root, mode=0o711, exist_ok=True)
+    make_private(root)
     paths = Paths(root, name)
     try:
-        # Searchable (not readable) by others: a container with --userns reaches its merged
-        # tree by path as an unprivileged host id. What is private in it is 0600.
-        os.mkdir(paths.dir, 0o711)
+        # Private too: the init reaches the merged tree through fds the supervisor opened, so
+        # no path below needs to be open to a container's unprivileged host ids (--userns).
+        os.mkdir(paths.dir, 0o700)
     except FileExistsError:
         return None
     return paths
@@ -111,10 +137,6 @@ def wait_gone(ident, timeout):
 
 
 def remove_tree(path):
-    """rm -r that does not follow symlinks and copes with whiteout devices and odd modes."""
-    def onerror(func, p, exc):
-        if isinstance(exc[1], OSError) and exc[1].errno == errno.ENOENT:
-            return
-        raise exc[1]
-    if os.path.lexists(path):
-        shutil.rmtree(path, onerror=onerror)
+    """rm -r that does not follow symlinks, copes with whiteout devices and odd modes, and survives any
+    depth a container gave its upper (iterative: shutil.rmtree recurses)."""
+    rmtree.remove_tree(path)
