@@ -1,5 +1,5 @@
-"""Builds the Cython twins ``unionfs._fast_c`` and ``unionfs._session_c``; metadata lives in
-pyproject.toml.
+"""Builds the Cython twins ``unionfs._fast_c`` and ``unionfs._session_c`` and generates the gRPC code
+of the containerd snapshotter from its .proto files; metadata lives in pyproject.toml.
 
 The extension is required: a missing Cython or compiler fails the build. UNIONFS_NO_EXT=1 makes a
 pure-Python install on purpose, which then runs on ``unionfs._fast_py``.
@@ -37,6 +37,33 @@ def fuse3_flags():
             "libraries": [a[2:] for a in out if a.startswith("-l")],
             "extra_compile_args": [a for a in out if a.startswith("-D")]}
 
+
+def generate_protos():
+    """unionfs/snapshotter/proto/*_pb2*.py from the .proto files next to them, with grpcio-tools.
+
+    Generated here, at every build (editable ones too), into the source tree: the files then match the
+    .proto files and the protobuf of the build; they are not kept in git.
+    """
+    try:
+        import grpc_tools
+        from grpc_tools import protoc
+    except ImportError:
+        sys.exit("unionfs setup: grpcio-tools is needed to generate the snapshotter's gRPC code "
+                 "(pip install grpcio-tools)")
+    here = os.path.dirname(os.path.abspath(__file__))
+    proto_dir = os.path.join("unionfs", "snapshotter", "proto")
+    wkt = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")   # google/protobuf/*.proto
+    for name, grpc_out in (("mount.proto", False), ("snapshots.proto", True)):
+        args = ["protoc", f"-I{here}", f"-I{wkt}", f"--python_out={here}"]
+        if grpc_out:
+            args.append(f"--grpc_python_out={here}")
+        path = os.path.join(here, proto_dir, name)
+        if protoc.main(args + [path]) != 0:
+            sys.exit(f"unionfs setup: protoc failed on {path}")
+    log(f"generated the gRPC code of {proto_dir}/*.proto")
+
+
+generate_protos()
 
 if os.environ.get("UNIONFS_NO_EXT", "") not in ("", "0"):
     log("UNIONFS_NO_EXT is set: pure-Python build, unionfs._fast_c is not built")

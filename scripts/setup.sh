@@ -24,12 +24,13 @@ system_packages() {
     # crun for podman's "crun | runc").
     # The rest are the real parts the tests start: a small static init (tini), libseccomp, the
     # user-namespace helpers, stress-ng, the registry and skopeo, the network engine and its
-    # firewall tools, the peers (unionfs-fuse), fio and liburing for the bench.
+    # firewall tools, the peers (unionfs-fuse), fio and liburing for the bench, containerd for the
+    # snapshotter (tests/test_containerd.py).
     echo fuse3 libfuse3-dev "$pc" busybox-static attr fuse-overlayfs gcc libc6-dev \
          python3-dev python3-venv e2fsprogs dosfstools podman runc \
          tini catatonit libseccomp2 libseccomp-dev uidmap stress-ng docker-registry skopeo \
          netavark aardvark-dns containernetworking-plugins slirp4netns iptables nftables \
-         openssl apache2-utils dpkg-dev apt-utils unionfs-fuse fio liburing-dev
+         openssl apache2-utils dpkg-dev apt-utils unionfs-fuse fio liburing-dev containerd
 }
 
 # With "always" (CI), updates and installs unconditionally; otherwise only when one is missing.
@@ -93,14 +94,14 @@ install_unionfs() {
 # `fuse.unionmount` mount (and of an fstab line) in /usr/local/bin: link the commands there.
 install_commands() {
     local cmd
-    for cmd in unionmount unionrun; do
+    for cmd in unionmount unionrun unionfs-snapshotter; do
         [ -x "$VENV/bin/$cmd" ] && ln -sfn "$VENV/bin/$cmd" "/usr/local/bin/$cmd"
     done
     # Our former `unionfs` command (now `unionrun`'s image verbs) shadowed unionfs-fuse's /usr/bin/unionfs.
     if [ -L /usr/local/bin/unionfs ] && [ "$(readlink /usr/local/bin/unionfs)" = "$VENV/bin/unionfs" ]; then
         rm -f /usr/local/bin/unionfs
     fi
-    echo "commands linked in /usr/local/bin: unionmount unionrun"
+    echo "commands linked in /usr/local/bin: unionmount unionrun unionfs-snapshotter"
 }
 
 setup_all() {

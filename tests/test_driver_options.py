@@ -99,13 +99,16 @@ def test_escaped_colon_and_comma_in_paths(tmp_path, impl, no_mounts_left):
 
 
 def test_ro_option(side, impl, no_mounts_left):
+    # The upper stays visible, read-only, as with overlayfs's ro (containerd diffs that way).
+    (side.upper / "in-upper").write_bytes(b"u")
     opts = f"lowerdir={lowerdir(side)},upperdir={side.upper},workdir={side.work},ro"
     with mounted(["-o", opts, side.mnt], impl, side.mnt):
         assert (side.mnt / "top").read_bytes() == b"top"
+        assert (side.mnt / "in-upper").read_bytes() == b"u"
         with pytest.raises(OSError) as e:
             os.chmod(side.mnt / "top", 0o600)
         assert e.value.errno == errno.EROFS
-    assert list(side.upper.iterdir()) == []
+    assert [p.name for p in side.upper.iterdir()] == ["in-upper"]
 
 
 def test_unknown_option_warns_in_one_line_and_mounts(side, impl, no_mounts_left):

@@ -544,6 +544,57 @@ def multiply_linked(layer):
     return out
 
 
+def tree_usage(layer, cost):
+    """The sum of ``cost(lstat)`` over a layer's entries, its root included, a file with several
+    links once. Depth-first with one directory fd open at a time (down by name, never following a
+    symlink; back up by ".."), and a list of names still to visit per level: neither the fds nor
+    the call stack grow with how deep a tree is, and no path is ever longer than one name."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    fd = os.open(b".", flags, dir_fd=layer.fd)
+    linked = set()
+    total = cost(os.fstat(fd))
+
+    def count(fd):
+        nonlocal total
+        subdirs = []
+        with os.scandir(fd) as it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    subdirs.append(entry.name)
+                elif st.st_nlink > 1:
+                    if st.st_ino in linked:
+                        continue
+                    linked.add(st.st_ino)
+                total += cost(st)
+        return subdirs
+
+    try:
+        levels = [count(fd)]
+        while True:
+            while levels and not levels[-1]:
+                levels.pop()
+                if levels:
+                    up = os.open(b"..", flags, dir_fd=fd)
+                    os.close(fd)
+                    fd = up
+            if not levels:
+                return total
+            name = levels[-1].pop()
+            try:
+                down = os.open(name, flags | os.O_NOFOLLOW, dir_fd=fd)
+            except (FileNotFoundError, NotADirectoryError):
+                continue        # gone or replaced since listed: nothing below it to count
+            os.close(fd)
+            fd = down
+            levels.append(count(fd))
+    finally:
+        os.close(fd)
+
+
 class _FileHandle(ctypes.Structure):
     _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
                 ("f_handle", ctypes.c_ubyte * 128)]

@@ -9,6 +9,7 @@ import stat
 
 from . import _sys
 from .copyup import copy_up
+from .quota import enospc
 from .whiteout import is_private_xattr
 
 
@@ -36,9 +37,13 @@ async def setattr(u, node, attr, fields, fh):
         node.xattr_names = None
     handle = u.handles.get(fh) if fh else None
     fd = handle.fd if handle is not None and handle.upper else node.pinned_fd
-    if node.unlinked or (fd is not None and size is not None):
-        if fd is None:
-            raise OSError(errno.ENOENT, "entry was removed")
+    by_fd = node.unlinked or (fd is not None and size is not None)
+    if by_fd and fd is None:
+        raise OSError(errno.ENOENT, "entry was removed")
+    if size is not None and u.quota is not None:
+        _truncate_within_limit(u, fd if by_fd else None, None if by_fd else node.path(), size)
+        size = None
+    if by_fd:
         _sys.fd_setattr(fd, mode, uid, gid, atime, mtime, size)
         return u.attrs(node)
     upper, path = u.stack.upper, node.path()
@@ -51,6 +56,33 @@ async def setattr(u, node, attr, fields, fh):
     if atime is not None or mtime is not None:
         _sys.utime(upper, path, atime, mtime)
     return u.attrs(node)
+
+
+def _truncate_within_limit(u, fd, path, size):
+    """A truncate under a size limit, by fd or by upper path. Growing a file makes a hole on most
+    filesystems (nothing to count); where it allocates and the upper goes past its limit, the
+    file gets its old size back and the caller ENOSPC."""
+    q = u.quota
+
+    def truncate(n):
+        if fd is not None:
+            _sys.fd_setattr(fd, size=n)
+        else:
+            _sys.truncate(u.stack.upper, path, n)
+
+    def lstat():
+        return _sys.fstat(fd) if fd is not None else _sys.lstat(u.stack.upper, path)
+
+    before = lstat()
+    if size > before.st_size:
+        q.check(0)
+    truncate(size)
+    after = lstat()
+    q.settle(before, after)
+    if q.cost(after) > q.cost(before) and q.used > q.limit:
+        truncate(before.st_size)
+        q.settle(after, lstat())
+        raise enospc()
 
 
 def readlink(u, node):
@@ -99,7 +131,17 @@ async def setxattr(u, node, name, value):
     _check_name(u, name)
     await copy_up(u, node)
     node.xattr_names = None
-    _sys.setxattr(u.stack.upper, node.path(), name, value)
+    q = u.quota
+    if q is None:
+        _sys.setxattr(u.stack.upper, node.path(), name, value)
+        return
+    # An xattr can take a block of its own (and on some filesystems more): counted after.
+    before = _sys.lstat(u.stack.upper, node.path())
+    q.check(len(name) + len(value))
+    try:
+        _sys.setxattr(u.stack.upper, node.path(), name, value)
+    finally:
+        q.settle(before, _sys.lstat(u.stack.upper, node.path()))
 
 
 async def removexattr(u, node, name):
@@ -109,9 +151,14 @@ async def removexattr(u, node, name):
         raise OSError(errno.ENODATA, "no such xattr")
     await copy_up(u, node)
     node.xattr_names = None
+    q = u.quota
+    before = _sys.lstat(u.stack.upper, node.path()) if q is not None else None
     _sys.removexattr(u.stack.upper, node.path(), name)
+    if q is not None:
+        q.settle(before, _sys.lstat(u.stack.upper, node.path()))
 
 
 def statfs(u):
     top = u.stack.upper or u.stack.lowers[0]
-    return _sys.statvfs(top)
+    sv = _sys.statvfs(top)
+    return sv if u.quota is None else u.quota.statvfs(sv)

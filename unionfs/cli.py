@@ -9,7 +9,8 @@ import re
 import sys
 
 from .idmap import IdMap, parse_mapping
-from .options import MountOptions, UsageError, parse_lowerdir, split_options, unescape
+from .options import (MountOptions, UsageError, parse_lowerdir, parse_size, split_options,
+                      unescape)
 
 PROG = "unionmount"
 USAGE = f"""usage: {PROG} LOWER1[:LOWER2...] [UPPER] MOUNTPOINT [-o OPTIONS] [-f] [-d]
@@ -19,6 +20,10 @@ Mounts the union of the lower layers (leftmost topmost) under a copy-on-write up
   -f            stay in the foreground
   -d            log every request (implies nothing else)
   -o OPTIONS    workdir=DIR, timeout=SECONDS, fsync=0, volatile, ro, noxattrs,
+                nosuid, nodev, noexec (and suid, dev, exec: as root the default), noatime,
+                sync, dirsync: the mount's flags, as mount(8) takes them,
+                upper_size=SIZE (bytes, or with k, m, g, t: the most the upper layer may
+                hold; past it a write, copy-up or new entry gets ENOSPC),
                 writeback=1 (the kernel caches writes: fewer, larger requests, but a
                 full disk or a dead daemon is reported late, at fsync, not at write),
                 uidmapping=D:P:N[:D:P:N...] (on-disk id D shown as P, as
@@ -28,9 +33,17 @@ Mounts the union of the lower layers (leftmost topmost) under a copy-on-write up
 Unmount with: fusermount3 -u MOUNTPOINT"""
 
 # Accepted and ignored: FUSE generic options we always set, or have no use for.
-_IGNORED = {"allow_other", "default_permissions", "rw", "dev", "suid", "exec", "auto", "noauto",
-            "nodev", "nosuid", "noexec", "user", "nouser", "_netdev", "defaults", "context",
-            "fscontext", "defcontext", "rootcontext", "noatime", "relatime", "atime", "nofail"}
+_IGNORED = {"allow_other", "default_permissions", "rw", "auto", "noauto", "user", "nouser",
+            "_netdev", "defaults", "context", "fscontext", "defcontext", "rootcontext", "relatime",
+            "nofail"}
+
+# mount(8)'s flags that reach the kernel's mount (libfuse turns them into MS_* flags, as for
+# fuse-overlayfs): name -> (flag, on). The last of a pair wins. (libfuse 3.14 knows no
+# nodiratime: it is an unknown option here, warned about.)
+_FLAGS = {"suid": ("suid", True), "nosuid": ("suid", False), "dev": ("dev", True),
+          "nodev": ("dev", False), "exec": ("exec", True), "noexec": ("exec", False),
+          "atime": ("atime", True), "noatime": ("atime", False), "async": ("sync", False),
+          "sync": ("sync", True), "dirsync": ("dirsync", True)}
 
 
 _TRIPLES = re.compile(r"\d+(:\d+)*")
@@ -76,6 +89,7 @@ def parse(argv):
     mappings, squash, squash_exact = {}, {}, {}
     lowerdir = upperdir = workdir = None
     unknown = []
+    flags = {}
     last = None
     for key, value in opts:
         if last in mappings and value is None and _TRIPLES.fullmatch(key):
@@ -118,6 +132,14 @@ def parse(argv):
             kw["xattrs"] = False
         elif key == "fsname":
             kw["source"] = value or "unionfs"
+        elif key in _FLAGS and value is None:
+            flag, on = _FLAGS[key]
+            flags[flag] = on
+        elif key == "upper_size":
+            try:
+                kw["upper_size"] = parse_size(value or "")
+            except ValueError as e:
+                raise UsageError(f"option upper_size: {e}") from None
         elif key in _IGNORED:
             pass
         else:
@@ -144,11 +166,18 @@ def parse(argv):
             raise UsageError(f"expected LOWERS [UPPER] MOUNTPOINT (see {PROG} --help)")
     if upper is None and workdir is not None:
         raise UsageError("workdir= needs an upper layer")
-    if kw.get("readonly"):
+    if kw.get("upper_size") is not None and upper is None:
+        raise UsageError("upper_size= needs an upper layer")
+    if kw.get("readonly") and upper is not None:
+        # As overlayfs's ro: the upper's contents stay visible, as the topmost read-only layer
+        # (containerd adds ro to an active snapshot's mount to diff it); nothing is written.
+        lowers = (upper, *lowers)
         upper = None
         workdir = None
+        kw.pop("upper_size", None)      # nothing is written
     return MountOptions(lowers=lowers, upper=upper, mountpoint=mountpoint, workdir=workdir,
-                        foreground=foreground, debug=debug, unknown=tuple(unknown), **kw)
+                        foreground=foreground, debug=debug, unknown=tuple(unknown),
+                        flags=tuple(flags.items()), **kw)
 
 
 def main(argv=None):

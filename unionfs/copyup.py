@@ -40,10 +40,34 @@ async def _copy_up_one(u, node, data):
         return
     done = u.copyups[node.ino] = u.rt.event()
     try:
-        await _build(u, node, data)
+        await _charged_build(u, node, data)
     finally:
         del u.copyups[node.ino]
         done.set()
+
+
+async def _charged_build(u, node, data):
+    """With a size limit, the copy's room is reserved before it is built (its data may be written
+    by a worker thread while other requests go on), and what it takes is counted once in place:
+    a copy that does not fit is refused before anything is written."""
+    q = u.quota
+    if q is None:
+        return await _build(u, node, data)
+    index, lpath = node.lowers[0]
+    st = _sys.lstat(u.stack.layer(index), lpath)
+    need = q.cost(st) if st is not None and data else q.block
+    q.reserve(need)
+    try:
+        await _build(u, node, data)
+    finally:
+        q.release(need)
+
+
+def _placed(u, node):
+    """The copy is in place: the node is upper from now on, and its size counts."""
+    node.upper = True
+    if u.quota is not None:
+        u.quota.settle(None, _sys.lstat(u.stack.upper, node.path()))
 
 
 def mode_while_moved(mode):
@@ -90,7 +114,7 @@ async def _build(u, node, data):
             # The kernel already made the upper copy (index=on): link it, never copy it.
             _sys.link(src, lpath, work, tmp)
             _place_keeping_parent_times(stack, tmp, node.path())
-            node.upper = True
+            _placed(u, node)
             return
         # The number a process saw stays the file's number after copy-up, also after a remount.
         origin = [] if stat.S_ISDIR(mode) or not takes_markers(stack, mode) else [
@@ -130,7 +154,7 @@ async def _build(u, node, data):
         # Whatever was built stays in the work directory, never visible, and is removed now.
         _sys.remove_tree(work, tmp)
         raise
-    node.upper = True
+    _placed(u, node)
     node.xattr_names = None
     u.table.add_key(node, _sys.lstat(stack.upper, node.path()))
     if not node.is_dir and st.st_nlink > 1:

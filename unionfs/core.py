@@ -28,7 +28,7 @@ class _OriginStat:
 
 class Union:
     def __init__(self, stack, timeout=1.0, fsync=True, uidmap=None, gidmap=None, xattrs=True,
-                 writeback=False, rt=None):
+                 writeback=False, rt=None, quota=None):
         self.stack = stack
         self.rt = rt        # how handlers wait (runtime.py): given by the session that serves
         self.timeout = timeout
@@ -39,6 +39,8 @@ class Union:
         self.uidmap = uidmap if uidmap is not None and not uidmap.identity else None
         self.gidmap = gidmap if gidmap is not None and not gidmap.identity else None
         self.xattrs = xattrs
+        # quota.Quota with upper_size=, else None: every place that grows the upper asks it first
+        self.quota = quota
         fs_index = {}
         for layer in (stack.upper, *stack.lowers):
             if layer is not None and layer.st_dev not in fs_index:

@@ -36,6 +36,24 @@ async def _prepare(u, parent, name):
     return _sys.join(parent.path(), name)
 
 
+def _room_for_name(u, parent):
+    """With a size limit: a new entry needs a block of room (quota.py); the parent's lstat now,
+    to count what the new name adds to it."""
+    q = u.quota
+    if q is None:
+        return None
+    q.check(q.block)
+    return _sys.lstat(u.stack.upper, parent.path())
+
+
+def _count_name(u, parent, before, path, new_inode=True):
+    q = u.quota
+    if q is not None:
+        q.settle(before, _sys.lstat(u.stack.upper, parent.path()))
+        if new_inode:
+            q.add_entry(_sys.lstat(u.stack.upper, path))
+
+
 def _owner(u, parent, ctx, is_dir):
     """uid, gid and extra mode bits for a new entry, as the upper filesystem would choose them."""
     pst = _sys.lstat(u.stack.upper, parent.path())
@@ -76,6 +94,7 @@ def _new_node(u, parent, name, path):
 async def create(u, parent, name, mode, flags, ctx):
     """A new regular file, opened: (node, fd)."""
     path = await _prepare(u, parent, name)
+    before = _room_for_name(u, parent)
     uid, gid, _ = _owner(u, parent, ctx, False)
     work, tmp = u.stack.work, work_name()
     fd = _sys.open_file(work, tmp,
@@ -87,6 +106,7 @@ async def create(u, parent, name, mode, flags, ctx):
     except BaseException:
         _sys.close(fd)
         raise
+    _count_name(u, parent, before, path)
     return _new_node(u, parent, name, path), fd
 
 
@@ -114,6 +134,7 @@ async def symlink(u, parent, name, target, ctx):
 
 async def _make(u, parent, name, ctx, is_dir, build, mode):
     path = await _prepare(u, parent, name)
+    before = _room_for_name(u, parent)
     uid, gid, extra = _owner(u, parent, ctx, is_dir)
     work, tmp = u.stack.work, work_name()
     build(work, tmp)
@@ -127,6 +148,7 @@ async def _make(u, parent, name, ctx, is_dir, build, mode):
     _place(u, parent, name, path, tmp, is_dir)
     if is_dir and mode_while_moved(mode) != mode:
         _sys.chmod(u.stack.upper, path, mode | extra)
+    _count_name(u, parent, before, path)
     return _new_node(u, parent, name, path)
 
 
@@ -135,9 +157,11 @@ async def link(u, node, parent, name):
         raise OSError(errno.EPERM, "hard link to a directory")
     path = await _prepare(u, parent, name)
     await copy_up(u, node)
+    before = _room_for_name(u, parent)
     work, tmp = u.stack.work, work_name()
     _sys.link(u.stack.upper, node.path(), work, tmp)
     _place(u, parent, name, path, tmp, False)
+    _count_name(u, parent, before, path, new_inode=False)     # a file with more links counts once
     u.table.add_alias(node, parent, name)
     return node
 
@@ -174,6 +198,15 @@ def _take_upper(u, path, whiteout):
     return tmp
 
 
+def _free_upper(u, node, found):
+    """With a size limit: the upper entry ``found`` loses a name; its space is back if that was
+    its last one and nothing has it open (else at the last release, files.release)."""
+    q = u.quota
+    if q is not None and found.upper and (found.is_dir or (found.st.st_nlink <= 1
+                                                           and node.nopen == 0)):
+        q.free(found.st)
+
+
 def _forget_name(u, node, parent, name, found):
     """The table forgets a name that is gone, before anything can wait: once the entry is
     discarded its inode number may be given to a new file (a concurrent mkdir), which must get
@@ -201,6 +234,7 @@ async def unlink(u, parent, name):
             _sys.unlink(u.stack.upper, path)
     else:
         make_whiteout(u.stack, path)
+    _free_upper(u, node, found)
     _forget_name(u, node, parent, name, found)
     if tmp is not None:
         await _discard(u, tmp)
@@ -221,6 +255,7 @@ async def rmdir(u, parent, name):
         tmp = _take_upper(u, path, whiteout)
     else:
         make_whiteout(u.stack, path)
+    _free_upper(u, node, found)
     _forget_name(u, node, parent, name, found)
     if tmp is not None:
         await _discard(u, tmp)
@@ -289,6 +324,11 @@ async def rename(u, p_old, n_old, p_new, n_new, flags):
     if exchange:
         await copy_up(u, dst)
     stack = u.stack
+    q = u.quota
+    if q is not None:
+        # The new name may grow its directory: counted after, refused only when already full.
+        q.check(0)
+        parent_before = _sys.lstat(stack.upper, p_new.path())
     old_path = _sys.join(p_old.path(), n_old)
     new_path = _sys.join(p_new.path(), n_new)
     _mark_moved_dir(u, src, p_new, n_new, new_path)
@@ -319,7 +359,10 @@ async def rename(u, p_old, n_old, p_new, n_new, flags):
         else:
             _sys.rename(stack.upper, old_path, stack.upper, new_path)
         remove_oci_whiteout(stack, new_path)
+        if q is not None:
+            q.settle(parent_before, _sys.lstat(stack.upper, p_new.path()))
         if dst is not None:
+            _free_upper(u, dst, dst_found)
             _forget_name(u, dst, p_new, n_new, dst_found)
         u.table.move(src, p_old, n_old, p_new, n_new)
     finally:

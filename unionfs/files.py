@@ -57,7 +57,11 @@ async def open(u, node, flags):
         await copy_up(u, node, data=not flags & os.O_TRUNC)
     if node.unlinked:
         raise OSError(errno.ENOENT, "entry was removed")
+    q = u.quota
+    before = _sys.lstat(u.stack.upper, node.path()) if q and flags & os.O_TRUNC else None
     fd, upper = _open_top(u, node, layer_flags(u, flags))
+    if before is not None:
+        q.settle(before, _sys.fstat(fd))        # O_TRUNC gave its blocks back
     return u.add_handle(adopt(u, fd, node, upper, flags))
 
 
@@ -86,7 +90,12 @@ def read(u, fh, off, size):
 
 
 def write(u, fh, off, buf):
-    return _sys.pwrite(u.handle(fh).fd, buf, off)
+    if u.quota is None:
+        return _sys.pwrite(u.handle(fh).fd, buf, off)
+    return u.quota.write(u.handle(fh).fd, buf, off)
+
+
+_FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 def fallocate(u, fh, mode, off, length):
@@ -96,9 +105,13 @@ def fallocate(u, fh, mode, off, length):
     h = u.handle(fh)
     if not h.upper:
         raise OSError(errno.EBADF, "not open for writing")
-    # An upper size limit reserves here what the call may add: up to off + length beyond the
-    # file's size, unless mode has FALLOC_FL_KEEP_SIZE or FALLOC_FL_PUNCH_HOLE.
-    _sys.fallocate(h.fd, mode, off, length)
+    if u.quota is None:
+        _sys.fallocate(h.fd, mode, off, length)
+        return
+    # Under a size limit: what the range may add is checked first (also with KEEP_SIZE, whose
+    # blocks past the end count as any), a punched hole only gives back.
+    need = 0 if mode & _FALLOC_FL_PUNCH_HOLE else length
+    u.quota.on_fd(h.fd, off, need, _sys.fallocate, h.fd, mode, off, length)
 
 
 def fsync(u, fh, datasync):
@@ -110,5 +123,10 @@ def release(u, fh):
     h = u.handles.pop(fh, None)
     if h is None:
         raise OSError(errno.EBADF, "bad file handle")
+    if u.quota is not None and h.upper and h.node.unlinked and h.node.nopen == 1:
+        # An upper file unlinked while open kept its blocks until now (dirops.unlink).
+        st = _sys.fstat(h.fd)
+        if st.st_nlink == 0:
+            u.quota.free(st)
     _sys.close(h.fd)
     u.table.closed(h.node)

@@ -18,6 +18,7 @@ from .core import Union
 from .layers import LayerStack, open_layer
 from .operations import Operations
 from .options import UsageError
+from .quota import Quota
 from .whiteout import TRUSTED, choose_format, work_name
 
 log = logging.getLogger("unionfs")
@@ -186,12 +187,29 @@ def _allow_other_allowed():
         return False
 
 
+# A flag as libfuse names it to set the kernel mount's MS_* flag; None: nothing to pass (the
+# kernel's default).
+_FLAG_OPTION = {("suid", True): "suid", ("suid", False): "nosuid", ("dev", True): "dev",
+                ("dev", False): "nodev", ("exec", True): None, ("exec", False): "noexec",
+                ("atime", True): None, ("atime", False): "noatime",
+                ("sync", True): "sync", ("sync", False): None,
+                ("dirsync", True): "dirsync", ("dirsync", False): None}
+
+
 def fuse_options(opts, prep):
     options = {f"fsname={opts.source}", "subtype=unionmount", "default_permissions"}
     if _allow_other_allowed():
         options.add("allow_other")
-    if os.geteuid() == 0:
-        options |= {"dev", "suid"}       # a container's rootfs has device nodes and setuid files
+    # As mount(8): suid and dev unless told otherwise as root (a container's rootfs has setuid
+    # files); a user's mount is always nosuid,nodev (libfuse's default, fusermount3's rule).
+    flags = {"suid": True, "dev": True} if os.geteuid() == 0 else {}
+    flags.update(opts.flags)
+    if os.geteuid() != 0:
+        flags.update(suid=False, dev=False)
+    for flag, on in flags.items():
+        option = _FLAG_OPTION[flag, on]
+        if option is not None:
+            options.add(option)
     if prep.upper is None:
         options.add("ro")
     return options
@@ -218,9 +236,16 @@ def serve(opts, prep, ready):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     stack = build_stack(prep)
     try:
+        quota = None
+        if opts.upper_size is not None:
+            try:
+                quota = Quota.of_upper(stack.upper, opts.upper_size)
+            except OSError as e:
+                ready(f"upper layer {opts.upper}: cannot count what it holds: {e.strerror}")
+                return 1
         union = Union(stack, timeout=opts.timeout, fsync=opts.fsync, uidmap=opts.uidmap,
                       gidmap=opts.gidmap, xattrs=opts.xattrs, writeback=opts.writeback,
-                      rt=session.Runtime())
+                      rt=session.Runtime(), quota=quota)
         union.outer_ino = os.stat(os.path.dirname(prep.mountpoint)).st_ino
         ops = Operations(union, debug=opts.debug)
         try:

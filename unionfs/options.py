@@ -3,6 +3,7 @@
 ``\\:`` and ``\\,`` escape the separators inside paths, as overlayfs and fuse-overlayfs accept.
 """
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -26,6 +27,10 @@ class MountOptions:
     gidmap: object = None
     xattrs: bool = True             # noxattrs: no extended attributes through the mount
     writeback: bool = False         # writeback=1: the kernel's writeback cache (see cli.USAGE)
+    # mount(8)'s flags, one of each pair as the user last gave it ({"suid": False} is nosuid);
+    # a flag not given takes the default of mount.fuse_options
+    flags: tuple[tuple[str, bool], ...] = field(default=())
+    upper_size: int | None = None   # upper_size=SIZE: bytes the upper layer may hold (quota.py)
     unknown: tuple[str, ...] = field(default=())
 
 
@@ -74,3 +79,18 @@ def split_options(text):
 
 def unescape(text):
     return "".join(split_escaped(text, "\0"))
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)([kmgt]?)(i?b)?", re.IGNORECASE)
+
+
+def parse_size(text):
+    """``10m``, ``1.5G``, ``4096``, ``2gb`` -> bytes (binary multiples, as docker reads
+    ``--storage-opt size``). Raises ValueError with the reason."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a size (a number with k, m, g or t)")
+    size = int(float(m.group(1)) * (1 << (10 * "bkmgt".index(m.group(2).lower() or "b"))))
+    if size <= 0:
+        raise ValueError(f"{text!r}: the size must be above 0")
+    return size

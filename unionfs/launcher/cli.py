@@ -66,6 +66,9 @@ def _parser():
     p.add_argument("--pids-limit", metavar="N",
                    help=f"at most N processes (default {spec.DEFAULT_PIDS_LIMIT} where the pids "
                         "controller exists; -1: none)")
+    p.add_argument("--storage-opt", action="append", default=[], metavar="size=SIZE",
+                   help="the most the container's upper layer may hold, e.g. size=10g: past it "
+                   "writes get ENOSPC")
     p.add_argument("--cap-add", action="append", default=[])
     p.add_argument("--cap-drop", action="append", default=[])
     # Security (docker's spellings); an init always runs, --init is accepted for docker's sake.
@@ -169,6 +172,7 @@ def _build_spec(args):
         user=spec.parse_user(args.user or config.get("user") or None),
         volumes=tuple(spec.parse_volume(v) for v in args.volume),
         ports=tuple(spec.parse_port(p) for p in args.publish), limits=limits,
+        storage=spec.parse_storage_opts(args.storage_opt),
         caps=spec.parse_caps(args.cap_add, args.cap_drop), net=args.net,
         readonly=args.read_only, userns=spec.parse_userns(args.userns), tty=args.tty,
         interactive=args.interactive, detach=args.detach, remove=args.rm,

@@ -104,7 +104,8 @@ def start(spec, root, image=None, store=None, to_log=False):
             base, count = spec.userns
             options += [f"uidmapping=0:{base}:{count}", f"gidmapping=0:{base}:{count}"]
         try:
-            st["daemon"] = union.mount(spec.lowers, upper, work, paths.merged, options)
+            st["daemon"] = union.mount(spec.lowers, upper, work, paths.merged, options,
+                                       upper_size=spec.storage.size)
         finally:
             # Recorded even on failure: a daemon that did start is found and stopped by release.
             state.write(paths, st)

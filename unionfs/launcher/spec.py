@@ -10,6 +10,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 
+from ..options import parse_size
 from . import caps as _caps
 from . import seccomp as _seccomp
 
@@ -51,6 +52,12 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Storage:
+    """--storage-opt KEY=VALUE, docker's spelling: what the container's upper layer may hold."""
+    size: int | None = None         # bytes; unionmount's upper_size= enforces it
+
+
+@dataclass(frozen=True)
 class RunSpec:
     name: str
     lowers: tuple           # absolute paths, topmost first
@@ -63,6 +70,7 @@ class RunSpec:
     volumes: tuple = ()
     ports: tuple = ()
     limits: Limits = field(default_factory=Limits)
+    storage: Storage = field(default_factory=Storage)
     caps: int = _caps.DEFAULT
     net: str = "none"
     readonly: bool = False
@@ -149,6 +157,21 @@ def parse_memory(value):
     if size < 4 << 20:
         raise SpecError(f"--memory {value!r}: the minimum is 4m")
     return size
+
+
+def parse_storage_opts(values):
+    """--storage-opt size=SIZE (docker's key; suffixes k, m, g, t). Any other key is refused, as
+    docker refuses what its storage driver does not know."""
+    size = None
+    for item in values:
+        key, eq, value = item.partition("=")
+        if key != "size" or not eq:
+            raise SpecError(f"--storage-opt {item!r}: the only option is size=SIZE")
+        try:
+            size = parse_size(value)
+        except ValueError as e:
+            raise SpecError(f"--storage-opt {item!r}: {e}") from None
+    return Storage(size=size)
 
 
 def parse_cpus(value):

@@ -45,12 +45,15 @@ def daemon_of(mountpoint):
     return None
 
 
-def mount(lowers, upper, work, mountpoint, options=()):
-    """Mount and return the daemon's identity. Raises UnionError with unionmount's own line."""
+def mount(lowers, upper, work, mountpoint, options=(), upper_size=None):
+    """Mount and return the daemon's identity. Raises UnionError with unionmount's own line.
+    ``upper_size``: bytes the upper layer may hold (unionmount's upper_size=), None for no limit."""
     os.makedirs(mountpoint, exist_ok=True)
     cmd = [sys.executable, "-m", "unionfs", ":".join(l.replace(":", "\\:") for l in lowers),
            upper, mountpoint]
     options = ([f"workdir={work}"] if work else []) + list(options)
+    if upper_size is not None:
+        options.append(f"upper_size={upper_size}")
     if options:
         cmd += ["-o", ",".join(options)]
     r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd="/")

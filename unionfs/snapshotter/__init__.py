@@ -1,0 +1,1 @@
+"""A containerd snapshotter (a proxy plugin over gRPC) whose snapshots are unionfs layers."""

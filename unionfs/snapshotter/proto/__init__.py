@@ -1,0 +1,1 @@
+"""containerd's snapshots API: our .proto files and the code setup.py generates from them."""
