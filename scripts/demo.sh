@@ -14,6 +14,7 @@ cleanup() {
     cd /
     if [ -d "$demo/run" ]; then
         for c in "$demo"/run/*/; do [ -d "$c" ] && unionrun --root "$demo/run" rm -f "$(basename "$c")"; done
+        unionrun --root "$demo/run" network rm demo >/dev/null 2>&1 || true
     fi
     if grep -q " $demo/" /proc/mounts; then
         echo "demo: something is still mounted under $demo, left in place" >&2
@@ -118,6 +119,15 @@ run unionrun --root "$demo/run" stop web
 run unionrun --root "$demo/run" logs web
 run unionrun --root "$demo/run" ps -a
 run unionrun --root "$demo/run" rm web
+
+say "a network of our own (netavark + aardvark-dns): containers find each other by name"
+run unionrun --root "$demo/run" network create demo
+run unionrun --root "$demo/run" run -d --name api --network demo --layers lower2:lower1 \
+    -- httpd -f -p 80 -h /usr/share
+run unionrun --root "$demo/run" run --rm --network demo --layers lower2:lower1 -- sh -c \
+    'cat /etc/resolv.conf; timeout 10 wget -qO- http://api/hello.txt'
+run unionrun --root "$demo/run" rm -f api
+run unionrun --root "$demo/run" network rm demo
 if grep -q " $demo/run" /proc/mounts; then die "a container's union is still mounted"; fi
 echo
 echo "demo done: every step worked"

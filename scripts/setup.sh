@@ -30,7 +30,7 @@ system_packages() {
          python3-dev python3-venv e2fsprogs dosfstools podman runc \
          tini catatonit libseccomp2 libseccomp-dev uidmap stress-ng docker-registry skopeo \
          netavark aardvark-dns containernetworking-plugins slirp4netns iptables nftables \
-         openssl apache2-utils dpkg-dev apt-utils unionfs-fuse fio liburing-dev containerd
+         openssl apache2-utils dpkg-dev apt-utils mmdebstrap unionfs-fuse fio liburing-dev containerd
 }
 
 # With "always" (CI), updates and installs unconditionally; otherwise only when one is missing.

@@ -321,8 +321,9 @@ def test_the_merged_view_top_over_base(layers, ur):
     top_motd = (layers.top / "etc/motd").read_text()
     assert lines[:3] == [top_motd.rstrip("\n"), "base only", "top only"]
     assert int(lines[3]) == len(top_motd)
-    assert lines[4:8] == ["base-only", "group", "motd", "passwd"]
-    root = set(lines[8:]) - {""}
+    # hosts and resolv.conf: the network's, mounted over the union (neither layer has them).
+    assert lines[4:10] == ["base-only", "group", "hosts", "motd", "passwd", "resolv.conf"]
+    root = set(lines[10:]) - {""}
     assert {"bin", "etc", "www", "top-only", "hostlink", "proc", "dev", "sys"} <= root
 
 
@@ -446,7 +447,7 @@ def test_sys_is_read_only_and_proc_paths_are_masked(layers, ur):
 
 
 def test_net_none_has_only_loopback_and_it_is_up(layers, ur):
-    r = ur("run", "--rm", "--layers", layers.spec, "--", "sh", "-c",
+    r = ur("run", "--rm", "--net", "none", "--layers", layers.spec, "--", "sh", "-c",
            "ls /sys/class/net; readlink /proc/self/ns/net; ip -o link | wc -l;"
            " ping -c1 -W2 127.0.0.1 >/dev/null 2>&1 || echo ping-needs-net-raw;"
            " httpd -p 127.0.0.1:8080 -h /www; wget -qO- http://127.0.0.1:8080/index.html")
@@ -1000,9 +1001,9 @@ def test_publish_a_port(layers, ur):
     (["-p", "INUSE:80", "--layers", "LAYERS", "--", "true"], ["INUSE"]),
     (["-d", "-p", "INUSE:80", "--layers", "LAYERS", "--", "true"], ["INUSE"]),
     (["-p", "99999:80", "--layers", "LAYERS", "--", "true"], ["99999"]),
-    (["-p", "80", "--layers", "LAYERS", "--", "true"], ["-p"]),
+    (["-p", "80:", "--layers", "LAYERS", "--", "true"], ["-p"]),
     (["--bogus", "--layers", "LAYERS", "--", "true"], ["--bogus"]),
-    (["--net", "bridge", "--layers", "LAYERS", "--", "true"], ["--net"]),
+    (["--net", "nosuch", "--layers", "LAYERS", "--", "true"], ["nosuch"]),
     (["--memory", "1k", "--layers", "LAYERS", "--", "true"], ["--memory"]),
     (["--memory", "lots", "--layers", "LAYERS", "--", "true"], ["--memory"]),
     (["--cpus", "99", "--layers", "LAYERS", "--", "true"], ["--cpus"]),

@@ -218,7 +218,7 @@ def test_capabilities_no_new_privs_fds_and_masked_paths(layers, ur):
 
 
 def test_network_none_is_loopback_only(layers, ur):
-    r = ur("run", "--rm", "--layers", layers["layers"], "--", "sh", "-c",
+    r = ur("run", "--rm", "--network", "none", "--layers", layers["layers"], "--", "sh", "-c",
            "ls /sys/class/net; (httpd -f -p 127.0.0.1:80 -h /www &); sleep 0.3;"
            " wget -qO- http://127.0.0.1/index.html")
     assert r.returncode == 0, r.stderr

@@ -143,7 +143,8 @@ def summary(config_data):
     oci = _load(config_data, "config")
     c = oci.get("config") or oci.get("Config") or {}
     return {"entrypoint": c.get("Entrypoint"), "cmd": c.get("Cmd"), "env": c.get("Env") or [],
-            "workdir": c.get("WorkingDir") or "", "user": c.get("User") or ""}
+            "workdir": c.get("WorkingDir") or "", "user": c.get("User") or "",
+            "exposed_ports": sorted(c.get("ExposedPorts") or {})}
 
 
 def config_from_summary(summary_, diff_ids):

@@ -14,6 +14,9 @@ import time
 
 from ..images import cli as image_cli
 from . import enter, lifecycle, rootless, run, seccomp, spec, state
+from ..net import NetError
+from ..net import cli as _net_cli
+from ..net import container as _net
 
 PROG = "unionrun"
 FAILED = 125
@@ -52,11 +55,25 @@ def _parser():
     p.add_argument("-w", "--workdir", metavar="DIR")
     p.add_argument("-u", "--user", metavar="UID[:GID]|NAME[:GROUP]")
     p.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:CTR[:ro]")
-    p.add_argument("-p", "--publish", action="append", default=[],
-                   metavar="[ADDR:]HOSTPORT:CTRPORT", help="a TCP port, on 127.0.0.1 by default")
     p.add_argument("--hostname")
-    p.add_argument("--net", choices=("none", "host"), default="none",
-                   help="none (default): a network namespace with loopback only")
+    # ---- networks (unionfs.net)
+    p.add_argument("-p", "--publish", action="append", default=[],
+                   metavar="[ADDR:][HOSTPORT:]CTRPORT[/tcp|/udp]",
+                   help="publish a port; on every host address by default, a random host port "
+                        "when HOSTPORT is left out")
+    p.add_argument("-P", "--publish-all", action="store_true",
+                   help="publish every port the image EXPOSEs, on random host ports")
+    p.add_argument("--network", "--net", dest="net", metavar="NAME",
+                   help="bridge (default: the host's default bridge, NAT; without root: none), "
+                        "a network of `unionrun network create`, host (the host's), none "
+                        "(loopback only)")
+    p.add_argument("--network-alias", action="append", default=[], metavar="ALIAS",
+                   help="another name the container has in its network's DNS")
+    p.add_argument("--dns", action="append", default=[], metavar="IP",
+                   help="nameserver of the container's /etc/resolv.conf")
+    p.add_argument("--add-host", action="append", default=[], metavar="NAME:IP",
+                   help="a line of the container's /etc/hosts")
+    # ----
     p.add_argument("--read-only", action="store_true", help="the root read-only")
     p.add_argument("--userns", nargs="?", const="auto", metavar="HOSTID:COUNT",
                    help="a user namespace: the container's root is host id HOSTID (default: "
@@ -102,6 +119,7 @@ def _parser():
     p = sub.add_parser("commit", help="a stopped container's upper as a new image")
     p.add_argument("name")
     p.add_argument("image")
+    _net_cli.add_parsers(sub)
 
     # --- image verbs (pull, push, login, logout, images, tag, rmi, image, save, load): unionfs/images/cli.py
     image_cli.add_parsers(sub)
@@ -171,9 +189,12 @@ def _build_spec(args):
         env=env, hostname=hostname, workdir=os.path.normpath(workdir),
         user=spec.parse_user(args.user or config.get("user") or None),
         volumes=tuple(spec.parse_volume(v) for v in args.volume),
-        ports=tuple(spec.parse_port(p) for p in args.publish), limits=limits,
+        ports=_ports(args, config), limits=limits,
         storage=spec.parse_storage_opts(args.storage_opt),
-        caps=spec.parse_caps(args.cap_add, args.cap_drop), net=args.net,
+        caps=spec.parse_caps(args.cap_add, args.cap_drop), net=args.net or "bridge",
+        dns=tuple(spec.parse_dns(d) for d in args.dns),
+        add_hosts=tuple(spec.parse_add_host(h) for h in args.add_host),
+        aliases=tuple(_alias(a) for a in args.network_alias),
         readonly=args.read_only, userns=spec.parse_userns(args.userns), tty=args.tty,
         interactive=args.interactive, detach=args.detach, remove=args.rm,
         **_security(args)), image, store
@@ -186,8 +207,24 @@ def _security(args):
     return {"seccomp": profile, "no_new_privs": nnp}
 
 
+def _ports(args, config):
+    from ..net import ports
+    return tuple(spec.parse_port(p) for p in args.publish) + \
+        (tuple(ports.exposed(config)) if args.publish_all else ())
+
+
+def _alias(value):
+    if not spec.NAME_RE.fullmatch(value):
+        raise spec.SpecError(f"--network-alias {value!r}: not a valid host name")
+    return value
+
+
 def _cmd_run(args, root):
     rs, image, store = _build_spec(args)
+    try:
+        _net.check(root, rs)
+    except NetError as e:
+        raise _Fail(str(e)) from None
     if rs.upper is not None and _upper_in_use(root, rs.upper):
         raise _Fail(f"--upper {rs.upper} is the upper of a running container")
     if os.path.lexists(os.path.join(root, rs.name)):
@@ -315,6 +352,15 @@ def _cmd_commit(args, root):
     return 0
 
 
+def _cmd_network(args, root):
+    return _net_cli.cmd_network(args, root, lambda msg: sys.stderr.write(f"{PROG}: {msg}\n"))
+
+
+def _cmd_port(args, root):
+    _, st = lifecycle.load(root, args.name)
+    return _net_cli.cmd_port(st)
+
+
 def _rootless(args):
     """Run by a user: state and images under $XDG_DATA_HOME, refuse what needs root, then
     become root of the user's own user namespace (see rootless.py)."""
@@ -332,6 +378,8 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     if os.geteuid() != 0:
         try:
+            # Networks need the host's root: a user's container gets --network none.
+            _net_cli.rootless(args, rootless.RootlessError)
             _rootless(args)
         except rootless.RootlessError as e:
             sys.stderr.write(f"{PROG}: rootless: {e}\n")
@@ -340,14 +388,15 @@ def main(argv=None):
     if args.cmd in image_cli.VERBS:
         return image_cli.main(args, args.store)
     handler = {"run": _cmd_run, "exec": _cmd_exec, "ps": _cmd_ps, "stop": _cmd_stop,
-               "rm": _cmd_rm, "logs": _cmd_logs, "commit": _cmd_commit}[args.cmd]
+               "rm": _cmd_rm, "logs": _cmd_logs, "commit": _cmd_commit,
+               "network": _cmd_network, "port": _cmd_port}[args.cmd]
     try:
         return handler(args, root)
     except run.CommandFailed as e:
         sys.stderr.write(f"{PROG}: {e}\n")
         return e.code
     except (spec.SpecError, run.RunError, enter.EnterError, lifecycle.LifecycleError,
-            _Fail) as e:
+            _Fail, NetError) as e:
         sys.stderr.write(f"{PROG}: {e}\n")
         return FAILED
     except KeyboardInterrupt:

@@ -51,6 +51,9 @@ def release(paths, st):
     left = cgroups.remove(st.get("cgroups") or [])
     if left:
         problems.append(f"cgroup {left[0]} would not go")
+    # The network after the union: the files' mountpoints leave the upper once it is unmounted.
+    from ..net import container as _net
+    problems += _net.release(paths, st)
     return "; ".join(problems) or None
 
 

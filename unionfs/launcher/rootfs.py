@@ -199,7 +199,14 @@ def _cgroup_fs(root_fd, in_userns):
 
 
 def _bind_volume(root_fd, vol, tree_fd):
-    fd = open_in_root(root_fd, vol.target, "dir" if vol.is_dir else "file")
+    try:
+        fd = open_in_root(root_fd, vol.target, "dir" if vol.is_dir else "file")
+    except (RootfsError, OSError):
+        if vol.optional:
+            # The network's /etc/hosts over an image's dangling symlink, a missing /etc in a
+            # read-only lower: the container runs without it, as the image made it.
+            return
+        raise
     try:
         if _same_as_root(root_fd, fd):
             raise RootfsError(f"-v {vol.target}: resolves to the container's root")
@@ -306,7 +313,7 @@ def setup(spec, root_tree, volume_trees):
     for path in READONLY:
         _readonly(path)
     socket.sethostname(spec.hostname)
-    if spec.net == "none":
+    if spec.net != "host":
         # A new network namespace starts with lo down; loopback is what --net none promises.
         _loopback_up()
 

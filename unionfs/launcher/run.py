@@ -21,6 +21,9 @@ from . import _libc as L
 from . import cgroups, init, lifecycle, ports, union
 from . import process as P
 from . import state
+from ..net import NetError
+from ..net import container as _net
+from .spec import SpecError
 
 
 class RunError(Exception):
@@ -84,8 +87,8 @@ def start(spec, root, image=None, store=None, to_log=False):
             os.dup2(log, 1)
             os.dup2(log, 2)
             os.close(log)
-        if spec.ports:
-            ports.check_free(spec.ports)
+        if spec.ports and spec.net == "none":
+            ports.check_free([p for p in spec.ports if p.host_port])
         st["cgroups"] = cgroups.create(spec.name, spec.limits, cgroups.device_control())
         state.write(paths, st)
         if spec.upper is None:
@@ -109,6 +112,9 @@ def start(spec, root, image=None, store=None, to_log=False):
         finally:
             # Recorded even on failure: a daemon that did start is found and stopped by release.
             state.write(paths, st)
+        # ---- network (unionfs.net): address, held ports, /etc/hosts and resolv.conf as volumes
+        spec = _net.prepare(spec, root, paths, st, lambda: state.write(paths, st))
+        state.write(paths, st)
         trees = _open_trees(spec, paths)
         try:
             _seal_host_view(paths)
@@ -124,7 +130,7 @@ def start(spec, root, image=None, store=None, to_log=False):
         lifecycle.release(paths, st)
         state.remove_tree(paths.dir)
         if isinstance(e, (ports.PortError, cgroups.CgroupError, union.UnionError, P.SetupError,
-                          init.InitError, RunError)):
+                          init.InitError, RunError, NetError, SpecError)):
             raise RunError(str(e)) from None
         if isinstance(e, OSError):
             raise RunError(f"cannot start the container: {e.strerror}"
@@ -154,7 +160,7 @@ def _exec_outcome(rep_r):
 def _flags(spec):
     # The cgroup namespace comes later, made by the init once it is in the container's cgroups.
     flags = L.CLONE_NEWNS | L.CLONE_NEWPID | L.CLONE_NEWUTS | L.CLONE_NEWIPC
-    if spec.net == "none":
+    if spec.net != "host":
         flags |= L.CLONE_NEWNET
     if spec.userns:
         flags |= L.CLONE_NEWUSER
@@ -230,11 +236,14 @@ def _clone_init(spec, paths, st, trees, tini_fd):
             _map_ids(pid, spec.userns)
         # Before the command exists, so that it is born inside the limits.
         cgroups.join(st["cgroups"], pid)
+        # ---- network (unionfs.net): the init's namespace pinned, set up by netavark
+        _net.attach(paths, st, pid, lambda: state.write(paths, st))
         P.report(ctl_w, "setup")
         _expect(rep_r, "ready")
         if spec.tty:
             master, slave_n = P.open_pty(pid)
-        if spec.ports:
+        if spec.ports and spec.net == "none":
+            # Loopback only: no bridge to forward to, so our own forwarder carries -p.
             st["forwarder"] = state.identity(ports.start(spec.ports, pid, paths.log))
         # Forwarded from before the command exists: a signal sent once it has shown a sign of
         # life must reach it, not end us in the window before wait().

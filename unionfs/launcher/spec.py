@@ -5,6 +5,7 @@ Every parse_* function raises SpecError with one line that names the option and 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
@@ -29,13 +30,15 @@ class Volume:
     target: str         # container path, absolute; resolved inside the new root
     readonly: bool
     is_dir: bool
+    optional: bool = False  # skipped when the target cannot be made (the network's files)
 
 
 @dataclass(frozen=True)
 class Port:
-    host_addr: str
+    host_addr: str      # "": every address of the host
     host_port: int
     ctr_port: int
+    proto: str = "tcp"
 
 
 # podman's default (containers.conf pids_limit): a fork bomb stops there, not at the host's.
@@ -72,7 +75,10 @@ class RunSpec:
     limits: Limits = field(default_factory=Limits)
     storage: Storage = field(default_factory=Storage)
     caps: int = _caps.DEFAULT
-    net: str = "none"
+    net: str = "none"       # none, host, or a network's name (bridge: the default one)
+    dns: tuple = ()         # --dns servers
+    add_hosts: tuple = ()   # ((name, address), ...) of --add-host
+    aliases: tuple = ()     # --network-alias
     readonly: bool = False
     userns: tuple | None = None     # (first host id, count): the container's 0.. are these
     tty: bool = False
@@ -135,15 +141,27 @@ def parse_volume(value):
 
 
 def parse_port(value):
-    m = re.fullmatch(r"(?:(\[[0-9a-fA-F:]+\]|[0-9.]+):)?(\d+):(\d+)(?:/tcp)?", value)
-    if not m:
-        raise SpecError(f"-p {value!r}: expected [ADDRESS:]HOSTPORT:CONTAINERPORT")
-    addr = (m.group(1) or "127.0.0.1").strip("[]")
-    hport, cport = int(m.group(2)), int(m.group(3))
-    for p in (hport, cport):
-        if not 0 < p < 65536:
-            raise SpecError(f"-p {value!r}: port {p} is out of range")
-    return Port(addr, hport, cport)
+    """-p [ADDR:][HOSTPORT:]CTRPORT[/tcp|/udp]: see unionfs.net.ports."""
+    from ..net import ports
+    return ports.parse(value)
+
+
+def parse_add_host(value):
+    name, sep, addr = value.partition(":")
+    try:
+        ipaddress.ip_address(addr)
+    except ValueError:
+        addr = ""
+    if not sep or not addr or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", name):
+        raise SpecError(f"--add-host {value!r}: expected NAME:IP")
+    return name, addr
+
+
+def parse_dns(value):
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise SpecError(f"--dns {value!r}: expected an IP address") from None
 
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
