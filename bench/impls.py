@@ -168,14 +168,18 @@ class FuseOverlayfs(Impl):
         ]
 
 
+# By its full path: a `unionfs` earlier in PATH (our own former command was one) is not the peer.
+UNIONFS_FUSE = "/usr/bin/unionfs"
+
+
 class UnionfsFuse(Impl):
     key, label = "unionfs-fuse", "unionfs-fuse"
 
     def missing(self) -> str | None:
         return (
             None
-            if shutil.which("unionfs")
-            else "unionfs (unionfs-fuse) not found (apt-get install unionfs-fuse)"
+            if os.access(UNIONFS_FUSE, os.X_OK)
+            else f"{UNIONFS_FUSE} (unionfs-fuse) not found (apt-get install unionfs-fuse)"
         )
 
     def version(self) -> str:
@@ -183,14 +187,14 @@ class UnionfsFuse(Impl):
         return (
             f"unionfs-fuse {out}"
             if out and "unavailable" not in out
-            else _tool_output(["unionfs", "--version"])
+            else _tool_output([UNIONFS_FUSE, "--version"])
         )
 
     def mount_cmd(self, s: Stack) -> list[str]:
         # unionfs-fuse takes branches top to bottom, each tagged =RW or =RO; it has no workdir.
         branches = ":".join([f"{s.upper}=RW", *(f"{lower}=RO" for lower in s.lowers)])
         return [
-            "unionfs",
+            UNIONFS_FUSE,
             "-o",
             "cow,allow_other,use_ino,suid,dev,nonempty",
             branches,

@@ -94,10 +94,14 @@ install_unionfs() {
 # `fuse.unionmount` mount (and of an fstab line) in /usr/local/bin: link the commands there.
 install_commands() {
     local cmd
-    for cmd in unionmount unionrun unionfs unionfs-snapshotter; do
+    for cmd in unionmount unionrun unionfs-snapshotter; do
         [ -x "$VENV/bin/$cmd" ] && ln -sfn "$VENV/bin/$cmd" "/usr/local/bin/$cmd"
     done
-    echo "commands linked in /usr/local/bin: unionmount unionrun unionfs unionfs-snapshotter"
+    # Our former `unionfs` command (now `unionrun`'s image verbs) shadowed unionfs-fuse's /usr/bin/unionfs.
+    if [ -L /usr/local/bin/unionfs ] && [ "$(readlink /usr/local/bin/unionfs)" = "$VENV/bin/unionfs" ]; then
+        rm -f /usr/local/bin/unionfs
+    fi
+    echo "commands linked in /usr/local/bin: unionmount unionrun unionfs-snapshotter"
 }
 
 setup_all() {

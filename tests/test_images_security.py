@@ -27,8 +27,25 @@ needs_fuse = pytest.mark.skipif(not ROOT_FUSE, reason="needs root and /dev/fuse"
 
 
 def cli(store, *args, env=None):
-    return subprocess.run([f"{BIN}/unionfs", "--store", str(store), *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    """unionrun's image verbs, under the names the store's first CLI (`unionfs image ...`) gave them."""
+    verb = {("image", "import"): "load", ("image", "ls"): "images", ("image", "rm"): "rmi",
+            ("image", "export"): "save", ("image", "inspect"): "image"}[args[:2]]
+    rest = list(args[2:])
+    if verb == "load":
+        name = rest[rest.index("--name") + 1] if "--name" in rest else None
+        opts = [a for i, a in enumerate(rest[1:], 1) if a != "--name" and rest[i - 1] != "--name"]
+        rest = ["-i", rest[0], *opts] + ([name] if name else [])
+    elif verb == "save":
+        rest = ["-o", rest[1], rest[0]]
+    elif verb == "image":
+        rest = ["inspect"] + rest
+    r = subprocess.run([f"{BIN}/unionrun", "--store", str(store), verb, *rest], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})}, timeout=300)
+    if verb == "load":      # the counts of a load are on stdout now; the tests look for them with the errors
+        r.stderr = r.stdout + r.stderr
+    if verb == "image" and r.returncode == 0:   # docker's inspect: the layer dirs under GraphDriver
+        r.stdout = json.dumps({"layers": json.loads(r.stdout)[0]["GraphDriver"]["Data"]["LowerDirs"]})
+    return r
 
 
 def unionrun(root, store, *args):
@@ -37,9 +54,9 @@ def unionrun(root, store, *args):
 
 
 def one_line_error(r):
-    """Non-zero, progress lines aside the error is one `unionfs:` line, and no traceback."""
-    lines = r.stderr.strip().splitlines()
-    return (r.returncode != 0 and lines and all(line.startswith("unionfs: ") for line in lines)
+    """Exit 125, progress lines aside the error is one `unionrun:` line, and no traceback."""
+    lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("Copying blob")]
+    return (r.returncode == 125 and len(lines) == 1 and lines[0].startswith("unionrun: ")
             and "Traceback" not in r.stderr)
 
 
@@ -155,13 +172,14 @@ def test_crafted_diff_id_cannot_make_a_host_dir_a_layer(tmp_path, store):
     crafted = sha(l1) + "/diff/sub"
     oci_archive(tmp_path / "evil.tar", [l1, l2], diff_ids=[sha(l1), crafted])
     before = store_state(store)
-    r = cli(store, "image", "import", str(tmp_path / "evil.tar"), "--name", "evil")
+    # On a registry that is not there (127.0.0.1:1): `run` of a missing image tries to pull it.
+    r = cli(store, "image", "import", str(tmp_path / "evil.tar"), "--name", "127.0.0.1:1/evil")
     assert one_line_error(r), r.stderr
     assert "digest" in r.stderr.splitlines()[-1]
     assert store_state(store) == before
-    run = unionrun(tmp_path / "run", store, "run", "--rm", "evil", "cat", "/shadow")
+    run = unionrun(tmp_path / "run", store, "run", "--rm", "127.0.0.1:1/evil", "cat", "/shadow")
     assert secret not in run.stdout and "root:" not in run.stdout
-    assert run.returncode == 125 and "no image 'evil'" in run.stderr
+    assert run.returncode == 125 and "no image '127.0.0.1:1/evil:latest'" in run.stderr
 
 
 BAD_DIGESTS = {
@@ -307,7 +325,7 @@ def test_deep_layer_imports_exports_and_goes(tmp_path, fast):
         r = cli(store, "image", "rm", name, env=NO_RESERVE)
         assert r.returncode == 0, r.stderr
     r = cli(store, "image", "ls", env=NO_RESERVE)
-    assert r.returncode == 0 and r.stdout == "good\t1 layers\n", r.stderr
+    assert r.returncode == 0 and [row.split()[0] for row in r.stdout.splitlines()[1:]] == ["good"], r.stdout
     assert len(os.listdir(store / "layers")) == 1 and os.listdir(store / "tmp") == []
 
 

@@ -983,7 +983,8 @@ def test_publish_a_port(layers, ur):
 
 @pytest.mark.parametrize("args,words", [
     ([], ["--layers"]),                                            # nothing at all
-    (["--store", "STORE", "no-such-image"], ["no-such-image"]),    # no --layers, no such image
+    # no --layers, no such image (and no registry to pull it from on 127.0.0.1:1)
+    (["--store", "STORE", "127.0.0.1:1/no-such-image"], ["no-such-image", "cannot reach registry"]),
     (["--layers", "/no/such/layer", "--", "true"], ["/no/such/layer"]),
     (["--layers", "LAYERS:/no/such/layer", "--", "true"], ["/no/such/layer"]),
     (["--layers", "LAYERS"], ["no command"]),

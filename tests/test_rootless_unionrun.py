@@ -175,8 +175,8 @@ def test_images_of_a_user_go_to_a_store_under_xdg_data_home(user, layers, tmp_pa
     archive = user.home / "image.tar"
     _oci_archive(archive, buf.getvalue())
     python, env = user_python(user)
-    r = user.run(["sh", "-c", 'exec "$0" -c "$1" image import "$2" --name img', python,
-                  "import sys; from unionfs.images.cli import main; sys.exit(main())", archive],
+    r = user.run(["sh", "-c", 'exec "$0" -c "$1" load -i "$2" img', python,
+                  "import sys; from unionfs.launcher.cli import main; sys.exit(main())", archive],
                  env=env)
     assert r.returncode == 0, r.stderr
     store = user.home / "data/unionfs"

@@ -1,4 +1,5 @@
-"""Image archives: read OCI image layout and `docker save` archives, write an OCI archive."""
+"""Image archives as a transport: read OCI image layout and `docker save` archives, write an OCI archive
+of the store's blobs as they are (so digests survive save -> load)."""
 
 import hashlib
 import io
@@ -6,7 +7,7 @@ import json
 import tarfile
 import time
 
-from . import digest as digests
+from . import manifest
 
 
 class ArchiveError(ValueError):
@@ -14,10 +15,13 @@ class ArchiveError(ValueError):
 
 
 class Source:
-    """One image in an archive: its layers bottom-first as (open_blob, digest or None, diff_id or None)."""
+    """One image in an archive. layers: bottom-first (descriptor or None, diff_id, open_blob); an OCI
+    archive has its manifest (manifest_data, media_type), a docker archive none (its layer digests are
+    known once read)."""
 
-    def __init__(self, tar, layers, config, ref):
-        self.tar, self.layers, self.config, self.ref = tar, layers, config, ref
+    def __init__(self, tar, layers, config_data, ref, manifest_data=None, media_type=None):
+        self.tar, self.layers, self.config_data, self.ref = tar, layers, config_data, ref
+        self.manifest_data, self.media_type = manifest_data, media_type
 
 
 def _member(tf, name):
@@ -38,30 +42,14 @@ def _json(tf, name):
         raise ArchiveError(f"bad JSON in {name}: {e}") from None
 
 
-def _digest(value, what):
-    """`value` if it is a digest of the OCI shape: only then may it name a blob or a layer."""
-    try:
-        return digests.check(value)
-    except digests.DigestError as e:
-        raise ArchiveError(f"{what}: {e}") from None
-
-
-def _blob(digest):
-    alg, hexpart = digests.parse(digest)
-    return f"blobs/{alg}/{hexpart}"
-
-
-def _verified_json(tf, digest, what):
-    data = _member(tf, _blob(_digest(digest, what))).read()
-    if digests.of_bytes(data, digests.algorithm(digest)) != digest:
+def _verified(tf, digest):
+    data = _member(tf, "blobs/" + manifest.check_digest(digest).replace(":", "/")).read()
+    if manifest.digest_of(data) != digest:
         raise ArchiveError(f"blob {digest} does not match its digest")
-    try:
-        return json.loads(data)
-    except ValueError as e:
-        raise ArchiveError(f"bad JSON in {what} {digest}: {e}") from None
+    return data
 
 
-def open_archive(path):
+def open_archive(path, platform=None):
     """Read the index of an OCI or docker archive at `path`; returns a Source."""
     try:
         tf = tarfile.open(path, "r:")
@@ -69,45 +57,44 @@ def open_archive(path):
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ArchiveError(f"not a readable tar archive: {e}") from None
     try:
-        return _read_index(tf, names)
-    except BaseException as e:
+        if "index.json" in names:
+            return _oci(tf, platform)
+        if "manifest.json" in names:
+            return _docker(tf)
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
         tf.close()
-        # A JSON document of another shape than the spec's (a string where a list should be, ...).
-        if isinstance(e, (KeyError, IndexError, TypeError, AttributeError, ValueError)) \
-                and not isinstance(e, ArchiveError):
-            what = f"missing {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
-            raise ArchiveError(f"malformed archive: {what}") from None
+        raise ArchiveError(f"malformed archive index: {e!r}") from None
+    except BaseException:
+        tf.close()
         raise
-
-
-def _read_index(tf, names):
-    if "index.json" in names:
-        index = _json(tf, "index.json")
-        desc = index["manifests"][0]
-        manifest = _verified_json(tf, desc["digest"], "manifest")
-        if "manifests" in manifest:  # an index inside the index
-            manifest = _verified_json(tf, manifest["manifests"][0]["digest"], "manifest")
-        config = _verified_json(tf, manifest["config"]["digest"], "config")
-        diff_ids = [_digest(d, "diff_id") for d in config.get("rootfs", {}).get("diff_ids", [])]
-        if len(diff_ids) != len(manifest["layers"]):
-            raise ArchiveError("config's diff_ids do not match the manifest's layers")
-        layers = []
-        for ld, diff_id in zip(manifest["layers"], diff_ids):
-            name = _blob(_digest(ld["digest"], "layer"))
-            layers.append((lambda n=name: _member(tf, n), ld["digest"], diff_id))
-        ref = desc.get("annotations", {}).get("org.opencontainers.image.ref.name")
-        return Source(tf, layers, config, ref)
-    if "manifest.json" in names:
-        manifest = _json(tf, "manifest.json")[0]
-        data = _member(tf, manifest["Config"]).read()
-        config = json.loads(data)
-        diff_ids = [_digest(d, "diff_id") for d in config.get("rootfs", {}).get("diff_ids", [])]
-        if len(diff_ids) != len(manifest["Layers"]):
-            raise ArchiveError("config's diff_ids do not match the manifest's layers")
-        layers = [(lambda n=name: _member(tf, n), None, d) for name, d in zip(manifest["Layers"], diff_ids)]
-        tags = manifest.get("RepoTags") or [None]
-        return Source(tf, layers, config, tags[0])
+    tf.close()
     raise ArchiveError("neither an OCI archive (index.json) nor a docker archive (manifest.json)")
+
+
+def _oci(tf, platform):
+    index = _json(tf, "index.json")
+    desc = index["manifests"][0]
+    data = _verified(tf, desc["digest"])
+    mt = manifest.media_type(data, desc.get("mediaType"))
+    if mt in manifest.INDEXES:  # an index inside the index
+        data = _verified(tf, manifest.pick(data, platform)["digest"])
+        mt = manifest.media_type(data)
+    descs, cfg = manifest.layers_of(data)
+    config = _verified(tf, cfg["digest"])
+    diff_ids = manifest.diff_ids_of(config, len(descs))
+    layers = [(d, diff_id, lambda n="blobs/" + d["digest"].replace(":", "/"): _member(tf, n))
+              for d, diff_id in zip(descs, diff_ids)]
+    ref = (desc.get("annotations") or {}).get("org.opencontainers.image.ref.name")
+    return Source(tf, layers, config, ref, data, mt)
+
+
+def _docker(tf):
+    entry = _json(tf, "manifest.json")[0]
+    config = _member(tf, entry["Config"]).read()
+    diff_ids = manifest.diff_ids_of(config, len(entry["Layers"]))
+    layers = [(None, d, lambda n=name: _member(tf, n)) for name, d in zip(entry["Layers"], diff_ids)]
+    tags = entry.get("RepoTags") or [None]
+    return Source(tf, layers, config, tags[0])
 
 
 def _add(tf, name, data):
@@ -116,40 +103,21 @@ def _add(tf, name, data):
     tf.addfile(ti, io.BytesIO(data))
 
 
-def write_oci(path, image, layer_blobs, progress=None):
-    """Write `image` as an OCI archive. layer_blobs: bottom-first (digest, size, open_file) of plain tars."""
-    cfg = {
-        "architecture": "amd64", "os": "linux",
-        "config": {k: v for k, v in (("Entrypoint", image.config.get("entrypoint")),
-                                     ("Cmd", image.config.get("cmd")), ("Env", image.config.get("env")),
-                                     ("WorkingDir", image.config.get("workdir")),
-                                     ("User", image.config.get("user"))) if v},
-        "rootfs": {"type": "layers", "diff_ids": [d for d, _, _ in layer_blobs]},
-    }
-    cfg_data = json.dumps(cfg).encode()
-    cfg_digest = "sha256:" + hashlib.sha256(cfg_data).hexdigest()
-    manifest = {
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg_digest,
-                   "size": len(cfg_data)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": s}
-                   for d, s, _ in layer_blobs],
-    }
-    man_data = json.dumps(manifest).encode()
-    man_digest = "sha256:" + hashlib.sha256(man_data).hexdigest()
-    index = {"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": man_digest,
-        "size": len(man_data),
-        "annotations": {"org.opencontainers.image.ref.name": image.name}}]}
+def write_oci(path, name, manifest_data, media_type, blob_files, progress=None):
+    """Write an OCI archive of one image: its manifest and every blob (digest -> file path) verbatim."""
+    index = {"schemaVersion": 2, "mediaType": manifest.OCI_INDEX, "manifests": [{
+        "mediaType": media_type, "digest": manifest.digest_of(manifest_data), "size": len(manifest_data),
+        "annotations": {"org.opencontainers.image.ref.name": name}}]}
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
         _add(tf, "oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
-        for d, s, opener in layer_blobs:
-            ti = tarfile.TarInfo("blobs/sha256/" + d.split(":")[1])
-            ti.size, ti.mtime = s, int(time.time())
-            with opener() as f:
+        for digest, file in blob_files.items():
+            with open(file, "rb") as f:
+                ti = tf.gettarinfo(fileobj=f, arcname="blobs/sha256/" + digest[7:])
+                ti.uid = ti.gid = 0
+                ti.uname = ti.gname = ""
+                ti.mode = 0o644
                 tf.addfile(ti, f)
             if progress:
-                progress(s)
-        _add(tf, "blobs/sha256/" + cfg_digest.split(":")[1], cfg_data)
-        _add(tf, "blobs/sha256/" + man_digest.split(":")[1], man_data)
+                progress(ti.size)
+        _add(tf, "blobs/sha256/" + hashlib.sha256(manifest_data).hexdigest(), manifest_data)
         _add(tf, "index.json", json.dumps(index).encode())

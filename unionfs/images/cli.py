@@ -1,85 +1,272 @@
-"""`unionfs image import|ls|rm|inspect|export`: argument parsing and one-line errors."""
+"""unionrun's image verbs: pull, push, login, logout, images, tag, rmi, image inspect, save, load.
+
+Argument parsing and one-line errors only; the work is in copy.py (transports) and store.py.
+"""
+
+from __future__ import annotations
 
 import argparse
+import getpass
 import json
-import os
 import sys
 import time
 
-from . import archive, layer, store
+from . import archive, auth, copy, layer, manifest, reference, store
 from .limits import Limits
 
+# httpx (registry) and rich (progress) are imported by the verbs that use them: `unionrun run` of a
+# stored image starts without them.
 
-class _Progress:
-    def __init__(self):
-        self.bytes, self.last = 0, 0.0
-
-    def __call__(self, what):
-        if isinstance(what, str):
-            print(f"unionfs: {what}", file=sys.stderr)
-            return
-        self.bytes += what
-        now = time.monotonic()
-        if now - self.last > 1:
-            self.last = now
-            print(f"unionfs: {self.bytes / 1e6:.1f} MB", file=sys.stderr)
+VERBS = ("pull", "push", "login", "logout", "images", "tag", "rmi", "image", "save", "load")
+ERRORS = (store.StoreError, archive.ArchiveError, layer.LayerError, manifest.ManifestError,
+          copy.TransportError, auth.AuthError, reference.ReferenceError, OSError)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="unionfs")
-    ap.add_argument("--store", help="store directory (default $UNIONFS_STORE or /var/lib/unionfs)")
-    sub = ap.add_subparsers(dest="group", required=True)
-    img = sub.add_parser("image").add_subparsers(dest="cmd", required=True)
-    p = img.add_parser("import")
-    p.add_argument("file")
-    p.add_argument("--name")
+class ImageError(Exception):
+    pass
+
+
+def _bool(text):
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _transport_options(p):
+    p.add_argument("--tls-verify", type=_bool, default=True, metavar="BOOL",
+                   help="verify the registry's certificate (default true); false also allows plain HTTP")
+    p.add_argument("--cert-dir", metavar="DIR", help="CA certificates: DIR/HOST:PORT/*.crt "
+                   "(default /etc/containers/certs.d and /etc/docker/certs.d)")
+
+
+def add_parsers(sub):
+    p = sub.add_parser("pull", help="pull an image from a registry into the store")
+    _transport_options(p)
+    p.add_argument("--creds", metavar="USER[:PASS]")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="from a multi-platform index "
+                   "(default: this machine's)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress; print the image ID only")
+    _limit_options(p)
+    p.add_argument("ref", metavar="REF")
+    p = sub.add_parser("push", help="push a store image to a registry (only the blobs it lacks)")
+    _transport_options(p)
+    p.add_argument("--creds", metavar="USER[:PASS]")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("dest", metavar="DESTREF", nargs="?")
+    p = sub.add_parser("login", help="check and store credentials for a registry (auth.json)")
+    _transport_options(p)
+    p.add_argument("-u", "--username")
+    p.add_argument("-p", "--password")
+    p.add_argument("--password-stdin", action="store_true")
+    p.add_argument("registry", metavar="REGISTRY")
+    p = sub.add_parser("logout", help="forget the credentials for a registry")
+    p.add_argument("registry", metavar="REGISTRY")
+    p = sub.add_parser("images", help="list the store's images")
+    p.add_argument("-q", "--quiet", action="store_true", help="IDs only")
+    p = sub.add_parser("tag", help="another name for an image")
+    p.add_argument("src", metavar="IMAGE")
+    p.add_argument("dst", metavar="NAME[:TAG]")
+    p = sub.add_parser("rmi", help="remove image names (and the layers no image needs)")
+    p.add_argument("images", metavar="IMAGE", nargs="+")
+    p = sub.add_parser("image", help="image inspect IMAGE")
+    isub = p.add_subparsers(dest="image_cmd", required=True)
+    isub.add_parser("inspect", help="an image as JSON").add_argument("images", metavar="IMAGE", nargs="+")
+    p = sub.add_parser("save", help="write an image as an OCI archive (blobs as they are)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE")
+    p.add_argument("image", metavar="IMAGE")
+    p = sub.add_parser("load", help="load an OCI or docker archive (`podman save`, `docker save`)")
+    p.add_argument("-i", "--input", required=True, metavar="FILE")
+    p.add_argument("-q", "--quiet", action="store_true")
+    _limit_options(p)
+    p.add_argument("name", metavar="NAME", nargs="?", help="name for it (default: the archive's own)")
+
+
+def _limit_options(p):
     p.add_argument("--max-layer-size", metavar="SIZE",
                    help="stop a layer that unpacks to more (e.g. 500m, 2g; default $UNIONFS_MAX_LAYER_SIZE)")
     p.add_argument("--max-layer-entries", metavar="N",
                    help="stop a layer with more files, dirs and links (default $UNIONFS_MAX_LAYER_ENTRIES)")
-    img.add_parser("ls")
-    img.add_parser("rm").add_argument("name")
-    img.add_parser("inspect").add_argument("name")
-    p = img.add_parser("export")
-    p.add_argument("name")
-    p.add_argument("file")
-    args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        # A user's images: in a store under $XDG_DATA_HOME, written as root of the user's own
-        # namespace, so that the owners in the layers are kept (as subordinate ids).
-        from ..launcher import rootless
-        if args.store is None and not os.environ.get("UNIONFS_STORE"):
-            args.store = rootless.default_store()
+
+
+def _creds(text):
+    if text is None:
+        return None
+    user, colon, pw = text.partition(":")
+    if not user:
+        raise ImageError("--creds: no user name")
+    if not colon:
+        pw = getpass.getpass(f"Password for {user}: ")
+    return user, pw
+
+
+def _registry(args, ref):
+    from . import registry
+    return registry.Registry(ref.registry, tls_verify=args.tls_verify, creds=_creds(getattr(args, "creds", None)),
+                             cert_dir=args.cert_dir, repository=ref.repository)
+
+
+def pull(st, text, args, quiet=False):
+    ref = reference.parse(text)
+    platform = manifest.parse_platform(args.platform) if getattr(args, "platform", None) else None
+    reg = _registry(args, ref)
+    from .progress import Progress
+    try:
+        with Progress(quiet) as prog:
+            im = copy.pull(st, reg, ref, platform, prog)
+    finally:
+        reg.close()
+    return im
+
+
+def _cmd_pull(args, st):
+    im = pull(st, args.ref, args, args.quiet)
+    print(im.id[7:])
+
+
+def _cmd_push(args, st):
+    im = st.image(args.image)
+    dest = reference.parse(args.dest or im.name)
+    if not dest.tag:
+        raise ImageError(f"{args.dest}: push needs a tag, not a digest")
+    reg = _registry(args, dest)
+    from .progress import Progress
+    try:
+        with Progress(args.quiet) as prog:
+            counts = copy.push(st, reg, args.image, dest, prog)
+    finally:
+        reg.close()
+    if not args.quiet:
+        print(f"{reference.familiar(str(dest))}: {counts['uploaded']} blobs uploaded, {counts['mounted']} "
+              f"mounted, {counts['exists']} already there", file=sys.stderr)
+
+
+def _cmd_login(args, st):
+    reg_name = args.registry.rstrip("/")
+    if reg_name in ("docker.io", "index.docker.io"):
+        reg_name = reference.DEFAULT_REGISTRY
+    user = args.username or input("Username: ")
+    if args.password_stdin:
+        pw = sys.stdin.readline().rstrip("\n")
+    else:
+        pw = args.password if args.password is not None else getpass.getpass("Password: ")
+    from . import registry
+    reg = registry.Registry(reg_name, tls_verify=args.tls_verify, creds=(user, pw), cert_dir=args.cert_dir)
+    try:
+        reg.ping()
+    finally:
+        reg.close()
+    auth.store_credentials(reg_name, user, pw)
+    print("Login Succeeded!")
+
+
+def _cmd_logout(args, st):
+    if not auth.remove_credentials(args.registry.rstrip("/")):
+        raise ImageError(f"not logged into {args.registry}")
+    print(f"Removed login credentials for {args.registry}")
+
+
+def _ago(created):
+    try:
+        t = time.mktime(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    except (TypeError, ValueError):
+        return "N/A"
+    s = max(0, time.time() - t)
+    for unit, n in (("years", 365 * 86400), ("months", 30 * 86400), ("weeks", 7 * 86400), ("days", 86400),
+                    ("hours", 3600), ("minutes", 60)):
+        if s >= 2 * n:
+            return f"{int(s // n)} {unit} ago"
+    return "About a minute ago" if s >= 60 else "Less than a second ago" if s < 1 else f"{int(s)} seconds ago"
+
+
+def _size(n):
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.3g}{unit}" if unit != "B" else f"{n}B"
+        n /= 1000
+
+
+def _describe(st, name):
+    im, data, mt, config = st.manifest_of(name)
+    layers, _ = manifest.layers_of(data)
+    return im, json.loads(config), sum(d["size"] for d in layers)
+
+
+def _cmd_images(args, st):
+    rows = [("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE")]
+    for name in st.names():
+        im, cfg, size = _describe(st, name)
+        if args.quiet:
+            print(im.id[7:19])
+            continue
+        ref = reference.parse(name)
+        rows.append((reference.familiar(ref.name), ref.tag or "<none>", im.id[7:19],
+                     _ago(cfg.get("created")), _size(size)))
+    if not args.quiet:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _cmd_tag(args, st):
+    st.tag(args.src, args.dst)
+
+
+def _cmd_rmi(args, st):
+    code = 0
+    for text in args.images:
         try:
-            rootless.enter(need_fuse=False)
-        except rootless.RootlessError as e:
-            print(f"unionfs: rootless: {e}", file=sys.stderr)
-            return 1
+            name = st.resolve(text)
+            n = st.remove(name)
+            print(f"Untagged: {reference.familiar(name)}")
+            if n:
+                print(f"Deleted: {n} layers")
+        except ERRORS as e:
+            print(f"unionrun: {e}", file=sys.stderr)
+            code = 125
+    return code
+
+
+def _cmd_image(args, st):
+    out = []
+    for text in args.images:
+        im, cfg, size = _describe(st, text)
+        names = st.names_of(im.id)
+        out.append({
+            "Id": im.id, "Digest": im.manifest, "MediaType": im.media_type,
+            "RepoTags": [n for n in names if "@" not in n],
+            "RepoDigests": sorted({f"{reference.parse(n).name}@{im.manifest}" for n in names}),
+            "Created": cfg.get("created"), "Architecture": cfg.get("architecture"), "Os": cfg.get("os"),
+            "Config": cfg.get("config") or {}, "RootFS": cfg.get("rootfs"), "Size": size,
+            "GraphDriver": {"Name": "unionfs", "Data": {"LowerDirs": im.layers}},
+            "Layers": [st.layer_meta(h) for h in im.layer_ids],
+        })
+    print(json.dumps(out, indent=4))
+
+
+def _cmd_save(args, st):
+    im = copy.save(st, args.image, args.output)
+    print(f"saved {reference.familiar(im.name)} to {args.output}", file=sys.stderr)
+
+
+def _cmd_load(args, st):
+    from .progress import Progress
+    with Progress(args.quiet) as prog:
+        im, added, shared = copy.load(st, args.input, args.name, prog)
+    print(f"Loaded image: {im.name} ({len(im.layers)} layers: {added} new, {shared} shared)")
+
+
+def main(args, store_dir):
+    """Run the image verb in `args`; returns the exit status (125 with one line on stderr on failure)."""
+    handler = globals()["_cmd_" + args.cmd]
     try:
         lim = Limits.from_env(getattr(args, "max_layer_size", None), getattr(args, "max_layer_entries", None))
-        st = store.open_store(args.store, lim)
-        t0 = time.monotonic()
-        prog = _Progress()
-        if args.cmd == "import":
-            im, added, shared = st.import_archive(args.file, args.name, prog)
-            print(f"unionfs: imported {im.name}: {len(im.layers)} layers ({added} new, {shared} shared), "
-                  f"{prog.bytes} bytes in {time.monotonic() - t0:.1f}s", file=sys.stderr)
-        elif args.cmd == "ls":
-            for name in st.names():
-                print(f"{name}\t{len(st.image(name).layers)} layers")
-        elif args.cmd == "rm":
-            n = st.remove(args.name)
-            print(f"unionfs: removed {args.name} and {n} layers", file=sys.stderr)
-        elif args.cmd == "inspect":
-            im = st.image(args.name)
-            print(json.dumps({"name": im.name, "layers": im.layers, "config": im.config,
-                              "layer_meta": [st.layer_meta(h) for h in im.layer_ids]}, indent=1))
-        elif args.cmd == "export":
-            im = st.export(args.name, args.file, prog)
-            print(f"unionfs: exported {im.name}: {len(im.layers)} layers, {os.path.getsize(args.file)} bytes "
-                  f"in {time.monotonic() - t0:.1f}s", file=sys.stderr)
-    except (store.StoreError, archive.ArchiveError, layer.LayerError, OSError, KeyError) as e:
-        msg = str(e) if not isinstance(e, KeyError) else f"malformed archive: missing {e}"
-        print(f"unionfs: {msg}", file=sys.stderr)
-        return 1
-    return 0
+        st = store.open_store(store_dir, lim)
+        return handler(args, st) or 0
+    except ERRORS + (ImageError,) as e:
+        print(f"unionrun: {e}", file=sys.stderr)
+        return 125
+    except KeyboardInterrupt:
+        return 130

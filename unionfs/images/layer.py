@@ -12,6 +12,8 @@ import stat
 import tarfile
 import zlib
 
+import zstandard
+
 from .. import rmtree
 from . import digest as digests
 
@@ -152,15 +154,20 @@ def _algorithm(expected):
 
 
 def unpack(blob, dest, expect_digest=None, expect_diff_id=None, progress=None, budget=None):
-    """Unpack a layer tar (plain or gzip) read from `blob` into the empty dir `dest`.
+    """Unpack a layer tar (plain, gzip or zstd) read from `blob` into the empty dir `dest`.
 
     Returns (blob_digest, diff_id, size). Raises LayerError on hostile or corrupt input, LimitError
     (from `budget`, a limits.Budget) as soon as the layer would pass a limit.
     """
     raw = _Hashing(blob, progress, _algorithm(expect_digest))
     buffered = io.BufferedReader(raw, 1 << 20)
-    gz = buffered.peek(2)[:2] == b"\x1f\x8b"
-    plain = gzip.GzipFile(fileobj=buffered) if gz else buffered
+    magic = buffered.peek(4)[:4]
+    if magic[:2] == b"\x1f\x8b":
+        plain = gzip.GzipFile(fileobj=buffered)
+    elif magic == b"\x28\xb5\x2f\xfd":
+        plain = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
+    else:
+        plain = buffered
     untar = _Hashing(plain, alg=_algorithm(expect_diff_id))
     root_fd = os.open(dest, _DIR_FLAGS)
     parents = _Parents(root_fd)
@@ -178,7 +185,7 @@ def unpack(blob, dest, expect_digest=None, expect_diff_id=None, progress=None, b
                 pass
             while buffered.read(1 << 20):
                 pass
-        except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+        except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as e:
             raise LayerError(f"corrupt or truncated layer: {e}") from None
         # Directory mtimes last: extracting their children changed them. In tar order, so that a
         # directory listed twice gets its last entry's time, and the open parent serves the next one.

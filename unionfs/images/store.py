@@ -1,29 +1,33 @@
-"""The store on disk: layers/<hex>/{diff,meta.json}, images/<name>.json, tmp/ for staging, a lock file.
+"""The store on disk: blobs/sha256/<hex> (manifests, configs and compressed layers, verbatim),
+layers/<diff_id hex>/{diff,meta.json}, images/<name>.json, sources.json (where each blob was seen),
+tmp/ for staging, a lock file.
 
 Every mutation is staged in tmp/ and renamed into place under the lock: a crash leaves only tmp/ leftovers,
-which the next open removes along with layers no image needs. A layer dir counts only once its meta.json,
-written last, names the diff_id its name says. Everything is 0700: the layers hold the images' setuid
-files and device nodes as they are, and no local user may reach them.
+which the next open removes along with blobs and layers no image needs.
 """
 
 import contextlib
 import fcntl
+import gzip
 import hashlib
 import json
 import os
+import re
 import stat
 import tempfile
+import threading
 import urllib.parse
 from dataclasses import dataclass, field
 
 from .. import rmtree
 from ..launcher import state as procs
-from . import archive, layer
 from . import digest as digests
+from . import layer, manifest, reference
 from .limits import LimitError, Limits
 
-DEFAULT_STORE = "/var/lib/unionfs"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+DEFAULT_STORE = "/var/lib/unionfs"
 
 
 class StoreError(Exception):
@@ -35,19 +39,25 @@ class Image:
     name: str
     layers: list            # absolute dirs, topmost first, as unionmount wants them
     config: dict = field(default_factory=dict)
-    layer_ids: list = field(default_factory=list)   # layer keys (digest.component of diff_ids), topmost first
-
-
-def _config_of(oci_config):
-    c = oci_config.get("config") or oci_config.get("Config") or {}
-    return {"entrypoint": c.get("Entrypoint"), "cmd": c.get("Cmd"), "env": c.get("Env") or [],
-            "workdir": c.get("WorkingDir") or "", "user": c.get("User") or "",
-            "exposed_ports": sorted(c.get("ExposedPorts") or {})}
+    layer_ids: list = field(default_factory=list)   # diff_id hex, topmost first
+    id: str = ""            # the config's digest, docker's IMAGE ID
+    manifest: str = ""      # the manifest's digest
+    media_type: str = ""    # the manifest's media type
+    ref_digest: str = ""    # what its name pointed at on the registry it was pulled from (manifest or index)
+    platform: str = ""      # the platform picked from that index
 
 
 def in_use(store, image):
     """Whether a container holds `image` (see Store.hold); call under the store's lock."""
     return any(h["image"] == image for h in store.holds(prune=True))
+
+
+def normalise(name):
+    """The store's name for a reference: docker's normalised form (see reference.py)."""
+    try:
+        return str(reference.parse(name))
+    except reference.ReferenceError as e:
+        raise StoreError(str(e)) from None
 
 
 def private_dir(path):
@@ -63,12 +73,18 @@ def private_dir(path):
         os.chmod(path, 0o700)
 
 
+def _remove_tree(path):
+    # What cannot go now is tried again at the next open; the store works meanwhile.
+    with contextlib.suppress(OSError):
+        rmtree.remove_tree(path)
+
+
 class Store:
     def __init__(self, root, limits=None):
         self.root = os.path.abspath(root)
         self.limits = limits or Limits()
         private_dir(self.root)
-        for sub in ("layers", "images", "tmp", "holds"):
+        for sub in ("layers", "images", "tmp", "holds", "blobs", "blobs/sha256"):
             private_dir(os.path.join(self.root, sub))
         with self._locked():
             self._fsck()
@@ -85,41 +101,30 @@ class Store:
     def _fsck(self):
         tmp = os.path.join(self.root, "tmp")
         for name in os.listdir(tmp):
-            # What cannot go now is tried again at the next open; the store works meanwhile.
-            with contextlib.suppress(OSError):
-                rmtree.remove_tree(os.path.join(tmp, name))
-        needed = set()
+            _remove_tree(os.path.join(tmp, name))
+        layers, blobs = set(), set()
         for name in self.names():
-            needed.update(self._read(name)["layers"])
-        for key in os.listdir(os.path.join(self.root, "layers")):
-            if key not in needed:
-                self._drop_layer(key)
+            rec = self._read(name)
+            layers.update(rec["layers"])
+            blobs.update(rec.get("blobs") or ())
+        # A container keeps the layers it runs on even when a pull or load gave its image's name to another.
+        for h in self.holds():
+            layers.update(h.get("layers") or ())
+        for hexid in os.listdir(os.path.join(self.root, "layers")):
+            if hexid not in layers:
+                self._drop(os.path.join(self.root, "layers", hexid))
+        for hexid in os.listdir(os.path.join(self.root, "blobs/sha256")):
+            if "sha256:" + hexid not in blobs:
+                os.unlink(os.path.join(self.root, "blobs/sha256", hexid))
+        sources = self.sources()
+        if any(d not in blobs for d in sources):
+            self._write_json(self._sources_path(), {d: s for d, s in sources.items() if d in blobs})
 
-    def _drop_layer(self, key):
+    def _drop(self, path):
         # Renamed into tmp first, so a crash mid-removal leaves no half layer under layers/.
         staged = tempfile.mkdtemp(dir=os.path.join(self.root, "tmp"))
-        os.rename(os.path.join(self.root, "layers", key), os.path.join(staged, "gone"))
-        with contextlib.suppress(OSError):
-            rmtree.remove_tree(staged)
-
-    def _committed(self, key):
-        """The diff_id of layers/KEY if our own verified import committed it there: a real directory
-        with diff/ and a meta.json (written last) naming the diff_id that KEY stands for; else None."""
-        try:
-            diff_id = digests.from_component(key)
-            fd = os.open(os.path.join(self.root, "layers", key), _DIR_FLAGS)
-        except (digests.DigestError, OSError):
-            return None
-        try:
-            if not stat.S_ISDIR(os.stat("diff", dir_fd=fd, follow_symlinks=False).st_mode):
-                return None
-            with open(os.open("meta.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)) as f:
-                meta = json.load(f)
-            return diff_id if meta.get("diff_id") == diff_id else None
-        except (OSError, ValueError, AttributeError):
-            return None
-        finally:
-            os.close(fd)
+        os.rename(path, os.path.join(staged, "gone"))
+        _remove_tree(staged)
 
     def _image_path(self, name):
         return os.path.join(self.root, "images", urllib.parse.quote(name, safe="") + ".json")
@@ -131,6 +136,25 @@ class Store:
         except FileNotFoundError:
             raise StoreError(f"no image {name!r} in {self.root}") from None
 
+    def resolve(self, text):
+        """The stored name `text` means: a reference (normalised), NAME@DIGEST, or an image ID (prefix)."""
+        if re.fullmatch(r"(sha256:)?[0-9a-f]{6,64}", text):
+            want = text if text.startswith("sha256:") else "sha256:" + text
+            ids = {n: self._read(n).get("id", "") for n in self.names()}
+            hits = {i for i in ids.values() if i.startswith(want)}
+            if len(hits) == 1:
+                return next(n for n, i in ids.items() if i in hits)
+        name = normalise(text)
+        ref = reference.parse(name)
+        if ref.digest:
+            for n in self.names():
+                r = reference.parse(n)
+                if r.name == ref.name and self._read(n).get("manifest") == ref.digest:
+                    return n
+        if not os.path.exists(self._image_path(name)):
+            raise StoreError(f"no image {reference.familiar(name)!r} in {self.root}")
+        return name
+
     def _hold_path(self, state_dir):
         return os.path.join(self.root, "holds", hashlib.sha256(os.fsencode(state_dir)).hexdigest())
 
@@ -138,8 +162,8 @@ class Store:
         """Mark `image` as used by the container whose state lives in `state_dir` (written by its
         creator before the container exists): rm refuses the image while the hold is live."""
         with self._locked():
-            self._read(image)
-            self._write_json(self._hold_path(state_dir), {"image": image, "state": state_dir,
+            layers = self._read(image)["layers"]
+            self._write_json(self._hold_path(state_dir), {"image": image, "state": state_dir, "layers": layers,
                                                           "creator": procs.identity(os.getpid())})
 
     def unhold(self, state_dir):
@@ -162,25 +186,70 @@ class Store:
                 os.unlink(os.path.join(self.root, "holds", name))
         return live
 
-    def layer_dir(self, key):
-        return os.path.join(self.root, "layers", _key(key), "diff")
+    def layer_dir(self, hexid):
+        return os.path.join(self.root, "layers", hexid, "diff")
+
+    def blob_path(self, digest):
+        return os.path.join(self.root, "blobs/sha256", manifest.check_digest(digest)[7:])
+
+    def has_blob(self, digest):
+        return os.path.exists(self.blob_path(digest))
+
+    def read_blob(self, digest):
+        with open(self.blob_path(digest), "rb") as f:
+            return f.read()
 
     def names(self):
         return sorted(urllib.parse.unquote(n[:-5]) for n in os.listdir(os.path.join(self.root, "images"))
                       if n.endswith(".json"))
 
-    def image(self, name):
-        """The image with its layer dirs, each checked to be the layer its diff_id names."""
-        d = self._read(name)
-        for key in d["layers"]:
-            if self._committed(key) is None:
-                raise StoreError(f"image {name!r}: its layer {key!r} is missing or not the verified "
-                                 f"layer: re-import the image")
-        return Image(name, [self.layer_dir(h) for h in d["layers"]], d["config"], list(d["layers"]))
+    def committed(self, hexid):
+        """Whether layers/HEX is a layer our verified import committed: a real directory with diff/ and
+        a meta.json (written last) naming the diff_id HEX stands for (sec-store's check)."""
+        try:
+            diff_id = digests.from_component(hexid)
+            fd = os.open(os.path.join(self.root, "layers", hexid), _DIR_FLAGS)
+        except (digests.DigestError, OSError):
+            return False
+        try:
+            if not stat.S_ISDIR(os.stat("diff", dir_fd=fd, follow_symlinks=False).st_mode):
+                return False
+            with open(os.open("meta.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)) as f:
+                return json.load(f).get("diff_id") == diff_id
+        except (OSError, ValueError, AttributeError):
+            return False
+        finally:
+            os.close(fd)
 
-    def layer_meta(self, key):
-        with open(os.path.join(self.root, "layers", _key(key), "meta.json")) as f:
+    def names_of(self, image_id):
+        """Every name of the image whose ID (config digest) is `image_id`."""
+        return [n for n in self.names() if self._read(n).get("id") == image_id]
+
+    def image(self, text):
+        name = self.resolve(text)
+        d = self._read(name)
+        for hexid in d["layers"]:
+            if not self.committed(hexid):
+                raise StoreError(f"image {reference.familiar(name)!r}: its layer {hexid!r} is missing or not "
+                                 "the verified layer: re-import the image")
+        return Image(name, [self.layer_dir(h) for h in d["layers"]], d["config"], list(d["layers"]),
+                     d.get("id", ""), d.get("manifest", ""), d.get("media_type", ""), d.get("ref_digest", ""),
+                     d.get("platform", ""))
+
+    def layer_meta(self, hexid):
+        with open(os.path.join(self.root, "layers", hexid, "meta.json")) as f:
             return json.load(f)
+
+    def _sources_path(self):
+        return os.path.join(self.root, "sources.json")
+
+    def sources(self):
+        """blob digest -> the registry/repository names it was pulled from or pushed to."""
+        try:
+            with open(self._sources_path()) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
 
     def _write_json(self, path, obj):
         fd, tmp = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"))
@@ -190,141 +259,226 @@ class Store:
             os.fsync(f.fileno())
         os.rename(tmp, path)
 
-    def _add_layer(self, opener, digest, diff_id, progress=None):
-        """Unpack one layer into tmp and rename it into layers/ unless our verified copy is there already;
-        returns (its key, whether it was added). Digests must be checked (digest.check) by the caller."""
-        if diff_id and self._committed(digests.component(diff_id)) == diff_id:
-            return digests.component(diff_id), False
-        staged = tempfile.mkdtemp(dir=os.path.join(self.root, "tmp"))
-        try:
-            # The layer's root is the container's /: searchable by its users (the store root keeps
-            # everyone else out).
-            os.mkdir(os.path.join(staged, "diff"), 0o755)
-            with opener() as blob:
-                got_digest, got_diff, size = layer.unpack(blob, os.path.join(staged, "diff"), digest, diff_id,
-                                                          progress, self.limits.budget(self.root))
-            key = digests.component(got_diff)
-            # meta.json last, durable before the rename: it is what makes the dir a committed layer.
-            with open(os.open(os.path.join(staged, "meta.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                              | os.O_CLOEXEC, 0o600), "w") as f:
-                json.dump({"diff_id": got_diff, "digest": got_digest, "size": size}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            dest = os.path.join(self.root, "layers", key)
-            if self._committed(key) == got_diff:
-                return key, False
-            if os.path.lexists(dest):
-                self._drop_layer(key)   # not our verified layer: a leftover or planted; replaced
-            os.rename(staged, dest)
-            return key, True
-        finally:
-            rmtree.remove_tree(staged)
-
-    def import_archive(self, path, name=None, progress=None):
-        """Import an OCI or docker archive; returns (Image, layers added, layers shared)."""
-        src = archive.open_archive(path)
-        name = name or src.ref
-        if not name:
-            raise StoreError("the archive names no image: give --name")
-        added, hexids = [], []
+    def note_sources(self, digests, where):
+        """Record that these blobs are in repository `where` (registry/repo), for cross-repo mounts."""
         with self._locked():
-            try:
-                for i, (opener, digest, diff_id) in enumerate(src.layers):
-                    if progress:
-                        progress(f"layer {i + 1}/{len(src.layers)}")
-                    hexid, new = self._add_layer(opener, digest, diff_id, progress)
-                    hexids.append(hexid)
-                    if new:
-                        added.append(hexid)
-                self._write_json(self._image_path(name), {"layers": hexids[::-1],
-                                                          "config": _config_of(src.config)})
-                self._fsck()   # layers of an image this name replaced, if no other image needs them
-            except digests.DigestError as e:
-                self._forget_new(added)
-                raise StoreError(str(e)) from None
-            except BaseException:
-                self._forget_new(added)
-                raise
-            finally:
-                src.tar.close()
-        return self.image(name), len(added), len(hexids) - len(added)
+            src = self.sources()
+            for d in digests:
+                if self.has_blob(d) and where not in src.setdefault(d, []):
+                    src[d].append(where)
+            self._write_json(self._sources_path(), src)
 
-    def _forget_new(self, added):
-        for hexid in added:
-            with contextlib.suppress(OSError):
-                self._drop_layer(hexid)
+    @contextlib.contextmanager
+    def staging(self):
+        """A Staging under the store's lock; what it did not commit is gone when the block ends."""
+        with self._locked():
+            st = Staging(self)
+            try:
+                yield st
+            finally:
+                _remove_tree(st.dir)
+
+    def manifest_of(self, text):
+        """(image, manifest bytes, its media type, config bytes), materialising a store-made-before-blobs image."""
+        name = self.resolve(text)
+        if "manifest" not in self._read(name):
+            with self.staging() as st:
+                rec = self._read(name)
+                if "manifest" not in rec:
+                    st.materialise(name, rec)
+        im = self.image(name)
+        return im, self.read_blob(im.manifest), im.media_type, self.read_blob(im.id)
+
+    def tag(self, src, dst):
+        with self._locked():
+            name = self.resolve(src)
+            dst = normalise(dst)
+            self._write_json(self._image_path(dst), self._read(name))
+            return dst
 
     def commit(self, upper_dir, base_image_name, new_name, progress=None):
-        """The upper dir becomes a new layer on top of the base's layers, as image `new_name`."""
-        with self._locked():
-            base = self._read(base_image_name)
-            staged = tempfile.mkdtemp(dir=os.path.join(self.root, "tmp"))
-            added = []
-            try:
-                tar = os.path.join(staged, "layer.tar")
-                with open(tar, "wb") as out:
-                    diff_id, _ = layer.pack(upper_dir, out, progress, self._staging_budget())
-                key, new = self._add_layer(lambda: open(tar, "rb"), diff_id, diff_id, progress)
-                if new:
-                    added.append(key)
-                self._write_json(self._image_path(new_name), {"layers": [key] + base["layers"],
-                                                              "config": base["config"]})
-            except layer.LayerError as e:
-                self._forget_new(added)
-                raise StoreError(str(e)) from None
-            except BaseException:
-                self._forget_new(added)
-                raise
-            finally:
-                rmtree.remove_tree(staged)
-        return self.image(new_name)
+        """The upper dir becomes a new layer (a gzip blob kept verbatim) on the base's, as image `new_name`."""
+        base, base_man, base_mt, base_cfg = self.manifest_of(base_image_name)
+        with self.staging() as st:
+            tar = os.path.join(st.dir, "layer.tar")
+            with open(tar, "wb") as out:
+                diff_id, _ = layer.pack(upper_dir, out, progress)
+            digest, size, path = st.compress(tar)
+            st.add_blob(digest, path)
+            st.add_layer(digest, diff_id)
+            layers, _ = manifest.layers_of(base_man)
+            docker = base_mt == manifest.DOCKER_MANIFEST
+            desc = {"mediaType": manifest.DOCKER_LAYER_GZIP if docker else manifest.OCI_LAYER_GZIP,
+                    "digest": digest, "size": size}
+            cfg = manifest.with_layer(base_cfg, diff_id, "unionrun commit")
+            man, mt = manifest.build(cfg, layers + [desc], docker)
+            return st.commit([normalise(new_name)], man, mt, cfg)
 
-    def _staging_budget(self):
-        """For tars staged in tmp/ (commit, export): the store's reserve holds, layer maxima do not."""
-        return Limits(reserve=self.limits.reserve).budget(self.root)
-
-    def remove(self, name):
-        """Remove an image and the layers no other image needs; returns the number of layers removed."""
+    def remove(self, text):
+        """Remove an image name and the layers and blobs no other image needs; returns layers removed."""
         with self._locked():
-            self._read(name)
+            name = self.resolve(text)
             if in_use(self, name):
-                raise StoreError(f"image {name!r} is in use by a container")
+                raise StoreError(f"image {reference.familiar(name)!r} is in use by a container")
             os.unlink(self._image_path(name))
             before = len(os.listdir(os.path.join(self.root, "layers")))
             self._fsck()
             return before - len(os.listdir(os.path.join(self.root, "layers")))
 
-    def export(self, name, path, progress=None):
-        """Write image `name` as an OCI archive at `path` (staged next to it, renamed at the end)."""
-        # Under the lock: another process opening the store would clear tmp/ and our staging with it.
-        with self._locked():
-            return self._export(name, path, progress)
 
-    def _export(self, name, path, progress):
-        img = self.image(name)
-        staged = tempfile.mkdtemp(dir=os.path.join(self.root, "tmp"))
+class Staging:
+    """One image being written under the store's lock: blobs and layers wait in a tmp/ dir, verified,
+    and only commit() names them in the store, together with the image."""
+
+    def __init__(self, store):
+        self.store = store
+        self.dir = tempfile.mkdtemp(dir=os.path.join(store.root, "tmp"))
+        self.blobs = {}     # digest -> staged file
+        self.layers = {}    # diff_id hex -> staged layer dir
+        self._mutex = threading.Lock()   # layers are fetched and unpacked in threads
+
+    def has_blob(self, digest):
+        return self.store.has_blob(digest) or digest in self.blobs
+
+    def has_layer(self, blob_digest, diff_id):
+        """Both the verbatim blob and its unpacked layer: nothing to fetch."""
+        hexid = manifest.check_digest(diff_id)[7:]
+        return self.has_blob(blob_digest) and (self.store.committed(hexid) or hexid in self.layers)
+
+    def new_file(self):
+        fd, path = tempfile.mkstemp(dir=self.dir, suffix=".blob")
+        os.close(fd)
+        return path
+
+    def add_blob(self, digest, path):
+        """A file whose content the caller verified to be `digest`."""
+        manifest.check_digest(digest)
+        with self._mutex:
+            self.blobs[digest] = path
+
+    def put_bytes(self, data):
+        digest = manifest.digest_of(data)
+        if not self.has_blob(digest):
+            path = self.new_file()
+            with open(path, "wb") as f:
+                f.write(data)
+            self.add_blob(digest, path)
+        return digest
+
+    def copy_in(self, f, expect=None, progress=None):
+        """Copy a stream into a staged blob, hashing as bytes pass; returns (digest, size)."""
+        path, h, n = self.new_file(), hashlib.sha256(), 0
+        with open(path, "wb") as out:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                out.write(chunk)
+                n += len(chunk)
+                if progress:
+                    progress(n)
+        digest = "sha256:" + h.hexdigest()
+        if expect and digest != expect:
+            raise StoreError(f"blob digest mismatch: expected {expect}, got {digest}")
+        self.add_blob(digest, path)
+        return digest, n
+
+    def compress(self, tar):
+        """gzip a plain layer tar into a staged blob; returns (digest, size, path)."""
+        path = self.new_file()
+        with open(tar, "rb") as src, open(path, "wb") as raw:
+            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+                while chunk := src.read(1 << 20):
+                    gz.write(chunk)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return "sha256:" + h.hexdigest(), os.path.getsize(path), path
+
+    def blob_file(self, digest):
+        return self.blobs.get(digest) or self.store.blob_path(digest)
+
+    def add_layer(self, blob_digest, diff_id, progress=None):
+        """Unpack a verified blob into a staged layer unless the store has the layer; checks diff_id."""
+        hexid = manifest.check_digest(diff_id)[7:]
+        with self._mutex:
+            if self.store.committed(hexid) or hexid in self.layers:
+                return False
+            self.layers[hexid] = None      # claimed: another thread with the same layer skips it
+        staged = tempfile.mkdtemp(dir=self.dir)
+        os.chmod(staged, 0o755)   # mkdtemp's 0700 would keep other users out of the layer
+        os.mkdir(os.path.join(staged, "diff"), 0o755)
         try:
-            blobs = []
-            for key in reversed(img.layer_ids):
-                tar = os.path.join(staged, key + ".tar")
-                with open(tar, "wb") as out:
-                    digest, size = layer.pack(self.layer_dir(key), out, progress, self._staging_budget())
-                blobs.append((digest, size, lambda t=tar: open(t, "rb")))
-            part = path + ".part"
-            archive.write_oci(part, img, blobs)
-            os.rename(part, path)
-        finally:
-            rmtree.remove_tree(staged)
-        return img
+            with open(self.blob_file(blob_digest), "rb") as blob:
+                _, got_diff, size = layer.unpack(blob, os.path.join(staged, "diff"), None, diff_id, progress,
+                                                 self.store.limits.budget(self.store.root))
+        except BaseException:
+            with self._mutex:
+                del self.layers[hexid]
+            raise
+        # meta.json last, durable before the rename: it is what makes the dir a committed layer.
+        with open(os.open(os.path.join(staged, "meta.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                          0o600), "w") as f:
+            json.dump({"diff_id": got_diff, "digest": blob_digest, "size": size}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        with self._mutex:
+            self.layers[hexid] = staged
+        return True
 
+    def commit(self, names, manifest_data, media_type, config_data, source=None, ref_digest=None,
+               platform=None):
+        """Name the staged blobs and layers and the image (under each of `names`); returns the Image."""
+        s = self.store
+        man_digest = self.put_bytes(manifest_data)
+        cfg_digest = self.put_bytes(config_data)
+        layers, _ = manifest.layers_of(manifest_data)
+        diff_ids = manifest.diff_ids_of(config_data, len(layers))
+        blobs = [man_digest, cfg_digest] + [d["digest"] for d in layers]
+        for d in blobs:
+            if not self.has_blob(d):
+                raise StoreError(f"internal error: blob {d} was never fetched")
+        for hexid, staged in self.layers.items():
+            dest = os.path.join(s.root, "layers", hexid)
+            if staged and not s.committed(hexid):
+                if os.path.lexists(dest):
+                    s._drop(dest)   # not our verified layer: a leftover or planted; replaced
+                os.rename(staged, dest)
+        for digest, path in self.blobs.items():
+            if not s.has_blob(digest):
+                os.chmod(path, 0o644)
+                os.rename(path, s.blob_path(digest))
+        rec = {"layers": [d[7:] for d in reversed(diff_ids)], "config": manifest.summary(config_data),
+               "id": cfg_digest, "manifest": man_digest, "media_type": media_type, "blobs": blobs}
+        if ref_digest:
+            rec["ref_digest"] = ref_digest
+        if platform:
+            rec["platform"] = platform
+        for name in names:
+            s._write_json(s._image_path(name), rec)
+        if source:
+            src = s.sources()
+            for d in blobs:
+                if source not in src.setdefault(d, []):
+                    src[d].append(source)
+            s._write_json(s._sources_path(), src)
+        s._fsck()   # layers of an image these names replaced, if no other image needs them
+        return s.image(names[0])
 
-def _key(key):
-    """A layer key from an image record, checked before it names a directory."""
-    try:
-        digests.from_component(key)
-    except digests.DigestError:
-        raise StoreError(f"not a layer key: {key!r}") from None
-    return key
+    def materialise(self, name, rec):
+        """Blobs for an image recorded before the store kept them: each layer packed as a plain tar."""
+        descs, diff_ids = [], []
+        for hexid in reversed(rec["layers"]):
+            path = self.new_file()
+            with open(path, "wb") as out:
+                digest, size = layer.pack(self.store.layer_dir(hexid), out)
+            self.add_blob(digest, path)
+            # A repacked tar need not be the bytes the layer came from: its layer is keyed anew.
+            self.add_layer(digest, digest)
+            descs.append({"mediaType": manifest.OCI_LAYER, "digest": digest, "size": size})
+            diff_ids.append(digest)
+        cfg = manifest.config_from_summary(rec["config"], diff_ids)
+        man, mt = manifest.build(cfg, descs)
+        self.commit([name], man, mt, cfg)
 
 
 def open_store(path=None, limits=None):

@@ -1,4 +1,4 @@
-"""The unionrun command: run, exec, ps, stop, rm, logs, commit.
+"""The unionrun command: run, exec, ps, stop, rm, logs, commit, and the image verbs of images/cli.py.
 
 Exit status: the command's own for run (foreground) and exec; 125 when unionrun itself failed
 (bad input, a resource that could not be set up), with one line on stderr saying why.
@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from ..images import cli as image_cli
 from . import enter, lifecycle, rootless, run, seccomp, spec, state, verbs
 from ..net import NetError
 from ..net import cli as _net_cli
@@ -136,6 +137,9 @@ def _parser():
     p.add_argument("name", help="the container")
     p.add_argument("image", help="the new image's name")
     _net_cli.add_parsers(sub)
+
+    # --- image verbs (pull, push, login, logout, images, tag, rmi, image, save, load): unionfs/images/cli.py
+    image_cli.add_parsers(sub)
     for p in sub.choices.values():
         # Each sub-command's help line is its description too, and each has --version.
         p.description = p.description or _helps(sub).get(p.prog.split()[-1])
@@ -171,8 +175,16 @@ def _image_config(args):
     from ..images import store as _store
     try:
         st = _store.open_store(args.store)
-        im = st.image(rest[0])
-    except (_store.StoreError, OSError) as e:
+        try:
+            im = st.image(rest[0])
+        except _store.StoreError as missing:
+            # As docker does: an image the store lacks is pulled (with the default transport options).
+            pull_args = argparse.Namespace(tls_verify=True, cert_dir=None, creds=None, platform=None)
+            try:
+                im = image_cli.pull(st, rest[0], pull_args)
+            except image_cli.ERRORS as e:
+                raise spec.SpecError(f"{missing}; pulling it: {e}") from None
+    except image_cli.ERRORS as e:
         raise spec.SpecError(str(e)) from None
     return tuple(im.layers), im.config or {}, im.name, st, _command_args(rest[1:])
 
@@ -335,7 +347,7 @@ def _cmd_commit(args, root):
     try:
         im = _store.open_store(args.store or st.get("store")).commit(upper, st["image"],
                                                                       args.image)
-    except (_store.StoreError, OSError) as e:
+    except image_cli.ERRORS as e:
         raise _Fail(f"commit: {e}") from None
     print(f"{im.name}: {len(im.layers)} layers", file=sys.stderr)
     return 0
@@ -354,7 +366,8 @@ def _rootless(args):
         args.store = rootless.default_store()
     if args.cmd == "run":
         rootless.refuse_what_needs_root(args)
-    rootless.enter()
+    # The image verbs (pull, push, load, ...) write the store, not a mount: no /dev/fuse needed.
+    rootless.enter(need_fuse=args.cmd not in image_cli.VERBS)
 
 
 def _unswallow_userns(args, argv):
@@ -383,6 +396,8 @@ def main(argv=None):
             sys.stderr.write(f"{PROG}: rootless: {e}\n")
             return FAILED
     root = _root(args)
+    if args.cmd in image_cli.VERBS:
+        return image_cli.main(args, args.store)
     handler = {"run": _cmd_run, "exec": _cmd_exec, "stop": _cmd_stop, "rm": _cmd_rm,
                "commit": _cmd_commit, "network": _cmd_network, **verbs.HANDLERS}[args.cmd]
     try:

@@ -1,0 +1,515 @@
+"""Images travel through real registries: podman/skopeo on one side, `unionrun pull/push` on the other,
+Debian's docker-registry in between (plain HTTP on loopback, TLS with a test CA and htpasswd), a proxy that
+cuts connections, and every bad input with the store compared before and after."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import registry_util as ru
+import util
+from podman_util import Podman, why_no_podman
+
+BIN = os.path.dirname(sys.executable)
+why = ru.why_no_registry() or why_no_podman()
+pytestmark = pytest.mark.skipif(why is not None, reason=why or "")
+RUN = ["--net=none", "--ulimit", "nproc=1000:1000", "--ulimit", "nofile=1000:1000"]
+SEE = ("id -u; pwd; echo $FOO; cat /etc/motd;"
+       " ls -ln /data /home/app | while read m n u g rest; do echo $m $u $g $rest; done")
+
+
+def unionrun(store, *args, root=None, env=None, timeout=120, **kw):
+    cmd = [f"{BIN}/unionrun", "--store", str(store)]
+    if root:
+        cmd += ["--root", str(root)]
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, **(env or {})), stdin=subprocess.DEVNULL, **kw)
+
+
+def skopeo(*args):
+    return subprocess.run(["skopeo", *map(str, args)], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A registry on 127.0.0.1 holding base:1 (busybox; CMD, ENV, WORKDIR, USER) and derived:1 (base plus
+    one layer), both pushed by podman."""
+    d = tmp_path_factory.mktemp("registry")
+    reg = ru.Registry(d / "reg")
+    pm = Podman(d / "podman")
+    rootfs = d / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    util.install_busybox(str(rootfs / "bin"))
+    for sub in ("etc", "data", "home/app", "tmp"):
+        (rootfs / sub).mkdir(parents=True, exist_ok=True)
+    (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n")
+    (rootfs / "etc/group").write_text("root:x:0:\napp:x:1000:\n")
+    (rootfs / "etc/motd").write_text("base\n")
+    (rootfs / "data/file").write_text("data\n")
+    os.chown(rootfs / "home/app", 1000, 1000)
+    subprocess.run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(d / "base.tar"), "."], check=True)
+    pm("import", "--change", "ENV FOO=bar", "--change", "WORKDIR /home/app", "--change", "USER 1000",
+       "--change", 'CMD ["sh", "-c", "id -u; pwd; echo $FOO"]', str(d / "base.tar"), "localhost/base:1")
+    pm("run", *RUN, "--user", "0", "--name", "c1", "localhost/base:1", "sh", "-c",
+       "echo derived > /etc/motd; rm /data/file; echo new > /data/new")
+    pm("commit", "-q", "--change", "USER 1000", "--change", 'CMD ["sh", "-c", "id -u; pwd; echo $FOO"]',
+       "c1", "localhost/derived:1")
+    pm("rm", "c1")
+    for name in ("base", "derived"):
+        pm("push", "--tls-verify=false", f"localhost/{name}:1", f"{reg.host}/{name}:1")
+    yield d, reg, pm
+    pm.cleanup()
+    reg.stop()
+
+
+def manifest_of(reg, name):
+    return json.loads(skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{reg.host}/{name}"))
+
+
+def snapshot(store):
+    """Every file of the store with its content's digest (the lock file aside)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(store):
+        for n in filenames + dirnames:
+            p = os.path.join(dirpath, n)
+            rel = os.path.relpath(p, store)
+            if rel == "lock":
+                continue
+            out[rel] = hashlib.sha256(open(p, "rb").read()).hexdigest() if os.path.isfile(p) and \
+                not os.path.islink(p) else "dir"
+    return out
+
+
+def one_error(r):
+    assert r.returncode == 125, (r.returncode, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if not line.startswith(("Trying to pull", "Copying blob",
+                                                                             "Pushing", "Writing"))]
+    assert len(lines) == 1 and lines[0].startswith("unionrun: ") and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+FUSE_OK = os.path.exists("/dev/fuse") and os.geteuid() == 0
+
+
+@pytest.mark.skipif(not FUSE_OK, reason="needs root and /dev/fuse")
+def test_pull_then_run_as_podman_runs_it(world, tmp_path):
+    d, reg, pm = world
+    st = tmp_path / "store"
+    r = unionrun(st, "pull", f"{reg.host}/derived:1")
+    assert r.returncode == 0, r.stderr
+    # Not a terminal: plain lines, one per blob, and the image ID on stdout.
+    assert r.stderr.count("Copying blob") >= 2 and "done" in r.stderr
+    image_id = r.stdout.strip()
+    assert "sha256:" + image_id == manifest_of(reg, "derived:1")["config"]["digest"]
+    ours = unionrun(st, "run", "--rm", f"{reg.host}/derived:1", root=tmp_path / "run")
+    theirs = pm.run("--rm", "localhost/derived:1")
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == theirs == "1000\n/home/app\nbar\n"
+    ours = unionrun(st, "run", "--rm", f"{reg.host}/derived:1", "sh", "-c", SEE, root=tmp_path / "run")
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == pm.run("--rm", "localhost/derived:1", "sh", "-c", SEE)
+    assert "derived" in ours.stdout and "file" not in ours.stdout
+    # -q: nothing but the ID; images is docker's table.
+    r = unionrun(st, "pull", "-q", f"{reg.host}/derived:1")
+    assert r.returncode == 0 and r.stdout.strip() == image_id and r.stderr == ""
+    table = unionrun(st, "images").stdout.splitlines()
+    assert table[0].split() == ["REPOSITORY", "TAG", "IMAGE", "ID", "CREATED", "SIZE"]
+    assert table[1].split()[:3] == [f"{reg.host}/derived", "1", image_id[:12]]
+    assert unionrun(st, "images", "-q").stdout == image_id[:12] + "\n"
+
+
+def test_shared_base_moves_only_the_new_layer(world, tmp_path):
+    d, reg, pm = world
+    st = tmp_path / "store"
+    base, derived = manifest_of(reg, "base:1"), manifest_of(reg, "derived:1")
+    shared = {lyr["digest"] for lyr in base["layers"]}
+    new = [lyr["digest"] for lyr in derived["layers"] if lyr["digest"] not in shared]
+    assert len(new) == 1 and shared <= {lyr["digest"] for lyr in derived["layers"]}
+    assert unionrun(st, "pull", f"{reg.host}/base:1").returncode == 0
+    mark = reg.log_mark()
+    r = unionrun(st, "pull", f"{reg.host}/derived:1")
+    assert r.returncode == 0, r.stderr
+    assert "skipped: already exists" in r.stderr
+    blob_gets = [line for line in reg.requests_since(mark) if '"GET /v2/derived/blobs/' in line]
+    fetched = {digest for digest in shared | set(new) if any(digest in line for line in blob_gets)}
+    assert fetched == set(new), blob_gets
+    # Pulled again: a HEAD of the tag says the store has it; nothing else is asked.
+    mark = reg.log_mark()
+    r = unionrun(st, "pull", f"{reg.host}/derived:1")
+    assert r.returncode == 0 and "image is up to date" in r.stderr, r.stderr
+    reqs = [line for line in reg.requests_since(mark) if "/v2/derived/" in line]
+    assert reqs and all('"HEAD /v2/derived/manifests/1' in line for line in reqs), reqs
+    # Push a pulled image to another repository of the same registry: the layers are mounted across
+    # (the store saw them in derived), none is uploaded; pushing where it is uploads nothing at all.
+    mark = reg.log_mark()
+    r = unionrun(st, "push", f"{reg.host}/derived:1", f"{reg.host}/copy/derived:2")
+    assert r.returncode == 0, r.stderr
+    reqs = reg.requests_since(mark)
+    assert not [line for line in reqs if '"PUT /v2/copy/derived/blobs/' in line or '"PATCH' in line], reqs
+    assert any("mount=" in line and "from=derived" in line for line in reqs), reqs
+    mark = reg.log_mark()
+    r = unionrun(st, "push", f"{reg.host}/base:1")
+    assert r.returncode == 0, r.stderr
+    assert "0 blobs uploaded, 0 mounted" in r.stderr
+    assert not [line for line in reg.requests_since(mark) if '"POST' in line or '"PATCH' in line]
+    # The pushed copy has the same manifest: digests survive pull -> push.
+    assert manifest_of(reg, "copy/derived:2") == derived
+    pm("pull", "--tls-verify=false", f"{reg.host}/copy/derived:2")
+    assert pm.run("--rm", f"{reg.host}/copy/derived:2") == "1000\n/home/app\nbar\n"
+
+
+@pytest.mark.skipif(not FUSE_OK, reason="needs root and /dev/fuse")
+def test_commit_push_podman_pulls_and_runs(world, tmp_path):
+    d, reg, pm = world
+    st, root = tmp_path / "store", tmp_path / "run"
+    r = unionrun(st, "run", "--name", "c", "-u", "0", f"{reg.host}/base:1", "sh", "-c",
+                 "echo committed > /etc/motd; mkdir -p /data/x/y; echo deep > /data/x/y/z; rm /data/file",
+                 root=root)   # run pulls what the store lacks
+    assert r.returncode == 0, r.stderr
+    assert unionrun(st, "commit", "c", f"{reg.host}/mine:1", root=root).returncode == 0
+    mark = reg.log_mark()
+    r = unionrun(st, "push", f"{reg.host}/mine:1")
+    assert r.returncode == 0, r.stderr
+    puts = [line for line in reg.requests_since(mark) if '"PUT /v2/mine/blobs/' in line]
+    assert len(puts) == 2, puts      # the new layer and the config; the base layer is mounted
+    ours = unionrun(st, "run", "--rm", f"{reg.host}/mine:1", "sh", "-c", SEE + "; cat /data/x/y/z", root=root)
+    assert ours.returncode == 0, ours.stderr
+    pm("pull", "--tls-verify=false", f"{reg.host}/mine:1")
+    assert pm.run("--rm", f"{reg.host}/mine:1", "sh", "-c", SEE + "; cat /data/x/y/z") == ours.stdout
+    assert "committed" in ours.stdout and "deep" in ours.stdout
+    assert unionrun(st, "rm", "c", root=root).returncode == 0
+
+
+def test_save_load_keep_digests(world, tmp_path):
+    d, reg, pm = world
+    st, st2 = tmp_path / "store", tmp_path / "store2"
+    assert unionrun(st, "pull", f"{reg.host}/derived:1").returncode == 0
+    inspect = json.loads(unionrun(st, "image", "inspect", f"{reg.host}/derived:1").stdout)[0]
+    assert unionrun(st, "save", "-o", tmp_path / "d.tar", f"{reg.host}/derived:1").returncode == 0
+    r = unionrun(st2, "load", "-i", tmp_path / "d.tar")
+    assert r.returncode == 0 and "2 new, 0 shared" in r.stdout, r.stdout + r.stderr
+    again = json.loads(unionrun(st2, "image", "inspect", f"{reg.host}/derived:1").stdout)[0]
+    assert (again["Id"], again["Digest"]) == (inspect["Id"], inspect["Digest"])
+    assert inspect["Digest"] == "sha256:" + hashlib.sha256(
+        skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{reg.host}/derived:1").encode()).hexdigest()
+    before = snapshot(st2)
+    r = unionrun(st2, "load", "-i", tmp_path / "d.tar")
+    assert r.returncode == 0 and "0 new, 2 shared" in r.stdout, r.stdout
+    assert snapshot(st2) == before
+    # podman reads the archive with the same digests.
+    raw = skopeo("inspect", "--raw", f"oci-archive:{tmp_path / 'd.tar'}")
+    assert "sha256:" + hashlib.sha256(raw.encode()).hexdigest() == inspect["Digest"]
+    # tag and rmi: names come and go, the layers stay while a name needs them.
+    assert unionrun(st2, "tag", f"{reg.host}/derived:1", "busybox:mine").returncode == 0
+    assert unionrun(st2, "image", "inspect", "docker.io/library/busybox:mine").returncode == 0
+    r = unionrun(st2, "rmi", f"{reg.host}/derived:1")
+    assert r.returncode == 0 and len(os.listdir(st2 / "layers")) == 2
+    r = unionrun(st2, "rmi", "busybox:mine")
+    assert r.returncode == 0 and os.listdir(st2 / "layers") == [] and os.listdir(st2 / "blobs/sha256") == []
+
+
+def test_resume_after_a_dropped_connection(world, tmp_path):
+    d, reg, pm = world
+    biggest = max(manifest_of(reg, "base:1")["layers"], key=lambda lyr: lyr["size"])
+    proxy = ru.CuttingProxy(reg.port, cut_after=biggest["size"] // 2)
+    try:
+        st = tmp_path / "store"
+        r = unionrun(st, "pull", f"{proxy.host}/base:1")
+        assert r.returncode == 0, r.stderr
+        assert proxy.done_cuts == 1
+        assert unionrun(st, "run", "--rm", f"{proxy.host}/base:1", root=tmp_path / "run").stdout == \
+            "1000\n/home/app\nbar\n" if FUSE_OK else True
+        # A proxy that cuts every connection early: the pull gives up with one line, the store as it was.
+        st2 = tmp_path / "store2"
+        unionrun(st2, "images")
+        before = snapshot(st2)
+        always = ru.CuttingProxy(reg.port, cut_after=biggest["size"] // 10, cuts=None)
+        try:
+            r = unionrun(st2, "pull", f"{always.host}/base:1")
+            assert "connection dropped" in one_error(r)
+        finally:
+            always.close()
+        assert snapshot(st2) == before
+    finally:
+        proxy.close()
+
+
+def test_bad_inputs_one_line_store_unchanged(world, tmp_path):
+    d, reg, pm = world
+    st = tmp_path / "store"
+    assert unionrun(st, "pull", f"{reg.host}/base:1").returncode == 0
+    before = snapshot(st)
+    down = ru.free_port()
+    cases = {
+        f"{reg.host}/base:nosuchtag": "manifest unknown",
+        f"{reg.host}/nosuchrepo:1": "404",
+        f"127.0.0.1:{down}/base:1": "cannot reach registry",
+        "x/UPPER": "invalid reference format",
+        f"{reg.host}/": "invalid reference format",
+        f"{reg.host}/base@sha256:{'0' * 64}": "404",
+    }
+    for ref, want in cases.items():
+        r = unionrun(st, "pull", ref)
+        assert want in one_error(r), (ref, r.stderr)
+        assert snapshot(st) == before, ref
+    for args, want in ((("push", "nosuch:1"), "no image"), (("rmi", "nosuch"), "no image"),
+                       (("save", "-o", tmp_path / "x.tar", "nosuch"), "no image"),
+                       (("load", "-i", tmp_path / "nosuch.tar"), "not a readable tar"),
+                       (("tag", f"{reg.host}/base:1", "Bad Name"), "invalid reference")):
+        r = unionrun(st, *args)
+        assert want in one_error(r), (args, r.stderr)
+        assert snapshot(st) == before, args
+    # A registry failing with 500: a tag whose link holds no digest.
+    tags = reg.storage / "docker/registry/v2/repositories/base/_manifests/tags"
+    shutil.copytree(tags / "1", tags / "broken")
+    (tags / "broken/current/link").write_text("garbage")
+    try:
+        assert "500" in one_error(unionrun(st, "pull", f"{reg.host}/base:broken"))
+    finally:
+        shutil.rmtree(tags / "broken")
+    assert snapshot(st) == before
+    # A registry serving a corrupted blob: the digest does not match, nothing is kept.
+    layer = max(manifest_of(reg, "derived:1")["layers"], key=lambda lyr: lyr["size"])
+    fresh = tmp_path / "store2"
+    unionrun(fresh, "images")
+    before = snapshot(fresh)
+    path = reg.blob_file(layer["digest"])
+    good = path.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    path.write_bytes(bytes(bad))
+    try:
+        r = unionrun(fresh, "pull", f"{reg.host}/derived:1")
+        assert "digest mismatch" in one_error(r)
+    finally:
+        path.write_bytes(good)
+    assert snapshot(fresh) == before
+
+
+def test_tls_and_basic_auth(world, tmp_path):
+    d, _, pm = world
+    if not ru.have("htpasswd"):
+        pytest.skip("htpasswd is not installed (apache2-utils)")
+    ca, crt, key = ru.make_ca(tmp_path / "ca")
+    subprocess.run(["htpasswd", "-Bbc", str(tmp_path / "htpasswd"), "tester", "s3cret"], check=True,
+                   capture_output=True)
+    reg = ru.Registry(tmp_path / "reg", tls=(crt, key), htpasswd=tmp_path / "htpasswd")
+    try:
+        certs = tmp_path / "certs" / reg.host
+        certs.mkdir(parents=True)
+        shutil.copy(ca, certs / "ca.crt")
+        skopeo("copy", "--dest-cert-dir", certs, "--dest-creds", "tester:s3cret",
+               f"oci-archive:{_saved_base(world, tmp_path)}", f"docker://{reg.host}/base:1")
+        env = {"REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}
+        st = tmp_path / "store"
+        ref = f"{reg.host}/base:1"
+        # Untrusted certificate; then trusted but no credentials; then wrong ones.
+        assert "CERTIFICATE_VERIFY_FAILED" in one_error(unionrun(st, "pull", ref, env=env))
+        before = snapshot(st)
+        cert_dir = ("--cert-dir", tmp_path / "certs")
+        assert "401" in one_error(unionrun(st, "pull", *cert_dir, ref, env=env))
+        assert "401" in one_error(unionrun(st, "pull", *cert_dir, "--creds", "tester:wrong", ref, env=env))
+        assert snapshot(st) == before
+        r = subprocess.run([f"{BIN}/unionrun", "--store", str(st), "login", *map(str, cert_dir), "-u", "tester",
+                            "--password-stdin", reg.host], input="s3cret\n", capture_output=True, text=True,
+                           env=dict(os.environ, **env))
+        assert r.returncode == 0 and "Login Succeeded" in r.stdout, r.stderr
+        assert json.loads((tmp_path / "auth.json").read_text())["auths"][reg.host]["auth"]
+        assert oct((tmp_path / "auth.json").stat().st_mode & 0o777) == "0o600"
+        r = unionrun(st, "pull", *cert_dir, ref, env=env)
+        assert r.returncode == 0, r.stderr
+        # --tls-verify=false takes the registry's certificate as it is.
+        assert unionrun(st, "pull", "--tls-verify=false", ref, env=env).returncode == 0
+        assert unionrun(st, "logout", reg.host, env=env).returncode == 0
+        assert "not logged into" in one_error(unionrun(st, "logout", reg.host, env=env))
+        # docker's config.json is read too.
+        home = tmp_path / "home"
+        (home / ".docker").mkdir(parents=True)
+        import base64
+        (home / ".docker/config.json").write_text(json.dumps(
+            {"auths": {reg.host: {"auth": base64.b64encode(b"tester:s3cret").decode()}}}))
+        st3 = tmp_path / "store3"
+        r = unionrun(st3, "pull", *cert_dir, ref, env=dict(env, HOME=str(home)))
+        assert r.returncode == 0, r.stderr
+        # Push back with the credentials, to another repository.
+        r = unionrun(st3, "push", *cert_dir, "--creds", "tester:s3cret", ref, f"{reg.host}/again:1",
+                     env=env)
+        assert r.returncode == 0, r.stderr
+    finally:
+        reg.stop()
+
+
+def _saved_base(world, tmp_path):
+    d, reg, pm = world
+    out = tmp_path / "base-oci.tar"
+    skopeo("copy", "--src-tls-verify=false", f"docker://{reg.host}/base:1", f"oci-archive:{out}")
+    return out
+
+
+def _put_manifest(reg, repo, tag, data, media_type):
+    import httpx
+    r = httpx.put(f"http://{reg.host}/v2/{repo}/manifests/{tag}", content=data,
+                  headers={"Content-Type": media_type})
+    assert r.status_code == 201, r.text
+
+
+def _inspect(st, ref):
+    r = unionrun(st, "image", "inspect", ref)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)[0]
+
+
+def test_platform_from_an_index(world, tmp_path):
+    d, reg, pm = world
+    # An OCI index in repository base: linux/amd64 is base:1, linux/arm64/v8 is (pretending) derived:1.
+    skopeo("copy", "--src-tls-verify=false", "--dest-tls-verify=false", f"docker://{reg.host}/derived:1",
+           f"docker://{reg.host}/base:derived")
+    entries = []
+    for tag, plat in (("1", {"architecture": "amd64", "os": "linux"}),
+                      ("derived", {"architecture": "arm64", "os": "linux", "variant": "v8"})):
+        raw = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{reg.host}/base:{tag}").encode()
+        entries.append({"mediaType": json.loads(raw).get("mediaType", "application/vnd.oci.image.manifest.v1+json"),
+                        "digest": "sha256:" + hashlib.sha256(raw).hexdigest(), "size": len(raw),
+                        "platform": plat})
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": entries}).encode()
+    _put_manifest(reg, "base", "multi", index, "application/vnd.oci.image.index.v1+json")
+    st = tmp_path / "store"
+    base_cfg, derived_cfg = (manifest_of(reg, n)["config"]["digest"] for n in ("base:1", "derived:1"))
+    if os.uname().machine == "x86_64":
+        r = unionrun(st, "pull", "-q", f"{reg.host}/base:multi")
+        assert r.returncode == 0 and "sha256:" + r.stdout.strip() == base_cfg, r.stderr
+    r = unionrun(st, "pull", "-q", "--platform", "linux/arm64", f"{reg.host}/base:multi")
+    assert r.returncode == 0 and "sha256:" + r.stdout.strip() == derived_cfg, r.stderr
+    before = snapshot(st)
+    assert "no image for platform linux/s390x" in one_error(
+        unionrun(st, "pull", "--platform", "linux/s390x", f"{reg.host}/base:multi"))
+    assert snapshot(st) == before
+    # By digest: kept as NAME@DIGEST.
+    r = unionrun(st, "pull", "-q", f"{reg.host}/base@{entries[0]['digest']}")
+    assert r.returncode == 0, r.stderr
+    assert _inspect(st, f"{reg.host}/base@{entries[0]['digest']}")["Id"] == base_cfg
+
+
+def test_formats_zstd_docker_v2s2_uncompressed_chunked(world, tmp_path):
+    d, reg, pm = world
+    want = _inspect_layers(world, tmp_path)
+    st = tmp_path / "store"
+    # skopeo reuses the registry's gzip blobs when copying between its repositories: zstd goes by a dir.
+    skopeo("copy", "--src-tls-verify=false", "--dest-compress-format", "zstd", f"docker://{reg.host}/base:1",
+           f"oci:{tmp_path / 'zstd'}:x")
+    for tag, src, extra in (("v2s2", f"docker://{reg.host}/base:1", ["-f", "v2s2", "--src-tls-verify=false"]),
+                            ("zstd", f"oci:{tmp_path / 'zstd'}:x", [])):
+        skopeo("copy", "--dest-tls-verify=false", *extra, src, f"docker://{reg.host}/formats:{tag}")
+        assert unionrun(st, "pull", f"{reg.host}/formats:{tag}").returncode == 0
+        got = _inspect(st, f"{reg.host}/formats:{tag}")
+        assert got["RootFS"]["diff_ids"] == want
+        mt = got["MediaType"]
+        assert mt == ("application/vnd.docker.distribution.manifest.v2+json" if tag == "v2s2"
+                      else "application/vnd.oci.image.manifest.v1+json")
+        layers = manifest_of(reg, f"formats:{tag}")["layers"]
+        assert all(lyr["mediaType"].endswith("+zstd") for lyr in layers) == (tag == "zstd")
+    # A docker archive's plain tar layers, pushed in 64 KiB chunks (PATCH, then PUT), pulled back.
+    pm("save", "--format", "docker-archive", "-o", str(tmp_path / "base-docker.tar"), "localhost/base:1")
+    assert unionrun(st, "load", "-i", tmp_path / "base-docker.tar", "plain:1").returncode == 0
+    mark = reg.log_mark()
+    r = unionrun(st, "push", "plain:1", f"{reg.host}/plain:1", env={"UNIONRUN_PUSH_CHUNK": "65536"})
+    assert r.returncode == 0, r.stderr
+    assert len([line for line in reg.requests_since(mark) if '"PATCH /v2/plain/blobs/uploads/' in line]) > 2
+    st2 = tmp_path / "store2"
+    assert unionrun(st2, "pull", f"{reg.host}/plain:1").returncode == 0
+    assert _inspect(st2, f"{reg.host}/plain:1")["RootFS"]["diff_ids"] == want
+    assert manifest_of(reg, "plain:1")["layers"][0]["mediaType"] == "application/vnd.oci.image.layer.v1.tar"
+
+
+def _inspect_layers(world, tmp_path):
+    d, reg, pm = world
+    cfg = json.loads(skopeo("inspect", "--config", "--tls-verify=false", f"docker://{reg.host}/base:1"))
+    return cfg["rootfs"]["diff_ids"]
+
+
+def test_token_auth_registry(world, tmp_path):
+    """distribution's `auth: token` with a token issuer of the test's own (JWTs signed with a test key)."""
+    d, plain, pm = world
+    issuer = ru.TokenServer(tmp_path / "token", {"tester": "s3cret"})
+    reg = ru.Registry(tmp_path / "reg", token=issuer.registry_config())
+    try:
+        st = tmp_path / "store"
+        assert unionrun(st, "pull", f"{plain.host}/derived:1").returncode == 0
+        before = snapshot(st)
+        # Anonymous tokens carry pull only: the push is refused (one line), the store untouched.
+        r = unionrun(st, "push", f"{plain.host}/derived:1", f"{reg.host}/first:1")
+        assert "401" in one_error(r) and snapshot(st) == before
+        r = unionrun(st, "push", "--creds", "tester:s3cret", f"{plain.host}/derived:1", f"{reg.host}/first:1")
+        assert r.returncode == 0, r.stderr
+        # A second repository: the layers are mounted from the first, with a token that may pull there.
+        issuer.requests.clear()
+        mark = reg.log_mark()
+        r = unionrun(st, "push", "--creds", "tester:s3cret", f"{plain.host}/derived:1", f"{reg.host}/second:1")
+        assert r.returncode == 0, r.stderr
+        assert "0 blobs uploaded" in r.stderr, r.stderr
+        assert any("repository:first:pull" in scopes for _, scopes in issuer.requests), issuer.requests
+        reqs = reg.requests_since(mark)
+        assert any("mount=" in line for line in reqs) and not [x for x in reqs if '"PUT /v2/second/blobs' in x]
+        # Anonymous pulls (a token with pull scope), by us and by podman.
+        st2 = tmp_path / "store2"
+        r = unionrun(st2, "pull", f"{reg.host}/second:1")
+        assert r.returncode == 0, r.stderr
+        assert any(user is None for user, _ in issuer.requests)
+        pm("pull", "--tls-verify=false", f"{reg.host}/second:1")
+        assert pm.run("--rm", f"{reg.host}/second:1") == "1000\n/home/app\nbar\n"
+    finally:
+        reg.stop()
+        issuer.close()
+
+
+def test_killed_pull_leaves_nothing(world, tmp_path):
+    """kill -9 in the middle of a blob: the next use of the store finds no image, layer or blob of it."""
+    d, reg, pm = world
+    biggest = max(manifest_of(reg, "base:1")["layers"], key=lambda lyr: lyr["size"])
+    proxy = ru.CuttingProxy(reg.port, cut_after=biggest["size"] // 2, stall=True)
+    st = tmp_path / "store"
+    try:
+        p = subprocess.Popen([f"{BIN}/unionrun", "--store", str(st), "pull", f"{proxy.host}/base:1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert proxy.stalled.wait(30)
+        assert any(os.scandir(st / "tmp")), "the blob was being staged"
+        p.kill()
+        p.wait()
+    finally:
+        proxy.close()
+    r = unionrun(st, "images", "-q")
+    assert r.returncode == 0 and r.stdout == ""
+    for sub in ("images", "layers", "blobs/sha256", "tmp"):
+        assert os.listdir(st / sub) == [], sub
+
+
+def test_progress_bars_on_a_terminal(world, tmp_path):
+    d, reg, pm = world
+    if not ru.have("script"):
+        pytest.skip("script (util-linux) is not installed")
+    st = tmp_path / "store"
+    r = subprocess.run(["script", "-qec", f"{BIN}/unionrun --store {st} pull {reg.host}/derived:1", "/dev/null"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout
+    assert "\x1b[" in r.stdout and "Copying blob" in r.stdout and "MB" in r.stdout   # rich's bars
+
+
+def test_redirect_to_storage_drops_authorization(world, tmp_path):
+    """A registry that redirects blob GETs to storage elsewhere: followed, without our Authorization."""
+    d, reg, pm = world
+    front = ru.RedirectingFront(reg.port, "tester", "s3cret")
+    try:
+        st = tmp_path / "store"
+        assert "401" in one_error(unionrun(st, "pull", f"{front.host}/derived:1"))
+        r = unionrun(st, "pull", "--creds", "tester:s3cret", f"{front.host}/derived:1")
+        assert r.returncode == 0, r.stderr
+        assert len(front.storage_headers) >= 3      # config and two layers, all through the redirect
+        assert not [h for h in front.storage_headers if "Authorization" in h], front.storage_headers
+    finally:
+        front.close()
