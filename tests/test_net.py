@@ -406,9 +406,7 @@ def test_publish_all_exposed_ports_and_commit_leaves_the_files_out(layers, ur, t
                  {"ExposedPorts": {"80/tcp": {}, "5353/udp": {}},
                   "Cmd": ["httpd", "-f", "-p", "80", "-h", "/www"]})
     st = tmp_path / "store"
-    r = subprocess.run([f"{BIN}/unionfs", "--store", str(st), "image", "import",
-                        str(tmp_path / "img.tar"), "--name", "web"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    ur.ok("--store", str(st), "load", "-q", "-i", str(tmp_path / "img.tar"), "web")
     ur.ok("--store", str(st), "run", "-d", "--name", "all", "-P", "web")
     out = ur.ok("port", "all").splitlines()
     assert sorted(ln.partition(" ")[0] for ln in out) == ["5353/udp", "80/tcp"], out
@@ -416,9 +414,7 @@ def test_publish_all_exposed_ports_and_commit_leaves_the_files_out(layers, ur, t
     assert _wait_for(lambda: _try(_get, "127.0.0.1", port) == b"served from inside\n")
     ur.ok("stop", "-t", "1", "all")
     ur.ok("--store", str(st), "commit", "all", "web2")
-    r = subprocess.run([f"{BIN}/unionfs", "--store", str(st), "image", "export", "web2",
-                        str(tmp_path / "web2.tar")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    ur.ok("--store", str(st), "save", "-o", str(tmp_path / "web2.tar"), "web2")
     with tarfile.open(tmp_path / "web2.tar") as tf:
         names = [m.name for m in tf.getmembers()]
         for m in tf.getmembers():
