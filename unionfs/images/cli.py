@@ -72,7 +72,7 @@ def add_parsers(sub):
     p = sub.add_parser("rmi", help="remove image names (and the layers no image needs)")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="the images")
     p = sub.add_parser("image", help="image inspect IMAGE")
-    isub = p.add_subparsers(dest="image_cmd", required=True)
+    isub = p.add_subparsers(dest="image_cmd", required=True, help="what to do")
     isub.add_parser("inspect", help="an image as JSON").add_argument(
         "images", metavar="IMAGE", nargs="+", help="the images")
     p = sub.add_parser("save", help="write an image as an OCI archive (blobs as they are)")

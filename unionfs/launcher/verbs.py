@@ -486,6 +486,8 @@ def diff(root, name):
     upper = st.get("upper") or paths.upper
     # What the runtime mounts over (docker keeps these stubs in its init layer, out of diff).
     mounted = {"proc", "dev", "sys"} | {v["target"].strip("/") for v in st.get("volumes") or []}
+    # /etc/hosts and /etc/resolv.conf: the network's files, bind-mounted over stubs of their own.
+    mounted |= {t.strip("/") for t in (st.get("net") or {}).get("mountpoints") or []}
     out = []
     for dirpath, dirnames, filenames in os.walk(upper):
         rel_dir = os.path.relpath(dirpath, upper)

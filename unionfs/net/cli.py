@@ -11,7 +11,8 @@ from . import NetError, container, store
 
 def add_parsers(sub):
     p = sub.add_parser("network", help="manage networks (bridges with DNS by container name)")
-    nsub = p.add_subparsers(dest="net_cmd", required=True, parser_class=type(p))
+    nsub = p.add_subparsers(dest="net_cmd", required=True, parser_class=type(p),
+                            help="what to do")
     c = nsub.add_parser("create", help="a new bridge network")
     c.add_argument("--subnet", metavar="CIDR", help="IPv4 subnet (default: a free /24 of "
                                                      f"{store.USER_POOL})")
