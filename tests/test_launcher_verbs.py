@@ -58,7 +58,6 @@ def _blob(data):
 @pytest.fixture(scope="module")
 def store(layers):
     """An image busybox:1 (the base layer, CMD echo image-cmd) in a store of its own."""
-    from unionfs.images import store as _store
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         tf.add(layers["base"], arcname=".")
@@ -77,7 +76,9 @@ def store(layers):
             ti.size = len(data)
             tf.addfile(ti, io.BytesIO(data))
     path = layers["dir"] / "store"
-    _store.open_store(str(path)).import_archive(str(archive), "busybox:1")
+    r = subprocess.run([f"{BIN}/unionrun", "--store", str(path), "load", "-q", "-i", str(archive),
+                        "busybox:1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     return path
 
 

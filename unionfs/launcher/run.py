@@ -55,7 +55,7 @@ def initial_state(spec, image=None, store=None):
             # For inspect.
             "volumes": [{"source": v.source, "target": v.target, "readonly": v.readonly}
                         for v in spec.volumes],
-            "net": spec.net, "readonly": spec.readonly, "tty": spec.tty,
+            "network_mode": spec.net, "readonly": spec.readonly, "tty": spec.tty,
             "interactive": spec.interactive,
             "limits": {"memory": spec.limits.memory, "cpus": spec.limits.cpus,
                        "pids": spec.limits.pids},

@@ -412,7 +412,7 @@ def inspect(root, name):
         "Mounts": [{"Type": "bind", "Source": v["source"], "Destination": v["target"],
                     "Mode": "ro" if v["readonly"] else "", "RW": not v["readonly"],
                     "Propagation": "rprivate"} for v in st.get("volumes") or []],
-        "HostConfig": {"NetworkMode": st.get("net") or "none",
+        "HostConfig": {"NetworkMode": st.get("network_mode") or "none",
                        "ReadonlyRootfs": bool(st.get("readonly")),
                        "AutoRemove": bool(st.get("remove")), "PortBindings": ports,
                        "Memory": limits.get("memory") or 0,
