@@ -489,13 +489,19 @@ def diff(root, name):
     # /etc/hosts and /etc/resolv.conf: the network's files, bind-mounted over stubs of their own.
     mounted |= {t.strip("/") for t in (st.get("net") or {}).get("mountpoints") or []}
     out = []
-    for dirpath, dirnames, filenames in os.walk(upper):
-        rel_dir = os.path.relpath(dirpath, upper)
-        for n in dirnames + filenames:
-            rel = n if rel_dir == "." else f"{rel_dir}/{n}"
+    # An explicit stack, not os.walk: Python 3.11's os.walk recurses, and the upper's depth is
+    # the container's to choose.
+    todo = [""]
+    while todo:
+        rel_dir = todo.pop()
+        dirpath = os.path.join(upper, rel_dir) if rel_dir else upper
+        for n in os.listdir(dirpath):
+            rel = f"{rel_dir}/{n}" if rel_dir else n
             if any(rel == m or rel.startswith(m + "/") for m in mounted):
                 continue
             st_ = os.lstat(os.path.join(dirpath, n))
+            if stat.S_ISDIR(st_.st_mode):
+                todo.append(rel)
             if stat.S_ISCHR(st_.st_mode) and st_.st_rdev == 0:
                 out.append(("D", "/" + rel))
             elif n.startswith(".wh."):
