@@ -121,7 +121,20 @@ def open_pty(pid):
         raise SetupError("-t: the container's /dev/pts/ptmx is not a pty multiplexer")
     fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
     n = struct.unpack("i", fcntl.ioctl(master, TIOCGPTN, struct.pack("i", 0)))[0]
+    # The pty has our terminal's size before the command can ask for it (``stty size`` or a
+    # full-screen program's first draw would otherwise see 0x0 and race the relay).
+    term_fd = our_terminal()
+    if term_fd is not None:
+        copy_winsize(term_fd, master)
     return master, n
+
+
+def our_terminal():
+    """Our stdin if it is a terminal, else our stdout if it is one, else None."""
+    for fd in (sys.stdin.fileno(), sys.stdout.fileno()):
+        if os.isatty(fd):
+            return fd
+    return None
 
 
 def copy_winsize(src_fd, master):
@@ -275,7 +288,7 @@ def relay(child, master, interactive):
     """Copy our stdin to the pty and the pty to our stdout until ``child`` is gone; its status.
     Our terminal is raw meanwhile (the container's pty does the line editing) and restored after."""
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
-    term_fd = stdin if os.isatty(stdin) else stdout if os.isatty(stdout) else None
+    term_fd = our_terminal()
     saved = termios.tcgetattr(term_fd) if term_fd is not None else None
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old_wakeup = signal.set_wakeup_fd(wake_w)
