@@ -4,8 +4,9 @@
 
 Must run as root. Rows:
 - start: wall time of ``run --rm ... true`` (unionrun with ``--layers TOP:BASE``; podman with an
-  image imported from the same two layers), the implementations taken in turn, run by run, so that
-  the load of the machine weighs on each alike;
+  image imported from the same two layers), both with ``--net none`` (a bridge costs either ~0.5 s
+  of netavark's iptables calls, the same program for both), the implementations taken in turn, run
+  by run, so that the load of the machine weighs on each alike;
 - idle N: N detached containers running ``sleep 1000``, then the PSS (from /proc/PID/smaps_rollup)
   summed over every process the containers add besides their command. Ours: the unionmount daemon,
   the supervisor, the init (tini) and, with ``-p``, the port forwarder; podman's: conmon and, with
@@ -120,13 +121,13 @@ class Unionrun:
         return r.stdout
 
     def start_once(self) -> None:
-        self._run("run", "--rm", "--layers", self.layers, "--", "/bin/true")
+        self._run("run", "--rm", "--net", "none", "--layers", self.layers, "--", "/bin/true")
 
     def start_idle(self, i: int) -> None:
         name = f"idle{i}"
         extra = ["-p", f"127.0.0.1:{_free_port()}:80"] if self.publish else []
-        self._run("run", "-d", "--name", name, *extra, "--layers", self.layers, "--",
-                  "sleep", "1000")
+        self._run("run", "-d", "--name", name, "--net", "none", *extra, "--layers", self.layers,
+                  "--", "sleep", "1000")
         self.names.append(name)
 
     def idle_processes(self) -> dict[str, list[int]]:
