@@ -195,7 +195,8 @@ def run_one(ds, impl, wl, params, args, cell: report.Cell, progress: str) -> Non
     cell.seconds.append(seconds)
     cell.details.append(details)
     print(
-        f"{progress} {wl.name:18} {impl.label:25} run {i + 1}/{args.runs}: {seconds:9.3f} s",
+        f"{progress} {wl.name:18} {impl.label:25} run {i + 1}/{args.runs}: "
+        f"{report.seconds(seconds):>9}{'' if seconds < 0.01 else ' s'}",
         flush=True,
     )
 
