@@ -103,6 +103,9 @@ class Unionrun:
         self.publish = publish
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             filter(None, [str(checkout or REPO), os.environ.get("PYTHONPATH")])))
+        # An installed unionrun runs from its compiled bytecode; with PYTHONDONTWRITEBYTECODE
+        # (set in some CI and agent environments) every start would compile ~40 modules anew.
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         self.cmd = [python, "-m", "unionfs.launcher.cli", "--root", str(self.root)]
         self.names: list[str] = []
 
