@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import time
 
 from .. import rmtree
@@ -132,12 +133,29 @@ def kill(ident, sig):
 
 
 def wait_gone(ident, timeout):
+    """Whether the process is gone within ``timeout`` s. Woken by its pidfd when it exits (a
+    20 ms poll cost a start ~50 ms waiting for the union's daemon after its unmount)."""
     deadline = time.monotonic() + timeout
     while alive(ident):
-        if time.monotonic() > deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             return False
-        time.sleep(0.02)
+        _wait_exit(ident, left)
     return True
+
+
+def _wait_exit(ident, timeout):
+    try:
+        fd = os.pidfd_open(ident[0])
+    except OSError:             # gone already, or a kernel without pidfds
+        time.sleep(min(timeout, 0.02))
+        return
+    try:
+        # Opened after a check of its start time: the pidfd is that process, not a reuse of its pid.
+        if alive(ident) and select.select([fd], [], [], timeout)[0] and alive(ident):
+            time.sleep(min(timeout, 0.02))      # exited, but a zombie of ours until reaped
+    finally:
+        os.close(fd)
 
 
 def remove_tree(path):
