@@ -41,7 +41,8 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.exit(message=f"unionrun {version()}\n")
+        print(f"unionrun {version()}")      # on stdout, as argparse's own action does
+        parser.exit()
 
 
 def add_version(parser):
