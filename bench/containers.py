@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -103,6 +104,9 @@ class Unionrun:
         self.publish = publish
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             filter(None, [str(checkout or REPO), os.environ.get("PYTHONPATH")])))
+        # `python -m` puts the working directory first on sys.path: unionrun runs in its checkout,
+        # or the baseline's column would time this one's code.
+        self.cwd = str(checkout or REPO)
         # An installed unionrun runs from its compiled bytecode; with PYTHONDONTWRITEBYTECODE
         # (set in some CI and agent environments) every start would compile ~40 modules anew.
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -112,13 +116,13 @@ class Unionrun:
     def version(self) -> str:
         out = subprocess.run([self.cmd[0], "-c", "import unionfs.session as s; "
                               "print(s.IMPLEMENTATION)"], capture_output=True, text=True,
-                             env=self.env).stdout.strip()
+                             env=self.env, cwd=self.cwd).stdout.strip()
         where = self.env["PYTHONPATH"].split(os.pathsep)[0]
         return f"{where}, session: {out or 'unknown'}"
 
     def _run(self, *args) -> str:
         r = subprocess.run(self.cmd + list(args), capture_output=True, text=True, env=self.env,
-                           stdin=subprocess.DEVNULL, timeout=120)
+                           stdin=subprocess.DEVNULL, timeout=120, cwd=self.cwd)
         if r.returncode != 0:
             raise RuntimeError(f"{self.key} {' '.join(args)[:80]}: {r.stderr.strip()[-300:]}")
         return r.stdout
@@ -146,7 +150,7 @@ class Unionrun:
     def stop_idle(self) -> None:
         if self.names:
             subprocess.run(self.cmd + ["rm", "-f", *self.names], capture_output=True,
-                           env=self.env, timeout=120)
+                           env=self.env, timeout=120, cwd=self.cwd)
         self.names = []
 
 
@@ -212,6 +216,10 @@ class Podman:
         subprocess.run(self.base + ["rmi", "-a", "-f"], capture_output=True, env=self.env)
         subprocess.run(self.base + ["system", "reset", "-f"], capture_output=True, env=self.env)
         shutil.rmtree(self.run_root, ignore_errors=True)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _free_port() -> int:
@@ -303,6 +311,9 @@ def main(argv: list[str]) -> int:
         if shutil.which(prog) is None and not (prog == "tini" and shutil.which("tini-static")):
             die(f"{prog} is not installed")
     wanted = [k.strip() for k in args.impl.split(",")]
+    # SIGTERM and SIGHUP unwind like Ctrl-C, through the finally that removes every container.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     home = Path(tempfile.mkdtemp(prefix="unionfs-bench-ctr-", dir="/var/tmp"))
     impls = []
