@@ -155,7 +155,7 @@ def _algorithm(expected):
 def _zstd_errors():
     """zstandard's error, once a zstd layer imported it (before, none can be raised)."""
     zstandard = sys.modules.get("zstandard")
-    return zstandard.ZstdError if zstandard is not None else ()
+    return (zstandard.ZstdError,) if zstandard is not None else ()
 
 
 def unpack(blob, dest, expect_digest=None, expect_diff_id=None, progress=None, budget=None):
@@ -192,7 +192,7 @@ def unpack(blob, dest, expect_digest=None, expect_diff_id=None, progress=None, b
                 pass
             while buffered.read(1 << 20):
                 pass
-        except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error, _zstd_errors()) as e:
+        except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) + _zstd_errors() as e:
             raise LayerError(f"corrupt or truncated layer: {e}") from None
         # Directory mtimes last: extracting their children changed them. In tar order, so that a
         # directory listed twice gets its last entry's time, and the open parent serves the next one.
