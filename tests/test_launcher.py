@@ -905,6 +905,25 @@ def test_the_detached_supervisor_waits_lean_forwards_signals_and_restarts(layers
     assert _mounts_under(ur.root) == [] and _our_cgroups(again) == []
 
 
+def test_a_unionfs_package_in_the_working_directory_is_never_imported(layers, ur, tmp_path):
+    """ATTACK: root runs unionrun from a directory where someone left a "unionfs" package. The
+    processes unionrun starts with `python -m` (the -p forwarder, the detached supervisor's
+    waiter) must not import it: on 250e09d the forwarder did."""
+    evil, marker = tmp_path / "evil", tmp_path / "imported"
+    for pkg in ("unionfs", "unionfs/launcher"):
+        (evil / pkg).mkdir(parents=True)
+        (evil / pkg / "__init__.py").write_text(f"open({str(marker)!r}, 'a').write('x')\n")
+    for mod in ("waiter", "ports"):
+        (evil / "unionfs/launcher" / f"{mod}.py").write_text(
+            f"open({str(marker)!r}, 'a').write('x')\n")
+    name = ur.name("cwd")
+    r = ur("run", "-d", "--name", name, "--net", "none", "-p", f"127.0.0.1:{_free_port()}:80",
+           "--layers", layers.spec, "--", "sh", "-c", "exit 0", cwd=evil)
+    assert r.returncode == 0, r.stderr
+    assert _wait_for(lambda: " exited (0) " in (ur.ps_line(name) or ""), 20)
+    assert not marker.exists()
+
+
 def test_logs_follow_and_rm_flag_of_a_detached_container(layers, ur):
     name = ur.name("follow")
     r = ur("run", "-d", "--rm", "--name", name, "--layers", layers.spec, "--", "sh", "-c",

@@ -36,6 +36,9 @@ def become(mode, *args):
     argv, env = command(mode, *args)
     _signal.pthread_sigmask(_signal.SIG_BLOCK, FORWARDED)
     try:
+        # `python -m` puts the working directory first on sys.path: left where unionrun was run,
+        # a "unionfs" there would be imported by root. Every path we keep is absolute.
+        os.chdir("/")
         os.execve(argv[0], argv, env)
     except OSError:
         _signal.pthread_sigmask(_signal.SIG_UNBLOCK, FORWARDED)
