@@ -317,10 +317,11 @@ def test_build_matches_podman_and_caches(world, tmp_path):
     out = unionrun(root, store, "run", "--rm", "--network", "none", "--entrypoint", "cat",
                    "localhost/built:3", "/app/b2.txt")
     assert out.stdout == "b2 changed\n"
-    # --build-arg and --target.
+    # --build-arg, --target, --no-cache.
     r = unionrun(root, store, "build", "--build-arg", "MSG=other", "--target", "builder",
-                 "-t", "localhost/stage:1", str(ctx))
+                 "--no-cache", "-t", "localhost/stage:1", str(ctx))
     assert r.returncode == 0, r.stderr
+    assert "Using cache" not in r.stdout and "STEP 1/3: FROM" in r.stdout and "[2/2]" not in r.stdout
     out = unionrun(root, store, "run", "--rm", "--network", "none", "localhost/stage:1",
                    "cat", "/out/made.txt")
     assert out.stdout == "other\n"
