@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from ..images import store as _store
@@ -41,7 +42,13 @@ def _build_args(values):
     return out
 
 
+def _terminated(signum, frame):
+    # Unwinds the build like any failure: its containers, mounts and work directory go.
+    raise executor.BuildError(f"terminated by signal {signum}", 128 + signum)
+
+
 def cmd_build(args, root, store_path=None):
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         if not os.path.isdir(args.context):
             raise executor.BuildError(f"context {args.context}: not a directory")
