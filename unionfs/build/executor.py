@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from .. import rmtree
 from ..images import manifest, reference
+from ..images.limits import LimitError
 from ..images import store as _store
 from ..launcher import _libc as L
 from ..launcher import run, spec, union
@@ -72,9 +73,14 @@ class ImageSoFar:
 
     def expansion_env(self):
         """What ${VAR} sees: the ARGs, then the ENVs over them (docker's order)."""
-        out = {k: v for k, v in self.args.items() if v is not None}
+        out = _set(self.args)
         out.update(e.partition("=")[::2] for e in self.env())
         return out
+
+
+def _set(args):
+    """The ARGs that have a value (an ARG without a default or --build-arg is unset)."""
+    return {k: v for k, v in args.items() if v is not None}
 
 
 def _now():
@@ -112,9 +118,8 @@ class Builder:
             stages = stages[:idx + 1]
         self.global_args = {}
         for ins in cf.global_args:
-            for name, value in self._name_values(ins, self.global_args):
-                self.global_args[name] = self.opts.build_args.get(
-                    name, value if value is not None else None)
+            for name, value in self._name_values(ins, _set(self.global_args)):
+                self.global_args[name] = self.opts.build_args.get(name, value)
         try:
             self.ctx = context.Tree(self.opts.context, is_context=True)
         except context.ContextError as e:
@@ -179,7 +184,7 @@ class Builder:
         prefix = f"[{stage.index + 1}/{n_stages}] " if n_stages > 1 else ""
         step = 1
         _say(f"{prefix}STEP {step}/{total}: {stage.original}")
-        base = self._expand_word(stage.base, self.global_args, stage.line)
+        base = self._expand_word(stage.base, _set(self.global_args), stage.line)
         cur = self._base(base)
         if not any(e.startswith("PATH=") for e in cur.env()):
             # buildah gives an image without PATH the usual one.
@@ -191,11 +196,13 @@ class Builder:
                 self._instruction(cur, ins)
             except BuildError as e:
                 raise BuildError(f'building at STEP "{ins.original}": {e}', e.code) from None
-            except (parser.ParseError, context.ContextError, put.ContextError) as e:
+            except (parser.ParseError, context.ContextError, _store.StoreError,
+                    manifest.ManifestError, LimitError) as e:
                 raise BuildError(f'building at STEP "{ins.original}": {e}') from None
             except OSError as e:
-                raise BuildError(f'building at STEP "{ins.original}": '
-                                 f'{e.strerror or e}' + (f": {e.filename}" if e.filename else "")) from None
+                where = f": {e.filename}" if e.filename else ""
+                raise BuildError(f'building at STEP "{ins.original}": {e.strerror or e}{where}') \
+                    from None
         return cur
 
     def _base(self, base):

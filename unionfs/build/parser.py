@@ -155,7 +155,7 @@ def parse(text):
                                  "(only ARG may come before it)")
             global_args.append(ins)
         else:
-            if not rest and cmd not in ("RUN",):
+            if not rest:
                 raise ParseError(f"line {line}: {cmd} requires at least one argument")
             stages[-1].instructions.append(ins)
     if not stages:
