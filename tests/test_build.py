@@ -115,8 +115,8 @@ CONTAINERFILE = r"""# escape=\
 ARG BASE=localhost/bb:1
 FROM ${BASE} AS builder
 ARG MSG=built
-RUN mkdir -p /out/deep && echo "$MSG" > /out/made.txt && chmod 640 /out/made.txt \
- && chown 12:34 /out/made.txt && ln -s made.txt /out/link
+RUN ["/bin/sh", "-c", "mkdir -p /out/deep && echo \"$MSG\" > /out/made.txt && \
+     chmod 640 /out/made.txt && chown 12:34 /out/made.txt && ln -s made.txt /out/link"]
 
 FROM $BASE
 ARG VERSION=1.0
@@ -153,6 +153,9 @@ def _make_context(d):
         (d / rel).parent.mkdir(parents=True, exist_ok=True)
         (d / rel).write_bytes(data)
     os.chmod(d / "files/x", 0o755)
+    (d / "files/suid").write_bytes(b"#!/bin/sh\n")
+    os.chmod(d / "files/suid", 0o4755)
+    os.chmod(d / "files/sub/y", 0o2751)
     os.chmod(d / "files/sub", 0o750)
     os.chown(d / "b1.txt", 99, 98)
     os.symlink("x", d / "files/link")
@@ -288,6 +291,7 @@ def test_build_matches_podman_and_caches(world, tmp_path):
     assert ours["app/files/sub"][:4] == ("5", "0o750", 0, 0) and "app/files/gone.txt" not in ours
     assert ours["unpacked/t/f"][1:4] == ("0o640", 5, 6) and ours["unpacked/t/l"][5] == "f"
     assert ours["from-builder/made.txt"][1:4] == ("0o640", 12, 34)
+    assert ours["app/files/suid"][1] == "0o755" and ours["app/files/sub/y"][1] == "0o751"
     assert ours["var-x"][1] == "0o1777" and ours["app/files/link"][5] == "x"
     assert config_of(pm, "localhost/ours:1") == config_of(pm, "localhost/built:1")
     assert config_of(pm, "localhost/ours:1")["Labels"]["other"] == "fallback"

@@ -243,9 +243,11 @@ class Builder:
                     found = image_cli.pull(self.store, name, pull_args).name
                 except image_cli.ERRORS as e:
                     raise BuildError(f"{missing}; pulling it: {e}") from None
-            # Its layers stay while we build on them: rmi of it is refused meanwhile.
-            self.store.hold(found, self.work)
-            self.held.append(self.work)
+            # Its layers stay while we build on them: rmi of it is refused meanwhile (a hold
+            # lives while its creator, this build, does; one per image).
+            hold = os.path.join(self.work, f"hold-{len(self.held)}")
+            self.store.hold(found, hold)
+            self.held.append(hold)
             return self.store.manifest_of(found)
         except image_cli.ERRORS as e:
             raise BuildError(str(e)) from None
@@ -460,11 +462,13 @@ class Builder:
                         if archive:
                             self._extract(tree, entries[0], root_fd, dest, owner, mode)
                             continue
-                        # From the context, files are root's (docker's rule); from a stage or
-                        # an image they keep their owners.
+                        # From the context, files are root's (docker's rule) and lose their
+                        # setuid and setgid bits (podman's); from a stage or an image they keep
+                        # their owners and modes.
                         who = owner if owner is not None else (0, 0) if src_from is None else None
                         single_to_dir = into_dir or put.is_dir(root_fd, dest)
-                        put.copy_source(tree, entries, root_fd, dest, single_to_dir, who, mode)
+                        put.copy_source(tree, entries, root_fd, dest, single_to_dir, who, mode,
+                                        strip=src_from is None)
                 self._in_union(cur.lowers or [os.path.join(self.work, "empty")], upper, write)
             self._layer_step(cur, ins, key, make)
 

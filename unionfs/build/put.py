@@ -37,9 +37,12 @@ def is_dir(root_fd, path):
         os.close(fd)
 
 
-def copy_source(tree, entries, root_fd, dest, into_dir, owner=None, chmod=None):
+def copy_source(tree, entries, root_fd, dest, into_dir, owner=None, chmod=None, strip=False):
     """Write one source's entries: a dir's contents into the dir `dest`; a file as `dest`, or
-    into it when `into_dir`. `owner` (uid, gid) replaces the entries' own, `chmod` their mode."""
+    into it when `into_dir`. `owner` (uid, gid) replaces the entries' own, `chmod` their mode;
+    `strip` takes the setuid and setgid bits off (podman's copier does so for the context)."""
+    if chmod is None and strip:
+        chmod = _STRIP
     top = entries[0]
     if stat.S_ISDIR(top.st.st_mode):
         dfd = _open_dir(root_fd, dest)
@@ -69,6 +72,10 @@ def copy_source(tree, entries, root_fd, dest, into_dir, owner=None, chmod=None):
                 os.close(pfd)
     finally:
         os.close(dfd)
+
+
+# copy_source's chmod for "the entry's own mode, without setuid and setgid".
+_STRIP = object()
 
 
 def _put(tree, e, dfd, name, owner, chmod):
@@ -111,7 +118,8 @@ def _put(tree, e, dfd, name, owner, chmod):
         try:
             proc = f"/proc/self/fd/{fd}"
             # After chown, which clears the setuid and setgid bits.
-            os.chmod(proc, chmod if chmod is not None else stat.S_IMODE(st.st_mode))
+            mode = stat.S_IMODE(st.st_mode)
+            os.chmod(proc, mode & ~0o6000 if chmod is _STRIP else mode if chmod is None else chmod)
             for k, v in e.xattrs:
                 os.setxattr(proc, k, v)
         finally:
