@@ -361,6 +361,8 @@ def test_refused_instructions_and_failing_steps(refusals):
     build, ctx, tmp_path, store, layers = refusals
     r = build("FOOBAR x\n")
     assert r.returncode == 125 and "unknown instruction: FOOBAR" in r.stderr
+    r = build("ENV A=${X\n")
+    assert r.returncode == 125 and "bad substitution" in r.stderr
     r = build("COPY nosuch.txt /x\n")
     assert r.returncode == 125 and 'STEP "COPY nosuch.txt /x"' in r.stderr
     assert "nosuch.txt: no such file or directory" in r.stderr

@@ -118,7 +118,12 @@ class Builder:
             stages = stages[:idx + 1]
         self.global_args = {}
         for ins in cf.global_args:
-            for name, value in self._name_values(ins, _set(self.global_args)):
+            try:
+                pairs = self._name_values(ins, _set(self.global_args))
+            except parser.ParseError as e:
+                where = "" if str(e).startswith("line ") else f"line {ins.line}: "
+                raise BuildError(f"{self.file}: {where}{e}") from None
+            for name, value in pairs:
                 self.global_args[name] = self.opts.build_args.get(name, value)
         try:
             self.ctx = context.Tree(self.opts.context, is_context=True)
