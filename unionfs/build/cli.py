@@ -47,7 +47,7 @@ def _terminated(signum, frame):
     raise executor.BuildError(f"terminated by signal {signum}", 128 + signum)
 
 
-def cmd_build(args, root, store_path=None):
+def cmd_build(args, root):
     signal.signal(signal.SIGTERM, _terminated)
     try:
         if not os.path.isdir(args.context):
@@ -56,7 +56,7 @@ def cmd_build(args, root, store_path=None):
                                 _build_args(args.build_arg), args.no_cache, args.target)
         for t in opts.tags:
             _store.normalise(t)
-        store = _store.open_store(store_path or args.store)
+        store = _store.open_store(args.store)
         executor.Builder(store, root, opts).build()
     except executor.BuildError as e:
         sys.stdout.flush()
