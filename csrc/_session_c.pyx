@@ -60,9 +60,17 @@ cdef extern from *:
     /* fuse_open_out as of 7.40: the backing file's id for FOPEN_PASSTHROUGH */
     struct uf_open_out { uint64_t fh; uint32_t open_flags; int32_t backing_id; };
     struct uf_create_out { struct fuse_entry_out e; struct uf_open_out o; };
+    /* 7.36+ flags in flags2 (bit 32 and up) and FOPEN_* of 7.40, if the header lacks them */
+    #define UF_PASSTHROUGH (1ULL << 37)
+    #define UF_FOPEN_PASSTHROUGH (1 << 7)
+    struct uf_backing_map { int32_t fd; uint32_t flags; uint64_t padding; };
+    #define UF_DEV_IOC_BACKING_OPEN _IOW(229, 1, struct uf_backing_map)
+    #define UF_DEV_IOC_BACKING_CLOSE _IOW(229, 2, uint32_t)
     """
     enum:
         FUSE_KERNEL_VERSION
+        UF_PASSTHROUGH, UF_FOPEN_PASSTHROUGH
+        UF_DEV_IOC_BACKING_OPEN, UF_DEV_IOC_BACKING_CLOSE
         FUSE_LOOKUP, FUSE_FORGET, FUSE_GETATTR, FUSE_SETATTR, FUSE_READLINK, FUSE_SYMLINK,
         FUSE_MKNOD, FUSE_MKDIR, FUSE_UNLINK, FUSE_RMDIR, FUSE_RENAME, FUSE_LINK, FUSE_OPEN,
         FUSE_READ, FUSE_WRITE, FUSE_STATFS, FUSE_RELEASE, FUSE_FSYNC, FUSE_SETXATTR,
@@ -173,6 +181,10 @@ cdef extern from *:
         uint64_t fh
         uint32_t open_flags
         int32_t backing_id
+    struct uf_backing_map:
+        int32_t fd
+        uint32_t flags
+        uint64_t padding
     struct uf_create_out:
         fuse_entry_out e
         uf_open_out o
@@ -184,6 +196,9 @@ cdef extern from "<sys/uio.h>" nogil:
         void *iov_base
         size_t iov_len
     ssize_t writev(int fd, const iovec *iov, int iovcnt)
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
 
 cdef extern from "<sys/xattr.h>":
     enum:
@@ -224,6 +239,8 @@ cdef uint64_t _tsec = 0             # the timeout of names and attributes the ke
 cdef uint32_t _tnsec = 0
 cdef bint _writeback = False
 cdef size_t _bufsize = 0            # a read buffer: the biggest request the kernel may send
+cdef object _pt_mode = "off"        # -o passthrough=: on, off, auto
+cdef object _pt = None              # passthrough.Passthrough once INIT agreed on it
 
 
 cdef class Ctx:
@@ -405,7 +422,12 @@ cdef void do_init(Session s, uint64_t unique, fuse_init_in *arg):
             | FUSE_DO_READDIRPLUS | FUSE_CACHE_SYMLINKS)
     if _writeback:
         want |= FUSE_WRITEBACK_CACHE
+    elif _pt_mode != "off":
+        # The kernel refuses passthrough beside the writeback cache.
+        want |= UF_PASSTHROUGH
     want &= offered
+    if _pt_mode == "on" and not want & UF_PASSTHROUGH:
+        log.warning("passthrough=on, but the kernel does not offer FUSE passthrough")
     memset(&out, 0, sizeof(out))
     out.major = FUSE_KERNEL_VERSION
     out.minor = min(arg.minor, OUR_MINOR)
@@ -418,6 +440,11 @@ cdef void do_init(Session s, uint64_t unique, fuse_init_in *arg):
     out.max_write = _bufsize - HEADER_ROOM
     out.max_pages = MAX_PAGES
     out.time_gran = 1
+    if want & UF_PASSTHROUGH:
+        # The layers are on a plain filesystem (stack depth 0): one level of stacking. A layer
+        # on an overlay is refused by BACKING_OPEN (ELOOP) and served through us.
+        out.max_stack_depth = 1
+        _start_passthrough()
     s.flags = want
     _reply(unique, &out, sizeof(out))
 
@@ -456,13 +483,59 @@ cdef void _reply_open(uint64_t unique, object fh, uint32_t open_flags):
     _reply(unique, &out, sizeof(out))
 
 
+cdef int _file_open_flags(object fh, uf_open_out *out) except -1:
+    """FOPEN_* of a file's open, and its backing file when the kernel is to pass it through."""
+    out.fh = fh
+    out.open_flags = FOPEN_KEEP_CACHE     # a file changes only through this mount
+    if _pt is not None:
+        kind, out.backing_id = _pt.opened(fh)
+        if kind == "passthrough":
+            out.open_flags = UF_FOPEN_PASSTHROUGH
+    return 0
+
+
 cdef void do_open(uint64_t unique, fuse_in_header *h, fuse_open_in *arg):
+    cdef uf_open_out out
+    memset(&out, 0, sizeof(out))
     try:
         fh = _run(_ops.open(h.nodeid, arg.flags, None))
+        _file_open_flags(fh, &out)
     except BaseException as exc:
         _reply_err(unique, _errno_of(exc))
         return
-    _reply_open(unique, fh, FOPEN_KEEP_CACHE)     # a file changes only through this mount
+    _reply(unique, &out, sizeof(out))
+
+
+cdef void do_release(uint64_t unique, fuse_release_in *arg):
+    if _pt is not None:
+        try:
+            _pt.released(arg.fh)
+        except BaseException as exc:
+            log.error("release of passthrough: %r", exc)
+    _reply_ok(unique, _ops.release, (arg.fh,))
+
+
+def _backing_open(int fd):
+    """Register a layer file with the kernel as a backing file; its id."""
+    cdef uf_backing_map m
+    memset(&m, 0, sizeof(m))
+    m.fd = fd
+    cdef int r = ioctl(_fd, UF_DEV_IOC_BACKING_OPEN, &m)
+    if r < 0:
+        raise OSError(errno, "FUSE_DEV_IOC_BACKING_OPEN: " + os.strerror(errno))
+    return r
+
+
+def _backing_close(int backing_id):
+    cdef uint32_t i = backing_id
+    if ioctl(_fd, UF_DEV_IOC_BACKING_CLOSE, &i) < 0:
+        raise OSError(errno, "FUSE_DEV_IOC_BACKING_CLOSE: " + os.strerror(errno))
+
+
+cdef void _start_passthrough():
+    global _pt
+    from unionfs.passthrough import Passthrough
+    _pt = Passthrough(_ops.u, _backing_open, _backing_close)
 
 
 cdef void do_create(uint64_t unique, fuse_in_header *h, fuse_create_in *arg):
@@ -472,11 +545,10 @@ cdef void do_create(uint64_t unique, fuse_in_header *h, fuse_create_in *arg):
         fh, a = _run(_ops.create(h.nodeid, _name(<char *>(arg + 1)), arg.mode, arg.flags,
                                  _ctx(h, arg.umask)))
         _fill_entry(&out.e, a)
-        out.o.fh = fh
+        _file_open_flags(fh, &out.o)
     except BaseException as exc:
         _reply_err(unique, _errno_of(exc))
         return
-    out.o.open_flags = FOPEN_KEEP_CACHE
     _reply(unique, &out, sizeof(out))
 
 
@@ -649,7 +721,7 @@ cdef void dispatch(Session s, char *buf):
     elif op == FUSE_FLUSH:
         _reply_ok(u, _ops.flush, ((<fuse_flush_in *>arg).fh,))
     elif op == FUSE_RELEASE:
-        _reply_ok(u, _ops.release, ((<fuse_release_in *>arg).fh,))
+        do_release(u, <fuse_release_in *>arg)
     elif op == FUSE_FORGET or op == FUSE_BATCH_FORGET:
         do_forget(h, arg)
     elif op == FUSE_CREATE:
@@ -758,7 +830,7 @@ cdef class Session:
     cdef uint64_t flags     # what INIT agreed on
 
     def __init__(self, ops, mountpoint, options):
-        global _ops, _fd, _tsec, _tnsec, _writeback, _bufsize
+        global _ops, _fd, _tsec, _tnsec, _writeback, _bufsize, _pt_mode
         if _ops is not None:
             raise RuntimeError("one session per process")
         rt = ops.u.rt
@@ -773,6 +845,7 @@ cdef class Session:
         _tsec = <uint64_t>t
         _tnsec = <uint32_t>((t - _tsec) * 1e9)
         _writeback = ops.writeback
+        _pt_mode = ops.passthrough
         _bufsize = MAX_PAGES * os.sysconf("SC_PAGE_SIZE") + HEADER_ROOM
         self.mounted = fusedev.mount(os.path.abspath(mountpoint), options)
         _ops, _fd = ops, self.mounted.fd
@@ -866,7 +939,7 @@ cdef class Session:
                 self.done.set()
 
     def close(self, unmount):
-        global _ops, _fd
+        global _ops, _fd, _pt
         if self.mounted is None:
             return
         if unmount:
@@ -874,7 +947,7 @@ cdef class Session:
         else:
             os.close(self.mounted.fd)
         self.mounted = None
-        _ops, _fd = None, -1
+        _ops, _fd, _pt = None, -1, None
 
 
 def _ignore(signum, frame):

@@ -71,13 +71,15 @@ def _is_ctx(obj):
 
 
 class Operations:
-    def __init__(self, union, debug=False):
+    def __init__(self, union, debug=False, passthrough="off"):
         self.u = union
         self.debug = debug
-        # What the session tells the kernel: how long it may cache names and attributes, and
-        # whether to ask for FUSE_CAP_WRITEBACK_CACHE (files.layer_flags adapts opens to it).
+        # What the session tells the kernel: how long it may cache names and attributes,
+        # whether to ask for FUSE_CAP_WRITEBACK_CACHE (files.layer_flags adapts opens to it),
+        # and for FUSE passthrough (on, off, auto: passthrough.py; the Cython session only).
         self.timeout = union.timeout
         self.writeback = union.writeback
+        self.passthrough = passthrough
 
     # --- names ----------------------------------------------------------------------------------
 
