@@ -77,10 +77,11 @@ cdef extern from *:
         FUSE_GETXATTR, FUSE_LISTXATTR, FUSE_REMOVEXATTR, FUSE_FLUSH, FUSE_INIT, FUSE_OPENDIR,
         FUSE_RELEASEDIR, FUSE_FSYNCDIR, FUSE_ACCESS, FUSE_CREATE, FUSE_INTERRUPT,
         FUSE_DESTROY, FUSE_BATCH_FORGET, FUSE_FALLOCATE, FUSE_READDIRPLUS, FUSE_RENAME2,
-        FUSE_NOTIFY_REPLY
+        FUSE_NOTIFY_REPLY, FUSE_NOTIFY_INVAL_INODE
         FUSE_ASYNC_READ, FUSE_ATOMIC_O_TRUNC, FUSE_BIG_WRITES, FUSE_AUTO_INVAL_DATA,
         FUSE_DO_READDIRPLUS, FUSE_ASYNC_DIO, FUSE_WRITEBACK_CACHE, FUSE_PARALLEL_DIROPS,
-        FUSE_MAX_PAGES, FUSE_CACHE_SYMLINKS, FUSE_INIT_EXT
+        FUSE_MAX_PAGES, FUSE_CACHE_SYMLINKS, FUSE_INIT_EXT, FUSE_HANDLE_KILLPRIV_V2
+        FUSE_WRITE_KILL_SUIDGID, FUSE_OPEN_KILL_SUIDGID, FATTR_KILL_SUIDGID
         FOPEN_KEEP_CACHE, FOPEN_CACHE_DIR
         FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE, FATTR_ATIME, FATTR_MTIME, FATTR_FH,
         FATTR_ATIME_NOW, FATTR_MTIME_NOW, FATTR_CTIME
@@ -164,6 +165,9 @@ cdef extern from *:
     struct fuse_fallocate_in:
         uint64_t fh, offset, length
         uint32_t mode
+    struct fuse_notify_inval_inode_out:
+        uint64_t ino
+        int64_t off, len
     struct fuse_dirent:
         uint64_t ino, off
         uint32_t namelen, type
@@ -241,6 +245,7 @@ cdef bint _writeback = False
 cdef size_t _bufsize = 0            # a read buffer: the biggest request the kernel may send
 cdef object _pt_mode = "off"        # -o passthrough=: on, off, auto
 cdef object _pt = None              # passthrough.Passthrough once INIT agreed on it
+cdef bint _killpriv = False         # INIT agreed on FUSE_HANDLE_KILLPRIV_V2
 
 
 cdef class Ctx:
@@ -257,6 +262,8 @@ cdef class SetattrIn:
     cdef public object st_mode, st_uid, st_gid, st_size, st_atime_ns, st_mtime_ns
     cdef public bint update_mode, update_uid, update_gid, update_size
     cdef public bint update_atime, update_mtime, update_ctime
+    cdef public bint kill_suidgid   # FATTR_KILL_SUIDGID: see attrs.kill_priv
+    cdef public object caller_gid
 
 
 cdef Ctx _ctx(fuse_in_header *h, uint32_t umask):
@@ -318,6 +325,16 @@ cdef inline void _reply_err(uint64_t unique, int error) noexcept nogil:
 
 cdef inline void _reply(uint64_t unique, const void *a, size_t alen) noexcept nogil:
     _send(unique, 0, a, alen, NULL, 0)
+
+
+cdef void _inval_attrs(uint64_t ino) noexcept nogil:
+    """FUSE_NOTIFY_INVAL_INODE for the attributes only: we changed them (a mode cleared) where
+    the kernel cannot see it."""
+    cdef fuse_notify_inval_inode_out out
+    out.ino = ino
+    out.off = -1
+    out.len = 0
+    _send(0, -FUSE_NOTIFY_INVAL_INODE, &out, sizeof(out), NULL, 0)
 
 
 cdef inline void _set_time(uint64_t *sec, uint32_t *nsec, int64_t ns):
@@ -404,6 +421,7 @@ cdef inline bytes _name(const char *p):
 
 
 cdef void do_init(Session s, uint64_t unique, fuse_init_in *arg):
+    global _killpriv
     cdef uf_init_out out
     cdef uint64_t offered = arg.flags, want
     if arg.major != FUSE_KERNEL_VERSION or arg.minor < MIN_MINOR:
@@ -416,16 +434,24 @@ cdef void do_init(Session s, uint64_t unique, fuse_init_in *arg):
         offered |= <uint64_t>arg.flags2 << 32
     # What libfuse asked for by default, and on top: every listing a readdirplus (one round trip
     # gives names and attributes, as pyfuse3 does); symlink targets cached (a symlink never
-    # changes in place: a new one is a new inode).
+    # changes in place: a new one is a new inode); setuid, setgid and file capabilities cleared
+    # by us on write, truncate and chown (HANDLE_KILLPRIV_V2: the kernel then stops asking for
+    # security.capability at every write).
     want = (FUSE_ASYNC_READ | FUSE_PARALLEL_DIROPS | FUSE_AUTO_INVAL_DATA | FUSE_ASYNC_DIO
             | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES | FUSE_MAX_PAGES
-            | FUSE_DO_READDIRPLUS | FUSE_CACHE_SYMLINKS)
+            | FUSE_DO_READDIRPLUS | FUSE_CACHE_SYMLINKS | FUSE_HANDLE_KILLPRIV_V2)
     if _writeback:
         want |= FUSE_WRITEBACK_CACHE
     elif _pt_mode != "off":
         # The kernel refuses passthrough beside the writeback cache.
         want |= UF_PASSTHROUGH
     want &= offered
+    if want & UF_PASSTHROUGH:
+        # A write the kernel passes through never reaches us, and under HANDLE_KILLPRIV_V2 the
+        # kernel then leaves setuid on the file: it must clear it itself (a SETATTR of the mode).
+        # Nor may an open truncate atomically: only the kernel knows whether the opener has
+        # CAP_FSETID, so the truncation comes as a SETATTR that clears setuid with it.
+        want &= ~(<uint64_t>(FUSE_HANDLE_KILLPRIV_V2 | FUSE_ATOMIC_O_TRUNC))
     if _pt_mode == "on" and not want & UF_PASSTHROUGH:
         log.warning("passthrough=on, but the kernel does not offer FUSE passthrough")
     memset(&out, 0, sizeof(out))
@@ -445,6 +471,7 @@ cdef void do_init(Session s, uint64_t unique, fuse_init_in *arg):
         # on an overlay is refused by BACKING_OPEN (ELOOP) and served through us.
         out.max_stack_depth = 1
         _start_passthrough()
+    _killpriv = bool(want & FUSE_HANDLE_KILLPRIV_V2)
     s.flags = want
     _reply(unique, &out, sizeof(out))
 
@@ -471,6 +498,8 @@ cdef void do_setattr(uint64_t unique, fuse_in_header *h, fuse_setattr_in *arg):
     s.update_uid = bool(valid & FATTR_UID)
     s.update_gid = bool(valid & FATTR_GID)
     s.update_size = bool(valid & FATTR_SIZE)
+    s.kill_suidgid = bool(valid & FATTR_KILL_SUIDGID)
+    s.caller_gid = h.gid
     fh = arg.fh if valid & FATTR_FH else None
     _reply_attr(unique, _ops.setattr, (h.nodeid, s, s, fh, _ctx(h, 0)))
 
@@ -499,6 +528,9 @@ cdef void do_open(uint64_t unique, fuse_in_header *h, fuse_open_in *arg):
     memset(&out, 0, sizeof(out))
     try:
         fh = _run(_ops.open(h.nodeid, arg.flags, None))
+        if (arg.open_flags & FUSE_OPEN_KILL_SUIDGID
+                and _run(_ops.kill_priv(fh, True, h.gid))):
+            _inval_attrs(h.nodeid)
         _file_open_flags(fh, &out)
     except BaseException as exc:
         _reply_err(unique, _errno_of(exc))
@@ -565,12 +597,15 @@ cdef void do_read(uint64_t unique, fuse_read_in *arg):
         _reply(unique, p, n)
 
 
-cdef void do_write(uint64_t unique, fuse_write_in *arg):
+cdef void do_write(uint64_t unique, fuse_in_header *h, fuse_write_in *arg):
     cdef fuse_write_out out
     # The data as a view of the worker's buffer, not a copy (up to 1 MiB a request); released
     # before the buffer is reused, so a handler that kept it would get an error, never stale data.
     data = PyMemoryView_FromMemory(<char *>(arg + 1), arg.size, PyBUF_READ)
     try:
+        if _killpriv and _run(_ops.kill_priv(arg.fh, bool(arg.write_flags & FUSE_WRITE_KILL_SUIDGID),
+                                             h.gid)):
+            _inval_attrs(h.nodeid)
         n = _run(_ops.write(arg.fh, arg.offset, data))
     except BaseException as exc:
         _reply_err(unique, _errno_of(exc))
@@ -717,7 +752,7 @@ cdef void dispatch(Session s, char *buf):
     elif op == FUSE_READ:
         do_read(u, <fuse_read_in *>arg)
     elif op == FUSE_WRITE:
-        do_write(u, <fuse_write_in *>arg)
+        do_write(u, h, <fuse_write_in *>arg)
     elif op == FUSE_FLUSH:
         _reply_ok(u, _ops.flush, ((<fuse_flush_in *>arg).fh,))
     elif op == FUSE_RELEASE:
@@ -939,7 +974,7 @@ cdef class Session:
                 self.done.set()
 
     def close(self, unmount):
-        global _ops, _fd, _pt
+        global _ops, _fd, _pt, _killpriv
         if self.mounted is None:
             return
         if unmount:
@@ -947,7 +982,7 @@ cdef class Session:
         else:
             os.close(self.mounted.fd)
         self.mounted = None
-        _ops, _fd, _pt = None, -1, None
+        _ops, _fd, _pt, _killpriv = None, -1, None, False
 
 
 def _ignore(signum, frame):

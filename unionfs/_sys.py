@@ -481,6 +481,11 @@ def fd_setattr(fd, mode=None, uid=-1, gid=-1, atime_ns=None, mtime_ns=None, size
                         st.st_mtime_ns if mtime_ns is None else mtime_ns))
 
 
+def fd_removexattr(fd, attr):
+    os.removexattr(fd, attr)
+    _trace("fremovexattr", fd, attr)
+
+
 def pread(fd, size, off):
     return os.pread(fd, size, off)
 

@@ -191,6 +191,14 @@ class Operations:
         return files.write(self.u, fh, off, buf)
 
     @_handler
+    async def kill_priv(self, fh, suidgid, caller_gid):
+        """After a write or open with O_TRUNC, where the kernel leaves it to us (the Cython
+        session under FUSE_HANDLE_KILLPRIV_V2): see attrs.kill_priv. Whether the attributes the
+        kernel holds changed."""
+        h = self.u.handle(fh)
+        return h.upper and attrs.kill_priv(self.u, h.node, suidgid, h.fd, caller_gid)
+
+    @_handler
     async def fallocate(self, fh, mode, off, length):
         files.fallocate(self.u, fh, mode, off, length)
 
