@@ -5,6 +5,7 @@
     unionmount -o lowerdir=L1:L2[,upperdir=U,workdir=W] [SOURCE] MOUNTPOINT   (fuse-overlayfs style)
 """
 
+import os
 import re
 import sys
 
@@ -88,6 +89,10 @@ def parse(argv):
             positional.append(arg)
 
     kw = {}
+    # The default of -o passthrough= (scripts/passthrough_off.sh runs the tests without it).
+    default_passthrough = os.environ.get("UNIONFS_PASSTHROUGH")
+    if default_passthrough:
+        opts.insert(0, ("passthrough", default_passthrough))
     mappings, squash, squash_exact = {}, {}, {}
     lowerdir = upperdir = workdir = None
     unknown = []
