@@ -107,6 +107,9 @@ def kill_priv(u, node, suidgid, fd=None, caller_gid=None):
     On the upper copy, through ``fd`` when given (a writer's, or a file with no name left).
     Whether anything changed."""
     changed = False
+    if fd is not None and node.xattr_names is None:
+        # Through the fd: the file may have no name left.
+        node.xattr_names = frozenset(_sys.fd_listxattr(fd)) or _NONE
     if _CAPS in _names(u, node):
         changed = True
         if fd is not None:
