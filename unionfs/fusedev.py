@@ -10,9 +10,7 @@ import ctypes
 import errno
 import os
 import select
-import socket
 import stat
-import subprocess
 
 # mount(2)'s flags, as <sys/mount.h> has them.
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
@@ -97,6 +95,8 @@ def _escape(value):
 
 def _fusermount(mountpoint, options):
     """Mount through the setuid fusermount3; it passes the /dev/fuse fd back over a socket."""
+    import socket       # (imported here: a mount as root, the daemon's usual case, needs neither)
+    import subprocess
     opts = ",".join(_escape(o) for o in sorted(options))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -134,5 +134,6 @@ def unmount(m):
         return
     if _c().umount2(os.fsencode(m.mountpoint), MNT_DETACH) == 0:
         return
+    import subprocess
     subprocess.run(["fusermount3", "-u", "-q", "-z", "--", m.mountpoint], cwd="/",
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
