@@ -69,13 +69,6 @@ def mount(mountpoint, options):
     """Mount a new connection on ``mountpoint`` (an absolute path); returns a Mounted."""
     flags, kernel, fsname, subtype = _parse(options)
     rootmode = stat.S_IFMT(os.stat(mountpoint).st_mode)
-    # As libfuse: 0, 1 and 2 open (on /dev/null if they were closed), or /dev/fuse could become
-    # one of them and a stray print would write into the connection.
-    while True:
-        fd = os.open(os.devnull, os.O_RDWR)
-        if fd > 2:
-            os.close(fd)
-            break
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     try:
         data = ",".join([f"fd={fd}", f"rootmode={rootmode:o}", f"user_id={os.getuid()}",

@@ -295,6 +295,14 @@ def _setup_logging(debug):
 
 
 def main(opts):
+    # 0, 1 and 2 open (on /dev/null where they were closed) before any fd of ours is: else a
+    # layer's fd or /dev/fuse could take one of them, and the daemon's detaching from the
+    # terminal (dup2 of /dev/null over 0-2) would replace it.
+    while True:
+        fd = os.open(os.devnull, os.O_RDWR)
+        if fd > 2:
+            os.close(fd)
+            break
     _setup_logging(opts.debug)
     prep = check(opts)
     try:
