@@ -399,6 +399,20 @@ def fd_setattr(fd, mode=None, uid=-1, gid=-1, atime_ns=None, mtime_ns=None, size
                         st.st_mtime_ns if mtime_ns is None else mtime_ns))
 
 
+def fd_listxattr(fd):
+    try:
+        return [os.fsencode(a) for a in os.listxattr(fd)]
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return []
+        raise
+
+
+def fd_removexattr(fd, attr):
+    os.removexattr(fd, attr)
+    _trace("fremovexattr", fd, attr)
+
+
 def pread(fd, size, off):
     return os.pread(fd, size, off)
 
