@@ -213,8 +213,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
                 self.proc.wait()
 
     def ctr(self, *args, check=True, timeout=TIMEOUT) -> subprocess.CompletedProcess:
+        # ctr mounts too (its temporary mount of a container's rootfs to read /etc/group): with
+        # the daemons' PATH, so that it runs this checkout's unionmount.
         r = subprocess.run(["ctr", "-a", str(self.address), "-n", self.ns, *args],
-                           capture_output=True, text=True, timeout=timeout)
+                           capture_output=True, text=True, timeout=timeout,
+                           env=daemon_env(self.impl))
         if check and r.returncode != 0:
             raise AssertionError(f"ctr {' '.join(args)} exited {r.returncode}: {r.stderr.strip()}\n"
                                  f"containerd log: {self.log.read_text()[-3000:]}")

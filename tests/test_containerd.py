@@ -127,7 +127,7 @@ def test_changes_diff_the_same(env):
         r = subprocess.run(["ctr", "-a", str(env.cd.address), "-n", env.cd.ns, "snapshots",
                             "--snapshotter", s, "diff", "--media-type",
                             "application/vnd.oci.image.layer.v1.tar", cid],
-                           capture_output=True, timeout=cu.TIMEOUT)
+                           capture_output=True, timeout=cu.TIMEOUT, env=cu.daemon_env(env.impl))
         assert r.returncode == 0, r.stderr
         diffs[s] = _tar_entries(r.stdout)
         env.cd.ctr("containers", "rm", cid)
