@@ -7,8 +7,10 @@ containerd's PATH) with the build of ``impl``; the snapshotter itself never moun
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import stat
 import signal
 import sqlite3
 import subprocess
@@ -164,23 +166,149 @@ def _store_rows_and_dirs(env):
     return rows, sorted(os.listdir(env.snap_root / "snapshots"))
 
 
+def _image_chain(env, s):
+    """The image's committed snapshots (the unpacked layers, named by chain id), topmost first;
+    unpacked for ``s`` first where they are not (ctr 1.6 unpacks for a snapshotter only to run)."""
+    if not any(row[0].startswith("sha256:") for row in _ls(env, s)):
+        env.run(s, f"unpack-{s}", "true")
+    parents = {row[0]: row[1] if len(row) == 3 else "" for row in _ls(env, s)
+               if row[-1] == "Committed" and row[0].startswith("sha256:")}
+    top = next(k for k in parents if k not in parents.values())
+    chain = [top]
+    while parents[chain[-1]]:
+        chain.append(parents[chain[-1]])
+    return chain
+
+
+class Snapshots:
+    """containerd's own snapshots service for one snapshotter (what `ctr snapshots` calls), with
+    every snapshot made here a GC root: unlabelled ones are garbage to containerd's next collection,
+    which may come at any time."""
+    LABELS = {"containerd.io/gc.root": "test"}
+
+    def __init__(self, env, snapshotter):
+        from unionfs.snapshotter.proto import snapshots_pb2 as pb, snapshots_pb2_grpc as pb_grpc
+        self.pb, self.name = pb, snapshotter
+        self.channel = grpc.insecure_channel(f"unix://{env.cd.address}")
+        self.stub = pb_grpc.SnapshotsStub(self.channel)
+        self.kw = {"metadata": (("containerd-namespace", env.cd.ns),), "timeout": cu.TIMEOUT}
+
+    def prepare(self, key, parent):
+        return self.stub.Prepare(self.pb.PrepareSnapshotRequest(
+            snapshotter=self.name, key=key, parent=parent, labels=self.LABELS), **self.kw).mounts
+
+    def view(self, key, parent):
+        return self.stub.View(self.pb.ViewSnapshotRequest(
+            snapshotter=self.name, key=key, parent=parent, labels=self.LABELS), **self.kw).mounts
+
+    def commit(self, name, key):
+        self.stub.Commit(self.pb.CommitSnapshotRequest(
+            snapshotter=self.name, name=name, key=key, labels=self.LABELS), **self.kw)
+
+    def remove(self, key):
+        self.stub.Remove(self.pb.RemoveSnapshotRequest(snapshotter=self.name, key=key), **self.kw)
+
+
+def _lowerdirs(mount) -> list:
+    return next(o for o in mount.options if o.startswith("lowerdir="))[len("lowerdir="):].split(":")
+
+
+@contextlib.contextmanager
+def _mounted(env, mounts, target):
+    """A snapshot's one mount at ``target``, as containerd mounts it (a fuse3.* type by
+    `mount.fuse3 SOURCE TARGET -o OPTION... -t SUBTYPE`). Yields its type."""
+    [m] = mounts
+    target.mkdir(exist_ok=True)
+    if m.type.startswith("fuse3."):
+        cmd = ["mount.fuse3", m.source, str(target)]
+        for option in m.options:
+            cmd += ["-o", option]
+        cmd += ["-t", m.type[len("fuse3."):]]
+    else:
+        cmd = ["mount", "-t", m.type, m.source, str(target), "-o", ",".join(m.options)]
+    subprocess.run(cmd, check=True, env=cu.daemon_env(env.impl), timeout=cu.TIMEOUT)
+    try:
+        yield m.type
+    finally:
+        subprocess.run(["umount", str(target)], check=True, timeout=cu.TIMEOUT)
+
+
+def test_unpack_writes_the_layers_overlayfs_does(env1):
+    """containerd's applier writes each layer straight into our upper directory, as into its
+    overlayfs snapshotter's: the same files, whiteout devices and opaque xattrs, byte for byte."""
+    env = env1
+    layers = {}
+    for s in SNAPSHOTTERS:
+        api = Snapshots(env, s)
+        [m] = api.view(f"layers-{s}", _image_chain(env, s)[0])
+        api.remove(f"layers-{s}")
+        layers[s] = _lowerdirs(m)
+    assert len(layers["unionfs"]) == len(layers["overlayfs"]) == 2
+    for ours, theirs in zip(layers["unionfs"], layers["overlayfs"]):
+        util.assert_same(util.snapshot(ours), util.snapshot(theirs), ours)
+    top = util.snapshot(layers["unionfs"][0]).entries
+    assert top["data/b"]["xattrs"] == {"trusted.overlay.opaque": b"y"}
+    assert (top["data/gone"]["type"], top["data/gone"]["rdev"]) == (stat.S_IFCHR, (0, 0))
+
+
+# What a layer written through unionmount holds for the kernel to read: a lower directory renamed
+# (a redirect), a deleted one made again (opaque), whiteouts, a symlink, new directories.
+MORE = ("rm data/a/f1; rm -r data/renamed; mkdir data/renamed; echo z > data/renamed/z;"
+        " echo w > data/b/w; mv data/deep data/deeper; rm data/a/link")
+
+
+def test_the_unpack_answer_mounted_by_the_kernel_is_the_union(env, tmp_path):
+    """containerd never mounts the `overlay` answer of an unpack snapshot (its applier writes into
+    the upper directory), but whoever does gets the kernel's overlay of our layers, and that is the
+    same union: over a layer a union daemon wrote, it shows what unionmount shows, and what is
+    written through it reads the same through unionmount; all as with the overlayfs snapshotter."""
+    trees = {}
+    mnt = tmp_path / "m"
+    for s in SNAPSHOTTERS:
+        api = Snapshots(env, s)
+        k = f"k-{s}-{env.impl}"
+        union_type = {"unionfs": "fuse3.unionmount", "overlayfs": "overlay"}[s]
+        with _mounted(env, api.prepare(k, _image_chain(env, s)[0]), mnt) as kind:
+            assert kind == union_type
+            subprocess.run(["sh", "-ec", CHANGES.replace("/data", "data")], cwd=mnt, check=True,
+                           timeout=cu.TIMEOUT)
+        api.commit(f"{k}-1", k)
+        v1 = api.view(f"{k}-v1", f"{k}-1")
+        with _mounted(env, v1, mnt) as kind:
+            assert kind == union_type
+            view1 = util.snapshot(mnt)
+        if s == "unionfs":      # what the kernel is to follow: the redirect unionmount wrote
+            assert os.getxattr(f"{_lowerdirs(v1[0])[0]}/data/renamed", "trusted.overlay.redirect")
+        with _mounted(env, api.prepare(f"extract-{k}", f"{k}-1"), mnt) as kind:
+            assert kind == "overlay"            # the kernel's
+            util.assert_same(util.snapshot(mnt), view1, f"{s}: the kernel's view")
+            subprocess.run(["sh", "-ec", MORE], cwd=mnt, check=True, timeout=cu.TIMEOUT)
+            kernel = util.snapshot(mnt)
+        api.commit(f"{k}-2", f"extract-{k}")
+        with _mounted(env, api.view(f"{k}-v2", f"{k}-2"), mnt):
+            util.assert_same(util.snapshot(mnt), kernel, f"{s}: after the kernel wrote")
+        trees[s] = (view1, kernel)
+        for key in (f"{k}-v2", f"{k}-2", f"{k}-v1", f"{k}-1"):
+            api.remove(key)
+    for ours, theirs in zip(trees["unionfs"], trees["overlayfs"]):
+        util.assert_same(ours, theirs, "unionfs and overlayfs snapshotters")
+    assert "data/renamed/x" in trees["unionfs"][0].entries
+    assert "data/deeper/er/file" in trees["unionfs"][1].entries
+
+
 def test_snapshots_ls_usage_rm(env1):
     env = env1
     for s in SNAPSHOTTERS:
         env.run(s, f"unpack-{s}", "true")      # ctr 1.6 unpacks for a snapshotter only to run
     assert _ls(env, "unionfs") == _ls(env, "overlayfs")
     chain = [row[0] for row in _ls(env, "unionfs")]
-    base = next(row[0] for row in _ls(env, "unionfs") if len(row) == 2)
-    top = next(row[0] for row in _ls(env, "unionfs") if len(row) == 3)
+    top = _image_chain(env, "unionfs")[0]
+    # The layers are the overlayfs snapshotter's, byte for byte (the applier writes both): so is
+    # their usage.
     usage = _usage(env, "unionfs")
-    assert usage[base] == _usage(env, "overlayfs")[base]
-    # The top layer's opaque directory arrives as the applier writes it through a mount that is not
-    # the kernel's overlay: a whiteout per hidden entry, not an opaque mark; so count its own inodes.
-    rows, _ = _store_rows_and_dirs(env)
-    top_id = next(i for i, k in rows.items() if k.endswith("/" + top))
-    top_fs = env.snap_root / "snapshots" / top_id / "fs"
-    assert usage[top] == 1 + sum(len(d) + len(f) for _, d, f in os.walk(top_fs))
-    env.cd.ctr("snapshots", "--snapshotter", "unionfs", "prepare", "rm-me", top)
+    assert {k: usage[k] for k in _image_chain(env, "unionfs")} == \
+        {k: _usage(env, "overlayfs")[k] for k in _image_chain(env, "overlayfs")}
+    Snapshots(env, "unionfs").prepare("rm-me", top)     # a GC root: gone only when removed
     rows, dirs = _store_rows_and_dirs(env)
     assert len(rows) == len(set(rows.values()))
     assert "rm-me" in " ".join(rows.values())       # containerd prefixes its namespace and an id
@@ -299,6 +427,18 @@ def test_api_mounts_are_overlayfs_snapshotters_answers(api):
         ("fuse3.unionmount", "unionmount", [f"lowerdir={fs(3)}:{fs(1)}"])]
     # Committed without copying: the same directory under its new name.
     assert not os.path.exists(fs(6)) and os.path.isdir(fs(3))
+    # What containerd's unpacker prepares gets its overlayfs snapshotter's very answer (its applier
+    # writes into the upperdir); nothing else does.
+    unpack = "ns/9/extract-1701 sha256:ab"
+    want = [("overlay", "overlay", ["index=off"] * os.path.exists("/sys/module/overlay/parameters/index")
+             + [f"workdir={work(6)}", f"upperdir={fs(6)}", f"lowerdir={fs(3)}:{fs(1)}"])]
+    assert _mounts(stub.Prepare(pb.PrepareSnapshotRequest(key=unpack, parent="B"))) == want
+    assert _mounts(stub.Mounts(pb.MountsRequest(key=unpack))) == want
+    assert _mounts(stub.Prepare(pb.PrepareSnapshotRequest(key="ns/9/x/extract-1", parent="B"))) == [
+        ("fuse3.unionmount", "unionmount", [f"workdir={work(7)}", f"upperdir={fs(7)}",
+                                            f"lowerdir={fs(3)}:{fs(1)}"])]
+    assert _mounts(stub.View(pb.ViewSnapshotRequest(key="ns/9/extract-2", parent="B"))) == [
+        ("fuse3.unionmount", "unionmount", [f"lowerdir={fs(3)}:{fs(1)}"])]
 
 
 def test_api_errors_are_what_containerd_expects(api):
