@@ -7,6 +7,7 @@ PATH: the venv's bin comes first in it, so that this checkout's unionmount serve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -160,7 +161,8 @@ class Snapshotter:
 class Containerd:
     """A containerd of its own: config, root, state, sockets under ``base``; namespace ``ns``."""
 
-    def __init__(self, base: Path, snap_address: Path, impl: str, ns: str):
+    def __init__(self, base: Path, snap_address: Path, impl: str, ns: str, cri: str = ""):
+        """``cri``: the CRI plugin's configuration (TOML), to run it; without, it is disabled."""
         self.base, self.impl, self.ns = base, impl, ns
         self.address = base / "containerd.sock"
         self.config = base / "config.toml"
@@ -170,8 +172,9 @@ class Containerd:
         self.config.write_text(f"""version = 2
 root = "{base}/root"
 state = "{base}/state"
-# What this machine cannot or need not run: the CRI (Kubernetes), snapshotters of other filesystems.
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",
+# What this machine cannot or need not run: snapshotters of other filesystems; the CRI (Kubernetes)
+# unless asked for.
+disabled_plugins = [{'' if cri else '"io.containerd.grpc.v1.cri", '}"io.containerd.snapshotter.v1.btrfs",
                     "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
                     "io.containerd.snapshotter.v1.aufs"]
 [grpc]
@@ -187,7 +190,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 [proxy_plugins.unionfs]
   type = "snapshot"
   address = "{snap_address}"
-""")
+{cri}""")
 
     def start(self):
         self.address.unlink(missing_ok=True)
@@ -255,3 +258,59 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         failed = [line for line in self.log.read_text().splitlines()
                   if "garbage collection failed" in line]
         assert not failed, failed
+
+
+# -- snapshots, through containerd ------------------------------------------------------------------
+
+class Snapshots:
+    """containerd's own snapshots service for one snapshotter (what `ctr snapshots` calls), with
+    every snapshot made here a GC root: unlabelled ones are garbage to containerd's next collection,
+    which may come at any time."""
+    LABELS = {"containerd.io/gc.root": "test"}
+
+    def __init__(self, cd: Containerd, snapshotter: str):
+        import grpc
+        from unionfs.snapshotter.proto import snapshots_pb2 as pb, snapshots_pb2_grpc as pb_grpc
+        self.pb, self.name = pb, snapshotter
+        self.channel = grpc.insecure_channel(f"unix://{cd.address}")
+        self.stub = pb_grpc.SnapshotsStub(self.channel)
+        self.kw = {"metadata": (("containerd-namespace", cd.ns),), "timeout": TIMEOUT}
+
+    def prepare(self, key, parent):
+        return self.stub.Prepare(self.pb.PrepareSnapshotRequest(
+            snapshotter=self.name, key=key, parent=parent, labels=self.LABELS), **self.kw).mounts
+
+    def view(self, key, parent):
+        return self.stub.View(self.pb.ViewSnapshotRequest(
+            snapshotter=self.name, key=key, parent=parent, labels=self.LABELS), **self.kw).mounts
+
+    def commit(self, name, key):
+        self.stub.Commit(self.pb.CommitSnapshotRequest(
+            snapshotter=self.name, name=name, key=key, labels=self.LABELS), **self.kw)
+
+    def remove(self, key):
+        self.stub.Remove(self.pb.RemoveSnapshotRequest(snapshotter=self.name, key=key), **self.kw)
+
+
+def lowerdirs(mount) -> list:
+    return next(o for o in mount.options if o.startswith("lowerdir="))[len("lowerdir="):].split(":")
+
+
+@contextlib.contextmanager
+def mounted(impl: str, mounts, target: Path):
+    """A snapshot's one mount at ``target``, as containerd mounts it (a fuse3.* type by
+    `mount.fuse3 SOURCE TARGET -o OPTION... -t SUBTYPE`). Yields its type."""
+    [m] = mounts
+    target.mkdir(exist_ok=True)
+    if m.type.startswith("fuse3."):
+        cmd = ["mount.fuse3", m.source, str(target)]
+        for option in m.options:
+            cmd += ["-o", option]
+        cmd += ["-t", m.type[len("fuse3."):]]
+    else:
+        cmd = ["mount", "-t", m.type, m.source, str(target), "-o", ",".join(m.options)]
+    subprocess.run(cmd, check=True, env=daemon_env(impl), timeout=TIMEOUT)
+    try:
+        yield m.type
+    finally:
+        subprocess.run(["umount", str(target)], check=True, timeout=TIMEOUT)

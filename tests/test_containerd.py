@@ -7,12 +7,12 @@ containerd's PATH) with the build of ``impl``; the snapshotter itself never moun
 
 from __future__ import annotations
 
-import contextlib
 import io
+import json
 import os
-import stat
 import signal
 import sqlite3
+import stat
 import subprocess
 import tarfile
 import threading
@@ -24,6 +24,7 @@ import grpc
 import pytest
 
 import containerd_util as cu
+import registry_util as ru
 import util
 
 pytestmark = pytest.mark.skipif(bool(cu.why_no_containerd()), reason=cu.why_no_containerd() or "")
@@ -180,69 +181,16 @@ def _image_chain(env, s):
     return chain
 
 
-class Snapshots:
-    """containerd's own snapshots service for one snapshotter (what `ctr snapshots` calls), with
-    every snapshot made here a GC root: unlabelled ones are garbage to containerd's next collection,
-    which may come at any time."""
-    LABELS = {"containerd.io/gc.root": "test"}
-
-    def __init__(self, env, snapshotter):
-        from unionfs.snapshotter.proto import snapshots_pb2 as pb, snapshots_pb2_grpc as pb_grpc
-        self.pb, self.name = pb, snapshotter
-        self.channel = grpc.insecure_channel(f"unix://{env.cd.address}")
-        self.stub = pb_grpc.SnapshotsStub(self.channel)
-        self.kw = {"metadata": (("containerd-namespace", env.cd.ns),), "timeout": cu.TIMEOUT}
-
-    def prepare(self, key, parent):
-        return self.stub.Prepare(self.pb.PrepareSnapshotRequest(
-            snapshotter=self.name, key=key, parent=parent, labels=self.LABELS), **self.kw).mounts
-
-    def view(self, key, parent):
-        return self.stub.View(self.pb.ViewSnapshotRequest(
-            snapshotter=self.name, key=key, parent=parent, labels=self.LABELS), **self.kw).mounts
-
-    def commit(self, name, key):
-        self.stub.Commit(self.pb.CommitSnapshotRequest(
-            snapshotter=self.name, name=name, key=key, labels=self.LABELS), **self.kw)
-
-    def remove(self, key):
-        self.stub.Remove(self.pb.RemoveSnapshotRequest(snapshotter=self.name, key=key), **self.kw)
-
-
-def _lowerdirs(mount) -> list:
-    return next(o for o in mount.options if o.startswith("lowerdir="))[len("lowerdir="):].split(":")
-
-
-@contextlib.contextmanager
-def _mounted(env, mounts, target):
-    """A snapshot's one mount at ``target``, as containerd mounts it (a fuse3.* type by
-    `mount.fuse3 SOURCE TARGET -o OPTION... -t SUBTYPE`). Yields its type."""
-    [m] = mounts
-    target.mkdir(exist_ok=True)
-    if m.type.startswith("fuse3."):
-        cmd = ["mount.fuse3", m.source, str(target)]
-        for option in m.options:
-            cmd += ["-o", option]
-        cmd += ["-t", m.type[len("fuse3."):]]
-    else:
-        cmd = ["mount", "-t", m.type, m.source, str(target), "-o", ",".join(m.options)]
-    subprocess.run(cmd, check=True, env=cu.daemon_env(env.impl), timeout=cu.TIMEOUT)
-    try:
-        yield m.type
-    finally:
-        subprocess.run(["umount", str(target)], check=True, timeout=cu.TIMEOUT)
-
-
 def test_unpack_writes_the_layers_overlayfs_does(env1):
     """containerd's applier writes each layer straight into our upper directory, as into its
     overlayfs snapshotter's: the same files, whiteout devices and opaque xattrs, byte for byte."""
     env = env1
     layers = {}
     for s in SNAPSHOTTERS:
-        api = Snapshots(env, s)
+        api = cu.Snapshots(env.cd, s)
         [m] = api.view(f"layers-{s}", _image_chain(env, s)[0])
         api.remove(f"layers-{s}")
-        layers[s] = _lowerdirs(m)
+        layers[s] = cu.lowerdirs(m)
     assert len(layers["unionfs"]) == len(layers["overlayfs"]) == 2
     for ours, theirs in zip(layers["unionfs"], layers["overlayfs"]):
         util.assert_same(util.snapshot(ours), util.snapshot(theirs), ours)
@@ -265,27 +213,27 @@ def test_the_unpack_answer_mounted_by_the_kernel_is_the_union(env, tmp_path):
     trees = {}
     mnt = tmp_path / "m"
     for s in SNAPSHOTTERS:
-        api = Snapshots(env, s)
+        api = cu.Snapshots(env.cd, s)
         k = f"k-{s}-{env.impl}"
         union_type = {"unionfs": "fuse3.unionmount", "overlayfs": "overlay"}[s]
-        with _mounted(env, api.prepare(k, _image_chain(env, s)[0]), mnt) as kind:
+        with cu.mounted(env.impl, api.prepare(k, _image_chain(env, s)[0]), mnt) as kind:
             assert kind == union_type
             subprocess.run(["sh", "-ec", CHANGES.replace("/data", "data")], cwd=mnt, check=True,
                            timeout=cu.TIMEOUT)
         api.commit(f"{k}-1", k)
         v1 = api.view(f"{k}-v1", f"{k}-1")
-        with _mounted(env, v1, mnt) as kind:
+        with cu.mounted(env.impl, v1, mnt) as kind:
             assert kind == union_type
             view1 = util.snapshot(mnt)
         if s == "unionfs":      # what the kernel is to follow: the redirect unionmount wrote
-            assert os.getxattr(f"{_lowerdirs(v1[0])[0]}/data/renamed", "trusted.overlay.redirect")
-        with _mounted(env, api.prepare(f"extract-{k}", f"{k}-1"), mnt) as kind:
+            assert os.getxattr(f"{cu.lowerdirs(v1[0])[0]}/data/renamed", "trusted.overlay.redirect")
+        with cu.mounted(env.impl, api.prepare(f"extract-{k}", f"{k}-1"), mnt) as kind:
             assert kind == "overlay"            # the kernel's
             util.assert_same(util.snapshot(mnt), view1, f"{s}: the kernel's view")
             subprocess.run(["sh", "-ec", MORE], cwd=mnt, check=True, timeout=cu.TIMEOUT)
             kernel = util.snapshot(mnt)
         api.commit(f"{k}-2", f"extract-{k}")
-        with _mounted(env, api.view(f"{k}-v2", f"{k}-2"), mnt):
+        with cu.mounted(env.impl, api.view(f"{k}-v2", f"{k}-2"), mnt):
             util.assert_same(util.snapshot(mnt), kernel, f"{s}: after the kernel wrote")
         trees[s] = (view1, kernel)
         for key in (f"{k}-v2", f"{k}-2", f"{k}-v1", f"{k}-1"):
@@ -308,7 +256,7 @@ def test_snapshots_ls_usage_rm(env1):
     usage = _usage(env, "unionfs")
     assert {k: usage[k] for k in _image_chain(env, "unionfs")} == \
         {k: _usage(env, "overlayfs")[k] for k in _image_chain(env, "overlayfs")}
-    Snapshots(env, "unionfs").prepare("rm-me", top)     # a GC root: gone only when removed
+    cu.Snapshots(env.cd, "unionfs").prepare("rm-me", top)     # a GC root: gone only when removed
     rows, dirs = _store_rows_and_dirs(env)
     assert len(rows) == len(set(rows.values()))
     assert "rm-me" in " ".join(rows.values())       # containerd prefixes its namespace and an id
@@ -362,6 +310,76 @@ def test_restarts_and_kill9_lose_nothing(env1):
     rows, dirs = _store_rows_and_dirs(env)
     assert cid not in " ".join(rows.values())
     assert dirs == sorted(rows)
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while n > 0x7f:
+        out += bytes([n & 0x7f | 0x80])
+        n >>= 7
+    return out + bytes([n])
+
+
+def _pb_bytes(number: int, data: bytes) -> bytes:
+    """One length-delimited protobuf field: the wire form of a string or a message."""
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+CRI_CONFIG = """[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{base}/cni/bin"
+    conf_dir = "{base}/cni/conf"
+  # As the README says, for Kubernetes:
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "unionfs"
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]
+    endpoint = ["http://{registry}"]
+"""
+
+
+@pytest.mark.skipif(bool(ru.why_no_registry()), reason=ru.why_no_registry() or "")
+def test_cri_pulls_into_unionfs(tmp_path):
+    """Kubernetes' way in: the CRI plugin configured with `snapshotter = "unionfs"` pulls an image
+    (its PullImage call, over containerd's socket) from a registry, and its unpacker writes the
+    layers into our store: straight into the upper directories (the opaque mark of the top layer
+    shows it), each labelled with its chain id, and the union of them is the image."""
+    registry = ru.Registry(tmp_path / "registry")
+    snap = cu.Snapshotter(tmp_path / "snapshots", tmp_path / "snap.sock", tmp_path / "snap.log",
+                          "cython")
+    cd = cu.Containerd(tmp_path, snap.address, "cython", ns="k8s.io",
+                       cri=CRI_CONFIG.format(base=tmp_path, registry=registry.host))
+    try:
+        cu.write_oci_archive(tmp_path / "image.tar")
+        ref = f"{registry.host}/snaptest:latest"
+        subprocess.run(["skopeo", "copy", "--dest-tls-verify=false",
+                        f"oci-archive:{tmp_path / 'image.tar'}", f"docker://{ref}"],
+                       check=True, capture_output=True, timeout=cu.TIMEOUT)
+        snap.start()
+        cd.start()
+        with grpc.insecure_channel(f"unix://{cd.address}") as channel:
+            pull = channel.unary_unary("/runtime.v1.ImageService/PullImage")
+            # PullImageRequest{image: ImageSpec{image: ref}} -> PullImageResponse{image_ref}
+            reply = pull(_pb_bytes(1, _pb_bytes(1, ref.encode())), timeout=cu.TIMEOUT)
+        assert reply[0] == 0x0a and reply[2:].decode().startswith("sha256:"), reply
+        with sqlite3.connect(snap.root / "metadata.db") as db:
+            rows = db.execute("SELECT id, key, kind, labels FROM snapshots ORDER BY id").fetchall()
+        assert [(kind, json.loads(labels)["containerd.io/snapshot.ref"] == key.split("/")[-1])
+                for _, key, kind, labels in rows] == [(3, True), (3, True)], rows
+        top = snap.root / "snapshots" / str(rows[1][0]) / "fs"
+        assert os.getxattr(top / "data/b", "trusted.overlay.opaque") == b"y"
+        api = cu.Snapshots(cd, "unionfs")
+        with cu.mounted("cython", api.view("look", rows[1][1].split("/")[-1]), tmp_path / "m"):
+            assert (tmp_path / "m/data/a/f1").read_text() == "one, changed\n"
+            assert sorted(os.listdir(tmp_path / "m/data")) == ["a", "b", "old"]
+            assert os.listdir(tmp_path / "m/data/b") == ["h"]
+        api.remove("look")
+    finally:
+        cd.stop()
+        snap.kill(signal.SIGTERM)
+        registry.stop()
 
 
 @pytest.mark.parametrize("args, says", [
