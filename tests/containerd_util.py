@@ -155,7 +155,7 @@ class Snapshotter:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(TIMEOUT)
-        return self.proc.returncode
+        return self.proc.returncode if self.proc else None
 
 
 class Containerd:

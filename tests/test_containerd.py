@@ -40,11 +40,16 @@ class Env:
         self.snap_root = base / "snapshots"
         self.snap = cu.Snapshotter(self.snap_root, base / "snap.sock", base / "snap.log", impl)
         self.cd = cu.Containerd(base, self.snap.address, impl, ns=f"t{os.getpid()}")
-        self.snap.start()
-        self.cd.start()
-        archive = base / "image.tar"
-        cu.write_oci_archive(archive)
-        self.cd.ctr("images", "import", str(archive))
+        try:
+            self.snap.start()
+            self.cd.start()
+            archive = base / "image.tar"
+            cu.write_oci_archive(archive)
+            self.cd.ctr("images", "import", str(archive))
+        except BaseException:
+            self.cd.stop()      # no daemon outlives a failed start
+            self.snap.kill(signal.SIGTERM)
+            raise
 
     def run(self, snapshotter, cid, script, *, rm=True, check=True):
         args = (["--rm"] if rm else []) + ["--snapshotter", snapshotter, cu.IMAGE, cid,
