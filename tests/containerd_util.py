@@ -29,6 +29,18 @@ TIMEOUT = 60
 ECHILD_ATTEMPTS = 3
 
 
+def readme_block(intro: str) -> str:
+    """The README's indented block after the paragraph that starts with ``intro``, unindented."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rest = text[text.index("\n" + intro) + 1:].split("\n\n", 1)[1]
+    lines = []
+    for line in rest.splitlines():
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    return "\n".join(lines).strip() + "\n"
+
+
 def why_no_containerd() -> str | None:
     if os.geteuid() != 0:
         return "needs root (containerd, mounts)"
@@ -162,13 +174,15 @@ class Containerd:
     """A containerd of its own: config, root, state, sockets under ``base``; namespace ``ns``."""
 
     def __init__(self, base: Path, snap_address: Path, impl: str, ns: str, cri: str = ""):
-        """``cri``: the CRI plugin's configuration (TOML), to run it; without, it is disabled."""
+        """``cri``: the configuration of the proxy plugin and the CRI plugin (TOML), to run the CRI
+        plugin too; without, the proxy plugin is configured here and the CRI plugin disabled."""
         self.base, self.impl, self.ns = base, impl, ns
         self.address = base / "containerd.sock"
         self.config = base / "config.toml"
         self.log = base / "containerd.log"
         self.proc = None
         self.echild_retries = 0
+        proxy = f'[proxy_plugins.unionfs]\n  type = "snapshot"\n  address = "{snap_address}"\n'
         self.config.write_text(f"""version = 2
 root = "{base}/root"
 state = "{base}/state"
@@ -187,10 +201,7 @@ disabled_plugins = [{'' if cri else '"io.containerd.grpc.v1.cri", '}"io.containe
   address = ""
 [plugins."io.containerd.internal.v1.opt"]
   path = "{base}/opt"
-[proxy_plugins.unionfs]
-  type = "snapshot"
-  address = "{snap_address}"
-{cri}""")
+{cri or proxy}""")
 
     def start(self):
         self.address.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import stat
@@ -330,6 +331,9 @@ def _pb_bytes(number: int, data: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(data)) + data
 
 
+# The README's configuration (the proxy plugin; the CRI plugin's snapshotter), with this test's socket,
+# and what the CRI plugin needs here: no TCP or CNI of the machine's, the registry over plain HTTP.
+README_CONFIG = cu.readme_block("containerd's configuration")
 CRI_CONFIG = """[plugins."io.containerd.grpc.v1.cri"]
   disable_tcp_service = true
   stream_server_address = "127.0.0.1"
@@ -337,9 +341,6 @@ CRI_CONFIG = """[plugins."io.containerd.grpc.v1.cri"]
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{base}/cni/bin"
     conf_dir = "{base}/cni/conf"
-  # As the README says, for Kubernetes:
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "unionfs"
   [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]
     endpoint = ["http://{registry}"]
 """
@@ -354,8 +355,10 @@ def test_cri_pulls_into_unionfs(tmp_path):
     registry = ru.Registry(tmp_path / "registry")
     snap = cu.Snapshotter(tmp_path / "snapshots", tmp_path / "snap.sock", tmp_path / "snap.log",
                           "cython")
+    assert 'snapshotter = "unionfs"' in README_CONFIG
+    config = README_CONFIG.replace("/run/unionfs-snapshotter/snapshotter.sock", str(snap.address))
     cd = cu.Containerd(tmp_path, snap.address, "cython", ns="k8s.io",
-                       cri=CRI_CONFIG.format(base=tmp_path, registry=registry.host))
+                       cri=config + CRI_CONFIG.format(base=tmp_path, registry=registry.host))
     try:
         cu.write_oci_archive(tmp_path / "image.tar")
         ref = f"{registry.host}/snaptest:latest"
@@ -385,6 +388,18 @@ def test_cri_pulls_into_unionfs(tmp_path):
         cd.stop()
         snap.kill(signal.SIGTERM)
         registry.stop()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_readme_systemd_unit_verifies(tmp_path):
+    unit = cu.readme_block("A systemd unit")
+    assert "ExecStart=/usr/local/bin/unionfs-snapshotter " in unit
+    # This checkout's program: /usr/local/bin's is whatever was installed last.
+    path = tmp_path / "unionfs-snapshotter.service"
+    path.write_text(unit.replace("/usr/local/bin/", f"{cu.VENV_BIN}/"))
+    r = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True,
+                       timeout=cu.TIMEOUT)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
 
 
 @pytest.mark.parametrize("args, says", [
