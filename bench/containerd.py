@@ -15,7 +15,6 @@ needed, as for tests/test_containerd.py, whose helpers it uses.
 """
 
 import argparse
-import hashlib
 import io
 import os
 import statistics
@@ -59,16 +58,6 @@ def timed(fn):
     return time.monotonic() - t
 
 
-def chain_id(layers: list) -> str:
-    """The chain id of the top layer (OCI image spec): the name containerd commits it under."""
-    chain = None
-    for layer in layers:
-        diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
-        chain = diff_id if chain is None else \
-            "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
-    return chain
-
-
 def quiesce(cd, dirs):
     """After a garbage collection: waits until the snapshotters have deleted every snapshot (the
     overlayfs one deletes in the background), then writes back what is dirty, so that the next
@@ -106,7 +95,7 @@ def main():
 
     try:
         layers = cu.image_layers() + [bulk_layer(args.files, args.big_mib)]
-        top = chain_id(layers)
+        top = cu.chain_id(layers)
         archive = base / "image.tar"
         cu.write_oci_archive(archive, layers=layers)
         cd.ctr("images", "import", "--no-unpack", str(archive))

@@ -318,6 +318,62 @@ def test_restarts_and_kill9_lose_nothing(env1):
     assert dirs == sorted(rows)
 
 
+def _bulk_layer(files: int) -> bytes:
+    """A layer of ``files`` small files in directories of 100: long enough to unpack to be killed in."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(files):
+            if i % 100 == 0:
+                ti = tarfile.TarInfo(f"bulk/d{i // 100}")
+                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(ti)
+            ti = tarfile.TarInfo(f"bulk/d{i // 100}/f{i}")
+            ti.size = len(data := f"{i}\n".encode() * 100)
+            tar.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_kill9_during_an_unpack_loses_nothing(env1, tmp_path):
+    """The snapshotter killed -9 while containerd's applier writes a layer into one of its
+    directories: the unpack fails; once the snapshotter is back the same unpack succeeds, the union
+    shows the layer, and removing the image leaves nothing behind."""
+    env = env1
+    image = "localhost/unionfs-killtest:latest"
+    archive = tmp_path / "image.tar"
+    layers = cu.image_layers() + [_bulk_layer(1000)]
+    cu.write_oci_archive(archive, name=image, layers=layers)
+    env.cd.ctr("images", "import", "--no-unpack", str(archive))
+    unpack = subprocess.Popen(["ctr", "-a", str(env.cd.address), "-n", env.cd.ns, "images",
+                               "import", "--snapshotter", "unionfs", str(archive)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=cu.daemon_env(env.impl))
+    deadline = time.monotonic() + cu.TIMEOUT
+    with sqlite3.connect(env.snap_root / "metadata.db") as db:
+        # The image's lower layers are there already (the module's image): the first unpack
+        # snapshot is the bulk layer's; kill once the applier is writing into it.
+        while not (rows := db.execute("SELECT id FROM snapshots WHERE kind = 2 AND key LIKE "
+                                      "'%/extract-%'").fetchall()) \
+                or not (env.snap_root / f"snapshots/{rows[0][0]}/fs/bulk").exists():
+            assert time.monotonic() < deadline and unpack.poll() is None, unpack.stderr.read()
+            time.sleep(0.005)
+    env.snap.kill(signal.SIGKILL)
+    assert unpack.wait(cu.TIMEOUT) != 0
+    env.snap.start()
+    env.cd.wait_snapshotter()
+    env.cd.ctr("images", "import", "--snapshotter", "unionfs", str(archive))
+    api = cu.Snapshots(env.cd, "unionfs")
+    with cu.mounted(env.impl, api.view("killtest", cu.chain_id(layers)), tmp_path / "m"):
+        assert (tmp_path / "m/bulk/d9/f999").read_text() == "999\n" * 100
+        assert (tmp_path / "m/data/a/f1").read_text() == "one, changed\n"
+    api.remove("killtest")
+    env.cd.ctr("images", "rm", "--sync", image)
+    env.cd.gc()
+    rows, dirs = _store_rows_and_dirs(env)
+    assert dirs == sorted(rows), "a directory no snapshot owns, or a snapshot without one"
+    assert not [k for k in rows.values() if "extract-" in k], rows
+    assert len(rows) == len([r for r in _ls(env, "unionfs")])
+
+
 def _varint(n: int) -> bytes:
     out = b""
     while n > 0x7f:
