@@ -159,8 +159,10 @@ def _wait_socket(path: Path, proc: subprocess.Popen, log: Path, what: str) -> No
 class Snapshotter:
     """unionfs-snapshotter as containerd's proxy plugin talks to it (restartable, kill -9-able)."""
 
-    def __init__(self, root: Path, address: Path, log: Path, impl: str):
+    def __init__(self, root: Path, address: Path, log: Path, impl: str, wrapper=()):
+        """``wrapper``: a command that execs it (``unshare ...``)."""
         self.root, self.address, self.log, self.impl = root, address, log, impl
+        self.wrapper = list(wrapper)
         self.proc = None
 
     def start(self):
@@ -168,7 +170,7 @@ class Snapshotter:
         self.address.unlink(missing_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(VENV_BIN / "unionfs-snapshotter"), "--root", str(self.root),
+                self.wrapper + [str(VENV_BIN / "unionfs-snapshotter"), "--root", str(self.root),
                  "--address", str(self.address)],
                 stdout=log, stderr=log, env=daemon_env(self.impl), start_new_session=True)
         _wait_socket(self.address, self.proc, self.log, "unionfs-snapshotter")

@@ -535,6 +535,26 @@ def test_api_mounts_are_overlayfs_snapshotters_answers(api):
         ("fuse3.unionmount", "unionmount", [f"lowerdir={fs(3)}:{fs(1)}"])]
 
 
+def test_api_in_a_user_namespace_unpacks_through_the_union(tmp_path):
+    """In a user namespace containerd's applier would mount an `overlay` answer with the kernel's
+    overlay, which cannot reach our trusted.* markers there: a snapshotter in one (as in a rootless
+    containerd's) answers fuse3.unionmount for unpack snapshots too."""
+    from unionfs.snapshotter.proto import snapshots_pb2 as pb, snapshots_pb2_grpc as pb_grpc
+    snap = cu.Snapshotter(tmp_path / "root", tmp_path / "snap.sock", tmp_path / "snap.log", "cython",
+                          wrapper=["unshare", "--user", "--map-root-user"])
+    snap.start()
+    try:
+        with grpc.insecure_channel(f"unix://{snap.address}") as channel:
+            stub = pb_grpc.SnapshotsStub(channel)
+            stub.Prepare(pb.PrepareSnapshotRequest(key="a"), timeout=cu.TIMEOUT)
+            stub.Commit(pb.CommitSnapshotRequest(name="A", key="a"), timeout=cu.TIMEOUT)
+            mounts = _mounts(stub.Prepare(pb.PrepareSnapshotRequest(
+                key="ns/9/extract-1701 sha256:ab", parent="A"), timeout=cu.TIMEOUT))
+    finally:
+        snap.kill(signal.SIGTERM)
+    assert [m[0] for m in mounts] == ["fuse3.unionmount"], mounts
+
+
 def test_api_errors_are_what_containerd_expects(api):
     snap, pb, stub = api
     NF, AE, FP = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
