@@ -403,6 +403,7 @@ CRI_CONFIG = """[plugins."io.containerd.grpc.v1.cri"]
 
 
 @pytest.mark.skipif(bool(ru.why_no_registry()), reason=ru.why_no_registry() or "")
+@pytest.mark.skipif(shutil.which("skopeo") is None, reason="needs skopeo (apt-get install skopeo)")
 def test_cri_pulls_into_unionfs(tmp_path):
     """Kubernetes' way in: the CRI plugin configured with `snapshotter = "unionfs"` pulls an image
     (its PullImage call, over containerd's socket) from a registry, and its unpacker writes the
