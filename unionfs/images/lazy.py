@@ -64,6 +64,7 @@ def start(st, reg, ref, workroot, creds=None, platform=None):
             return None
     if not lazy:
         return None
+    os.makedirs(workroot, 0o700, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix=".lazy-", dir=workroot)
     mountpoint = os.path.join(workdir, "layers")
     os.mkdir(mountpoint, 0o700)
@@ -90,7 +91,23 @@ def start(st, reg, ref, workroot, creds=None, platform=None):
     return Session(proc, workdir, mountpoint, tuple(reversed(lowers)), manifest.summary(config), names[0])
 
 
-def finish(session, wait=True):
+def start_for_run(st, text, workroot):
+    """`run --lazy REF` of an image the store lacks: a Session, or None when REF has a layer that is not
+    eStargz (the caller pulls it as usual). Default transport options, as run's own pull."""
+    from . import registry
+    ref = reference.parse(text)
+    reg = registry.Registry(ref.registry, repository=ref.repository)
+    try:
+        s = start(st, reg, ref, workroot, reg.creds)
+    finally:
+        reg.close()
+    if s is not None:
+        print(f"{reference.familiar(s.name)}: {sum(p.startswith(s.mountpoint) for p in s.lowers)} of "
+              f"{len(s.lowers)} layers served lazily while they download", file=sys.stderr)
+    return s
+
+
+def finish(session):
     """Unmount the lazy layers (the container is gone) and wait for the daemon to fetch the rest and
     commit the image. Returns the daemon's last line (None if it committed)."""
     from ..launcher import union

@@ -49,6 +49,7 @@ class Layer:
         self.complete = False
         self.failed = None
         self.fetched_ranges = 0
+        self.refused = set()          # chunks already reported
         toc = estargz.read_toc(self.get_range, self.size, estargz.toc_digest_of(desc))
         self.tree = lazytree.Tree(toc, self.size, opaque_xattr, limits)
         # The TOC is the tar's last entry: a full unpack has it as a file; so do we.
@@ -92,12 +93,13 @@ class Layer:
                 pass
         try:
             data = _inflate(self.get_range(c.start, c.end), c.size)
-        except (zlib.error, Exception) as e:
-            _log(f"blob {self.digest[:19]}: chunk at {c.start}: {e}")
-            raise OSError(errno.EIO, "chunk fetch failed") from None
-        if manifest.digest_of(data) != c.digest:
-            _log(f"blob {self.digest[:19]}: chunk at {c.start} does not match its TOC digest: refused")
-            raise OSError(errno.EIO, "chunk digest mismatch")
+            if manifest.digest_of(data) != c.digest:
+                raise OSError(errno.EIO, "does not match its TOC digest: refused")
+        except Exception as e:     # a bad gzip member, a refused or dropped request, a wrong digest
+            if c.start not in self.refused:    # once: the kernel asks again page by page
+                self.refused.add(c.start)
+                _log(f"blob {self.digest[:19]}: chunk at {c.start}: {e.strerror if isinstance(e, OSError) else e}")
+            raise OSError(errno.EIO, "chunk refused") from None
         return data
 
 

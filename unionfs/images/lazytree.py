@@ -43,6 +43,8 @@ class Node:
         self.kind, self.mode, self.uid, self.gid, self.mtime_ns = kind, mode, uid, gid, mtime_ns
         self.size, self.rdev, self.target, self.nlink = 0, 0, b"", 1
         self.children = {} if kind == stat.S_IFDIR else None
+        if kind == stat.S_IFDIR:
+            self.size = 4096    # what ext4 (a store's usual home) says of a small directory
         self.chunks = []
         self.xattrs = {}
         self.data = None            # bytes held in memory (the TOC file itself)
@@ -225,6 +227,7 @@ class Tree:
             if not isinstance(link, str) or not link or len(link) > MAX_NAME or "\0" in link:
                 raise EstargzError(f"eStargz TOC: symlink {e.get('name')!r} has a bad target")
             node.target = os.fsencode(link)
+            node.mode = 0o777       # as every symlink on Linux, whatever the tar said
             node.size = len(node.target)
         elif typ in ("char", "block"):
             node.rdev = os.makedev(_int(e, "devMajor", 0, 0xFFF), _int(e, "devMinor", 0, 0xFFFFF))
