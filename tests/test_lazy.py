@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
 
 import pytest
 
@@ -165,20 +164,19 @@ def test_lazy_run_sees_the_full_pull_tree_and_commits(world, tmp_path):
         assert unionrun(lazy, "images", "-q").stdout == unionrun(full, "images", "-q").stdout
 
 
-def _push_blob_image(reg_host, repo, blob, toc_digest, diff_id):
-    """An image of one layer, `blob`, announced as eStargz with `toc_digest`, pushed with our client."""
+def _push_layers(reg_host, repo, layers, tmp):
+    """An image of these eStargz layers [(blob, TOC digest, diff_id)], bottom first, pushed as REPO:1."""
     r = registry.Registry(reg_host)
-    cfg = json.dumps({"architecture": manifest.host_platform()[1], "os": "linux", "config": {"Cmd": ["sh"]},
-                      "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
-    for data in (blob, cfg):
-        path = f"/tmp/lazy-test-{os.getpid()}.blob"
-        with open(path, "wb") as f:
-            f.write(data)
-        r.put_blob(repo, manifest.digest_of(data), len(data), path)
-        os.unlink(path)
-    desc = {"mediaType": manifest.OCI_LAYER_GZIP, "digest": manifest.digest_of(blob), "size": len(blob),
-            "annotations": {estargz.TOC_ANNOTATION: toc_digest}}
-    man, mt = manifest.build(cfg, [desc])
+    cfg = json.dumps({"architecture": manifest.host_platform()[1], "os": "linux",
+                      "config": {"Cmd": ["sh"], "Env": ["PATH=/bin"]},
+                      "rootfs": {"type": "layers", "diff_ids": [d for _, _, d in layers]}}).encode()
+    for data in [b for b, _, _ in layers] + [cfg]:
+        path = tmp / "blob"
+        path.write_bytes(data)
+        r.put_blob(repo, manifest.digest_of(data), len(data), str(path))
+    descs = [{"mediaType": manifest.OCI_LAYER_GZIP, "digest": manifest.digest_of(b), "size": len(b),
+              "annotations": {estargz.TOC_ANNOTATION: t}} for b, t, _ in layers]
+    man, mt = manifest.build(cfg, descs)
     r.put_manifest(repo, "1", man, mt)
     r.close()
 
@@ -199,14 +197,15 @@ def _with_toc(blob, edit):
     ti = tarfile.TarInfo(estargz.TOC_NAME)
     ti.size = len(raw)
     member = ti.tobuf(tarfile.PAX_FORMAT) + raw + b"\0" * (-len(raw) % 512) + b"\0" * 1024
-    return blob[:toc_offset] + gzip.compress(member, mtime=0) + estargz.footer(toc_offset), \
-        "sha256:" + hashlib.sha256(raw).hexdigest()
+    blob = blob[:toc_offset] + gzip.compress(member, mtime=0) + estargz.footer(toc_offset)
+    diff_id = "sha256:" + hashlib.sha256(gzip.decompress(blob)).hexdigest()
+    return blob, "sha256:" + hashlib.sha256(raw).hexdigest(), diff_id
 
 
 def _hostile(entries_edit):
-    blob, _, diff_id = _encode(_tar_of({"etc": ("dir",), "etc/passwd": b"root:x:0:0::/:/bin/sh\n",
-                                        "a": ("link", "/etc")}))
-    return (*_with_toc(blob, entries_edit), diff_id)
+    blob, _, _ = _encode(_tar_of({"etc": ("dir",), "etc/passwd": b"root:x:0:0::/:/bin/sh\n",
+                                  "a": ("link", "/etc")}))
+    return _with_toc(blob, entries_edit)
 
 
 HOSTILE = {
@@ -225,11 +224,10 @@ HOSTILE = {
 def test_hostile_toc_is_refused_nothing_mounted(world, tmp_path):
     d, reg = world
     for i, (what, edit) in enumerate(HOSTILE.items()):
-        blob, toc_digest, diff_id = _hostile(edit)
-        _push_blob_image(reg.host, f"hostile{i}", blob, toc_digest, diff_id)
+        _push_layers(reg.host, f"hostile{i}", [_hostile(edit)], tmp_path)
     # And a TOC that is not the one the manifest pins.
     blob, _, diff_id = _hostile(lambda es: None)
-    _push_blob_image(reg.host, "hostile-digest", blob, "sha256:" + "0" * 64, diff_id)
+    _push_layers(reg.host, "hostile-digest", [(blob, "sha256:" + "0" * 64, diff_id)], tmp_path)
     st = tmp_path / "store"
     assert unionrun(st, "images", "-q").returncode == 0
     before = sorted(os.listdir(st / "blobs/sha256")) + sorted(os.listdir(st / "images"))
@@ -258,21 +256,7 @@ def test_corrupted_chunk_is_an_eio_and_nothing_is_committed(tmp_path):
         toc = json.loads(tarfile.open(fileobj=io.BytesIO(gzip.decompress(
             blob1[toc_offset:-estargz.FOOTER_SIZE]))).extractfile(estargz.TOC_NAME).read())
         second = [e for e in toc["entries"] if e["name"] == "big"][-1]["offset"] + 5000
-        r = registry.Registry(reg.host)
-        cfg = json.dumps({"architecture": manifest.host_platform()[1], "os": "linux",
-                          "config": {"Cmd": ["sh"], "Env": ["PATH=/bin"]},
-                          "rootfs": {"type": "layers", "diff_ids": [diff0, diff1]}}).encode()
-        descs = []
-        for blob, toc_digest in ((blob0, toc0), (blob1, toc1), (cfg, None)):
-            path = tmp_path / "blob"
-            path.write_bytes(blob)
-            r.put_blob("bad", manifest.digest_of(blob), len(blob), str(path))
-            if toc_digest:
-                descs.append({"mediaType": manifest.OCI_LAYER_GZIP, "digest": manifest.digest_of(blob),
-                              "size": len(blob), "annotations": {estargz.TOC_ANNOTATION: toc_digest}})
-        man, mt = manifest.build(cfg, descs)
-        r.put_manifest("bad", "1", man, mt)
-        r.close()
+        _push_layers(reg.host, "bad", [(blob0, toc0, diff0), (blob1, toc1, diff1)], tmp_path)
         data = bytearray(reg.blob_file(manifest.digest_of(blob1)).read_bytes())
         data[second] ^= 0xFF
         reg.blob_file(manifest.digest_of(blob1)).write_bytes(bytes(data))
@@ -291,3 +275,20 @@ def test_corrupted_chunk_is_an_eio_and_nothing_is_committed(tmp_path):
         assert not lazy_mounts()
     finally:
         reg.stop()
+
+
+def test_toc_that_lies_about_its_tar_is_not_committed(world, tmp_path):
+    """The container sees the TOC (it is pinned by the manifest); the store keeps only a layer whose
+    tar agrees with what the container saw."""
+    d, reg = world
+    bb = _encode(busybox_tar(tmp_path))
+    blob, _, _ = _encode(_tar_of({"etc": ("dir",), "etc/passwd": b"root:x:0:0::/:/bin/sh\n"}))
+    lie = _with_toc(blob, lambda es: [e.update(mode=0o600) for e in es if e["name"] == "etc/passwd"])
+    _push_layers(reg.host, "lie", [bb, lie], tmp_path)
+    st = tmp_path / "store"
+    r = unionrun(st, "run", "--lazy", "--rm", "--net=none", f"{reg.host}/lie:1", "stat", "-c", "%a",
+                 "/etc/passwd", root=tmp_path / "r")
+    assert r.returncode == 0 and r.stdout == "600\n", r.stderr
+    assert "does not describe its tar" in r.stderr and "not committed" in r.stderr, r.stderr
+    assert unionrun(st, "images", "-q").stdout == ""
+    assert not lazy_mounts()

@@ -24,7 +24,7 @@ import zlib
 import pyfuse3
 import trio
 
-from . import estargz, lazytree, manifest, registry
+from . import estargz, layer, lazytree, manifest, registry
 from . import store as _store
 
 TIMEOUT = 3600.0                      # the tree never changes: the kernel may keep what it learns
@@ -69,17 +69,19 @@ class Layer:
         self.fetched_ranges += 1
         return r.content
 
-    def fetch_all(self):
-        """The whole blob, in the background (registry.fetch_blob checks its digest)."""
+    def fetch_all(self, demand):
+        """The whole blob, in the background (registry.fetch_blob checks its digest); it pauses while
+        `demand` (a Demand) has reads waiting for the registry, so that they get the bandwidth."""
         def progress(n):
             self.have = n
+            demand.wait_idle()
         try:
             self.reg.fetch_blob(self.repo, self.digest, self.size, self.path, progress)
             self.complete = True
         except Exception as e:      # reported when the daemon ends; reads go on from the registry
             self.have, self.failed = 0, str(e) or type(e).__name__
 
-    def chunk_bytes(self, c):
+    def chunk_bytes(self, c, demand=None):
         """The chunk's uncompressed bytes, checked against its digest: from the local copy when it has
         them, else from the registry. Raises OSError(EIO) when neither gives the right bytes."""
         if self.complete or self.have >= c.end + _LOCAL_MARGIN:
@@ -92,7 +94,12 @@ class Layer:
             except (OSError, zlib.error):
                 pass
         try:
-            data = _inflate(self.get_range(c.start, c.end), c.size)
+            if demand is not None:
+                with demand:
+                    raw = self.get_range(c.start, c.end)
+            else:
+                raw = self.get_range(c.start, c.end)
+            data = _inflate(raw, c.size)
             if manifest.digest_of(data) != c.digest:
                 raise OSError(errno.EIO, "does not match its TOC digest: refused")
         except Exception as e:     # a bad gzip member, a refused or dropped request, a wrong digest
@@ -101,6 +108,29 @@ class Layer:
                 _log(f"blob {self.digest[:19]}: chunk at {c.start}: {e.strerror if isinstance(e, OSError) else e}")
             raise OSError(errno.EIO, "chunk refused") from None
         return data
+
+
+class Demand:
+    """Reads waiting for the registry: the background fetch yields to them (a paused stream stops
+    taking bandwidth once TCP's window closes)."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.waiting = 0
+
+    def __enter__(self):
+        with self.cond:
+            self.waiting += 1
+
+    def __exit__(self, *exc):
+        with self.cond:
+            self.waiting -= 1
+            self.cond.notify_all()
+
+    def wait_idle(self):
+        with self.cond:
+            # Bounded: a read stuck on a dead connection must not stop the background fetch for good.
+            self.cond.wait_for(lambda: self.waiting == 0, timeout=30)
 
 
 def _inflate(raw, size):
@@ -137,6 +167,7 @@ class LazyOps(pyfuse3.Operations):
         self.cache_lock = threading.Lock()
         self.chunk_locks = collections.defaultdict(threading.Lock)
         self.limiter = trio.CapacityLimiter(FETCHERS)
+        self.demand = Demand()
 
     def _node(self, ino):
         if ino == pyfuse3.ROOT_INODE:
@@ -252,7 +283,7 @@ class LazyOps(pyfuse3.Operations):
                 data = self.cache.get(key)
             if data is not None:
                 return data
-            data = lay.chunk_bytes(c)
+            data = lay.chunk_bytes(c, self.demand)
             with self.cache_lock:
                 self.cache[key] = data
                 self.cached += len(data)
@@ -301,6 +332,12 @@ def _commit(job, layers):
             else:
                 stg.add_blob(lay.digest, path)
             stg.add_layer(lay.digest, lay.diff_id)
+            staged = stg.layers.get(lay.hex)
+            wrong = lay.tree.differences(os.path.join(staged, "diff")) if staged else []
+            if wrong:
+                # The container saw the TOC's tree; a store layer must be what it saw.
+                raise _store.StoreError(f"layer {lay.digest[:19]}: its TOC does not describe its tar (at "
+                                        f"{os.fsdecode(wrong[0])!r}): not committed")
         return stg.commit(job["names"], man, job["media_type"], cfg, source=job.get("source"),
                           ref_digest=job.get("ref_digest"), platform=job.get("platform"))
 
@@ -318,16 +355,15 @@ def serve(job):
     options = set(pyfuse3.default_options) | {"fsname=unionfs-lazy", "subtype=unionfs-lazy", "ro",
                                               "nosuid", "nodev", "allow_other"}
     pyfuse3.init(ops, job["mountpoint"], options)
-    fetchers = [threading.Thread(target=lay.fetch_all, daemon=True) for lay in layers]
+    # One blob at a time, bottom first: one stream shares the bandwidth with the reads, not several.
+    fetcher = threading.Thread(target=lambda: [lay.fetch_all(ops.demand) for lay in layers], daemon=True)
     try:
         print("ready", flush=True)
-        for t in fetchers:
-            t.start()
+        fetcher.start()
         trio.run(pyfuse3.main)
     finally:
         pyfuse3.close(unmount=False)
-    for t in fetchers:
-        t.join()
+    fetcher.join()
     failed = [f"{lay.digest[:19]}: {lay.failed}" for lay in layers if lay.failed]
     if failed:
         _log("background fetch failed, nothing committed: " + "; ".join(failed))
@@ -343,9 +379,10 @@ def main():
     job = json.load(sys.stdin)
     try:
         return serve(job)
-    except (estargz.EstargzError, lazytree.EstargzError, registry.RegistryError, _store.StoreError,
-            manifest.ManifestError, RuntimeError, OSError) as e:
-        # Before `ready`: the caller reports this line as its own error; nothing is mounted.
+    except (layer.LayerError, registry.RegistryError, _store.StoreError, manifest.ManifestError,
+            RuntimeError, OSError) as e:
+        # Before `ready`, the caller reports this line as its own error (nothing is mounted); after,
+        # as the reason nothing was committed.
         print(f"error {e}", flush=True)
         return 1
 

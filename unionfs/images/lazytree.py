@@ -87,6 +87,20 @@ def _parts(name):
     return [os.fsencode(p) for p in parts]
 
 
+def _same(st, node, dfd, name):
+    if stat.S_IFMT(st.st_mode) != node.kind or st.st_uid != node.uid or st.st_gid != node.gid:
+        return False
+    if node.kind == stat.S_IFLNK:
+        return os.fsencode(os.readlink(name, dir_fd=dfd)) == node.target
+    if stat.S_IMODE(st.st_mode) != node.mode:
+        return False
+    if node.kind == stat.S_IFREG:
+        return st.st_size == node.size
+    if node.kind in (stat.S_IFCHR, stat.S_IFBLK):
+        return st.st_rdev == node.rdev
+    return True
+
+
 class Tree:
     """The layer's root Node, and every node by inode once numbered."""
 
@@ -151,6 +165,9 @@ class Tree:
                 last = (node, e["name"])
         if last is not None:
             self._close_file(last[0])
+        if limits and limits.max_bytes and self.total > limits.max_bytes:
+            raise EstargzError(f"eStargz TOC: the layer holds more than {limits.max_bytes_text or limits.max_bytes}"
+                               " bytes")
         # Where each chunk's gzip member(s) end: where the next one starts, or the TOC.
         ends = sorted(starts) + [toc.toc_offset]
         nxt = {s: ends[i + 1] for i, s in enumerate(ends[:-1])}
@@ -270,6 +287,42 @@ class Tree:
         node.size, node.data = len(data), data
         self.root.children[os.fsencode(name)] = node
         self._number()
+
+    # --- the full blob's check
+
+    def differences(self, layer_dir):
+        """Where the layer unpacked from the full blob differs from this tree (what the container saw):
+        a list of paths, empty when they agree in names, types, modes, owners, sizes, link targets and
+        device numbers. Walked fd-relative, never following a symlink."""
+        out = []
+        root = os.open(layer_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        stack = [(root, b"", self.root)]
+        try:
+            while stack:
+                dfd, path, node = stack.pop()
+                try:
+                    names = set(os.listdir(dfd))
+                    want = {os.fsdecode(n) for n in node.children}
+                    out += [os.fsencode(f"{path.decode(errors='replace')}/{n}") for n in names ^ want]
+                    for name, child in node.children.items():
+                        sname = os.fsdecode(name)
+                        if sname not in names:
+                            continue
+                        st = os.stat(sname, dir_fd=dfd, follow_symlinks=False)
+                        if not _same(st, child, dfd, sname):
+                            out.append(path + b"/" + name)
+                        elif child.kind == stat.S_IFDIR:
+                            fd = os.open(sname, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                         dir_fd=dfd)
+                            stack.append((fd, path + b"/" + name, child))
+                finally:
+                    os.close(dfd)
+                if len(out) > 10:
+                    break
+        finally:
+            for dfd, _, _ in stack:
+                os.close(dfd)
+        return out
 
     # --- numbering
 
