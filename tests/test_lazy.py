@@ -292,3 +292,35 @@ def test_toc_that_lies_about_its_tar_is_not_committed(world, tmp_path):
     assert "does not describe its tar" in r.stderr and "not committed" in r.stderr, r.stderr
     assert unionrun(st, "images", "-q").stdout == ""
     assert not lazy_mounts()
+
+
+def test_small_files_sharing_a_gzip_member(tmp_path):
+    """In process: stargz-snapshotter's writer packs small files into one gzip member (`innerOffset`);
+    each reads as its own bytes."""
+    from unionfs.images import lazyfs, lazytree
+    a, b = b"hello a\n", b"second file b\n"
+
+    def hdr(name, size):
+        ti = tarfile.TarInfo(name)
+        ti.size = size
+        return ti.tobuf(tarfile.PAX_FORMAT)
+
+    def pad(n):
+        return b"\0" * (-n % 512)
+    m0 = gzip.compress(hdr("a", len(a)), mtime=0)
+    both = a + pad(len(a)) + hdr("b", len(b))
+    inner = len(both)
+    both += b + pad(len(b))
+    m1 = gzip.compress(both, mtime=0)
+    entries = [{"name": n, "type": "reg", "size": len(x), "mode": 0o644, "uid": 0, "gid": 0, "offset": len(m0),
+                "innerOffset": i, "chunkDigest": "sha256:" + hashlib.sha256(x).hexdigest()}
+               for n, x, i in (("a", a, 0), ("b", b, inner))]
+    raw = json.dumps({"version": 1, "entries": entries}).encode()
+    m2 = gzip.compress(hdr(estargz.TOC_NAME, len(raw)) + raw + pad(len(raw)) + b"\0" * 1024, mtime=0)
+    blob = m0 + m1 + m2 + estargz.footer(len(m0) + len(m1))
+    assert [m.name for m in tarfile.open(fileobj=io.BytesIO(blob))] == ["a", "b", estargz.TOC_NAME]
+    toc = estargz.read_toc(lambda s, e: blob[s:e], len(blob), "sha256:" + hashlib.sha256(raw).hexdigest())
+    tree = lazytree.Tree(toc, len(blob), b"user.overlay.opaque")
+    for name, want in ((b"a", a), (b"b", b)):
+        c = tree.root.children[name].chunks[0]
+        assert lazyfs._inflate(blob[c.start:c.end], c.inner, c.size) == want

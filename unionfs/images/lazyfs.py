@@ -88,7 +88,7 @@ class Layer:
             try:
                 with open(self.path, "rb") as f:
                     f.seek(c.start)
-                    data = _inflate(f.read(c.end - c.start), c.size)
+                    data = _inflate(f.read(c.end - c.start), c.inner, c.size)
                 if manifest.digest_of(data) == c.digest:
                     return data
             except (OSError, zlib.error):
@@ -99,12 +99,12 @@ class Layer:
                     raw = self.get_range(c.start, c.end)
             else:
                 raw = self.get_range(c.start, c.end)
-            data = _inflate(raw, c.size)
+            data = _inflate(raw, c.inner, c.size)
             if manifest.digest_of(data) != c.digest:
                 raise OSError(errno.EIO, "does not match its TOC digest: refused")
         except Exception as e:     # a bad gzip member, a refused or dropped request, a wrong digest
-            if c.start not in self.refused:    # once: the kernel asks again page by page
-                self.refused.add(c.start)
+            if (c.start, c.inner) not in self.refused:    # once: the kernel asks again page by page
+                self.refused.add((c.start, c.inner))
                 _log(f"blob {self.digest[:19]}: chunk at {c.start}: {e.strerror if isinstance(e, OSError) else e}")
             raise OSError(errno.EIO, "chunk refused") from None
         return data
@@ -133,17 +133,17 @@ class Demand:
             self.cond.wait_for(lambda: self.waiting == 0, timeout=30)
 
 
-def _inflate(raw, size):
-    """The first `size` bytes the gzip member(s) in `raw` uncompress to (a chunk's member may go on
-    with the next tar header)."""
-    out = bytearray()
-    while raw and len(out) < size:
+def _inflate(raw, skip, size):
+    """Uncompressed bytes [skip, skip+size) of the gzip member(s) in `raw` (a chunk's member may hold
+    other files' chunks before it, and go on with the next tar header)."""
+    out, want = bytearray(), skip + size
+    while raw and len(out) < want:
         d = zlib.decompressobj(wbits=31)
-        out += d.decompress(raw, size - len(out))
+        out += d.decompress(raw, want - len(out))
         raw = d.unused_data if not d.unconsumed_tail else b""
-    if len(out) < size:
+    if len(out) < want:
         raise zlib.error("chunk shorter than the TOC says")
-    return bytes(out)
+    return bytes(out[skip:])
 
 
 class LazyOps(pyfuse3.Operations):
@@ -264,7 +264,7 @@ class LazyOps(pyfuse3.Operations):
         return b"".join(out)
 
     async def _chunk(self, lay, c):
-        key = (lay.digest, c.start)
+        key = (lay.digest, c.start, c.inner)
         with self.cache_lock:
             data = self.cache.get(key)
             if data is not None:

@@ -26,11 +26,12 @@ _KINDS = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK, "ha
 
 
 class Chunk:
-    """Bytes [file_offset, file_offset+size) of a file: the gzip member(s) at [start, end) of the blob."""
-    __slots__ = ("file_offset", "size", "start", "end", "digest")
+    """Bytes [file_offset, file_offset+size) of a file: uncompressed bytes [inner, inner+size) of the
+    gzip member(s) at [start, end) of the blob (`innerOffset`: small files may share a member)."""
+    __slots__ = ("file_offset", "size", "start", "end", "digest", "inner")
 
-    def __init__(self, file_offset, size, start, digest):
-        self.file_offset, self.size, self.start, self.digest = file_offset, size, start, digest
+    def __init__(self, file_offset, size, start, digest, inner=0):
+        self.file_offset, self.size, self.start, self.digest, self.inner = file_offset, size, start, digest, inner
         self.end = None
 
 
@@ -166,8 +167,8 @@ class Tree:
         if last is not None:
             self._close_file(last[0])
         if limits and limits.max_bytes and self.total > limits.max_bytes:
-            raise EstargzError(f"eStargz TOC: the layer holds more than {limits.max_bytes_text or limits.max_bytes}"
-                               " bytes")
+            said = limits.max_bytes_text or limits.max_bytes
+            raise EstargzError(f"eStargz TOC: the layer holds more than {said} bytes")
         # Where each chunk's gzip member(s) end: where the next one starts, or the TOC.
         ends = sorted(starts) + [toc.toc_offset]
         nxt = {s: ends[i + 1] for i, s in enumerate(ends[:-1])}
@@ -269,8 +270,9 @@ class Tree:
             raise EstargzError(f"eStargz TOC: {e.get('name')!r}: no valid chunkDigest") from None
         if node.chunks and node.chunks[-1].size == 0:
             raise EstargzError(f"eStargz TOC: {e.get('name')!r}: a chunk after the last one")
+        inner = _int(e, "innerOffset", 0, MAX_SPAN)
         starts.add(start)
-        node.chunks.append(Chunk(expect, size, start, digest))
+        node.chunks.append(Chunk(expect, size, start, digest, inner))
 
     def _close_file(self, node):
         """Sizes of 0 ("the rest") made explicit; the chunks must cover the file exactly."""
