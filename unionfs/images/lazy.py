@@ -44,7 +44,7 @@ def _manifest(reg, ref, platform):
     return data, mt, digest, ref_digest, picked
 
 
-def start(st, reg, ref, workroot, creds=None, platform=None):
+def start(st, reg, ref, workroot, platform=None):
     """The daemon mounted and serving; returns a Session, or None when no layer is eStargz (the caller
     pulls as usual). Raises LazyError (nothing mounted) when the daemon refuses a layer or its TOC."""
     data, mt, digest, ref_digest, picked = _manifest(reg, ref, platform)
@@ -98,7 +98,7 @@ def start_for_run(st, text, workroot):
     ref = reference.parse(text)
     reg = registry.Registry(ref.registry, repository=ref.repository)
     try:
-        s = start(st, reg, ref, workroot, reg.creds)
+        s = start(st, reg, ref, workroot)
     finally:
         reg.close()
     if s is not None:
