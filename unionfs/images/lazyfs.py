@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import collections
 import errno
+import functools
 import json
 import os
 import stat
@@ -146,6 +147,17 @@ def _inflate(raw, skip, size):
     return bytes(out[skip:])
 
 
+def _errors(fn):
+    """The one place an OSError of a handler becomes the FUSE error the kernel gets."""
+    @functools.wraps(fn)
+    async def wrapper(*args):
+        try:
+            return await fn(*args)
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+    return wrapper
+
+
 class LazyOps(pyfuse3.Operations):
     """Root (inode 1) lists the layers by diff_id hex; each layer's tree follows with its own inodes."""
 
@@ -164,7 +176,7 @@ class LazyOps(pyfuse3.Operations):
             self.root_children[lay.hex.encode()] = base + lay.tree.root.ino
         self.cache = collections.OrderedDict()
         self.cached = 0
-        self.cache_lock = threading.Lock()
+        self.cache_lock = threading.Lock()      # cache, cached, chunk_locks
         self.chunk_locks = collections.defaultdict(threading.Lock)
         self.limiter = trio.CapacityLimiter(FETCHERS)
         self.demand = Demand()
@@ -177,7 +189,7 @@ class LazyOps(pyfuse3.Operations):
         except IndexError:
             entry = None
         if entry is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
         return entry
 
     def _attr(self, ino):
@@ -198,9 +210,11 @@ class LazyOps(pyfuse3.Operations):
     def _ino(self, lay, n):
         return lay.base + n.ino
 
+    @_errors
     async def getattr(self, inode, ctx=None):
         return self._attr(inode)
 
+    @_errors
     async def lookup(self, parent, name, ctx=None):
         if parent == pyfuse3.ROOT_INODE:
             ino = self.root_children.get(name)
@@ -209,24 +223,27 @@ class LazyOps(pyfuse3.Operations):
             child = n.children.get(name) if n.children is not None else None
             ino = self._ino(lay, child) if child is not None else None
         if ino is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
         return self._attr(ino)
 
     async def forget(self, inode_list):
         pass    # every node lives as long as the mount: nothing to free
 
+    @_errors
     async def readlink(self, inode, ctx):
         _, n = self._node(inode)
         if n is None or n.kind != stat.S_IFLNK:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         return n.target
 
+    @_errors
     async def opendir(self, inode, ctx):
         _, n = self._node(inode)
         if n is not None and n.kind != stat.S_IFDIR:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         return inode
 
+    @_errors
     async def readdir(self, fh, start_id, token):
         if fh == pyfuse3.ROOT_INODE:
             items = sorted(self.root_children.items())
@@ -241,15 +258,17 @@ class LazyOps(pyfuse3.Operations):
     async def releasedir(self, fh):
         pass
 
+    @_errors
     async def open(self, inode, flags, ctx):
         _, n = self._node(inode)
         if n is None or n.kind != stat.S_IFREG:
-            raise pyfuse3.FUSEError(errno.EISDIR if n is None or n.kind == stat.S_IFDIR else errno.EINVAL)
+            raise OSError(errno.EISDIR if n is None or n.kind == stat.S_IFDIR else errno.EINVAL, "not a file")
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
         # The bytes never change: the page cache may keep them across opens.
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
+    @_errors
     async def read(self, fh, off, size):
         lay, n = self._node(fh)
         if n.data is not None:
@@ -271,14 +290,13 @@ class LazyOps(pyfuse3.Operations):
                 self.cache.move_to_end(key)
                 return data
         async with self.limiter:
-            try:
-                return await trio.to_thread.run_sync(self._fetch_chunk, lay, c, key)
-            except OSError as e:
-                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            return await trio.to_thread.run_sync(self._fetch_chunk, lay, c, key)
 
     def _fetch_chunk(self, lay, c, key):
         # One fetch per chunk: the kernel's readahead asks for the same chunk many times at once.
-        with self.chunk_locks[key]:
+        with self.cache_lock:
+            chunk_lock = self.chunk_locks[key]
+        with chunk_lock:
             with self.cache_lock:
                 data = self.cache.get(key)
             if data is not None:
@@ -295,13 +313,15 @@ class LazyOps(pyfuse3.Operations):
     async def release(self, fh):
         pass
 
+    @_errors
     async def getxattr(self, inode, name, ctx):
         _, n = self._node(inode)
         value = n.xattrs.get(name) if n is not None else None
         if value is None:
-            raise pyfuse3.FUSEError(errno.ENODATA)
+            raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
         return value
 
+    @_errors
     async def listxattr(self, inode, ctx):
         _, n = self._node(inode)
         return list(n.xattrs) if n is not None else []
