@@ -292,6 +292,18 @@ def test_toc_that_lies_about_its_tar_is_not_committed(world, tmp_path):
     assert "does not describe its tar" in r.stderr and "not committed" in r.stderr, r.stderr
     assert unionrun(st, "images", "-q").stdout == ""
     assert not lazy_mounts()
+    # Its offsets name another file's bytes: the container reads them (their digests are the TOC's),
+    # the store will not keep a layer whose files hold other bytes.
+    blob, _, _ = _encode(_tar_of({"x": b"x" * 100, "y": b"y" * 100}))
+
+    def swap(es):
+        x, y = [e for e in es if e["name"] == "x"][0], [e for e in es if e["name"] == "y"][0]
+        x["offset"], x["chunkDigest"] = y["offset"], y["chunkDigest"]
+    _push_layers(reg.host, "lie2", [bb, _with_toc(blob, swap)], tmp_path)
+    r = unionrun(st, "run", "--lazy", "--rm", "--net=none", f"{reg.host}/lie2:1", "cat", "/x", root=tmp_path / "r")
+    assert r.returncode == 0 and r.stdout == "y" * 100, r.stderr
+    assert "does not describe its tar (at '/x')" in r.stderr, r.stderr
+    assert unionrun(st, "images", "-q").stdout == ""
 
 
 def test_small_files_sharing_a_gzip_member(tmp_path):

@@ -96,9 +96,22 @@ def _same(st, node, dfd, name):
     if stat.S_IMODE(st.st_mode) != node.mode:
         return False
     if node.kind == stat.S_IFREG:
-        return st.st_size == node.size
+        return st.st_size == node.size and _same_bytes(node, dfd, name)
     if node.kind in (stat.S_IFCHR, stat.S_IFBLK):
         return st.st_rdev == node.rdev
+    return True
+
+
+def _same_bytes(node, dfd, name):
+    """The file's bytes, chunk by chunk, have the digests the container's reads were checked against
+    (the TOC's offsets could name other bytes of the blob than the tar's file)."""
+    if node.data is not None:
+        with open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd), "rb") as f:
+            return f.read(node.size + 1) == node.data
+    with open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd), "rb") as f:
+        for c in node.chunks:
+            if manifest.digest_of(f.read(c.size)) != c.digest:
+                return False
     return True
 
 
@@ -294,8 +307,8 @@ class Tree:
 
     def differences(self, layer_dir):
         """Where the layer unpacked from the full blob differs from this tree (what the container saw):
-        a list of paths, empty when they agree in names, types, modes, owners, sizes, link targets and
-        device numbers. Walked fd-relative, never following a symlink."""
+        a list of paths, empty when they agree in names, types, modes, owners, link targets, device
+        numbers and the bytes of every file. Walked fd-relative, never following a symlink."""
         out = []
         root = os.open(layer_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         stack = [(root, b"", self.root)]
