@@ -155,16 +155,28 @@ def first_line(cmd, **kw):
     """(seconds to the first line of stdout, to the command's last line, to the exit; the first line)."""
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    errs, ready = [], []
+
+    def read_err():
+        for text in p.stderr:
+            errs.append(text)
+            if "served lazily" in text and not ready:
+                ready.append(time.monotonic() - t0)
+    reader = threading.Thread(target=read_err, daemon=True)
+    reader.start()
     line = p.stdout.readline()
     t1 = time.monotonic()
     t2 = None
     while more := p.stdout.readline():
         if more.strip() == "1000000":      # wc's count: every file read
             t2 = time.monotonic()
-    out, err = p.communicate()
+    p.wait()
     t3 = time.monotonic()
+    reader.join()
     if p.returncode != 0 or not line or t2 is None:
-        raise RuntimeError(f"{' '.join(map(str, cmd[:6]))}... failed: {err.strip()[-800:]}")
+        raise RuntimeError(f"{' '.join(map(str, cmd[:6]))}... failed: {''.join(errs).strip()[-800:]}")
+    if ready:
+        print(f"pull_lazy.py:   lazy layers mounted after {ready[0]:.2f} s", file=sys.stderr)
     return t1 - t0, t2 - t0, t3 - t0, line
 
 
