@@ -21,6 +21,7 @@ import time
 from . import _libc as L
 from . import cgroups, init, lifecycle, ports, seccomp, union
 from . import process as P
+from . import spec as _spec
 from . import state
 from ..net import NetError
 from ..net import container as _net
@@ -359,12 +360,15 @@ def _should_restart(spec, code, count, paths):
     return policy in ("always", "unless-stopped")
 
 
-def _wait_and_restart(spec, root, image, store, started, to_log):
-    """Wait for the command; under --restart start it again (with docker's doubling delay)
-    until the policy or a `stop` says no. The last exit status."""
-    count = 0
+def _wait_and_restart(spec, root, image, store, started, to_log, count=0, code=None):
+    """Wait for the command (unless its ``code`` is known: resume); under --restart start it
+    again (with docker's doubling delay) until the policy or a `stop` says no. The last exit
+    status. ``to_log`` (detached): the waiting is done by waiter.py, exec'd in our place."""
     while True:
-        code = wait(started, spec.interactive and not to_log)
+        if code is None:
+            if to_log and started.master is None and not started.failure:
+                _become_waiter(spec, root, started, count)
+            code = wait(started, spec.interactive and not to_log)
         again = _should_restart(spec, code, count, started.paths)
         finish(started, code)
         if not again:
@@ -376,6 +380,39 @@ def _wait_and_restart(spec, root, image, store, started, to_log):
         started = start(spec, root, image, store, to_log=to_log, again=True)
         started.st["restarts"] = count
         state.write(started.paths, started.st)
+        code = None
+
+
+def _become_waiter(spec, root, started, count):
+    """Exec waiter.py, which waits for the init with a few MB instead of our ~17, then comes
+    back as resume(). Returns only if the exec failed: then we wait ourselves."""
+    from ..net import ports as _ports
+    from . import waiter
+    held = _ports.held_fds()
+    for fd in held:
+        os.set_inheritable(fd, True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    waiter.become("wait", root, spec.name, started.init_pid, count, ",".join(map(str, held)))
+    for fd in held:
+        os.set_inheritable(fd, False)
+
+
+def resume(root, name, count, code):
+    """The detached supervisor again, after waiter.py saw its init exit with ``code``: release
+    the container (or restart it, as --restart says), as _supervise would have. Never returns."""
+    status = 1
+    try:
+        paths = state.Paths(root, name)
+        st = state.read(paths)
+        rs = _spec.spec_from_record(st["spec"])
+        started = _Started(paths, st, st["init"][0], None, None, {})
+        _wait_and_restart(rs, root, st["image"], st["store"], started, True, count, code)
+        status = 0
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def run(spec, root, image=None, store=None):
