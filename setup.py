@@ -1,8 +1,8 @@
-"""Builds the Cython twins ``unionfs._fast_c`` and ``unionfs._session_c`` and generates the gRPC code
+"""Builds the Cython twins ``unionfs.fs._fast_c`` and ``unionfs.fs._session_c`` and generates the gRPC code
 of the containerd snapshotter from its .proto files; metadata lives in pyproject.toml.
 
 The extension is required: a missing Cython or compiler fails the build. UNIONFS_NO_EXT=1 makes a
-pure-Python install on purpose, which then runs on ``unionfs._fast_py``.
+pure-Python install on purpose, which then runs on ``unionfs.fs._fast_py``.
 """
 
 import os
@@ -52,19 +52,19 @@ def generate_protos():
 generate_protos()
 
 if os.environ.get("UNIONFS_NO_EXT", "") not in ("", "0"):
-    log("UNIONFS_NO_EXT is set: pure-Python build, unionfs._fast_c is not built")
+    log("UNIONFS_NO_EXT is set: pure-Python build, unionfs.fs._fast_c is not built")
     ext_modules = []
 else:
     try:
         from Cython.Build import cythonize
     except ImportError:
-        sys.exit("unionfs setup: Cython>=3 is needed to build unionfs._fast_c "
+        sys.exit("unionfs setup: Cython>=3 is needed to build unionfs.fs._fast_c "
                  "(pip install Cython, or set UNIONFS_NO_EXT=1 for a pure-Python install)")
-    log("Cython build: compiling csrc/_fast_c.pyx into unionfs._fast_c, "
-        "csrc/_session_c.pyx into unionfs._session_c")
+    log("Cython build: compiling csrc/_fast_c.pyx into unionfs.fs._fast_c, "
+        "csrc/_session_c.pyx into unionfs.fs._session_c")
     ext_modules = cythonize(
-        [Extension("unionfs._fast_c", ["csrc/_fast_c.pyx"]),
-         Extension("unionfs._session_c", ["csrc/_session_c.pyx"])],
+        [Extension("unionfs.fs._fast_c", ["csrc/_fast_c.pyx"]),
+         Extension("unionfs.fs._session_c", ["csrc/_session_c.pyx"])],
         compiler_directives={"language_level": "3"},
     )
 

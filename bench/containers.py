@@ -114,7 +114,7 @@ class Unionrun:
         self.names: list[str] = []
 
     def version(self) -> str:
-        out = subprocess.run([self.cmd[0], "-c", "import unionfs.session as s; "
+        out = subprocess.run([self.cmd[0], "-c", "import unionfs.fs.session as s; "
                               "print(s.IMPLEMENTATION)"], capture_output=True, text=True,
                              env=self.env, cwd=self.cwd).stdout.strip()
         where = self.env["PYTHONPATH"].split(os.pathsep)[0]

@@ -261,20 +261,20 @@ class Unionmount(Impl):
         # Ask the selector which twin it picks, so the pure-Python one is never reported as Cython.
         want = "python" if self.pure_python else "cython"
         if self.build() != want:
-            return f"unionfs._fast selects the {self.build()!r} build, not {want!r}" + (
+            return f"unionfs.fs._fast selects the {self.build()!r} build, not {want!r}" + (
                 "" if self.pure_python else "; build the extension (pip install -e .) first"
             )
         return None
 
     def build(self) -> str:
-        proc = self._probe("import unionfs._fast as f; print(f.IMPLEMENTATION)")
+        proc = self._probe("import unionfs.fs._fast as f; print(f.IMPLEMENTATION)")
         return proc.stdout.strip() or f"unimportable: {proc.stderr.strip().splitlines()[-1:]}"
 
     def version(self) -> str:
         commit = _tool_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
         dirty = _tool_output(["git", "-C", str(REPO), "status", "--porcelain", "--", "unionfs", "csrc"])
         pyfuse3 = self._probe("import pyfuse3; print(pyfuse3.__version__)").stdout.strip()
-        session = self._probe("import unionfs.session as s; print(s.IMPLEMENTATION)").stdout.strip()
+        session = self._probe("import unionfs.fs.session as s; print(s.IMPLEMENTATION)").stdout.strip()
         return (
             f"git {commit}{' (uncommitted changes)' if dirty else ''}, pyfuse3 {pyfuse3}, "
             f"{self.build()} build, {session} session, {self.python}"

@@ -1,7 +1,7 @@
 """Micro benchmarks of the hot-path module, its pure-Python and Cython twins side by side.
 
 Run: `python -m pytest bench/test_micro.py` (needs pytest-benchmark). Each benchmark group holds the
-two twins; the Cython one is skipped when unionfs._fast_c is not built. Results are checked, times not.
+two twins; the Cython one is skipped when unionfs.fs._fast_c is not built. Results are checked, times not.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 """Hot-path primitives in Cython: confined path resolution, per-entry checks and the copy of one
 file for copy-up.
 
-Twin of ``unionfs/_fast_py.py``, which is its specification: same names, same behaviour, same
+Twin of ``unionfs/fs/_fast_py.py``, which is its specification: same names, same behaviour, same
 exceptions. Calls openat2(2), fstatat(2) and renameat2(2) directly and builds ``os.stat_result``
 the way CPython's own ``os.stat`` does; copy_file is one C function run without the GIL.
 """
@@ -16,7 +16,7 @@ from libc.errno cimport errno as c_errno, ENOENT, ENOSYS, ENOTDIR, ELOOP
 from libc.string cimport memchr
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport malloc, free
-from unionfs._fast_py import _walk_nofollow   # the fallback without openat2: never hot
+from unionfs.fs._fast_py import _walk_nofollow   # the fallback without openat2: never hot
 
 cdef extern from *:
     """

@@ -1,7 +1,7 @@
 # cython: language_level=3
 """The Cython session: the FUSE kernel protocol, read from and answered on /dev/fuse by us.
 
-Twin of ``unionfs/_session_py.py`` (pyfuse3's trio loop), with the same API: ``Runtime``,
+Twin of ``unionfs/fs/_session_py.py`` (pyfuse3's trio loop), with the same API: ``Runtime``,
 ``Session(ops, mountpoint, options)``, ``serve()``, ``close(unmount)``. Mounting is fusedev.py's.
 
 Why it exists: pyfuse3 wraps every request in a trio task, waits for /dev/fuse through epoll, and
@@ -37,8 +37,8 @@ from posix.time cimport timespec
 from posix.types cimport mode_t, uid_t, gid_t, pid_t
 from posix.unistd cimport read
 
-from unionfs import fusedev
-from unionfs.runtime import ThreadRuntime as Runtime  # noqa: F401  (the session names its runtime)
+from unionfs.fs import fusedev
+from unionfs.fs.runtime import ThreadRuntime as Runtime  # noqa: F401  (the session names its runtime)
 
 IMPLEMENTATION = "Cython loop"
 
@@ -566,7 +566,7 @@ def _backing_close(int backing_id):
 
 cdef void _start_passthrough():
     global _pt
-    from unionfs.passthrough import Passthrough
+    from unionfs.fs.passthrough import Passthrough
     _pt = Passthrough(_ops.u, _backing_open, _backing_close)
 
 

@@ -93,9 +93,9 @@ install_unionfs() {
     say "pip install -e $UNIONFS_TOP[test]"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$UNIONFS_TOP[test]" </dev/null
     local impl
-    impl=$(cd /tmp && "$VENV/bin/python" -c 'import unionfs._fast as f; print(f.IMPLEMENTATION)')
+    impl=$(cd /tmp && "$VENV/bin/python" -c 'import unionfs.fs._fast as f; print(f.IMPLEMENTATION)')
     if [ -z "${UNIONFS_NO_EXT:-}" ] || [ "${UNIONFS_NO_EXT}" = 0 ]; then
-        [ "$impl" = cython ] || die "the Cython extension unionfs._fast_c was not built or does not import"
+        [ "$impl" = cython ] || die "the Cython extension unionfs.fs._fast_c was not built or does not import"
     fi
     echo "unionfs installed; hot paths: $impl"
 }

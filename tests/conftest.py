@@ -54,14 +54,14 @@ def pytest_collection_modifyitems(config, items):
 def impl(request):
     """Which twin of the hot paths the mounted daemon runs: sets UNIONFS_PURE_PYTHON for it."""
     if request.param == "cython":
-        r = subprocess.run([sys.executable, "-c", "import unionfs._fast_c"], capture_output=True,
+        r = subprocess.run([sys.executable, "-c", "import unionfs.fs._fast_c"], capture_output=True,
                            text=True, env=util.union_env("cython"), cwd="/")
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["?"])[-1]
             # As in test_fast.py: where the build is required, its absence is a failure.
             if os.environ.get("UNIONFS_REQUIRE_EXT", "") not in ("", "0"):
-                pytest.fail(f"unionfs._fast_c is required (UNIONFS_REQUIRE_EXT=1): {last}")
-            pytest.skip(f"the Cython extension unionfs._fast_c is not importable ({last}); "
+                pytest.fail(f"unionfs.fs._fast_c is required (UNIONFS_REQUIRE_EXT=1): {last}")
+            pytest.skip(f"the Cython extension unionfs.fs._fast_c is not importable ({last}); "
                         "build it with `python setup.py build_ext --inplace`")
     return request.param
 

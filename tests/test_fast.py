@@ -1,4 +1,4 @@
-"""In-process tests of the hot-path twins, unionfs._fast_py and unionfs._fast_c, on real directories.
+"""In-process tests of the hot-path twins, unionfs.fs._fast_py and unionfs.fs._fast_c, on real directories.
 
 No FUSE here: each function of both twins runs on a tree in tmp_path, and both must agree.
 """
@@ -14,7 +14,7 @@ import types
 import pytest
 
 RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
-TWINS = ["unionfs._fast_py", "unionfs._fast_c"]
+TWINS = ["unionfs.fs._fast_py", "unionfs.fs._fast_c"]
 
 
 def _load(name):
@@ -86,13 +86,13 @@ def test_same_api(twins):
 
 
 def test_selector_honours_pure_python(monkeypatch):
-    import unionfs._fast
+    import unionfs.fs._fast
 
     monkeypatch.setenv("UNIONFS_PURE_PYTHON", "1")
-    assert importlib.reload(unionfs._fast).IMPLEMENTATION == "python"
+    assert importlib.reload(unionfs.fs._fast).IMPLEMENTATION == "python"
     monkeypatch.delenv("UNIONFS_PURE_PYTHON")
-    expected = "cython" if importlib.util.find_spec("unionfs._fast_c") else "python"
-    assert importlib.reload(unionfs._fast).IMPLEMENTATION == expected
+    expected = "cython" if importlib.util.find_spec("unionfs.fs._fast_c") else "python"
+    assert importlib.reload(unionfs.fs._fast).IMPLEMENTATION == expected
 
 
 # open_beneath / open_dir

@@ -333,7 +333,7 @@ def test_deep_layer_imports_exports_and_goes(tmp_path, fast):
 def test_remove_tree_any_depth_few_fds_no_symlink_followed(tmp_path):
     """The one removal helper: 3000 levels under a limit of 64 open files, symlinks to outside at every
     level (to a dir, to a file), a dir of mode 000; what the links point to stays."""
-    from unionfs import rmtree
+    from unionfs.fs import rmtree
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "keep").write_text("keep\n")

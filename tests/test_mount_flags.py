@@ -122,7 +122,7 @@ def test_each_flag_alone(tmp_path, impl, no_mounts_left, flags):
 def test_flags_parsed_last_of_a_pair_wins():
     """In-process: what the command line makes of the flags (the mount's own defaults are the
     mounted tests' business)."""
-    from unionfs.cli import parse
+    from unionfs.fs.cli import parse
     opts = parse(["l", "u", "m", "-o", "nosuid,dev,noexec,exec,suid,nosuid,noatime,dirsync"])
     assert dict(opts.flags) == {"suid": False, "dev": True, "exec": True, "atime": False,
                                 "dirsync": True}

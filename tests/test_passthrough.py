@@ -82,7 +82,7 @@ def _daemon_io(side, options):
 def test_the_kernel_does_the_io_only_where_allowed(tmp_path, impl, no_mounts_left):
     if impl != "cython":
         pytest.skip("pyfuse3 cannot pass files through")
-    from unionfs.mount import may_pass_through
+    from unionfs.fs.mount import may_pass_through
     if not may_pass_through():
         pytest.skip("needs CAP_SYS_ADMIN in the initial user namespace")
     side = util.build_side(tmp_path / "s", [{}], {})

@@ -344,7 +344,7 @@ def test_size_suffixes_and_no_upper(layers, impl):
 # ---- in-process: the parts without a mount -----------------------------------------------------
 
 def test_parse_size():
-    from unionfs.options import parse_size
+    from unionfs.fs.options import parse_size
     assert parse_size("4096") == 4096
     assert parse_size("10m") == parse_size("10M") == parse_size("10mb") == 10 * MiB
     assert parse_size("1.5g") == 3 << 29
@@ -356,7 +356,7 @@ def test_parse_size():
 
 def test_growth_estimate():
     from types import SimpleNamespace as St
-    from unionfs.quota import Quota
+    from unionfs.fs.quota import Quota
     q = Quota(LIMIT, 4096)
     dense = St(st_size=10000, st_blocks=24)         # 3 blocks, no hole
     assert q.growth(dense, 0, 4096) == 0            # a rewrite of what is there
@@ -370,9 +370,9 @@ def test_growth_estimate():
 
 def test_tree_usage_any_depth(tmp_path, deep_cleanup_at):
     """The count at mount walks a tree far deeper than a recursion or a path could go."""
-    from unionfs import _sys
-    from unionfs.layers import open_layer
-    from unionfs.quota import Quota
+    from unionfs.fs import _sys
+    from unionfs.fs.layers import open_layer
+    from unionfs.fs.quota import Quota
     root = deep_cleanup_at
     fd = os.open(root, os.O_RDONLY)
     for _ in range(5000):
@@ -400,7 +400,7 @@ def deep_cleanup_at(tmp_path):
 def test_on_fd_checks_then_counts(tmp_path):
     """The entry point an fallocate takes: refused before it runs when its range cannot fit,
     counted with the real blocks after."""
-    from unionfs.quota import Quota
+    from unionfs.fs.quota import Quota
     q = Quota(64 * KiB, 4096)
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
     try:

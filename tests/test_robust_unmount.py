@@ -13,7 +13,7 @@ import time
 
 import robust_util as ru
 import util
-from unionfs import rmtree
+from unionfs.fs import rmtree
 
 HOLD = ("import os, sys\n"
         "f = open(sys.argv[1], 'rb') if sys.argv[1] != '-' else None\n"

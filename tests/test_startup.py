@@ -65,7 +65,7 @@ def test_the_cython_daemon_never_imports_pyfuse3_or_trio(side, impl):
     assert rc == 0, text[-2000:]
     imported = _imported(text)
     if impl == "cython":
-        assert "unionfs._session_c" in imported, "the Cython session did not serve"
+        assert "unionfs.fs._session_c" in imported, "the Cython session did not serve"
         twin = sorted(imported & set(TWIN_ONLY))
         assert not twin, f"the Cython daemon imported {twin}"
     else:

@@ -1,7 +1,7 @@
-"""``python -m unionfs``: the unionmount command."""
+"""``python -m unionfs``: the unionmount command (unionfs.fs.cli)."""
 
 import sys
 
-from .cli import main
+from .fs.cli import main
 
 sys.exit(main())

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from .. import rmtree
+from ..fs import rmtree
 from ..images import manifest, reference
 from ..images.limits import LimitError
 from ..images import store as _store

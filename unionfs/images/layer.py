@@ -13,7 +13,7 @@ import tarfile
 import sys
 import zlib
 
-from .. import rmtree
+from ..fs import rmtree
 from . import digest as digests
 
 OCI_WH = ".wh."

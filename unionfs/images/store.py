@@ -19,7 +19,7 @@ import threading
 import urllib.parse
 from dataclasses import dataclass, field
 
-from .. import rmtree
+from ..fs import rmtree
 from ..launcher import state as procs
 from . import digest as digests
 from . import layer, manifest, reference

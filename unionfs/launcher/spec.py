@@ -12,7 +12,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 
-from ..options import parse_size
+from ..fs.options import parse_size
 from . import caps as _caps
 from . import seccomp as _seccomp
 

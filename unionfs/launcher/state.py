@@ -11,7 +11,7 @@ import os
 import select
 import time
 
-from .. import rmtree
+from ..fs import rmtree
 
 # Persistent, as the containers' upper layers are kept until rm (after a reboot, too).
 DEFAULT_ROOT = "/var/lib/unionrun"

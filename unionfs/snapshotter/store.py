@@ -32,7 +32,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..rmtree import remove_tree
+from ..fs.rmtree import remove_tree
 
 VIEW, ACTIVE, COMMITTED = 1, 2, 3       # the values of containerd's snapshots.v1.Kind
 

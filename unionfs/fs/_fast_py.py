@@ -2,7 +2,7 @@
 one file for copy-up.
 
 This module is the specification of its Cython twin ``csrc/_fast_c.pyx``; both expose the same names
-and behave the same. ``unionfs._fast`` picks one. Everything here runs on every request.
+and behave the same. ``unionfs.fs._fast`` picks one. Everything here runs on every request.
 """
 
 import ctypes
