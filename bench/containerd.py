@@ -11,7 +11,7 @@ Times, per snapshotter, alternating them run by run:
   the mount and unmount of a container's rootfs as containerd mounts it (the kernel's overlay, or
   mount.fuse3 starting a unionmount daemon and waiting until it serves).
 Prints a Markdown table of the median and min-max. Root, containerd, runc and a static busybox are
-needed, as for tests/test_containerd.py, whose helpers it uses.
+needed, as for tests/snapshotter/test_containerd.py, whose helpers it uses.
 """
 
 import argparse

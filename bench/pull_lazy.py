@@ -113,7 +113,7 @@ def _tar(files):
 
 
 def build(store, work, size_mb, n_layers):
-    """The image `bench:1` in a unionrun store (see tests/test_lazy.py's make_image)."""
+    """The image `bench:1` in a unionrun store (see tests/images/test_lazy.py's make_image)."""
     from unionfs.images import manifest
     from unionfs.images import store as _store
     root = work / "bb"

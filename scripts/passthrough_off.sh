@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 export UNIONFS_PASSTHROUGH=off
 exec "$PY" -m pytest -q -p no:cacheprovider -k "not python" \
-    tests/test_differential.py tests/test_semantics.py tests/test_fsx.py tests/test_killpriv.py \
-    tests/test_robust_crash.py tests/test_robust_enospc.py tests/test_robust_concurrency.py \
-    tests/test_copyup_concurrency.py tests/test_quota.py "$@"
+    tests/fs/test_differential.py tests/fs/test_semantics.py tests/fs/test_fsx.py tests/fs/test_killpriv.py \
+    tests/fs/test_robust_crash.py tests/fs/test_robust_enospc.py tests/fs/test_robust_concurrency.py \
+    tests/fs/test_copyup_concurrency.py tests/fs/test_quota.py "$@"

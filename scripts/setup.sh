@@ -25,7 +25,7 @@ system_packages() {
     # The rest are the real parts the tests start: a small static init (tini), libseccomp, the
     # user-namespace helpers, stress-ng, the registry and skopeo, the network engine and its
     # firewall tools, the peers (unionfs-fuse), fio and liburing for the bench, containerd for the
-    # snapshotter (tests/test_containerd.py).
+    # snapshotter (tests/snapshotter/test_containerd.py).
     echo fuse3 libfuse3-dev "$pc" busybox-static attr fuse-overlayfs gcc libc6-dev \
          python3-dev python3-venv e2fsprogs dosfstools podman runc \
          tini catatonit libseccomp2 libseccomp-dev uidmap stress-ng docker-registry skopeo \

@@ -7,8 +7,8 @@ and open fds of the daemon), concurrent processes, fsx sequences, daemon faults,
                                         entries in one directory, a walk of 1,000,000 files, ...
     python scripts/stress.py --long -k crash --seed 7 --impl python
 
-Needs root, /dev/fuse and fusermount3, as the tests do. Runs pytest on tests/test_robust*.py and
-tests/test_fsx.py; each test appends its figures to a file that this script prints at the end.
+Needs root, /dev/fuse and fusermount3, as the tests do. Runs pytest on tests/fs/test_robust*.py and
+tests/fs/test_fsx.py; each test appends its figures to a file that this script prints at the end.
 """
 
 import argparse
@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 TOP = Path(__file__).resolve().parent.parent
-TESTS = sorted(str(p.relative_to(TOP)) for p in (TOP / "tests").glob("test_robust*.py")) + [
-    "tests/test_fsx.py"]
+TESTS = sorted(str(p.relative_to(TOP)) for p in (TOP / "tests" / "fs").glob("test_robust*.py")) + [
+    "tests/fs/test_fsx.py"]
 
 
 def main(argv=None):

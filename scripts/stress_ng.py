@@ -7,7 +7,7 @@ per stressor and mount) and the list of stressors that pass everywhere.
     python scripts/stress_ng.py -t 3 dir rename only these stressors, 3 s each
 
 Needs root, /dev/fuse, fusermount3 and stress-ng, as the tests do. The short form is
-tests/test_stress_ng.py (all stressors at once, 3 s).
+tests/fs/test_stress_ng.py (all stressors at once, 3 s).
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""Helpers for tests/test_containerd.py: a private containerd with the unionfs proxy plugin, the
+"""Helpers for tests/snapshotter/test_containerd.py: a private containerd with the unionfs proxy plugin, the
 snapshotter daemon, and a two-layer busybox image as an OCI archive made with tarfile.
 
 containerd runs mount.fuse3 for `fuse3.unionmount` mounts, which runs `unionmount` from containerd's

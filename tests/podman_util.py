@@ -1,4 +1,4 @@
-"""Helpers for tests/test_podman.py: the mount_program wrapper, a busybox image tarball, a podman
+"""Helpers for tests/fs/test_podman.py: the mount_program wrapper, a busybox image tarball, a podman
 confined to a store of its own, and the container steps run the same way on every storage driver.
 
 Nothing here imports unionfs: podman only ever runs it through the wrapper script.

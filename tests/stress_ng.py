@@ -1,6 +1,6 @@
 """Running stress-ng's filesystem-class stressors on a mount and reading what each one did.
 
-Shared by tests/test_stress_ng.py (a short parallel run in CI) and scripts/stress_ng.py (long
+Shared by tests/fs/test_stress_ng.py (a short parallel run in CI) and scripts/stress_ng.py (long
 sequential runs, with figures). A stressor passes when stress-ng reports no failure for it and does
 not skip it; skips are reported with the reason stress-ng gives.
 """

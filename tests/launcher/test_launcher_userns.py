@@ -113,7 +113,7 @@ def test_tty_and_a_user_in_a_user_namespace(layers, root):
 
 @pytest.mark.parametrize("args, why", [(["--userns"], "--userns"), ([], "/dev/fuse")])
 def test_without_root_one_line_on_why(layers, tmp_path, args, why):
-    """Rootless use is tests/test_rootless_unionrun.py's; here what stops it at once: --userns
+    """Rootless use is tests/launcher/test_rootless_unionrun.py's; here what stops it at once: --userns
     (a user's container is always in the user's own namespace), and /dev/fuse root's only."""
     os.chmod(tmp_path, 0o755)
     if why == "/dev/fuse" and os.stat("/dev/fuse").st_mode & 0o006 == 0o006:

@@ -24,7 +24,7 @@ import util
 
 from unionfs.launcher import caps, enter, ports, spec
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUSYBOX = "/bin/busybox"
 DEFAULT_CAPS = 0x800405fb      # podman's 11
 

@@ -239,7 +239,7 @@ def make_case(seed: int):
 
 def replay_hint(seed):
     return (f"seed={seed}; replay with UNIONFS_DIFF_SEED={seed} UNIONFS_DIFF_OPS={N_OPS} "
-            f"python -m pytest tests/test_differential.py")
+            f"python -m pytest tests/fs/test_differential.py")
 
 
 # unionmount's numbers from here up are spares: given to an entry whose real inode number was

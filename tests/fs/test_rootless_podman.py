@@ -95,7 +95,7 @@ def test_fuse_overlayfs_sees_the_same_but_where_it_is_known_wrong(union, native,
     for step in same:
         assert union.get(step) == theirs.get(step), step
     # fuse-overlayfs 1.10: the contents of a removed and recreated (or renamed) lower directory
-    # come back in the committed image (as with root podman, tests/test_podman.py).
+    # come back in the committed image (as with root podman, tests/fs/test_podman.py).
     assert set(COMPARED) - set(same) <= {"committed image"}
 
 
@@ -106,7 +106,7 @@ def test_nothing_left_after_rm(union):
 
 @pytest.mark.parametrize("step", ["podman diff", "committed image diff"])
 def test_podman_diff_describes_the_changes(union, native, step):
-    """As with root podman (tests/test_podman.py): with a mount_program podman diffs the mounted
+    """As with root podman (tests/fs/test_podman.py): with a mount_program podman diffs the mounted
     trees, natively it reads the upper layer; the lines differ, the tree they describe must not."""
     before, after = native.get("base before"), native.get("seen after changes")
     got = pu.diff_effect(union.get(step), before, after)
