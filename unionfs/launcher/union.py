@@ -52,7 +52,7 @@ def _cython_session():
     """The daemon will serve through the Cython session (built, and not overridden)."""
     if os.environ.get("UNIONFS_PURE_PYTHON", "") not in ("", "0"):
         return False
-    return any(os.path.exists(os.path.join(_PACKAGE, "_session_c" + suffix))
+    return any(os.path.exists(os.path.join(_PACKAGE, "fs", "_session_c" + suffix))
                for suffix in importlib.machinery.EXTENSION_SUFFIXES)
 
 
