@@ -105,6 +105,7 @@ def rm(root, name, force=False):
     if problem:
         raise LifecycleError(f"container {name}: {problem}")
     remove(paths, st)
+    return st
 
 
 def containers(root):

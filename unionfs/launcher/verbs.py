@@ -53,10 +53,17 @@ def add_parsers(sub):
                    help="the N last created containers (all states)")
     p.add_argument("--no-trunc", action="store_true", help="accepted: nothing is truncated")
 
-    p = sub.add_parser("logs", help="the output of a detached container")
+    p = sub.add_parser("logs", help="the output of a container (detached or not): its stdout "
+                                    "on ours, its stderr on ours")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing what comes")
     p.add_argument("-n", "--tail", metavar="N", default="all",
                    help="only the last N lines (default: all)")
+    p.add_argument("-t", "--timestamps", action="store_true",
+                   help="each line after the time it was written (RFC 3339, ns, UTC)")
+    p.add_argument("--since", metavar="TIME",
+                   help="only lines written since TIME: RFC 3339 (2026-12-01T10:00:00Z, "
+                        "2026-12-01), a Unix time, or a duration before now (10m, 1h30m)")
+    p.add_argument("--until", metavar="TIME", help="only lines written before TIME (as --since)")
     p.add_argument("name", help="the container")
 
     p = sub.add_parser("kill", help="send a signal (default KILL) to a running container")
@@ -214,40 +221,60 @@ def cmd_ps(args, root):
 
 # ---- logs ----------------------------------------------------------------------------------------
 
-def _tail(data, n):
-    if n == 0:
-        return b""
-    lines = data.splitlines(keepends=True)
-    return b"".join(lines[-n:])
+def _time_arg(option, value):
+    from . import logger
+    if value is None:
+        return None
+    try:
+        return logger.parse_since(value)
+    except ValueError:
+        raise VerbError(f"{option} {value!r}: expected an RFC 3339 time, a Unix time or a "
+                        "duration such as 10m") from None
 
 
 def cmd_logs(args, root):
+    from . import logger
     if args.tail == "all":
         tail = None
     elif args.tail.isdigit():
         tail = int(args.tail)
     else:
         raise VerbError(f"--tail {args.tail!r}: expected a number of lines or 'all'")
+    since, until = _time_arg("--since", args.since), _time_arg("--until", args.until)
     paths, st = lifecycle.load(root, args.name)
     try:
         f = open(paths.log, "rb")
     except FileNotFoundError:
         return 0
-    out = sys.stdout.buffer
-    with f:
-        if tail is not None:
-            out.write(_tail(f.read(), tail))
-            out.flush()
-        while True:
-            data = f.read(65536)
-            if data:
-                out.write(data)
-                out.flush()
+
+    def show(entries):
+        for e in entries:
+            if e.time is not None and (since is not None and e.time < since
+                                       or until is not None and e.time >= until):
                 continue
-            if not args.follow or not state.alive((state.read(paths) or st)["supervisor"]):
+            out = sys.stdout if e.stream == "stdout" else sys.stderr
+            if args.timestamps and e.time is not None:
+                out.buffer.write(logger.stamp(e.time).encode() + b" ")
+            out.buffer.write(e.data)
+            out.flush()
+
+    reader = logger.Reader()
+    with f:
+        entries = reader.feed(f.read())
+        if not args.follow:
+            entries += reader.flush()
+        if tail is not None:
+            entries = entries[-tail:] if tail else []
+        show(entries)
+        while args.follow and (until is None or time.time_ns() < until):
+            more = f.read(65536)
+            if more:
+                show(reader.feed(more))
+                continue
+            if not state.alive((state.read(paths) or st)["supervisor"]):
+                show(reader.feed(f.read()) + reader.flush())
                 break
             time.sleep(0.1)
-        out.write(f.read())
     return 0
 
 
