@@ -82,7 +82,7 @@ def add_parsers(sub):
     p = sub.add_parser("wait", help="wait for containers to end; print their exit codes")
     p.add_argument("names", nargs="+", metavar="NAME", help="the containers")
 
-    p = sub.add_parser("rename", help="rename a stopped container")
+    p = sub.add_parser("rename", help="rename a container (running or not)")
     p.add_argument("old", metavar="OLD", help="its name now")
     p.add_argument("new", metavar="NEW", help="its new name")
 
@@ -139,7 +139,7 @@ def _row(root, name, st):
             "Command": " ".join(st["argv"]), "Status": status, "State": status.split()[0],
             "CreatedAt": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["created"])),
             "Ports": ", ".join(st.get("ports") or []), "Pid": str(pid),
-            "Upper": st.get("upper") or os.path.join(root, name, "upper"),
+            "Upper": st.get("upper") or state.Paths(root, name).upper,
             "_created": st["created"], "_code": st.get("exit_code")}
 
 
@@ -330,7 +330,10 @@ def start(root, name):
     if "spec" not in st:
         raise VerbError(f"container {name} was made by an older unionrun: cannot start it")
     rs = spec.spec_from_record(st["spec"])
-    rs = dataclasses.replace(rs, detach=True, interactive=False)
+    # Its directory's name (a rename of the stopped container moved it; one of a running
+    # container left it).
+    rs = dataclasses.replace(rs, name=os.path.basename(paths.dir), detach=True,
+                             interactive=False)
     image, store = st.get("image"), st.get("store")
     try:
         run.run_detached(rs, root, image, store, again=True)
@@ -369,12 +372,12 @@ def cmd_rename(args, root):
     from . import spec
     new = spec.parse_name(args.new)
     paths, st = lifecycle.load(root, args.old)
-    if lifecycle.status(st) in ("running", "created"):
-        # Its supervisor writes to the old directory when it ends.
-        raise VerbError(f"container {args.old} is running: stop it before rename")
-    new_paths = state.Paths(root, new)
-    if os.path.lexists(new_paths.dir):
+    if os.path.lexists(os.path.join(root, new)):
         raise VerbError(f"a container named {new!r} already exists")
+    if lifecycle.status(st) in ("running", "created"):
+        _rename_running(root, paths, new)
+        return 0
+    new_paths = state.Paths(root, new)
     st["name"], st["merged"] = new, new_paths.merged
     # The image's hold names the state directory: a new hold first, so that the image is held
     # at every moment.
@@ -390,7 +393,27 @@ def cmd_rename(args, root):
         raise VerbError(f"rename: {e.strerror}") from None
     if store is not None:
         store.unhold(paths.dir)
+    # Renamed once while it ran: its directory has its true name now.
+    state.set_alias(state.Paths(root, new), None)
+    if paths.link is not None:
+        os.unlink(paths.link)
     return 0
+
+
+def _rename_running(root, paths, new):
+    """The supervisor, the network and the image hold know the container by its directory:
+    that stays, and the new name is a symlink to it (made first: it claims the name), recorded
+    in the directory too. Its host name and its name in its network's DNS stay (docker too
+    keeps the host name)."""
+    real = os.path.basename(paths.dir)
+    if new != real:
+        try:
+            os.symlink(real, os.path.join(root, new))
+        except FileExistsError:
+            raise VerbError(f"a container named {new!r} already exists") from None
+    state.set_alias(paths, None if new == real else new)
+    if paths.link is not None:
+        os.unlink(paths.link)
 
 
 def _store_of(st):
@@ -436,9 +459,7 @@ def inspect(root, name):
                    "Env": st["env"], "Cmd": st["argv"], "WorkingDir": st["workdir"],
                    "Image": st.get("image") or "", "Tty": bool(st.get("tty")),
                    "OpenStdin": bool(st.get("interactive"))},
-        "Mounts": [{"Type": "bind", "Source": v["source"], "Destination": v["target"],
-                    "Mode": "ro" if v["readonly"] else "", "RW": not v["readonly"],
-                    "Propagation": "rprivate"} for v in st.get("volumes") or []],
+        "Mounts": [_mount(v) for v in st.get("volumes") or []],
         "HostConfig": {"NetworkMode": st.get("network_mode") or "none",
                        "ReadonlyRootfs": bool(st.get("readonly")),
                        "AutoRemove": bool(st.get("remove")), "PortBindings": ports,
@@ -452,6 +473,16 @@ def inspect(root, name):
                                  "UpperDir": st.get("upper") or paths.upper,
                                  "MergedDir": st.get("merged") or paths.merged}},
     }
+
+
+def _mount(v):
+    if v.get("name"):
+        return {"Type": "volume", "Name": v["name"], "Source": v["source"],
+                "Destination": v["target"], "Driver": "local", "Mode": "",
+                "RW": not v["readonly"], "Propagation": ""}
+    return {"Type": "bind", "Source": v["source"], "Destination": v["target"],
+            "Mode": "ro" if v["readonly"] else "", "RW": not v["readonly"],
+            "Propagation": "rprivate"}
 
 
 _PATH = re.compile(r"\{\{\s*(json\s+)?\.([\w.]*)\s*\}\}")
