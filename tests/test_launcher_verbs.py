@@ -129,19 +129,74 @@ def _one_line_125(r):
 
 # ---- the parser: no container needed ------------------------------------------------------------
 
+def _commands(parser, words=()):
+    """(words, parser) of every command and sub-command of ``parser``, nested ones too."""
+    out = [(words, parser)]
+    for a in parser._actions:
+        if a.dest != "help" and hasattr(a, "choices") and isinstance(a.choices, dict):
+            for name, p in a.choices.items():
+                out += _commands(p, words + (name,))
+    return out
+
+
 def test_version_and_a_description_everywhere():
     ap = cli._parser()
     sub = next(a for a in ap._actions if a.dest == "cmd")
     assert {"run", "exec", "ps", "stop", "rm", "logs", "commit", "kill", "wait", "rename",
-            "inspect", "diff", "top"} <= set(sub.choices)
-    missing = [f"{name} {a.option_strings or a.dest}"
-               for name, p in [("", ap), *sub.choices.items()]
-               for a in p._actions if not a.help and a.dest != "cmd"]
+            "inspect", "diff", "top", "volume"} <= set(sub.choices)
+    commands = _commands(ap)
+    assert ("volume", "create") in dict(commands) and ("network", "ls") in dict(commands)
+    missing = [f"{' '.join(words)} {a.option_strings or a.dest}"
+               for words, p in commands for a in p._actions
+               if not a.help and a.dest not in ("cmd", "net_cmd", "vol_cmd", "image_cmd")]
     assert missing == []
-    assert all(p.description for p in sub.choices.values())
-    for args in (["--version"], ["ps", "--version"], ["run", "--version"]):
+    assert all(p.description for words, p in commands if words)
+    for args in (["--version"], ["ps", "--version"], ["run", "--version"],
+                 ["volume", "create", "--version"], ["network", "ls", "--version"]):
         r = subprocess.run([f"{BIN}/unionrun", *args], capture_output=True, text=True)
         assert r.returncode == 0 and r.stdout.startswith("unionrun "), r
+
+
+def test_man_pages_and_bash_completion_from_the_parser(tmp_path):
+    """What scripts/setup.sh installs: a page per command, generated from the parser with
+    every option of it, and a completion that knows every command and option."""
+    man, comp = tmp_path / "man1", tmp_path / "completions" / "unionrun"
+    r = subprocess.run([sys.executable, "-m", "unionfs.launcher.docs", "--man-dir", str(man),
+                        "--bash-completion", str(comp)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ap = cli._parser()
+    top = [(w, p) for w, p in _commands(ap) if len(w) <= 1]
+    assert sorted(os.listdir(man)) == sorted(
+        "-".join(("unionrun",) + w) + ".1" for w, _ in top)
+    for words, p in _commands(ap):
+        page = (man / ("-".join(("unionrun",) + words[:1]) + ".1")).read_text()
+        if len(words) == 1:
+            assert page.startswith(f'.TH UNIONRUN\\-{words[0].upper()} "1"'), page[:80]
+            assert f"unionrun\\-{words[0]} \\- " in page
+        for a in p._actions:
+            for opt in a.option_strings:
+                assert opt in ("-h", "--help") or opt.replace("-", "\\-") in page, (words, opt)
+    if shutil.which("man"):
+        r = subprocess.run(["man", "-l", str(man / "unionrun-volume.1")], capture_output=True,
+                           text=True, env={**os.environ, "MANWIDTH": "100"})
+        assert "unionrun-volume - manage volumes" in r.stdout and "--filter" in r.stdout
+    # Completion: bash sources the script and completes as a user's TAB would.
+    script = f"""
+source {comp}
+complete_words() {{ COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); COMPREPLY=();
+    _shtab_unionrun; echo "${{COMPREPLY[*]}}"; }}
+complete_words unionrun ''
+complete_words unionrun volume ''
+complete_words unionrun logs --
+complete_words unionrun run --ent
+"""
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert set(lines[0].split()) >= {w[0] for w, _ in top if w}
+    assert set(lines[1].split()) == {"create", "ls", "inspect", "rm", "prune"}
+    assert {"--since", "--timestamps", "--tail", "--follow"} <= set(lines[2].split())
+    assert lines[3].split() == ["--entrypoint"]
 
 
 # ---- run: --userns, --entrypoint, --env-file ----------------------------------------------------

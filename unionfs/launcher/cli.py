@@ -145,15 +145,20 @@ def _parser():
 
     # --- image verbs (pull, push, login, logout, images, tag, rmi, image, save, load): unionfs/images/cli.py
     image_cli.add_parsers(sub)
-    for p in sub.choices.values():
-        # Each sub-command's help line is its description too, and each has --version.
-        p.description = p.description or _helps(sub).get(p.prog.split()[-1])
-        verbs.add_version(p)
+    _finish(sub)
     return ap
 
 
-def _helps(sub):
-    return {a.dest: a.help for a in sub._choices_actions}
+def _finish(sub):
+    """Each sub-command's help line is its description too, and each has --version; their
+    own sub-commands (network's, volume's) too."""
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    for name, p in sub.choices.items():
+        p.description = p.description or helps.get(name)
+        verbs.add_version(p)
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _finish(action)
 
 
 def _command_args(args):
