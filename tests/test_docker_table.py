@@ -12,7 +12,7 @@ exit code only, "ok" zero or not (verbs whose error codes podman and docker do n
 from __future__ import annotations
 
 import os
-import shutil
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -156,7 +156,6 @@ class _Tool:
             image, host
 
     def __call__(self, line):
-        import shlex
         words = [self.image if w == "IMG" else w.replace("HOST", str(self.host))
                  for w in shlex.split(line)]
         if words[0] == "run":
