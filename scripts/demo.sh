@@ -128,6 +128,29 @@ run unionrun --root "$demo/run" run --rm --network demo --layers lower2:lower1 -
     'cat /etc/resolv.conf; timeout 10 wget -qO- http://api/hello.txt'
 run unionrun --root "$demo/run" rm -f api
 run unionrun --root "$demo/run" network rm demo
+
+say "build an image from a Containerfile: FROM scratch, ADD a rootfs archive, COPY, RUN; then run it"
+mkdir -p ctx
+tar -C lower1 --numeric-owner -czf ctx/rootfs.tar.gz .
+echo "hello from the build context" > ctx/hello.txt
+cat > ctx/Containerfile <<'EOF'
+FROM scratch
+ADD rootfs.tar.gz /
+ARG WHO=world
+ENV GREETING="hello, ${WHO}"
+WORKDIR /app
+COPY hello.txt .
+RUN echo "$GREETING (built on $(uname -m))" > greeting.txt
+LABEL org.example.demo=yes
+EXPOSE 80
+CMD ["sh", "-c", "cat /app/hello.txt /app/greeting.txt; pwd"]
+EOF
+run cat ctx/Containerfile
+run unionrun --root "$demo/run" --store "$demo/store" build -t demo:1 --build-arg WHO=demo ctx
+run unionrun --root "$demo/run" --store "$demo/store" run --rm demo:1
+echo "(again: every step from the step cache)"
+run unionrun --root "$demo/run" --store "$demo/store" build -t demo:1 --build-arg WHO=demo ctx
+run unionrun --root "$demo/run" --store "$demo/store" images
 if grep -q " $demo/run" /proc/mounts; then die "a container's union is still mounted"; fi
 echo
 echo "demo done: every step worked"

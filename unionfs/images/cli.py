@@ -11,15 +11,27 @@ import json
 import sys
 import time
 
-from . import archive, auth, copy, layer, manifest, reference, store
+from . import layer, manifest, reference, store
 from .limits import Limits
 
-# httpx (registry) and rich (progress) are imported by the verbs that use them: `unionrun run` of a
-# stored image starts without them.
+# httpx (registry) and rich (progress) are imported by the verbs that use them, and so are the
+# transports (archive, auth, copy: ~40 ms): `unionrun run` of a stored image starts without them.
 
 VERBS = ("pull", "push", "login", "logout", "images", "tag", "rmi", "image", "save", "load")
-ERRORS = (store.StoreError, archive.ArchiveError, layer.LayerError, manifest.ManifestError,
-          copy.TransportError, auth.AuthError, reference.ReferenceError, OSError)
+
+
+def _errors():
+    from . import archive, auth, copy
+    return (store.StoreError, archive.ArchiveError, layer.LayerError, manifest.ManifestError,
+            copy.TransportError, auth.AuthError, reference.ReferenceError, OSError)
+
+
+def __getattr__(name):
+    # ERRORS, the errors of every verb: an `except cli.ERRORS` asks for it only when something
+    # was raised, so the transports are imported only then.
+    if name == "ERRORS":
+        return _errors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ImageError(Exception):
@@ -116,6 +128,7 @@ def pull(st, text, args, quiet=False):
     from .progress import Progress
     try:
         with Progress(quiet) as prog:
+            from . import copy
             im = copy.pull(st, reg, ref, platform, prog)
     finally:
         reg.close()
@@ -136,6 +149,7 @@ def _cmd_push(args, st):
     from .progress import Progress
     try:
         with Progress(args.quiet) as prog:
+            from . import copy
             counts = copy.push(st, reg, args.image, dest, prog)
     finally:
         reg.close()
@@ -159,11 +173,13 @@ def _cmd_login(args, st):
         reg.ping()
     finally:
         reg.close()
+    from . import auth
     auth.store_credentials(reg_name, user, pw)
     print("Login Succeeded!")
 
 
 def _cmd_logout(args, st):
+    from . import auth
     if not auth.remove_credentials(args.registry.rstrip("/")):
         raise ImageError(f"not logged into {args.registry}")
     print(f"Removed login credentials for {args.registry}")
@@ -224,7 +240,7 @@ def _cmd_rmi(args, st):
             print(f"Untagged: {reference.familiar(name)}")
             if n:
                 print(f"Deleted: {n} layers")
-        except ERRORS as e:
+        except _errors() as e:
             print(f"unionrun: {e}", file=sys.stderr)
             code = 125
     return code
@@ -248,6 +264,7 @@ def _cmd_image(args, st):
 
 
 def _cmd_save(args, st):
+    from . import copy
     im = copy.save(st, args.image, args.output)
     print(f"saved {reference.familiar(im.name)} to {args.output}", file=sys.stderr)
 
@@ -255,6 +272,7 @@ def _cmd_save(args, st):
 def _cmd_load(args, st):
     from .progress import Progress
     with Progress(args.quiet) as prog:
+        from . import copy
         im, added, shared = copy.load(st, args.input, args.name, prog)
     print(f"Loaded image: {im.name} ({len(im.layers)} layers: {added} new, {shared} shared)")
 
@@ -266,7 +284,7 @@ def main(args, store_dir):
         lim = Limits.from_env(getattr(args, "max_layer_size", None), getattr(args, "max_layer_entries", None))
         st = store.open_store(store_dir, lim)
         return handler(args, st) or 0
-    except ERRORS + (ImageError,) as e:
+    except _errors() + (ImageError,) as e:
         print(f"unionrun: {e}", file=sys.stderr)
         return 125
     except KeyboardInterrupt:

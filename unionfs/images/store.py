@@ -1,6 +1,6 @@
 """The store on disk: blobs/sha256/<hex> (manifests, configs and compressed layers, verbatim),
 layers/<diff_id hex>/{diff,meta.json}, images/<name>.json, sources.json (where each blob was seen),
-tmp/ for staging, a lock file.
+build-cache/<key>.json (the layer a build step made, see unionfs/build/cache.py), tmp/ for staging, a lock file.
 
 Every mutation is staged in tmp/ and renamed into place under the lock: a crash leaves only tmp/ leftovers,
 which the next open removes along with blobs and layers no image needs.
@@ -84,7 +84,7 @@ class Store:
         self.root = os.path.abspath(root)
         self.limits = limits or Limits()
         private_dir(self.root)
-        for sub in ("layers", "images", "tmp", "holds", "blobs", "blobs/sha256"):
+        for sub in ("layers", "images", "tmp", "holds", "blobs", "blobs/sha256", "build-cache"):
             private_dir(os.path.join(self.root, sub))
         with self._locked():
             self._fsck()
@@ -110,6 +110,10 @@ class Store:
         # A container keeps the layers it runs on even when a pull or load gave its image's name to another.
         for h in self.holds():
             layers.update(h.get("layers") or ())
+        # A build's step cache keeps the layers its steps made (as podman keeps intermediate images).
+        for rec in self.cache_records():
+            layers.add(rec["diff_id"][7:])
+            blobs.add(rec["digest"])
         for hexid in os.listdir(os.path.join(self.root, "layers")):
             if hexid not in layers:
                 self._drop(os.path.join(self.root, "layers", hexid))
@@ -300,12 +304,7 @@ class Store:
         """The upper dir becomes a new layer (a gzip blob kept verbatim) on the base's, as image `new_name`."""
         base, base_man, base_mt, base_cfg = self.manifest_of(base_image_name)
         with self.staging() as st:
-            tar = os.path.join(st.dir, "layer.tar")
-            with open(tar, "wb") as out:
-                diff_id, _ = layer.pack(upper_dir, out, progress)
-            digest, size, path = st.compress(tar)
-            st.add_blob(digest, path)
-            st.add_layer(digest, diff_id)
+            digest, size, diff_id = st.pack(upper_dir, progress)
             layers, _ = manifest.layers_of(base_man)
             docker = base_mt == manifest.DOCKER_MANIFEST
             desc = {"mediaType": manifest.DOCKER_LAYER_GZIP if docker else manifest.OCI_LAYER_GZIP,
@@ -313,6 +312,47 @@ class Store:
             cfg = manifest.with_layer(base_cfg, diff_id, "unionrun commit")
             man, mt = manifest.build(cfg, layers + [desc], docker)
             return st.commit([normalise(new_name)], man, mt, cfg)
+
+    # ---- the build step cache: key -> the layer that step made ----
+
+    def _cache_path(self, key):
+        if not re.fullmatch(r"[0-9a-f]{64}", key):
+            raise StoreError(f"internal error: bad build cache key {key!r}")
+        return os.path.join(self.root, "build-cache", key + ".json")
+
+    def cache_records(self):
+        out = []
+        for name in os.listdir(os.path.join(self.root, "build-cache")):
+            try:
+                with open(os.path.join(self.root, "build-cache", name)) as f:
+                    rec = json.load(f)
+                manifest.check_digest(rec["diff_id"])
+                manifest.check_digest(rec["digest"])
+            except (OSError, ValueError, KeyError, TypeError, manifest.ManifestError):
+                continue
+            out.append(rec)
+        return out
+
+    def cached_layer(self, key):
+        """The record {diff_id, digest, size} of the layer a build step with this key made, if the
+        store still has both its blob and its verified layer."""
+        try:
+            with open(self._cache_path(key)) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if not self.committed(rec.get("diff_id", "")[7:]) or not self.has_blob(rec.get("digest", "")):
+            return None
+        return rec
+
+    def cache_layer(self, key, upper_dir, progress=None):
+        """Pack the dir as a layer (gzip blob and unpacked layer), named by the build cache `key`."""
+        with self.staging() as st:
+            digest, size, diff_id = st.pack(upper_dir, progress)
+            st.publish()
+            rec = {"diff_id": diff_id, "digest": digest, "size": size}
+            self._write_json(self._cache_path(key), rec)
+            return rec
 
     def remove(self, text):
         """Remove an image name and the layers and blobs no other image needs; returns layers removed."""
@@ -394,6 +434,17 @@ class Staging:
                 h.update(chunk)
         return "sha256:" + h.hexdigest(), os.path.getsize(path), path
 
+    def pack(self, upper_dir, progress=None):
+        """The dir packed as a staged gzip layer blob and its layer; returns (digest, size, diff_id)."""
+        tar = os.path.join(self.dir, "layer.tar")
+        with open(tar, "wb") as out:
+            diff_id, _ = layer.pack(upper_dir, out, progress)
+        digest, size, path = self.compress(tar)
+        os.unlink(tar)
+        self.add_blob(digest, path)
+        self.add_layer(digest, diff_id)
+        return digest, size, diff_id
+
     def blob_file(self, digest):
         return self.blobs.get(digest) or self.store.blob_path(digest)
 
@@ -425,6 +476,21 @@ class Staging:
             self.layers[hexid] = staged
         return True
 
+    def publish(self):
+        """Move the staged layers and blobs into the store (under the store's lock: only what an image
+        or a build cache record names survives the next _fsck)."""
+        s = self.store
+        for hexid, staged in self.layers.items():
+            dest = os.path.join(s.root, "layers", hexid)
+            if staged and not s.committed(hexid):
+                if os.path.lexists(dest):
+                    s._drop(dest)   # not our verified layer: a leftover or planted; replaced
+                os.rename(staged, dest)
+        for digest, path in self.blobs.items():
+            if not s.has_blob(digest):
+                os.chmod(path, 0o644)
+                os.rename(path, s.blob_path(digest))
+
     def commit(self, names, manifest_data, media_type, config_data, source=None, ref_digest=None,
                platform=None):
         """Name the staged blobs and layers and the image (under each of `names`); returns the Image."""
@@ -437,16 +503,7 @@ class Staging:
         for d in blobs:
             if not self.has_blob(d):
                 raise StoreError(f"internal error: blob {d} was never fetched")
-        for hexid, staged in self.layers.items():
-            dest = os.path.join(s.root, "layers", hexid)
-            if staged and not s.committed(hexid):
-                if os.path.lexists(dest):
-                    s._drop(dest)   # not our verified layer: a leftover or planted; replaced
-                os.rename(staged, dest)
-        for digest, path in self.blobs.items():
-            if not s.has_blob(digest):
-                os.chmod(path, 0o644)
-                os.rename(path, s.blob_path(digest))
+        self.publish()
         rec = {"layers": [d[7:] for d in reversed(diff_ids)], "config": manifest.summary(config_data),
                "id": cfg_digest, "manifest": man_digest, "media_type": media_type, "blobs": blobs}
         if ref_digest:

@@ -21,6 +21,7 @@ import time
 from . import _libc as L
 from . import cgroups, init, lifecycle, logger, ports, seccomp, union, volumes
 from . import process as P
+from . import spec as _spec
 from . import state
 from ..net import NetError
 from ..net import container as _net
@@ -67,7 +68,7 @@ def initial_state(spec, image=None, store=None):
 class _Started:
     """A container whose command runs: what the supervisor waits on and then releases."""
 
-    def __init__(self, paths, st, init_pid, failure, master, signals, log):
+    def __init__(self, paths, st, init_pid, failure, master, signals, log=None):
         self.paths, self.st = paths, st
         self.init_pid, self.failure, self.master = init_pid, failure, master
         self.signals = signals      # our handlers from before we forwarded signals to the init
@@ -408,14 +409,18 @@ def _should_restart(spec, code, count, paths):
     return policy in ("always", "unless-stopped")
 
 
-def _wait_and_restart(spec, root, image, store, started, to_log):
-    """Wait for the command; under --restart start it again (with docker's doubling delay)
-    until the policy or a `stop` says no. The last exit status. The logger of the first start
-    logs them all, and is closed at the end."""
-    count, the_log = 0, started.log
+def _wait_and_restart(spec, root, image, store, started, to_log, count=0, code=None):
+    """Wait for the command (unless its ``code`` is known: resume); under --restart start it
+    again (with docker's doubling delay) until the policy or a `stop` says no. The last exit
+    status. ``to_log`` (detached): the waiting is done by waiter.py, exec'd in our place. The
+    logger of the first start logs every run; in the foreground it is closed at the end."""
+    the_log = started.log
     try:
         while True:
-            code = wait(started, spec.interactive and not to_log)
+            if code is None:
+                if to_log and started.master is None and not started.failure:
+                    _become_waiter(spec, root, started, count)
+                code = wait(started, spec.interactive and not to_log)
             again = _should_restart(spec, code, count, started.paths)
             finish(started, code)
             if not again:
@@ -424,12 +429,46 @@ def _wait_and_restart(spec, root, image, store, started, to_log):
             count += 1
             if os.path.lexists(started.paths.stopped):
                 return code
+            # Our stdout and stderr are the logger's pipes still (waiter.py kept them).
             started = start(spec, root, image, store, to_log=to_log, again=True, log=False)
             started.st["restarts"] = count
             state.write(started.paths, started.st)
+            code = None
     finally:
         if the_log is not None:
             the_log.close()
+
+
+def _become_waiter(spec, root, started, count):
+    """Exec waiter.py, which waits for the init with a few MB instead of our ~17, then comes
+    back as resume(). Returns only if the exec failed: then we wait ourselves."""
+    from ..net import ports as _ports
+    from . import waiter
+    held = _ports.held_fds()
+    for fd in held:
+        os.set_inheritable(fd, True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    waiter.become("wait", root, spec.name, started.init_pid, count, ",".join(map(str, held)))
+    for fd in held:
+        os.set_inheritable(fd, False)
+
+
+def resume(root, name, count, code):
+    """The detached supervisor again, after waiter.py saw its init exit with ``code``: release
+    the container (or restart it, as --restart says), as _supervise would have. Never returns."""
+    status = 1
+    try:
+        paths = state.Paths(root, name)
+        st = state.read(paths)
+        rs = _spec.spec_from_record(st["spec"])
+        started = _Started(paths, st, st["init"][0], None, None, {})
+        _wait_and_restart(rs, root, st["image"], st["store"], started, True, count, code)
+        status = 0
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def run(spec, root, image=None, store=None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import time
 
 from .. import rmtree
@@ -83,7 +84,9 @@ def write(paths, state):
     """Replace state.json in one step: readers see the old or the new state, never a part."""
     tmp = paths.state + ".tmp"
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
-        json.dump(state, f, indent=1, sort_keys=True)
+        # dumps without indent: json's C encoder does it (dump, or an indent, takes the pure-Python one:
+        # ~10 ms a write, and a start writes the state seven times).
+        f.write(json.dumps(state, sort_keys=True))
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, paths.state)
@@ -169,12 +172,29 @@ def kill(ident, sig):
 
 
 def wait_gone(ident, timeout):
+    """Whether the process is gone within ``timeout`` s. Woken by its pidfd when it exits (a
+    20 ms poll cost a start ~50 ms waiting for the union's daemon after its unmount)."""
     deadline = time.monotonic() + timeout
     while alive(ident):
-        if time.monotonic() > deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             return False
-        time.sleep(0.02)
+        _wait_exit(ident, left)
     return True
+
+
+def _wait_exit(ident, timeout):
+    try:
+        fd = os.pidfd_open(ident[0])
+    except OSError:             # gone already, or a kernel without pidfds
+        time.sleep(min(timeout, 0.02))
+        return
+    try:
+        # Opened after a check of its start time: the pidfd is that process, not a reuse of its pid.
+        if alive(ident) and select.select([fd], [], [], timeout)[0] and alive(ident):
+            time.sleep(min(timeout, 0.02))      # exited, but a zombie of ours until reaped
+    finally:
+        os.close(fd)
 
 
 def remove_tree(path):
