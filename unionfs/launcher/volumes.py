@@ -91,6 +91,12 @@ def _write(dir_fd, name, data):
         os.close(fd)
 
 
+def _drop_base(root):
+    """ROOT/.volumes goes with its last volume: a root left as the containers left it."""
+    with contextlib.suppress(OSError):
+        os.rmdir(base(root))
+
+
 def _remove_entry(dir_fd, name):
     """Rename the entry out of the way first (a volume is there whole, or not at all), then
     delete it."""
@@ -187,6 +193,7 @@ def remove(root, name):
         raise VolumeError(f"volume {name}: {e.strerror}") from None
     finally:
         os.close(fd)
+    _drop_base(root)
 
 
 def remove_anonymous(root, st):
@@ -246,6 +253,7 @@ def undo(root, made):
                 _remove_entry(fd, name)
     finally:
         os.close(fd)
+    _drop_base(root)
 
 
 def _pending(vol_fd):
