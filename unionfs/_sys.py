@@ -399,8 +399,35 @@ def fd_setattr(fd, mode=None, uid=-1, gid=-1, atime_ns=None, mtime_ns=None, size
                         st.st_mtime_ns if mtime_ns is None else mtime_ns))
 
 
+def fd_listxattr(fd):
+    try:
+        return [os.fsencode(a) for a in os.listxattr(fd)]
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return []
+        raise
+
+
+def fd_removexattr(fd, attr):
+    os.removexattr(fd, attr)
+    _trace("fremovexattr", fd, attr)
+
+
 def pread(fd, size, off):
-    return os.pread(fd, size, off)
+    """`size` bytes at `off`, fewer only at the end of the file. FUSE takes a short reply for the end
+    of the file (the kernel then believes the file that short): a lower that returns part of a
+    request and fails on the rest (a lazy layer whose next chunk is refused) must fail, not end."""
+    data = os.pread(fd, size, off)
+    if len(data) == size or not data:
+        return data
+    parts, n = [data], len(data)
+    while n < size:
+        more = os.pread(fd, size - n, off + n)
+        if not more:
+            break
+        parts.append(more)
+        n += len(more)
+    return b"".join(parts)
 
 
 def pwrite(fd, data, off):

@@ -66,6 +66,8 @@ def add_parsers(sub):
     _transport_options(p)
     p.add_argument("--creds", metavar="USER[:PASS]", help="credentials for this push only")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    p.add_argument("--estargz", action="store_true", help="re-encode the layers as eStargz (lazily "
+                   "pullable; stored as DESTREF too) and push that image")
     p.add_argument("image", metavar="IMAGE", help="the store's image")
     p.add_argument("dest", metavar="DESTREF", nargs="?", help="where to (default: its own name)")
     p = sub.add_parser("login", help="check and store credentials for a registry (auth.json)")
@@ -145,12 +147,17 @@ def _cmd_push(args, st):
     dest = reference.parse(args.dest or im.name)
     if not dest.tag:
         raise ImageError(f"{args.dest}: push needs a tag, not a digest")
-    reg = _registry(args, dest)
     from .progress import Progress
+    image = args.image
+    if args.estargz:
+        from . import lazy
+        with Progress(args.quiet) as prog:
+            image = lazy.convert(st, image, str(dest), progress=prog).name
+    reg = _registry(args, dest)
     try:
         with Progress(args.quiet) as prog:
             from . import copy
-            counts = copy.push(st, reg, args.image, dest, prog)
+            counts = copy.push(st, reg, image, dest, prog)
     finally:
         reg.close()
     if not args.quiet:

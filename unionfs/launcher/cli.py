@@ -50,6 +50,8 @@ def _parser():
     p.add_argument("-d", "--detach", action="store_true",
                    help="run in the background; its output goes to `logs`")
     p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    p.add_argument("--lazy", action="store_true",
+                   help="an image the store lacks with eStargz layers: start before they are downloaded")
     p.add_argument("-t", "--tty", action="store_true", help="a pty of the container's devpts")
     p.add_argument("-i", "--interactive", action="store_true", help="pass our stdin on")
     p.add_argument("-e", "--env", action="append", default=[], metavar="NAME[=VALUE]",
@@ -190,6 +192,10 @@ def _image_config(args):
         try:
             im = st.image(rest[0])
         except _store.StoreError as missing:
+            if getattr(args, "lazy", False):
+                session = _lazy_start(args, st, rest[0])
+                if session is not None:
+                    return session.lowers, session.config, None, None, _command_args(rest[1:])
             # As docker does: an image the store lacks is pulled (with the default transport options).
             pull_args = argparse.Namespace(tls_verify=True, cert_dir=None, creds=None, platform=None)
             try:
@@ -199,6 +205,28 @@ def _image_config(args):
     except image_cli.ERRORS as e:
         raise spec.SpecError(str(e)) from None
     return tuple(im.layers), im.config or {}, im.name, st, _command_args(rest[1:])
+
+
+def _lazy_start(args, st, text):
+    """`run --lazy`: the lazy-layer daemon serving the image (see images/lazy.py), or None to pull."""
+    from ..images import lazy
+    if args.detach:
+        raise spec.SpecError("--lazy runs in the foreground only (its layers are served by this run)")
+    try:
+        args.lazy_session = lazy.start_for_run(st, text, _root(args))
+    except image_cli.ERRORS as e:
+        raise spec.SpecError(str(e)) from None
+    return args.lazy_session
+
+
+def _lazy_finish(args):
+    session = getattr(args, "lazy_session", None)
+    if session is None:
+        return
+    from ..images import lazy
+    failure = lazy.finish(session)
+    if failure:
+        sys.stderr.write(f"{PROG}: lazy pull: {failure}\n")
 
 
 def _build_spec(args, root):
@@ -275,6 +303,14 @@ def _alias(value):
 
 
 def _cmd_run(args, root):
+    try:
+        return _run(args, root)
+    finally:
+        # The container is gone (or never started): the lazy layers' daemon finishes its fetch.
+        _lazy_finish(args)
+
+
+def _run(args, root):
     rs, image, store = _build_spec(args, root)
     try:
         _net.check(root, rs)
