@@ -109,7 +109,7 @@ class CuttingProxy:
 
     def __init__(self, target_port, cut_after, cuts=1, stall=False):
         self.target, self.cut_after, self.cuts, self.stall = target_port, cut_after, cuts, stall
-        self.stalled = threading.Event()
+        self.stalled, self._closed = threading.Event(), threading.Event()
         self.done_cuts = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -145,7 +145,7 @@ class CuttingProxy:
                             dst.sendall(data[:self.cut_after - n])
                             if self.stall:
                                 self.stalled.set()
-                                src.recv(1)     # until the proxy or the server closes it
+                                self._closed.wait()     # the connection left open, silent, until close()
                             raise ConnectionAbortedError
                     n += len(data)
                 dst.sendall(data)
@@ -160,6 +160,7 @@ class CuttingProxy:
                 so.close()
 
     def close(self):
+        self._closed.set()
         self.sock.close()
 
 
