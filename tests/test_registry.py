@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -193,8 +194,30 @@ def test_commit_push_podman_pulls_and_runs(world, tmp_path):
     assert r.returncode == 0, r.stderr
     puts = [line for line in reg.requests_since(mark) if '"PUT /v2/mine/blobs/' in line]
     assert len(puts) == 2, puts      # the new layer and the config; the base layer is mounted
-    ours = unionrun(st, "run", "--rm", f"{reg.host}/mine:1", "sh", "-c", SEE + "; cat /data/x/y/z", root=root)
-    assert ours.returncode == 0, ours.stderr
+    # --pull=always asks the registry again (every layer is there); --pull=never does not pull.
+    ours = unionrun(st, "run", "--rm", "--pull=always", f"{reg.host}/mine:1", "sh", "-c",
+                    SEE + "; cat /data/x/y/z", root=root)
+    assert ours.returncode == 0 and "skipped: already exists" in ours.stderr, ours.stderr
+    # (holds/ aside: the --rm run's hold goes at the next look, its container gone)
+    before = {k: v for k, v in snapshot(st).items() if not k.startswith("holds/")}
+    assert "(--pull=never)" in one_error(unionrun(st, "run", "--pull=never", f"{reg.host}/derived:1", root=root))
+    assert "invalid choice" in one_error(unionrun(st, "run", "--pull=sometimes", f"{reg.host}/mine:1", root=root))
+    # rmi of an image a container uses, as docker: its last name or its ID need -f (stopped container),
+    # and the ID is refused even with -f while a container runs on it.
+    image_id = _inspect(st, f"{reg.host}/base:1")["Id"]
+    assert 'container c is using its referenced image' in one_error(unionrun(st, "rmi", f"{reg.host}/base:1"))
+    assert "being used by stopped container c" in one_error(unionrun(st, "rmi", image_id[7:]))
+    assert {k: v for k, v in snapshot(st).items() if not k.startswith("holds/")} == before
+    r = unionrun(st, "run", "-d", "--network", "none", "--name", "up", f"{reg.host}/base:1", "sleep", "60",
+                 root=root)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert "(cannot be forced) - image is being used by running container up" in one_error(
+            unionrun(st, "rmi", "-f", image_id[7:], root=root))
+    finally:
+        assert unionrun(st, "rm", "-f", "up", root=root).returncode == 0
+    r = unionrun(st, "rmi", "-f", f"{reg.host}/base:1")
+    assert r.returncode == 0 and r.stdout == f"Untagged: {reg.host}/base:1\n", r.stdout + r.stderr
     pm("pull", "--tls-verify=false", f"{reg.host}/mine:1")
     assert pm.run("--rm", f"{reg.host}/mine:1", "sh", "-c", SEE + "; cat /data/x/y/z") == ours.stdout
     assert "committed" in ours.stdout and "deep" in ours.stdout
@@ -220,13 +243,32 @@ def test_save_load_keep_digests(world, tmp_path):
     # podman reads the archive with the same digests.
     raw = skopeo("inspect", "--raw", f"oci-archive:{tmp_path / 'd.tar'}")
     assert "sha256:" + hashlib.sha256(raw.encode()).hexdigest() == inspect["Digest"]
-    # tag and rmi: names come and go, the layers stay while a name needs them.
+    # SIZE is docker's: what the layers' files hold unpacked, counted here from the registry's blobs.
+    unpacked = 0
+    for lyr in manifest_of(reg, "derived:1")["layers"]:
+        with tarfile.open(reg.blob_file(lyr["digest"])) as tf:
+            unpacked += sum(m.size for m in tf if m.isreg())
+    assert again["Size"] == unpacked > sum(lyr["size"] for lyr in manifest_of(reg, "derived:1")["layers"])
+    row = unionrun(st2, "images").stdout.splitlines()[1].split()
+    assert row[-1] == f"{unpacked / 1e6:.3g}MB", row
+    # tag and rmi as docker: a name of several only untags; the ID of names in two repositories is
+    # refused without -f; the layers stay while a name needs them.
     assert unionrun(st2, "tag", f"{reg.host}/derived:1", "busybox:mine").returncode == 0
     assert unionrun(st2, "image", "inspect", "docker.io/library/busybox:mine").returncode == 0
+    before = snapshot(st2)
+    assert "image is referenced in multiple repositories" in one_error(unionrun(st2, "rmi", again["Id"][7:19]))
+    assert snapshot(st2) == before
     r = unionrun(st2, "rmi", f"{reg.host}/derived:1")
-    assert r.returncode == 0 and len(os.listdir(st2 / "layers")) == 2
+    assert r.returncode == 0 and r.stdout == f"Untagged: {reg.host}/derived:1\n" and \
+        len(os.listdir(st2 / "layers")) == 2, r.stdout
     r = unionrun(st2, "rmi", "busybox:mine")
     assert r.returncode == 0 and os.listdir(st2 / "layers") == [] and os.listdir(st2 / "blobs/sha256") == []
+    assert r.stdout.splitlines()[:2] == ["Untagged: busybox:mine", f"Deleted: {again['Id']}"], r.stdout
+    # -f: every name of the ID goes.
+    assert unionrun(st2, "load", "-i", tmp_path / "d.tar").returncode == 0
+    assert unionrun(st2, "tag", f"{reg.host}/derived:1", "other/name:2").returncode == 0
+    r = unionrun(st2, "rmi", "-f", again["Id"][7:19])
+    assert r.returncode == 0 and os.listdir(st2 / "images") == os.listdir(st2 / "layers") == [], r.stderr
 
 
 def test_resume_after_a_dropped_connection(world, tmp_path):
@@ -369,6 +411,14 @@ def test_tls_and_basic_auth(world, tmp_path):
         assert unionrun(st, "pull", "--tls-verify=false", ref, env=env).returncode == 0
         assert unionrun(st, "logout", reg.host, env=env).returncode == 0
         assert "not logged into" in one_error(unionrun(st, "logout", reg.host, env=env))
+        if "REGISTRY_AUTH_FILE" not in os.environ:
+            # Without $REGISTRY_AUTH_FILE: containers' $XDG_RUNTIME_DIR/containers/auth.json.
+            xdg = {"XDG_RUNTIME_DIR": str(tmp_path / "xdg")}
+            r = subprocess.run([f"{BIN}/unionrun", "--store", str(st), "login", *map(str, cert_dir), "-u",
+                                "tester", "--password-stdin", reg.host], input="s3cret\n", capture_output=True,
+                               text=True, env=dict(os.environ, **xdg))
+            assert r.returncode == 0 and (tmp_path / "xdg/containers/auth.json").exists(), r.stderr
+            assert unionrun(tmp_path / "store4", "pull", *cert_dir, ref, env=xdg).returncode == 0
         # docker's config.json is read too.
         home = tmp_path / "home"
         (home / ".docker").mkdir(parents=True)
@@ -428,6 +478,12 @@ def test_platform_from_an_index(world, tmp_path):
         assert r.returncode == 0 and "sha256:" + r.stdout.strip() == base_cfg, r.stderr
     r = unionrun(st, "pull", "-q", "--platform", "linux/arm64", f"{reg.host}/base:multi")
     assert r.returncode == 0 and "sha256:" + r.stdout.strip() == derived_cfg, r.stderr
+    # The same as a Docker manifest list.
+    docker_list = "application/vnd.docker.distribution.manifest.list.v2+json"
+    _put_manifest(reg, "base", "list", json.dumps({"schemaVersion": 2, "mediaType": docker_list,
+                                                   "manifests": entries}).encode(), docker_list)
+    r = unionrun(st, "pull", "-q", "--platform", "linux/arm64/v8", f"{reg.host}/base:list")
+    assert r.returncode == 0 and "sha256:" + r.stdout.strip() == derived_cfg, r.stderr
     before = snapshot(st)
     assert "no image for platform linux/s390x" in one_error(
         unionrun(st, "pull", "--platform", "linux/s390x", f"{reg.host}/base:multi"))
@@ -479,7 +535,7 @@ def test_token_auth_registry(world, tmp_path):
     """distribution's `auth: token` with a token issuer of the test's own (JWTs signed with a test key)."""
     d, plain, pm = world
     issuer = ru.TokenServer(tmp_path / "token", {"tester": "s3cret"})
-    reg = ru.Registry(tmp_path / "reg", token=issuer.registry_config())
+    reg = ru.Registry(tmp_path / "reg", token=issuer.registry_config(), relative_urls=True)
     try:
         st = tmp_path / "store"
         assert unionrun(st, "pull", f"{plain.host}/derived:1").returncode == 0
@@ -487,8 +543,12 @@ def test_token_auth_registry(world, tmp_path):
         # Anonymous tokens carry pull only: the push is refused (one line), the store untouched.
         r = unionrun(st, "push", f"{plain.host}/derived:1", f"{reg.host}/first:1")
         assert "401" in one_error(r) and snapshot(st) == before
+        mark = reg.log_mark()
         r = unionrun(st, "push", "--creds", "tester:s3cret", f"{plain.host}/derived:1", f"{reg.host}/first:1")
         assert r.returncode == 0, r.stderr
+        # Its upload Locations were relative, with a query (_state) the digest was added to.
+        puts = [line for line in reg.requests_since(mark) if '"PUT /v2/first/blobs/uploads/' in line]
+        assert len(puts) == 3 and all("_state=" in line and "digest=" in line for line in puts), puts
         # A second repository: the layers are mounted from the first, with a token that may pull there.
         issuer.requests.clear()
         mark = reg.log_mark()
@@ -561,3 +621,58 @@ def test_redirect_to_storage_drops_authorization(world, tmp_path):
         assert not [h for h in front.storage_headers if "Authorization" in h], front.storage_headers
     finally:
         front.close()
+
+
+@pytest.mark.parametrize("mode", ["ignore", "elsewhere"])
+def test_resume_continues_only_where_it_stopped(world, tmp_path, mode):
+    """After a drop, only a 206 whose Content-Range starts where we stopped continues the digest: a 200
+    with the whole blob (a server that ignores Range) or a 206 from elsewhere starts the blob over."""
+    d, reg, pm = world
+    big = max(manifest_of(reg, "base:1")["layers"], key=lambda lyr: lyr["size"])
+    front = ru.RangeFront(reg.port, big["digest"], mode)
+    try:
+        r = unionrun(tmp_path / "store", "pull", "-q", f"{front.host}/base:1")
+        assert r.returncode == 0, r.stderr
+        assert "sha256:" + r.stdout.strip() == manifest_of(reg, "base:1")["config"]["digest"]
+        again = f"bytes={big['size'] // 2}-"
+        assert front.served == ([(None, 200), (again, 200)] if mode == "ignore" else
+                                [(None, 200), (again, 206), (None, 200)]), front.served
+    finally:
+        front.close()
+
+
+def test_foreign_layers_refused(world, tmp_path):
+    d, reg, pm = world
+    st = tmp_path / "store"
+    unionrun(st, "images")
+    before = snapshot(st)
+    for fmt, mt in (("v2s2", "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"),
+                    ("oci", "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip")):
+        skopeo("copy", "--src-tls-verify=false", "--dest-tls-verify=false", "-f", fmt, f"docker://{reg.host}/base:1",
+               f"docker://{reg.host}/foreign:{fmt}")
+        m = manifest_of(reg, f"foreign:{fmt}")
+        m["layers"].append({"mediaType": mt, "size": 1, "digest": "sha256:" + "1" * 64,
+                            "urls": ["http://127.0.0.1:1/layer"]})
+        _put_manifest(reg, "foreign", f"{fmt}-foreign", json.dumps(m).encode(),
+                      m.get("mediaType", "application/vnd.oci.image.manifest.v1+json"))
+        r = unionrun(st, "pull", f"{reg.host}/foreign:{fmt}-foreign")
+        assert "foreign/non-distributable" in one_error(r), r.stderr
+        assert snapshot(st) == before
+
+
+def test_a_refused_mount_uploads_instead(world, tmp_path):
+    """A blob the store saw in a repository the registry no longer has: the mount is answered 202
+    (an upload session) and the upload goes on there."""
+    d, reg, pm = world
+    st = tmp_path / "store"
+    assert unionrun(st, "pull", f"{reg.host}/derived:1").returncode == 0
+    sources = json.loads((st / "sources.json").read_text())
+    (st / "sources.json").write_text(json.dumps({digest: [f"{reg.host}/gone"] for digest in sources}))
+    mark = reg.log_mark()
+    r = unionrun(st, "push", f"{reg.host}/derived:1", f"{reg.host}/fallback:1")
+    assert r.returncode == 0 and "3 blobs uploaded, 0 mounted" in r.stderr, r.stderr
+    reqs = reg.requests_since(mark)
+    for lyr in manifest_of(reg, "derived:1")["layers"]:
+        assert any("from=gone" in line and lyr["digest"][7:] in line for line in reqs if '"POST' in line), reqs
+        assert any(lyr["digest"][7:] in line for line in reqs if '"PUT /v2/fallback/blobs/uploads/' in line)
+    assert manifest_of(reg, "fallback:1") == manifest_of(reg, "derived:1")

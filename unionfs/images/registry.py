@@ -226,7 +226,9 @@ class Registry:
                         else:
                             r.read()
                             raise self._fail(r, what)
-                        for chunk in r.iter_raw(1 << 20):
+                        # As bytes arrive (a chunk size would hold back what came before a drop:
+                        # the resume would start over instead of where the bytes stopped).
+                        for chunk in r.iter_raw():
                             out.write(chunk)
                             h.update(chunk)
                             n += len(chunk)
