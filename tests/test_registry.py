@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -676,3 +677,23 @@ def test_a_refused_mount_uploads_instead(world, tmp_path):
         assert any("from=gone" in line and lyr["digest"][7:] in line for line in reqs if '"POST' in line), reqs
         assert any(lyr["digest"][7:] in line for line in reqs if '"PUT /v2/fallback/blobs/uploads/' in line)
     assert manifest_of(reg, "fallback:1") == manifest_of(reg, "derived:1")
+
+
+def test_plain_http_only_on_loopback_names_or_without_tls_verify(world, tmp_path):
+    """This machine's host name leads to 127.0.0.1 too, but is no loopback name: as docker, plain HTTP to
+    it is refused unless --tls-verify=false."""
+    d, reg, pm = world
+    name = socket.gethostname()
+    try:
+        if socket.gethostbyname(name) != "127.0.0.1" or name != name.lower():
+            pytest.skip(f"the host name {name!r} does not lead to 127.0.0.1 as a plain registry name")
+    except OSError:
+        pytest.skip(f"the host name {name!r} does not resolve")
+    st, ref = tmp_path / "store", f"{name}:{reg.port}/base:1"
+    unionrun(st, "images")
+    before = snapshot(st)
+    err = one_error(unionrun(st, "pull", ref))
+    assert f"cannot reach registry {name}:{reg.port}" in err and "--tls-verify=false" in err, err
+    assert snapshot(st) == before
+    r = unionrun(st, "pull", "--tls-verify=false", ref)
+    assert r.returncode == 0, r.stderr
