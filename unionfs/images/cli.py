@@ -198,16 +198,30 @@ def _cmd_logout(args, st):
 
 
 def _ago(created):
+    """docker's HumanDuration of the time since `created`, with " ago"."""
     try:
         t = time.mktime(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
     except (TypeError, ValueError):
         return "N/A"
     s = max(0, time.time() - t)
-    for unit, n in (("years", 365 * 86400), ("months", 30 * 86400), ("weeks", 7 * 86400), ("days", 86400),
-                    ("hours", 3600), ("minutes", 60)):
-        if s >= 2 * n:
-            return f"{int(s // n)} {unit} ago"
-    return "About a minute ago" if s >= 60 else "Less than a second ago" if s < 1 else f"{int(s)} seconds ago"
+    m, h = int(s // 60), round(s / 3600)
+    if s < 1:
+        text = "Less than a second"
+    elif s < 60:
+        text = "1 second" if int(s) == 1 else f"{int(s)} seconds"
+    elif m < 60:
+        text = "About a minute" if m == 1 else f"{m} minutes"
+    elif h < 48:
+        text = "About an hour" if h == 1 else f"{h} hours"
+    elif h < 24 * 7 * 2:
+        text = f"{h // 24} days"
+    elif h < 24 * 30 * 2:
+        text = f"{h // 24 // 7} weeks"
+    elif h < 24 * 365 * 2:
+        text = f"{h // 24 // 30} months"
+    else:
+        text = f"{int(h // 24 // 365)} years"
+    return text + " ago"
 
 
 def _size(n):
