@@ -607,12 +607,13 @@ class Staging:
         layers, _ = manifest.layers_of(manifest_data)
         diff_ids = manifest.diff_ids_of(config_data, len(layers))
         blobs = [man_digest, cfg_digest] + [d["digest"] for d in layers]
+        # What the store had when we looked may have gone since (an rmi meanwhile): then nothing is named.
         for d in blobs:
             if not self.has_blob(d):
-                raise StoreError(f"internal error: blob {d} was never fetched")
+                raise StoreError(f"blob {d} is no longer in the store (removed meanwhile?): try again")
         for hexid in diff_ids:
             if not (s.committed(hexid[7:]) or self.layers.get(hexid[7:])):
-                raise StoreError(f"internal error: layer {hexid} is neither staged nor in the store")
+                raise StoreError(f"layer {hexid} is no longer in the store (removed meanwhile?): try again")
         for hexid, staged in self.layers.items():
             dest = os.path.join(s.root, "layers", hexid)
             if staged and not s.committed(hexid):
