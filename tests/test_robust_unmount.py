@@ -195,3 +195,22 @@ def test_sigterm_while_busy(tmp_path, impl, no_mounts_left):
             _fusermount("-uz", mnt=m)
         if _daemons(m):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_deep_leftovers_in_the_work_directory_are_removed(tmp_path, impl, no_mounts_left):
+    """A crash can leave in WORKDIR/work whatever shape the container made (a copied-up tree, a
+    directory on its way out): cleaning it up at mount must not depend on its depth."""
+    side = util.build_side(tmp_path / "s", [{"f": util.File(b"x")}], {})
+    fd = os.open(side.work, os.O_RDONLY | os.O_DIRECTORY)
+    os.mkdir("work", dir_fd=fd)
+    depth = 3000                                # well past Python's recursion limit and PATH_MAX
+    name = "work"
+    for _ in range(depth):
+        nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd, name = nfd, "d"
+        os.mkdir(name, dir_fd=fd)
+    os.close(fd)
+    with util.union_mount(side, impl):
+        assert (side.mnt / "f").read_bytes() == b"x"
+        assert os.listdir(side.work / "work") == []

@@ -11,7 +11,7 @@ import logging
 import os
 import stat
 
-from . import _fast
+from . import _fast, rmtree
 
 log = logging.getLogger("unionfs.sys")
 
@@ -346,16 +346,13 @@ def truncate(layer, path, size):
 
 
 def remove_tree(layer, path):
-    """Remove path and everything below it, never following a symlink (work directory cleanup)."""
-    st = lstat(layer, path)
-    if st is None:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        for name, _kind in scandir(layer, path):
-            remove_tree(layer, join(path, name))
-        rmdir(layer, path)
-    else:
-        unlink(layer, path)
+    """Remove path and everything below it, never following a symlink (work directory cleanup);
+    iterative, as whatever a crash left in the work directory may be deep."""
+    with ParentDir(layer, path) as (dfd, name):
+        rmtree.remove_tree_at(dfd, name)
+    if layer.index >= 0:
+        forget_dirs(layer)
+    _trace("remove_tree", layer.index, path)
 
 
 def copy_file(src_layer, src_path, dst_layer, dst_path, st, data, fsync, extra_xattrs, skip_xattr):
