@@ -341,6 +341,8 @@ def test_bad_inputs_one_line_store_unchanged(world, tmp_path):
         assert want in one_error(r), (ref, r.stderr)
         assert snapshot(st) == before, ref
     for args, want in ((("push", "nosuch:1"), "no image"), (("rmi", "nosuch"), "no image"),
+                       (("push", f"{reg.host}/base:1", f"127.0.0.1:{down}/base:1"), "cannot reach registry"),
+                       (("push", f"{reg.host}/base:1", f"{reg.host}/base@sha256:{'0' * 64}"), "needs a tag"),
                        (("save", "-o", tmp_path / "x.tar", "nosuch"), "no image"),
                        (("load", "-i", tmp_path / "nosuch.tar"), "not a readable tar"),
                        (("tag", f"{reg.host}/base:1", "Bad Name"), "invalid reference")):
@@ -400,6 +402,10 @@ def test_tls_and_basic_auth(world, tmp_path):
         assert "401" in one_error(unionrun(st, "pull", *cert_dir, ref, env=env))
         assert "401" in one_error(unionrun(st, "pull", *cert_dir, "--creds", "tester:wrong", ref, env=env))
         assert snapshot(st) == before
+        r = subprocess.run([f"{BIN}/unionrun", "--store", str(st), "login", *map(str, cert_dir), "-u", "tester",
+                            "--password-stdin", reg.host], input="wrong\n", capture_output=True, text=True,
+                           env=dict(os.environ, **env))
+        assert "401" in one_error(r) and not (tmp_path / "auth.json").exists()
         r = subprocess.run([f"{BIN}/unionrun", "--store", str(st), "login", *map(str, cert_dir), "-u", "tester",
                             "--password-stdin", reg.host], input="s3cret\n", capture_output=True, text=True,
                            env=dict(os.environ, **env))

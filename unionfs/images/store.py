@@ -490,6 +490,9 @@ class Staging:
             with self._mutex:
                 path, staged = self.blobs.pop(blob_digest, None), self.layers.pop(hexid, None)
             if path and not s.has_blob(blob_digest):
+                # Durable before it is named: it may be kept without an image, and nothing checks it again.
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
                 os.chmod(path, 0o644)
                 os.rename(path, s.blob_path(blob_digest))
             if staged and not s.committed(hexid):
