@@ -305,7 +305,8 @@ def test_failed_pull_keeps_verified_layers_for_a_retry(world, tmp_path):
     layers = manifest_of(reg, "derived:1")["layers"]
     big, small = sorted(layers, key=lambda lyr: lyr["size"], reverse=True)
     st = tmp_path / "store"
-    proxy = ru.CuttingProxy(reg.port, cut_after=big["size"] // 2, cuts=None)
+    # Each connection cut after a tenth: more drops than the retries (resumes) allow.
+    proxy = ru.CuttingProxy(reg.port, cut_after=big["size"] // 10, cuts=None)
     try:
         assert "connection dropped" in one_error(unionrun(st, "pull", f"{proxy.host}/derived:1"))
     finally:
@@ -439,6 +440,14 @@ def test_tls_and_basic_auth(world, tmp_path):
         r = unionrun(st3, "push", *cert_dir, "--creds", "tester:s3cret", ref, f"{reg.host}/again:1",
                      env=env)
         assert r.returncode == 0, r.stderr
+        if FUSE_OK:
+            # run's pull takes pull's transport options: the CA, the credentials.
+            st5 = tmp_path / "store5"
+            assert "CERTIFICATE_VERIFY_FAILED" in one_error(unionrun(st5, "run", "--rm", ref, root=tmp_path / "run",
+                                                                     env=env))
+            r = unionrun(st5, "run", "--rm", *cert_dir, "--creds", "tester:s3cret", f"{reg.host}/again:1",
+                         root=tmp_path / "run", env=env)
+            assert r.returncode == 0 and r.stdout == "1000\n/home/app\nbar\n", r.stdout + r.stderr
     finally:
         reg.stop()
 
