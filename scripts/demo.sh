@@ -131,6 +131,30 @@ run unionrun --root "$demo/run" run --rm --network demo --layers lower2:lower1 -
     'cat /etc/resolv.conf; timeout 10 wget -qO- http://api/hello.txt'
 run unionrun --root "$demo/run" rm -f api
 run unionrun --root "$demo/run" network rm demo
+
+say "build an image from a Containerfile: FROM scratch, ADD a rootfs archive, COPY, RUN; then run it"
+mkdir -p ctx
+tar -C lower1 --numeric-owner -czf ctx/rootfs.tar.gz .
+echo "hello from the build context" > ctx/hello.txt
+cat > ctx/Containerfile <<'EOF'
+FROM scratch
+ADD rootfs.tar.gz /
+ARG WHO=world
+ENV GREETING="hello, ${WHO}"
+WORKDIR /app
+COPY hello.txt .
+RUN echo "$GREETING (built on $(uname -m))" > greeting.txt
+LABEL org.example.demo=yes
+EXPOSE 80
+CMD ["sh", "-c", "cat /app/hello.txt /app/greeting.txt; pwd"]
+EOF
+run cat ctx/Containerfile
+run unionrun --root "$demo/run" --store "$demo/store" build -t demo:1 --build-arg WHO=demo ctx
+run unionrun --root "$demo/run" --store "$demo/store" run --rm demo:1
+echo "(again: every step from the step cache)"
+run unionrun --root "$demo/run" --store "$demo/store" build -t demo:1 --build-arg WHO=demo ctx
+run unionrun --root "$demo/run" --store "$demo/store" images
+
 say "images travel: pull from a registry on 127.0.0.1, run, commit, push; podman on the other side"
 # The registry (Debian's docker-registry) with its own config and storage; podman with a store of its own.
 reg_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -157,7 +181,7 @@ tar -C lower1 --numeric-owner -cf lower1.tar .
 pm import -q --change 'CMD ["cat", "/etc/motd"]' lower1.tar "$reg/demo/base:1" >/dev/null
 pm push -q --tls-verify=false "$reg/demo/base:1"
 echo "(pm: podman with a store of its own; it pushed $reg/demo/base:1, lower1 with CMD cat /etc/motd)"
-store=(--store "$demo/store" --root "$demo/run")
+store=(--store "$demo/images" --root "$demo/run")
 run unionrun "${store[@]}" pull "$reg/demo/base:1"
 run unionrun "${store[@]}" run --rm "$reg/demo/base:1"
 run unionrun "${store[@]}" run --name hello "$reg/demo/base:1" sh -c 'echo "hello from unionrun" > /etc/motd'
@@ -167,7 +191,6 @@ run unionrun "${store[@]}" images
 run unionrun "${store[@]}" rm hello
 run pm pull -q --tls-verify=false "$reg/demo/hello:1"
 run pm run --rm --net=none --ulimit nproc=1000:1000 --ulimit nofile=1000:1000 "$reg/demo/hello:1"
-
 if grep -q " $demo/run" /proc/mounts; then die "a container's union is still mounted"; fi
 echo
 echo "demo done: every step worked"

@@ -79,7 +79,7 @@ def pull(store, reg, ref, platform=None, progress=None):
                 reg.fetch_blob(ref.repository, d["digest"], d["size"], path, task)
                 st.add_blob(d["digest"], path)
             st.add_layer(d["digest"], diff_id)
-            st.publish(d["digest"], diff_id)
+            st.publish_layer(d["digest"], diff_id)
             if task:
                 task.done()
 

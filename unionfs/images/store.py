@@ -1,6 +1,7 @@
 """The store on disk: blobs/sha256/<hex> (manifests, configs and compressed layers, verbatim),
 layers/<diff_id hex>/{diff,meta.json}, images/<name>.json, sources.json (where each blob was seen),
-leases/ (verified layers of a pull kept for a while without an image), tmp/ for staging, a lock file.
+leases/ (verified layers of a pull kept for a while without an image), build-cache/<key>.json (the layer
+a build step made, see unionfs/build/cache.py), tmp/ for staging, a lock file.
 
 Every mutation is staged in tmp/ and renamed into place under the lock, which is held only to name things:
 downloads and unpacks run unlocked, each in a tmp/ dir its writer holds an flock on. A crash leaves only
@@ -110,7 +111,7 @@ class Store:
         self.root = os.path.abspath(root)
         self.limits = limits or Limits()
         private_dir(self.root)
-        for sub in ("layers", "images", "tmp", "holds", "blobs", "blobs/sha256", "leases"):
+        for sub in ("layers", "images", "tmp", "holds", "blobs", "blobs/sha256", "leases", "build-cache"):
             private_dir(os.path.join(self.root, sub))
         with self._locked():
             self._fsck()
@@ -146,6 +147,10 @@ class Store:
         # A container keeps the layers it runs on even when a pull or load gave its image's name to another.
         for h in self.holds():
             layers.update(h.get("layers") or ())
+        # A build's step cache keeps the layers its steps made (as podman keeps intermediate images).
+        for rec in self.cache_records():
+            layers.add(rec["diff_id"][7:])
+            blobs.add(rec["digest"])
         for hexid in os.listdir(os.path.join(self.root, "layers")):
             if hexid not in layers:
                 self._drop(os.path.join(self.root, "layers", hexid))
@@ -375,15 +380,7 @@ class Store:
         """The upper dir becomes a new layer (a gzip blob kept verbatim) on the base's, as image `new_name`."""
         base, base_man, base_mt, base_cfg = self.manifest_of(base_image_name)
         with self.staging() as st:
-            tar = os.path.join(st.dir, "layer.tar")
-            # The staging counts against the store's reserve as an unpack does: a full disk stops
-            # it in one line, and the block's end removes what was written.
-            budget = self.limits.budget(self.root)
-            with open(tar, "wb") as out:
-                diff_id, _ = layer.pack(upper_dir, out, progress, budget)
-            digest, size, path = st.compress(tar, budget)
-            st.add_blob(digest, path)
-            st.add_layer(digest, diff_id)
+            digest, size, diff_id = st.pack(upper_dir, progress)
             layers, _ = manifest.layers_of(base_man)
             docker = base_mt == manifest.DOCKER_MANIFEST
             desc = {"mediaType": manifest.DOCKER_LAYER_GZIP if docker else manifest.OCI_LAYER_GZIP,
@@ -391,6 +388,48 @@ class Store:
             cfg = manifest.with_layer(base_cfg, diff_id, "unionrun commit")
             man, mt = manifest.build(cfg, layers + [desc], docker)
             return st.commit([normalise(new_name)], man, mt, cfg)
+
+    # ---- the build step cache: key -> the layer that step made ----
+
+    def _cache_path(self, key):
+        if not re.fullmatch(r"[0-9a-f]{64}", key):
+            raise StoreError(f"internal error: bad build cache key {key!r}")
+        return os.path.join(self.root, "build-cache", key + ".json")
+
+    def cache_records(self):
+        out = []
+        for name in os.listdir(os.path.join(self.root, "build-cache")):
+            try:
+                with open(os.path.join(self.root, "build-cache", name)) as f:
+                    rec = json.load(f)
+                manifest.check_digest(rec["diff_id"])
+                manifest.check_digest(rec["digest"])
+            except (OSError, ValueError, KeyError, TypeError, manifest.ManifestError):
+                continue
+            out.append(rec)
+        return out
+
+    def cached_layer(self, key):
+        """The record {diff_id, digest, size} of the layer a build step with this key made, if the
+        store still has both its blob and its verified layer."""
+        try:
+            with open(self._cache_path(key)) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if not self.committed(rec.get("diff_id", "")[7:]) or not self.has_blob(rec.get("digest", "")):
+            return None
+        return rec
+
+    def cache_layer(self, key, upper_dir, progress=None):
+        """Pack the dir as a layer (gzip blob and unpacked layer), named by the build cache `key`."""
+        with self.staging() as st:
+            digest, size, diff_id = st.pack(upper_dir, progress)
+            with self._locked():
+                st.publish()
+                rec = {"diff_id": diff_id, "digest": digest, "size": size}
+                self._write_json(self._cache_path(key), rec)
+            return rec
 
     def remove(self, text, force=False):
         """docker's rmi of one image: a name is untagged (refused, unless `force`, when it is the last
@@ -482,7 +521,7 @@ class Staging:
             self.store._lease_add(self.lease, blob_digest, hexid)
             return True
 
-    def publish(self, blob_digest, diff_id):
+    def publish_layer(self, blob_digest, diff_id):
         """Name a verified blob and its unpacked layer in the store now, under the lease."""
         hexid = manifest.check_digest(diff_id)[7:]
         s = self.store
@@ -559,6 +598,20 @@ class Staging:
                 h.update(chunk)
         return "sha256:" + h.hexdigest(), os.path.getsize(path), path
 
+    def pack(self, upper_dir, progress=None):
+        """The dir packed as a staged gzip layer blob and its layer; returns (digest, size, diff_id)."""
+        tar = os.path.join(self.dir, "layer.tar")
+        # The tar and its gzip count against the store's reserve as an unpack does: a full disk stops
+        # them in one line, and the staging's end removes what was written.
+        budget = self.store.limits.budget(self.store.root)
+        with open(tar, "wb") as out:
+            diff_id, _ = layer.pack(upper_dir, out, progress, budget)
+        digest, size, path = self.compress(tar, budget)
+        os.unlink(tar)
+        self.add_blob(digest, path)
+        self.add_layer(digest, diff_id)
+        return digest, size, diff_id
+
     def blob_file(self, digest):
         return self.blobs.get(digest) or self.store.blob_path(digest)
 
@@ -592,6 +645,21 @@ class Staging:
             self.layers[hexid] = staged
         return True
 
+    def publish(self):
+        """Move the staged layers and blobs into the store (call under the store's lock: only what an
+        image or a build cache record names survives the next _fsck)."""
+        s = self.store
+        for hexid, staged in self.layers.items():
+            dest = os.path.join(s.root, "layers", hexid)
+            if staged and not s.committed(hexid):
+                if os.path.lexists(dest):
+                    s._drop(dest)   # not our verified layer: a leftover or planted; replaced
+                os.rename(staged, dest)
+        for digest, path in self.blobs.items():
+            if not s.has_blob(digest):
+                os.chmod(path, 0o644)
+                os.rename(path, s.blob_path(digest))
+
     def commit(self, names, manifest_data, media_type, config_data, source=None, ref_digest=None,
                platform=None):
         """Name the staged blobs and layers and the image (under each of `names`); returns the Image."""
@@ -617,16 +685,7 @@ class Staging:
         for hexid in diff_ids:
             if not (s.committed(hexid[7:]) or self.layers.get(hexid[7:])):
                 raise StoreError(f"layer {hexid} is no longer in the store (removed meanwhile?): try again")
-        for hexid, staged in self.layers.items():
-            dest = os.path.join(s.root, "layers", hexid)
-            if staged and not s.committed(hexid):
-                if os.path.lexists(dest):
-                    s._drop(dest)   # not our verified layer: a leftover or planted; replaced
-                os.rename(staged, dest)
-        for digest, path in self.blobs.items():
-            if not s.has_blob(digest):
-                os.chmod(path, 0o644)
-                os.rename(path, s.blob_path(digest))
+        self.publish()
         rec = {"layers": [d[7:] for d in reversed(diff_ids)], "config": manifest.summary(config_data),
                "id": cfg_digest, "manifest": man_digest, "media_type": media_type, "blobs": blobs}
         if ref_digest:

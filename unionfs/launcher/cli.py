@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from ..build import cli as build_cli
 from ..images import cli as image_cli
 from . import enter, lifecycle, rootless, run, seccomp, spec, state, verbs
 from ..net import NetError
@@ -138,6 +139,7 @@ def _parser():
     p.add_argument("name", help="the container")
     p.add_argument("image", help="the new image's name")
     _net_cli.add_parsers(sub)
+    build_cli.add_parser(sub)
 
     # --- image verbs (pull, push, login, logout, images, tag, rmi, image, save, load): unionfs/images/cli.py
     image_cli.add_parsers(sub)
@@ -393,7 +395,8 @@ def main(argv=None):
     if args.cmd in image_cli.VERBS:
         return image_cli.main(args, args.store)
     handler = {"run": _cmd_run, "exec": _cmd_exec, "stop": _cmd_stop, "rm": _cmd_rm,
-               "commit": _cmd_commit, "network": _cmd_network, **verbs.HANDLERS}[args.cmd]
+               "commit": _cmd_commit, "network": _cmd_network, "build": build_cli.cmd_build,
+               **verbs.HANDLERS}[args.cmd]
     try:
         return handler(args, root)
     except run.CommandFailed as e:

@@ -1,0 +1,1 @@
+"""`unionrun build`: images from a Containerfile (parser, context, step cache, executor)."""
