@@ -13,6 +13,7 @@ import time
 
 import robust_util as ru
 import util
+from unionfs import rmtree
 
 HOLD = ("import os, sys\n"
         "f = open(sys.argv[1], 'rb') if sys.argv[1] != '-' else None\n"
@@ -211,6 +212,10 @@ def test_deep_leftovers_in_the_work_directory_are_removed(tmp_path, impl, no_mou
         fd, name = nfd, "d"
         os.mkdir(name, dir_fd=fd)
     os.close(fd)
-    with util.union_mount(side, impl):
-        assert (side.mnt / "f").read_bytes() == b"x"
-        assert os.listdir(side.work / "work") == []
+    try:
+        with util.union_mount(side, impl):
+            assert (side.mnt / "f").read_bytes() == b"x"
+            assert os.listdir(side.work / "work") == []
+    finally:
+        # pytest's own clean-up of old temporary dirs recurses: leave it nothing deep.
+        rmtree.remove_tree(side.work)
