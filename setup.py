@@ -6,7 +6,6 @@ pure-Python install on purpose, which then runs on ``unionfs._fast_py``.
 """
 
 import os
-import subprocess
 import sys
 
 from setuptools import Extension, setup
@@ -23,19 +22,6 @@ class BuildExt(build_ext):
         super().run()
         for ext in self.extensions:
             log(f"built the Cython extension {ext.name} -> {self.get_ext_fullpath(ext.name)}")
-
-
-def fuse3_flags():
-    """Compiler and linker flags of libfuse3 (libfuse3-dev), which the Cython session links."""
-    try:
-        out = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True,
-                             capture_output=True, text=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
-        sys.exit("unionfs setup: pkg-config cannot find fuse3: install libfuse3-dev and pkg-config")
-    return {"include_dirs": [a[2:] for a in out if a.startswith("-I")],
-            "library_dirs": [a[2:] for a in out if a.startswith("-L")],
-            "libraries": [a[2:] for a in out if a.startswith("-l")],
-            "extra_compile_args": [a for a in out if a.startswith("-D")]}
 
 
 def generate_protos():
@@ -78,7 +64,7 @@ else:
         "csrc/_session_c.pyx into unionfs._session_c")
     ext_modules = cythonize(
         [Extension("unionfs._fast_c", ["csrc/_fast_c.pyx"]),
-         Extension("unionfs._session_c", ["csrc/_session_c.pyx"], **fuse3_flags())],
+         Extension("unionfs._session_c", ["csrc/_session_c.pyx"])],
         compiler_directives={"language_level": "3"},
     )
 

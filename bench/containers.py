@@ -4,8 +4,9 @@
 
 Must run as root. Rows:
 - start: wall time of ``run --rm ... true`` (unionrun with ``--layers TOP:BASE``; podman with an
-  image imported from the same two layers), the implementations taken in turn, run by run, so that
-  the load of the machine weighs on each alike;
+  image imported from the same two layers), both with ``--net none`` (a bridge costs either ~0.5 s
+  of netavark's iptables calls, the same program for both), the implementations taken in turn, run
+  by run, so that the load of the machine weighs on each alike;
 - idle N: N detached containers running ``sleep 1000``, then the PSS (from /proc/PID/smaps_rollup)
   summed over every process the containers add besides their command. Ours: the unionmount daemon,
   the supervisor, the init (tini) and, with ``-p``, the port forwarder; podman's: conmon and, with
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -102,31 +104,37 @@ class Unionrun:
         self.publish = publish
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             filter(None, [str(checkout or REPO), os.environ.get("PYTHONPATH")])))
+        # `python -m` puts the working directory first on sys.path: unionrun runs in its checkout,
+        # or the baseline's column would time this one's code.
+        self.cwd = str(checkout or REPO)
+        # An installed unionrun runs from its compiled bytecode; with PYTHONDONTWRITEBYTECODE
+        # (set in some CI and agent environments) every start would compile ~40 modules anew.
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         self.cmd = [python, "-m", "unionfs.launcher.cli", "--root", str(self.root)]
         self.names: list[str] = []
 
     def version(self) -> str:
         out = subprocess.run([self.cmd[0], "-c", "import unionfs.session as s; "
                               "print(s.IMPLEMENTATION)"], capture_output=True, text=True,
-                             env=self.env).stdout.strip()
+                             env=self.env, cwd=self.cwd).stdout.strip()
         where = self.env["PYTHONPATH"].split(os.pathsep)[0]
         return f"{where}, session: {out or 'unknown'}"
 
     def _run(self, *args) -> str:
         r = subprocess.run(self.cmd + list(args), capture_output=True, text=True, env=self.env,
-                           stdin=subprocess.DEVNULL, timeout=120)
+                           stdin=subprocess.DEVNULL, timeout=120, cwd=self.cwd)
         if r.returncode != 0:
             raise RuntimeError(f"{self.key} {' '.join(args)[:80]}: {r.stderr.strip()[-300:]}")
         return r.stdout
 
     def start_once(self) -> None:
-        self._run("run", "--rm", "--layers", self.layers, "--", "/bin/true")
+        self._run("run", "--rm", "--net", "none", "--layers", self.layers, "--", "/bin/true")
 
     def start_idle(self, i: int) -> None:
         name = f"idle{i}"
         extra = ["-p", f"127.0.0.1:{_free_port()}:80"] if self.publish else []
-        self._run("run", "-d", "--name", name, *extra, "--layers", self.layers, "--",
-                  "sleep", "1000")
+        self._run("run", "-d", "--name", name, "--net", "none", *extra, "--layers", self.layers,
+                  "--", "sleep", "1000")
         self.names.append(name)
 
     def idle_processes(self) -> dict[str, list[int]]:
@@ -142,7 +150,7 @@ class Unionrun:
     def stop_idle(self) -> None:
         if self.names:
             subprocess.run(self.cmd + ["rm", "-f", *self.names], capture_output=True,
-                           env=self.env, timeout=120)
+                           env=self.env, timeout=120, cwd=self.cwd)
         self.names = []
 
 
@@ -208,6 +216,10 @@ class Podman:
         subprocess.run(self.base + ["rmi", "-a", "-f"], capture_output=True, env=self.env)
         subprocess.run(self.base + ["system", "reset", "-f"], capture_output=True, env=self.env)
         shutil.rmtree(self.run_root, ignore_errors=True)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _free_port() -> int:
@@ -299,6 +311,9 @@ def main(argv: list[str]) -> int:
         if shutil.which(prog) is None and not (prog == "tini" and shutil.which("tini-static")):
             die(f"{prog} is not installed")
     wanted = [k.strip() for k in args.impl.split(",")]
+    # SIGTERM and SIGHUP unwind like Ctrl-C, through the finally that removes every container.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     home = Path(tempfile.mkdtemp(prefix="unionfs-bench-ctr-", dir="/var/tmp"))
     impls = []

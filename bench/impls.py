@@ -205,14 +205,16 @@ class UnionfsFuse(Impl):
 class Unionmount(Impl):
     """This project: `python -m unionfs`, in its Cython build or forced to pure Python; with its
     default options, or with the kernel's writeback cache on (`-o writeback=1`) or off, or with
-    no fsync of copy-ups (`-o fsync=0`, as fuse-overlayfs copies up)."""
+    no fsync of copy-ups (`-o fsync=0`, as fuse-overlayfs copies up), or with FUSE passthrough
+    forced on or off (`-o passthrough=`; the default, auto, is on as root)."""
 
     def __init__(self, pure_python: bool, python: str, writeback: bool | None = None,
-                 fsync: bool = True):
+                 fsync: bool = True, passthrough: str | None = None):
         self.pure_python = pure_python
         self.python = python
         self.writeback = writeback
         self.fsync = fsync
+        self.passthrough = passthrough
         self.key = "unionmount-py" if pure_python else "unionmount-c"
         self.label = "unionmount (pure Python)" if pure_python else "unionmount (Cython)"
         if writeback is not None:
@@ -223,6 +225,10 @@ class Unionmount(Impl):
             self.by_default = False
             self.key += "-nofsync"
             self.label = f"{self.label[:-1]}, fsync=0)"
+        if passthrough is not None:
+            self.by_default = False
+            self.key += f"-pt{passthrough}"
+            self.label = f"{self.label[:-1]}, passthrough={passthrough})"
 
     def mount_env(self) -> dict:
         env = dict(os.environ)
@@ -290,7 +296,7 @@ class Unionmount(Impl):
     def _options(self) -> str:
         return ("" if self.writeback is None else f",writeback={int(self.writeback)}") + (
             "" if self.fsync else ",fsync=0"
-        )
+        ) + ("" if self.passthrough is None else f",passthrough={self.passthrough}")
 
 
 def all_impls(python: str) -> list[Impl]:
@@ -306,4 +312,6 @@ def all_impls(python: str) -> list[Impl]:
         Unionmount(pure_python=False, python=python, writeback=True),
         Unionmount(pure_python=False, python=python, writeback=False),
         Unionmount(pure_python=False, python=python, fsync=False),
+        Unionmount(pure_python=False, python=python, passthrough="on"),
+        Unionmount(pure_python=False, python=python, passthrough="off"),
     ]

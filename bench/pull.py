@@ -7,7 +7,8 @@ from an empty destination (store, podman root, OCI dir); the implementations tak
 podman and unionrun unpack the layers, skopeo copies blobs into an OCI layout without unpacking.
 
 Run as root: `python bench/pull.py [--size-mb 300] [--layers 4] [--runs 3]`; writes
-bench/results/pull-DATE.{json,md}.
+bench/results/pull-DATE.{json,md}. `--lazy` runs bench/pull_lazy.py instead (start time of an image pulled
+fully against lazily).
 """
 
 from __future__ import annotations
@@ -101,6 +102,11 @@ def timed(cmd, **kw):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--lazy" in argv:
+        # Start time, pulled fully against lazily (eStargz): bench/pull_lazy.py.
+        import pull_lazy
+        return pull_lazy.main([a for a in argv if a != "--lazy"])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=int, default=300)
     ap.add_argument("--layers", type=int, default=4)

@@ -78,6 +78,11 @@ def _ratio(cell: Cell, ref: Cell | None) -> str:
     return f"{cell.median / ref.median:.2f}"
 
 
+def seconds(v: float) -> str:
+    """Seconds with three decimals; a request's latency (under 10 ms) in microseconds."""
+    return f"{v * 1e6:.0f} µs" if v < 0.01 else f"{v:.3f}"
+
+
 def rows(cells: list[Cell]) -> list[list[str]]:
     """One row per workload and implementation: median, min–max and the two ratios, or the error."""
     by_key = {(c.workload, c.impl): c for c in cells}
@@ -93,8 +98,8 @@ def rows(cells: list[Cell]) -> list[list[str]]:
             [
                 name,
                 c.label,
-                f"{c.median:.3f}",
-                f"{min(c.seconds):.3f}–{max(c.seconds):.3f}",
+                seconds(c.median),
+                f"{seconds(min(c.seconds))}–{seconds(max(c.seconds))}",
                 _ratio(c, by_key.get((c.workload, REFERENCE))),
                 _ratio(c, by_key.get((c.workload, BASELINE))),
             ]

@@ -70,11 +70,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="interpreter that runs `python -m unionfs` (default: this one)",
     )
     p.add_argument("--list", action="store_true", help="list workloads and implementations, then exit")
+    p.add_argument(
+        "--no-containers",
+        dest="containers",
+        action="store_false",
+        help="leave out the container rows (containers.py: start time and idle PSS against podman)",
+    )
     args = p.parse_args(argv)
 
     # Check every option before touching anything, one line per problem.
     known = impls.all_impls(args.python)
     all_keys = [i.key for i in known]
+    # The container rows belong to a whole run, not to one chosen workload or implementation.
+    args.containers = args.containers and not (args.only or args.impl)
     args.only = _split(args.only) or [w.name for w in workloads.WORKLOADS]
     args.impl = _split(args.impl) or [i.key for i in known if i.by_default]
     for name in args.only:
@@ -195,7 +203,8 @@ def run_one(ds, impl, wl, params, args, cell: report.Cell, progress: str) -> Non
     cell.seconds.append(seconds)
     cell.details.append(details)
     print(
-        f"{progress} {wl.name:18} {impl.label:25} run {i + 1}/{args.runs}: {seconds:9.3f} s",
+        f"{progress} {wl.name:18} {impl.label:25} run {i + 1}/{args.runs}: "
+        f"{report.seconds(seconds):>9}{'' if seconds < 0.01 else ' s'}",
         flush=True,
     )
 
@@ -320,7 +329,25 @@ def main(argv: list[str]) -> int:
     print()
     print(f"wrote {stem}.json and {stem}.md")
     print(report.chart(cells, stem.with_suffix(".png"), title))
-    return 130 if interrupted else 0
+    if interrupted:
+        return 130
+    if args.containers:
+        return run_containers(args, scale)
+    return 0
+
+
+def run_containers(args: argparse.Namespace, scale: dataset.Scale) -> int:
+    """The container rows of the same run: containers.py, with fewer runs at the quick scale."""
+    import containers
+
+    argv = ["--python", args.python, "--out", str(args.out)]
+    if scale is dataset.QUICK:
+        argv += ["--runs", "3", "--idle", "1,3", "--idle-rounds", "1"]
+    print("\ncontainers (bench/containers.py " + " ".join(argv) + ")", flush=True)
+    try:
+        return containers.main(argv)
+    except SystemExit as e:         # it says why on stderr: not root, podman missing
+        return int(e.code or 0)
 
 
 if __name__ == "__main__":

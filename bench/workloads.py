@@ -31,6 +31,8 @@ class Workload:
     # Paths of the merged tree this workload changes; on the native directory they are restored before a
     # run (union mounts get a fresh upper instead).
     touches: tuple[str, ...] = ()
+    # Timed one request at a time: its seconds are the median of one request, not of the run.
+    per_op: bool = False
 
 
 WORKLOADS: tuple[Workload, ...] = (
@@ -57,6 +59,13 @@ WORKLOADS: tuple[Workload, ...] = (
         "untar a CPython Lib tree, python -m compileall it, stat-walk it like git status",
         "cold",
     ),
+    # Per-request latency: the time of one request, the median over a run of lat_ops of them.
+    Workload("lat-stat", "lstat of a lower file whose name is not cached (one LOOKUP each)", "cold",
+             per_op=True),
+    Workload("lat-pwrite", "1-byte pwrite into an upper file, each at its own offset", "cold",
+             per_op=True),
+    Workload("lat-create", "create and close a new empty file in an upper directory", "cold",
+             per_op=True),
 )
 BY_NAME = {w.name: w for w in WORKLOADS}
 
@@ -122,6 +131,60 @@ def _fio(root: Path, rel: str, rw: str, p: Params) -> dict:
     if done != io_bytes:
         raise RuntimeError(f"fio did {done} bytes of I/O, expected {io_bytes}")
     return {"timer": "fio job_runtime", "tool_seconds": job["job_runtime"] / 1000}
+
+
+def lat_ops(p: Params) -> int:
+    """Requests in one run of a lat-* workload."""
+    return 5000 if p.scale["name"] == "full" else 500
+
+
+def _median_op(op, args) -> dict:
+    """Time ``op(arg)`` for each arg; the median of one and the total, in seconds."""
+    times = []
+    clock = time.perf_counter
+    for a in args:
+        t = clock()
+        op(a)
+        times.append(clock() - t)
+    times.sort()
+    return {"timer": "median of one request", "tool_seconds": times[len(times) // 2],
+            "ops": len(times), "p90_s": times[len(times) * 9 // 10], "total_s": sum(times)}
+
+
+def _tree_files(p: Params) -> list[str]:
+    """Paths of the find-* tree's files (dataset.py's layout), lat_ops of them, spread over it."""
+    n = p.scale["tree_files"]
+    leaf_dirs = max(10, n // 100)
+    want = min(n, lat_ops(p))
+    picks = [i * n // want for i in range(want)]
+    return [f"{D.TREE_DIR}/a{i % leaf_dirs // 10:02d}/b{i % leaf_dirs % 10}/f{i:05d}.txt"
+            for i in picks]
+
+
+def lat_stat(root: Path, p: Params) -> dict:
+    paths = [os.fspath(root / rel) for rel in _tree_files(p)]
+    return _median_op(os.lstat, paths)
+
+
+def lat_pwrite(root: Path, p: Params) -> dict:
+    (root / D.SCRATCH_DIR).mkdir(exist_ok=True)
+    fd = os.open(root / D.SCRATCH_DIR / "lat-pwrite.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        return _median_op(lambda off: os.pwrite(fd, b"w", off),
+                          [i * PAGE for i in range(lat_ops(p))])
+    finally:
+        os.close(fd)
+
+
+def lat_create(root: Path, p: Params) -> dict:
+    d = root / D.SCRATCH_DIR / "lat-create"
+    d.mkdir(parents=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+
+    def create(path):
+        os.close(os.open(path, flags, 0o644))
+
+    return _median_op(create, [os.fspath(d / f"n{i:05d}") for i in range(lat_ops(p))])
 
 
 def _random_offsets(size: int, count: int) -> list[int]:
@@ -276,6 +339,9 @@ BODIES: dict[str, Callable[[Path, Params], dict | None]] = {
     "readdir-50k": readdir_wide,
     "create-remove-10k": create_remove,
     "realjob": realjob,
+    "lat-stat": lat_stat,
+    "lat-pwrite": lat_pwrite,
+    "lat-create": lat_create,
 }
 assert set(BODIES) == set(BY_NAME)
 
@@ -315,6 +381,9 @@ def check(name: str, root: Path, p: Params, facts: dict) -> None:
         _expect("entries listed", facts["entries"], s["wide_entries"])
     elif name == "create-remove-10k":
         _expect("directory left behind", (root / D.SCRATCH_DIR / "create-remove").exists(), False)
+    elif name.startswith("lat-"):
+        _expect("requests timed", facts["ops"],
+                lat_ops(p) if name != "lat-stat" else min(s["tree_files"], lat_ops(p)))
     elif name == "realjob":
         pycs = sum(1 for _ in (root / D.SCRATCH_DIR / "job").rglob("*.pyc"))
         if pycs == 0:

@@ -1,9 +1,10 @@
 # cython: language_level=3
-"""Hot-path primitives in Cython: confined path resolution and per-entry checks.
+"""Hot-path primitives in Cython: confined path resolution, per-entry checks and the copy of one
+file for copy-up.
 
 Twin of ``unionfs/_fast_py.py``, which is its specification: same names, same behaviour, same
 exceptions. Calls openat2(2), fstatat(2) and renameat2(2) directly and builds ``os.stat_result``
-the way CPython's own ``os.stat`` does.
+the way CPython's own ``os.stat`` does; copy_file is one C function run without the GIL.
 """
 
 import errno
@@ -14,6 +15,7 @@ from cpython.ref cimport Py_INCREF
 from libc.errno cimport errno as c_errno, ENOENT, ENOSYS, ENOTDIR, ELOOP
 from libc.string cimport memchr
 from libc.stdint cimport uint64_t
+from libc.stdlib cimport malloc, free
 from unionfs._fast_py import _walk_nofollow   # the fallback without openat2: never hot
 
 cdef extern from *:
@@ -38,6 +40,170 @@ cdef extern from *:
     """
     int unionfs_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode,
                         uint64_t resolve) nogil
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <fcntl.h>
+    #include <stdlib.h>
+    #include <sys/ioctl.h>
+    #include <sys/stat.h>
+    #include <sys/xattr.h>
+    #include <unistd.h>
+    #ifndef FICLONE
+    #define FICLONE 0x40049409
+    #endif
+
+    struct unionfs_xattr { const char *name; const char *value; size_t size; };
+
+    #define UNIONFS_SMALL_COPY (1LL << 20)
+    #define UNIONFS_COPY_CHUNK (1LL << 24)
+    #define UNIONFS_BUF (1 << 20)
+
+    static int unionfs_write_all(int fd, const char *buf, long long n, long long off)
+    {
+        while (n > 0) {
+            ssize_t w = pwrite(fd, buf, (size_t)n, off);
+            if (w < 0) {
+                if (errno == EINTR)
+                    continue;
+                return -errno;
+            }
+            buf += w; n -= w; off += w;
+        }
+        return 0;
+    }
+
+    /* _fast_py._copy_data: 0 or -errno; *refused as its return value. */
+    static int unionfs_copy_data(int src, int dst, long long size, long long blocks, int reflink,
+                                 int *refused)
+    {
+        char *buf;
+        long long off, data, hole, pos;
+        int rc = 0;
+        *refused = 0;
+        if (reflink) {
+            if (ioctl(dst, FICLONE, src) == 0)
+                return 0;
+            *refused = errno == EOPNOTSUPP || errno == ENOTTY || errno == EXDEV
+                       || errno == EINVAL;
+        }
+        if (size > 0 && size <= UNIONFS_SMALL_COPY && blocks * 512 >= size) {
+            buf = malloc((size_t)size);
+            if (buf == NULL)
+                return -ENOMEM;
+            ssize_t got = pread(src, buf, (size_t)size, 0);
+            if (got == size) {
+                rc = unionfs_write_all(dst, buf, size, 0);
+                free(buf);
+                return rc;
+            }
+            free(buf);
+            if (got < 0)
+                return -errno;
+        }
+        buf = NULL;
+        off = 0;
+        while (off < size) {
+            data = lseek(src, off, SEEK_DATA);
+            if (data < 0) {
+                if (errno == ENXIO)         /* only a hole is left */
+                    break;
+                rc = -errno;
+                goto out;
+            }
+            hole = lseek(src, data, SEEK_HOLE);
+            if (hole < 0) {
+                rc = -errno;
+                goto out;
+            }
+            pos = data;
+            while (pos < hole) {
+                long long n = hole - pos < UNIONFS_COPY_CHUNK ? hole - pos : UNIONFS_COPY_CHUNK;
+                loff_t in = pos, outp = pos;
+                ssize_t done = copy_file_range(src, &in, dst, &outp, (size_t)n, 0);
+                if (done < 0) {
+                    if (errno != EXDEV && errno != EINVAL && errno != ENOSYS
+                            && errno != EOPNOTSUPP) {
+                        rc = -errno;
+                        goto out;
+                    }
+                    if (buf == NULL && (buf = malloc(UNIONFS_BUF)) == NULL) {
+                        rc = -ENOMEM;
+                        goto out;
+                    }
+                    done = pread(src, buf, n < UNIONFS_BUF ? (size_t)n : UNIONFS_BUF, pos);
+                    if (done < 0) {
+                        rc = -errno;
+                        goto out;
+                    }
+                    if ((rc = unionfs_write_all(dst, buf, done, pos)) != 0)
+                        goto out;
+                }
+                if (done == 0)
+                    break;
+                pos += done;
+            }
+            off = hole;
+        }
+        if (ftruncate(dst, size) != 0)
+            rc = -errno;
+    out:
+        free(buf);
+        return rc;
+    }
+
+    /* _fast_py.copy_file, all of it: 0 or -errno. */
+    static int unionfs_copy_file(int src, int dfd, const char *name, long long size,
+                                 long long blocks, unsigned int uid, unsigned int gid,
+                                 unsigned int mode, const struct timespec *times, int data,
+                                 int do_fsync, const struct unionfs_xattr *xattrs, int nxattrs,
+                                 int reflink, int *refused)
+    {
+        char proc[64];
+        int unnamed = 1, rc = 0, i;
+        int dst = openat(dfd, ".", O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+        *refused = 0;
+        if (dst < 0) {
+            if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL && errno != EBADF)
+                return -errno;
+            unnamed = 0;
+            dst = openat(dfd, name, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, 0600);
+            if (dst < 0)
+                return -errno;
+        }
+        if (data && (rc = unionfs_copy_data(src, dst, size, blocks, reflink, refused)) != 0)
+            goto out;
+        for (i = 0; i < nxattrs; i++)
+            if (fsetxattr(dst, xattrs[i].name, xattrs[i].value, xattrs[i].size, 0) != 0) {
+                rc = -errno;
+                goto out;
+            }
+        /* After chown, which clears setuid bits. */
+        if (fchown(dst, uid, gid) != 0 || fchmod(dst, mode & 07777) != 0
+                || futimens(dst, times) != 0 || (do_fsync && fsync(dst) != 0)) {
+            rc = -errno;
+            goto out;
+        }
+        if (unnamed) {
+            snprintf(proc, sizeof(proc), "/proc/self/fd/%d", dst);
+            if (linkat(AT_FDCWD, proc, dfd, name, AT_SYMLINK_FOLLOW) != 0)
+                rc = -errno;
+        }
+    out:
+        close(dst);
+        return rc;
+    }
+    """
+    struct unionfs_xattr:
+        const char *name
+        const char *value
+        size_t size
+    int unionfs_copy_file(int src, int dfd, const char *name, long long size, long long blocks,
+                          unsigned int uid, unsigned int gid, unsigned int mode,
+                          const void *times, int data, int do_fsync,
+                          const unionfs_xattr *xattrs, int nxattrs, int reflink,
+                          int *refused) nogil
 
 cdef extern from "<sys/stat.h>" nogil:
     ctypedef long time_t
@@ -84,7 +250,7 @@ IMPLEMENTATION = "cython"
 
 __all__ = ["IMPLEMENTATION", "RESOLVE_BENEATH", "RESOLVE_NO_SYMLINKS", "RESOLVE_NO_MAGICLINKS",
            "RESOLVE_NO_XDEV", "open_beneath", "open_dir", "stat_at", "stat_beneath", "is_whiteout",
-           "renameat2", "merge_names"]
+           "renameat2", "merge_names", "copy_file"]
 
 # openat2(2) resolve flags, from <linux/openat2.h>.
 RESOLVE_NO_XDEV = 0x01
@@ -308,3 +474,50 @@ def merge_names(listings):
                 merged.append(name)
         seen.update(hidden)
     return merged
+
+
+def copy_file(int src_fd, int dst_dirfd, name, st, data, fsync, xattrs, reflink=True):
+    """Build a copy of the open regular file ``src_fd`` at ``name`` in ``dst_dirfd``: its data
+    (holes kept; none when ``data`` is false), the ``xattrs`` (name, value) pairs, then owner,
+    mode and times of ``st``, in this order (chown clears setuid bits, so mode comes after it);
+    fsync'ed if ``fsync``. Where the filesystem has them the copy is an unnamed file (O_TMPFILE)
+    linked at ``name`` only once whole: nothing of it is visible before and a failure leaves
+    nothing behind; else it is created at ``name`` first, and the caller removes it on failure.
+
+    ``reflink``: try FICLONE first. Returns True when FICLONE said the two filesystems cannot
+    share extents, so that the caller need not ask again. Raises OSError."""
+    cdef bytes bname = _fsencode(name)
+    cdef const char *cname = bname
+    if memchr(cname, 0, len(bname)) != NULL:
+        raise ValueError("embedded null byte")
+    # Keeps the names and values alive (and bytes) while the C side points into them.
+    cdef list keep = []
+    for attr, value in xattrs:
+        keep.append(_fsencode(attr))
+        keep.append(bytes(value))
+    cdef int n = len(xattrs)
+    cdef unionfs_xattr *cx = <unionfs_xattr *>malloc(max(n, 1) * sizeof(unionfs_xattr))
+    if cx == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t i
+    cdef timespec times[2]
+    cdef long long size = st.st_size, blocks = st.st_blocks
+    cdef unsigned int uid = st.st_uid, gid = st.st_gid, mode = st.st_mode
+    cdef long long atime = st.st_atime_ns, mtime = st.st_mtime_ns
+    cdef int cdata = bool(data), cfsync = bool(fsync), creflink = bool(reflink)
+    cdef int refused = 0, rc
+    times[0].tv_sec, times[0].tv_nsec = atime // 1000000000, atime % 1000000000
+    times[1].tv_sec, times[1].tv_nsec = mtime // 1000000000, mtime % 1000000000
+    try:
+        for i in range(n):
+            cx[i].name = <bytes>keep[2 * i]
+            cx[i].value = <bytes>keep[2 * i + 1]
+            cx[i].size = len(<bytes>keep[2 * i + 1])
+        with nogil:
+            rc = unionfs_copy_file(src_fd, dst_dirfd, cname, size, blocks, uid, gid, mode,
+                                   times, cdata, cfsync, cx, n, creflink, &refused)
+    finally:
+        free(cx)
+    if rc != 0:
+        raise _oserror(-rc, name)
+    return bool(refused)

@@ -1,15 +1,17 @@
 # cython: language_level=3
-"""The Cython session: our own request loop over libfuse's low-level API.
+"""The Cython session: the FUSE kernel protocol, read from and answered on /dev/fuse by us.
 
 Twin of ``unionfs/_session_py.py`` (pyfuse3's trio loop), with the same API: ``Runtime``,
-``Session(ops, mountpoint, options)``, ``serve()``, ``close(unmount)``.
+``Session(ops, mountpoint, options)``, ``serve()``, ``close(unmount)``. Mounting is fusedev.py's.
 
 Why it exists: pyfuse3 wraps every request in a trio task, waits for /dev/fuse through epoll, and
 builds its own objects around each request and reply. Measured here, that is most of a request's
 cost for a no-op filesystem. This loop reads a request on a thread of its own with the GIL
 released, then runs the handler coroutine to its end (handlers never suspend under
-``ThreadRuntime``; see runtime.py) and replies from C. It also asks the kernel for what pyfuse3
-cannot: cached directory listings (FOPEN_CACHE_DIR) and more requests in flight.
+``ThreadRuntime``; see runtime.py) and replies from C. It speaks the protocol itself (linux/fuse.h)
+rather than through libfuse, whose 3.14 cannot ask the kernel for what newer kernels offer. It
+also asks for what pyfuse3 does not: cached directory listings (FOPEN_CACHE_DIR), more requests in
+flight, requests of up to 1 MiB.
 
 Threads: one worker reads /dev/fuse and runs what it reads, holding the runtime's lock from the
 moment it has a request until it has replied, so handlers run one at a time, as under trio. A
@@ -27,14 +29,15 @@ import signal
 import threading
 
 from cpython.ref cimport PyObject, Py_XDECREF
-from libc.stdint cimport uint64_t, int64_t, uint32_t
-from libc.errno cimport EINTR
+from libc.stdint cimport uint16_t, uint32_t, uint64_t, int32_t, int64_t
+from libc.errno cimport errno, EINTR, EAGAIN, ENOENT, ENODEV
 from libc.stdlib cimport malloc, free
-from libc.string cimport memset
-from posix.types cimport (dev_t, mode_t, off_t, uid_t, gid_t, pid_t, ino_t, nlink_t, blksize_t,
-                          blkcnt_t)
+from libc.string cimport memset, memcpy, strlen
 from posix.time cimport timespec
+from posix.types cimport mode_t, uid_t, gid_t, pid_t
+from posix.unistd cimport read
 
+from unionfs import fusedev
 from unionfs.runtime import ThreadRuntime as Runtime  # noqa: F401  (the session names its runtime)
 
 IMPLEMENTATION = "Cython loop"
@@ -43,184 +46,163 @@ log = logging.getLogger("unionfs.session")
 
 cdef extern from *:
     """
-    #define FUSE_USE_VERSION 35
-    #include <fuse_lowlevel.h>
-    #include <sys/stat.h>
-    #include <sys/statvfs.h>
+    #include <linux/fuse.h>
+    #include <sys/uio.h>
+    /* fuse_init_out as of protocol 7.40 (Debian 12's header is 7.38): flags2, max_stack_depth */
+    struct uf_init_out {
+        uint32_t major, minor, max_readahead, flags;
+        uint16_t max_background, congestion_threshold;
+        uint32_t max_write, time_gran;
+        uint16_t max_pages, map_alignment;
+        uint32_t flags2, max_stack_depth;
+        uint32_t unused[6];
+    };
+    /* fuse_open_out as of 7.40: the backing file's id for FOPEN_PASSTHROUGH */
+    struct uf_open_out { uint64_t fh; uint32_t open_flags; int32_t backing_id; };
+    struct uf_create_out { struct fuse_entry_out e; struct uf_open_out o; };
+    /* 7.36+ flags in flags2 (bit 32 and up) and FOPEN_* of 7.40, if the header lacks them */
+    #define UF_PASSTHROUGH (1ULL << 37)
+    #define UF_FOPEN_PASSTHROUGH (1 << 7)
+    struct uf_backing_map { int32_t fd; uint32_t flags; uint64_t padding; };
+    #define UF_DEV_IOC_BACKING_OPEN _IOW(229, 1, struct uf_backing_map)
+    #define UF_DEV_IOC_BACKING_CLOSE _IOW(229, 2, uint32_t)
     """
-
-cdef extern from "<sys/stat.h>" nogil:
-    ctypedef struct struct_stat "struct stat":
-        dev_t st_dev
-        ino_t st_ino
-        mode_t st_mode
-        nlink_t st_nlink
-        uid_t st_uid
-        gid_t st_gid
-        dev_t st_rdev
-        off_t st_size
-        blksize_t st_blksize
-        blkcnt_t st_blocks
-        timespec st_atim
-        timespec st_mtim
-        timespec st_ctim
-
-cdef extern from "<sys/statvfs.h>" nogil:
-    ctypedef struct struct_statvfs "struct statvfs":
-        unsigned long f_bsize
-        unsigned long f_frsize
-        unsigned long f_blocks
-        unsigned long f_bfree
-        unsigned long f_bavail
-        unsigned long f_files
-        unsigned long f_ffree
-        unsigned long f_favail
-        unsigned long f_namemax
-
-cdef extern from "Python.h":
-    int PyIter_Send(object iter, object arg, PyObject **presult) except -1
-    object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
     enum:
-        PyBUF_READ
+        FUSE_KERNEL_VERSION
+        UF_PASSTHROUGH, UF_FOPEN_PASSTHROUGH
+        UF_DEV_IOC_BACKING_OPEN, UF_DEV_IOC_BACKING_CLOSE
+        FUSE_LOOKUP, FUSE_FORGET, FUSE_GETATTR, FUSE_SETATTR, FUSE_READLINK, FUSE_SYMLINK,
+        FUSE_MKNOD, FUSE_MKDIR, FUSE_UNLINK, FUSE_RMDIR, FUSE_RENAME, FUSE_LINK, FUSE_OPEN,
+        FUSE_READ, FUSE_WRITE, FUSE_STATFS, FUSE_RELEASE, FUSE_FSYNC, FUSE_SETXATTR,
+        FUSE_GETXATTR, FUSE_LISTXATTR, FUSE_REMOVEXATTR, FUSE_FLUSH, FUSE_INIT, FUSE_OPENDIR,
+        FUSE_RELEASEDIR, FUSE_FSYNCDIR, FUSE_ACCESS, FUSE_CREATE, FUSE_INTERRUPT,
+        FUSE_DESTROY, FUSE_BATCH_FORGET, FUSE_FALLOCATE, FUSE_READDIRPLUS, FUSE_RENAME2,
+        FUSE_NOTIFY_REPLY, FUSE_NOTIFY_INVAL_INODE
+        FUSE_ASYNC_READ, FUSE_ATOMIC_O_TRUNC, FUSE_BIG_WRITES, FUSE_AUTO_INVAL_DATA,
+        FUSE_DO_READDIRPLUS, FUSE_ASYNC_DIO, FUSE_WRITEBACK_CACHE, FUSE_PARALLEL_DIROPS,
+        FUSE_MAX_PAGES, FUSE_CACHE_SYMLINKS, FUSE_INIT_EXT, FUSE_HANDLE_KILLPRIV_V2
+        FUSE_WRITE_KILL_SUIDGID, FUSE_OPEN_KILL_SUIDGID, FATTR_KILL_SUIDGID
+        FOPEN_KEEP_CACHE, FOPEN_CACHE_DIR
+        FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE, FATTR_ATIME, FATTR_MTIME, FATTR_FH,
+        FATTR_ATIME_NOW, FATTR_MTIME_NOW, FATTR_CTIME
+        FUSE_FSYNC_FDATASYNC
+        FUSE_COMPAT_SETXATTR_IN_SIZE
 
-cdef extern from "fuse_lowlevel.h" nogil:
-    ctypedef uint64_t fuse_ino_t
-    ctypedef struct fuse_req:
-        pass
-    ctypedef fuse_req *fuse_req_t
-    struct fuse_session:
-        pass
-    struct fuse_args:
-        int argc
-        char **argv
-        int allocated
-    struct fuse_entry_param:
-        fuse_ino_t ino
-        uint64_t generation
-        struct_stat attr
-        double attr_timeout
-        double entry_timeout
-    struct fuse_file_info:
-        int flags
-        unsigned int direct_io
-        unsigned int keep_cache
-        unsigned int cache_readdir
-        uint64_t fh
-    struct fuse_ctx:
-        uid_t uid
-        gid_t gid
-        pid_t pid
-        mode_t umask
-    struct fuse_conn_info:
-        unsigned capable
-        unsigned want
-        unsigned max_background
-        unsigned congestion_threshold
-        unsigned max_write
-        unsigned max_readahead
-    struct fuse_forget_data:
-        fuse_ino_t ino
+    struct fuse_in_header:
+        uint32_t len, opcode
+        uint64_t unique, nodeid
+        uint32_t uid, gid, pid
+    struct fuse_out_header:
+        uint32_t len
+        int32_t error
+        uint64_t unique
+    struct fuse_attr:
+        uint64_t ino, size, blocks, atime, mtime, ctime
+        uint32_t atimensec, mtimensec, ctimensec, mode, nlink, uid, gid, rdev, blksize, flags
+    struct fuse_entry_out:
+        uint64_t nodeid, generation, entry_valid, attr_valid
+        uint32_t entry_valid_nsec, attr_valid_nsec
+        fuse_attr attr
+    struct fuse_attr_out:
+        uint64_t attr_valid
+        uint32_t attr_valid_nsec
+        fuse_attr attr
+    struct fuse_forget_in:
         uint64_t nlookup
-    struct fuse_buf:
-        size_t size
-        int flags
-        void *mem
-        int fd
-        off_t pos
-    struct fuse_bufvec:
-        size_t count
-        size_t idx
-        size_t off
-        fuse_buf buf[1]
+    struct fuse_forget_one:
+        uint64_t nodeid, nlookup
+    struct fuse_batch_forget_in:
+        uint32_t count
+    struct fuse_setattr_in:
+        uint32_t valid
+        uint64_t fh, size, atime, mtime, ctime
+        uint32_t atimensec, mtimensec, ctimensec, mode, uid, gid
+    struct fuse_mknod_in:
+        uint32_t mode, rdev, umask
+    struct fuse_mkdir_in:
+        uint32_t mode, umask
+    struct fuse_rename_in:
+        uint64_t newdir
+    struct fuse_rename2_in:
+        uint64_t newdir
+        uint32_t flags
+    struct fuse_link_in:
+        uint64_t oldnodeid
+    struct fuse_open_in:
+        uint32_t flags, open_flags
+    struct fuse_create_in:
+        uint32_t flags, mode, umask, open_flags
+    struct fuse_release_in:
+        uint64_t fh
+    struct fuse_flush_in:
+        uint64_t fh
+    struct fuse_read_in:
+        uint64_t fh, offset
+        uint32_t size
+    struct fuse_write_in:
+        uint64_t fh, offset
+        uint32_t size, write_flags
+    struct fuse_write_out:
+        uint32_t size
+    struct fuse_kstatfs:
+        uint64_t blocks, bfree, bavail, files, ffree
+        uint32_t bsize, namelen, frsize
+    struct fuse_statfs_out:
+        fuse_kstatfs st
+    struct fuse_fsync_in:
+        uint64_t fh
+        uint32_t fsync_flags
+    struct fuse_setxattr_in:
+        uint32_t size, flags
+    struct fuse_getxattr_in:
+        uint32_t size
+    struct fuse_getxattr_out:
+        uint32_t size
+    struct fuse_access_in:
+        uint32_t mask
+    struct fuse_init_in:
+        uint32_t major, minor, max_readahead, flags, flags2
+    struct fuse_fallocate_in:
+        uint64_t fh, offset, length
+        uint32_t mode
+    struct fuse_notify_inval_inode_out:
+        uint64_t ino
+        int64_t off, len
+    struct fuse_dirent:
+        uint64_t ino, off
+        uint32_t namelen, type
+        char name[1]
+    struct fuse_direntplus:
+        fuse_entry_out entry_out
+        fuse_dirent dirent
+    struct uf_init_out:
+        uint32_t major, minor, max_readahead, flags
+        uint16_t max_background, congestion_threshold
+        uint32_t max_write, time_gran
+        uint16_t max_pages, map_alignment
+        uint32_t flags2, max_stack_depth
+    struct uf_open_out:
+        uint64_t fh
+        uint32_t open_flags
+        int32_t backing_id
+    struct uf_backing_map:
+        int32_t fd
+        uint32_t flags
+        uint64_t padding
+    struct uf_create_out:
+        fuse_entry_out e
+        uf_open_out o
+    size_t FUSE_NAME_OFFSET_DIRENTPLUS
+    size_t FUSE_DIRENT_ALIGN(size_t)
 
-    struct fuse_lowlevel_ops:
-        void (*init)(void *userdata, fuse_conn_info *conn)
-        void (*lookup)(fuse_req_t req, fuse_ino_t parent, const char *name)
-        void (*forget)(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
-        void (*getattr)(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi)
-        void (*setattr)(fuse_req_t req, fuse_ino_t ino, struct_stat *attr, int to_set,
-                        fuse_file_info *fi)
-        void (*readlink)(fuse_req_t req, fuse_ino_t ino)
-        void (*mknod)(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
-                      dev_t rdev)
-        void (*mkdir)(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)
-        void (*unlink)(fuse_req_t req, fuse_ino_t parent, const char *name)
-        void (*rmdir)(fuse_req_t req, fuse_ino_t parent, const char *name)
-        void (*symlink)(fuse_req_t req, const char *link, fuse_ino_t parent, const char *name)
-        void (*rename)(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t newparent,
-                       const char *newname, unsigned int flags)
-        void (*link)(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char *newname)
-        void (*open)(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi)
-        void (*read)(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info *fi)
-        void (*write)(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
-                      fuse_file_info *fi)
-        void (*write_buf)(fuse_req_t req, fuse_ino_t ino, fuse_bufvec *bufv, off_t off,
-                          fuse_file_info *fi)
-        void (*flush)(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi)
-        void (*release)(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi)
-        void (*fsync)(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info *fi)
-        void (*opendir)(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi)
-        void (*releasedir)(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi)
-        void (*fsyncdir)(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info *fi)
-        void (*statfs)(fuse_req_t req, fuse_ino_t ino)
-        void (*setxattr)(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value,
-                         size_t size, int flags)
-        void (*getxattr)(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
-        void (*listxattr)(fuse_req_t req, fuse_ino_t ino, size_t size)
-        void (*removexattr)(fuse_req_t req, fuse_ino_t ino, const char *name)
-        void (*access)(fuse_req_t req, fuse_ino_t ino, int mask)
-        void (*create)(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
-                       fuse_file_info *fi)
-        void (*forget_multi)(fuse_req_t req, size_t count, fuse_forget_data *forgets)
-        void (*readdirplus)(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
-                            fuse_file_info *fi)
-        void (*fallocate)(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
-                          fuse_file_info *fi)
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
 
-    fuse_session *fuse_session_new(fuse_args *args, const fuse_lowlevel_ops *op,
-                                   size_t op_size, void *userdata)
-    int fuse_session_mount(fuse_session *se, const char *mountpoint)
-    void fuse_session_unmount(fuse_session *se)
-    void fuse_session_destroy(fuse_session *se)
-    void fuse_session_exit(fuse_session *se)
-    int fuse_session_exited(fuse_session *se)
-    int fuse_session_receive_buf(fuse_session *se, fuse_buf *buf)
-    void fuse_session_process_buf(fuse_session *se, const fuse_buf *buf)
-    void fuse_opt_free_args(fuse_args *args)
-    size_t fuse_buf_size(const fuse_bufvec *bufv)
-    ssize_t fuse_buf_copy(fuse_bufvec *dst, fuse_bufvec *src, int flags)
-
-    const fuse_ctx *fuse_req_ctx(fuse_req_t req)
-    int fuse_reply_err(fuse_req_t req, int err)
-    void fuse_reply_none(fuse_req_t req)
-    int fuse_reply_entry(fuse_req_t req, const fuse_entry_param *e)
-    int fuse_reply_create(fuse_req_t req, const fuse_entry_param *e, const fuse_file_info *fi)
-    int fuse_reply_attr(fuse_req_t req, const struct_stat *attr, double attr_timeout)
-    int fuse_reply_readlink(fuse_req_t req, const char *link)
-    int fuse_reply_open(fuse_req_t req, const fuse_file_info *fi)
-    int fuse_reply_write(fuse_req_t req, size_t count)
-    int fuse_reply_buf(fuse_req_t req, const char *buf, size_t size)
-    int fuse_reply_statfs(fuse_req_t req, const struct_statvfs *stbuf)
-    int fuse_reply_xattr(fuse_req_t req, size_t count)
-    size_t fuse_add_direntry_plus(fuse_req_t req, char *buf, size_t bufsize, const char *name,
-                                  const fuse_entry_param *e, off_t off)
-
-    enum:
-        FUSE_BUF_IS_FD
-        FUSE_CAP_READDIRPLUS
-        FUSE_CAP_READDIRPLUS_AUTO
-        FUSE_CAP_WRITEBACK_CACHE
-        FUSE_CAP_EXPORT_SUPPORT
-        FUSE_CAP_CACHE_SYMLINKS
-        FUSE_SET_ATTR_MODE
-        FUSE_SET_ATTR_UID
-        FUSE_SET_ATTR_GID
-        FUSE_SET_ATTR_SIZE
-        FUSE_SET_ATTR_ATIME
-        FUSE_SET_ATTR_MTIME
-        FUSE_SET_ATTR_ATIME_NOW
-        FUSE_SET_ATTR_MTIME_NOW
-        FUSE_SET_ATTR_CTIME
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
 
 cdef extern from "<sys/xattr.h>":
     enum:
@@ -237,13 +219,33 @@ cdef extern from "<time.h>" nogil:
         CLOCK_REALTIME
     int clock_gettime(int clk, timespec *tp)
 
+cdef extern from "Python.h":
+    int PyIter_Send(object iter, object arg, PyObject **presult) except -1
+    object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
+    enum:
+        PyBUF_READ
+
+
+# The protocol version we speak (7.40: passthrough); the kernel's, if lower, is the one used.
+DEF OUR_MINOR = 40
+# The oldest we accept: max_pages (7.28, Linux 4.20) and everything before it.
+DEF MIN_MINOR = 28
+# Requests of up to 1 MiB of data (256 pages), and a page for the header around them.
+DEF MAX_PAGES = 256
+DEF HEADER_ROOM = 4096
+
 
 # --- the one session of this process ---------------------------------------------------------
 
-cdef fuse_lowlevel_ops _fuse_ops
 cdef object _ops = None             # operations.Operations
-cdef double _timeout = 1.0
+cdef int _fd = -1                   # the connection's /dev/fuse
+cdef uint64_t _tsec = 0             # the timeout of names and attributes the kernel may cache
+cdef uint32_t _tnsec = 0
 cdef bint _writeback = False
+cdef size_t _bufsize = 0            # a read buffer: the biggest request the kernel may send
+cdef object _pt_mode = "off"        # -o passthrough=: on, off, auto
+cdef object _pt = None              # passthrough.Passthrough once INIT agreed on it
+cdef bint _killpriv = False         # INIT agreed on FUSE_HANDLE_KILLPRIV_V2
 
 
 cdef class Ctx:
@@ -260,12 +262,13 @@ cdef class SetattrIn:
     cdef public object st_mode, st_uid, st_gid, st_size, st_atime_ns, st_mtime_ns
     cdef public bint update_mode, update_uid, update_gid, update_size
     cdef public bint update_atime, update_mtime, update_ctime
+    cdef public bint kill_suidgid   # FATTR_KILL_SUIDGID: see attrs.kill_priv
+    cdef public object caller_gid
 
 
-cdef Ctx _ctx(fuse_req_t req):
-    cdef const fuse_ctx *c = fuse_req_ctx(req)
+cdef Ctx _ctx(fuse_in_header *h, uint32_t umask):
     cdef Ctx ctx = Ctx.__new__(Ctx)
-    ctx.uid, ctx.gid, ctx.pid, ctx.umask = c.uid, c.gid, c.pid, c.umask
+    ctx.uid, ctx.gid, ctx.pid, ctx.umask = h.uid, h.gid, h.pid, umask
     return ctx
 
 
@@ -281,38 +284,6 @@ cdef object _run(object coro):
     raise RuntimeError("a handler waited on something this session does not run")
 
 
-cdef inline void _set_time(timespec *ts, int64_t ns):
-    ts.tv_sec = ns // 1000000000
-    ts.tv_nsec = ns % 1000000000
-
-
-cdef int _fill_stat(struct_stat *st, tuple a) except -1:
-    memset(st, 0, sizeof(struct_stat))
-    st.st_ino = a[0]
-    st.st_mode = a[1]
-    st.st_nlink = a[2]
-    st.st_uid = a[3]
-    st.st_gid = a[4]
-    st.st_rdev = a[5]
-    st.st_size = a[6]
-    st.st_blksize = a[7]
-    st.st_blocks = a[8]
-    _set_time(&st.st_atim, a[9])
-    _set_time(&st.st_mtim, a[10])
-    _set_time(&st.st_ctim, a[11])
-    return 0
-
-
-cdef int _fill_entry(fuse_entry_param *e, object a) except -1:
-    memset(e, 0, sizeof(fuse_entry_param))
-    e.entry_timeout = _timeout
-    if a is not None:
-        _fill_stat(&e.attr, a)
-        e.ino = e.attr.st_ino
-        e.attr_timeout = _timeout
-    return 0
-
-
 cdef int _errno_of(BaseException e) noexcept:
     """The errno to answer for an exception out of a handler (which raises OSError only)."""
     if isinstance(e, OSError) and (<object>e).errno:
@@ -321,324 +292,396 @@ cdef int _errno_of(BaseException e) noexcept:
     return _errno.EIO
 
 
-cdef void _reply_entry(fuse_req_t req, object fn, tuple args) noexcept with gil:
-    cdef fuse_entry_param e
+# --- replies -----------------------------------------------------------------------------------
+
+cdef void _send(uint64_t unique, int error, const void *a, size_t alen, const void *b,
+                size_t blen) noexcept nogil:
+    """One reply, header and payload in one writev (the kernel takes a reply whole or not)."""
+    cdef fuse_out_header out
+    cdef iovec iov[3]
+    cdef int n = 1
+    out.len = sizeof(fuse_out_header) + alen + blen
+    out.error = -error
+    out.unique = unique
+    iov[0].iov_base = &out
+    iov[0].iov_len = sizeof(out)
+    if alen:
+        iov[n].iov_base = <void *>a
+        iov[n].iov_len = alen
+        n += 1
+    if blen:
+        iov[n].iov_base = <void *>b
+        iov[n].iov_len = blen
+        n += 1
+    if writev(_fd, iov, n) < 0 and errno != ENOENT:
+        # ENOENT: the request was interrupted and is gone. Anything else is a bug of ours.
+        with gil:
+            log.error("reply to request %d: %s", unique, os.strerror(errno))
+
+
+cdef inline void _reply_err(uint64_t unique, int error) noexcept nogil:
+    _send(unique, error, NULL, 0, NULL, 0)
+
+
+cdef inline void _reply(uint64_t unique, const void *a, size_t alen) noexcept nogil:
+    _send(unique, 0, a, alen, NULL, 0)
+
+
+cdef void _inval_attrs(uint64_t ino) noexcept nogil:
+    """FUSE_NOTIFY_INVAL_INODE for the attributes only: we changed them (a mode cleared) where
+    the kernel cannot see it."""
+    cdef fuse_notify_inval_inode_out out
+    out.ino = ino
+    out.off = -1
+    out.len = 0
+    _send(0, -FUSE_NOTIFY_INVAL_INODE, &out, sizeof(out), NULL, 0)
+
+
+cdef inline void _set_time(uint64_t *sec, uint32_t *nsec, int64_t ns):
+    sec[0] = <uint64_t>(ns // 1000000000)
+    nsec[0] = <uint32_t>(ns % 1000000000)
+
+
+cdef int _fill_attr(fuse_attr *at, tuple a) except -1:
+    memset(at, 0, sizeof(fuse_attr))
+    at.ino = a[0]
+    at.mode = a[1]
+    at.nlink = a[2]
+    at.uid = a[3]
+    at.gid = a[4]
+    at.rdev = a[5]
+    at.size = a[6]
+    at.blksize = a[7]
+    at.blocks = a[8]
+    _set_time(&at.atime, &at.atimensec, a[9])
+    _set_time(&at.mtime, &at.mtimensec, a[10])
+    _set_time(&at.ctime, &at.ctimensec, a[11])
+    return 0
+
+
+cdef int _fill_entry(fuse_entry_out *e, object a) except -1:
+    """An entry, or with ``a`` None a negative one (node 0) the kernel may cache as long."""
+    memset(e, 0, sizeof(fuse_entry_out))
+    e.entry_valid, e.entry_valid_nsec = _tsec, _tnsec
+    if a is not None:
+        _fill_attr(&e.attr, a)
+        e.nodeid = e.attr.ino
+        e.attr_valid, e.attr_valid_nsec = _tsec, _tnsec
+    return 0
+
+
+cdef void _reply_entry(uint64_t unique, object fn, tuple args):
+    cdef fuse_entry_out e
     try:
         _fill_entry(&e, _run(fn(*args)))
     except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
+        _reply_err(unique, _errno_of(exc))
         return
-    fuse_reply_entry(req, &e)
+    _reply(unique, &e, sizeof(e))
 
 
-cdef void _reply_attr(fuse_req_t req, object fn, tuple args) noexcept with gil:
-    cdef struct_stat st
+cdef void _reply_attr(uint64_t unique, object fn, tuple args):
+    cdef fuse_attr_out out
     try:
-        _fill_stat(&st, _run(fn(*args)))
+        memset(&out, 0, sizeof(out))
+        _fill_attr(&out.attr, _run(fn(*args)))
     except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
+        _reply_err(unique, _errno_of(exc))
         return
-    fuse_reply_attr(req, &st, _timeout)
+    out.attr_valid, out.attr_valid_nsec = _tsec, _tnsec
+    _reply(unique, &out, sizeof(out))
 
 
-cdef void _reply_ok(fuse_req_t req, object fn, tuple args) noexcept with gil:
+cdef void _reply_ok(uint64_t unique, object fn, tuple args):
     try:
         _run(fn(*args))
     except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
+        _reply_err(unique, _errno_of(exc))
         return
-    fuse_reply_err(req, 0)
+    _reply_err(unique, 0)
 
 
-# --- the handlers libfuse calls ----------------------------------------------------------------
+cdef void _reply_data(uint64_t unique, bytes data, uint32_t size):
+    """getxattr/listxattr: the length when asked with size 0, else the data if it fits."""
+    cdef fuse_getxattr_out out
+    if size == 0:
+        memset(&out, 0, sizeof(out))
+        out.size = len(data)
+        _reply(unique, &out, sizeof(out))
+    elif <size_t>len(data) <= size:
+        _reply(unique, <char *>data, len(data))
+    else:
+        _reply_err(unique, _errno.ERANGE)
 
-cdef void op_init(void *userdata, fuse_conn_info *conn) noexcept with gil:
-    # Every listing is a readdirplus: one round trip gives names and attributes (as pyfuse3 does).
-    conn.want &= ~(<unsigned> FUSE_CAP_READDIRPLUS_AUTO)
-    conn.want |= FUSE_CAP_READDIRPLUS & conn.capable
-    # A symlink never changes in place (a new one is a new inode): the kernel may keep its target.
-    conn.want |= FUSE_CAP_CACHE_SYMLINKS & conn.capable
-    if _writeback and conn.capable & FUSE_CAP_WRITEBACK_CACHE:
-        conn.want |= FUSE_CAP_WRITEBACK_CACHE
+
+# --- requests ----------------------------------------------------------------------------------
+
+cdef inline bytes _name(const char *p):
+    return p[:strlen(p)]
+
+
+cdef void do_init(Session s, uint64_t unique, fuse_init_in *arg):
+    global _killpriv
+    cdef uf_init_out out
+    cdef uint64_t offered = arg.flags, want
+    if arg.major != FUSE_KERNEL_VERSION or arg.minor < MIN_MINOR:
+        log.error("the kernel speaks FUSE %d.%d; we need 7.%d or later", arg.major, arg.minor,
+                  MIN_MINOR)
+        _reply_err(unique, _errno.EPROTO)
+        s.exited = True
+        return
+    if offered & FUSE_INIT_EXT:
+        offered |= <uint64_t>arg.flags2 << 32
+    # What libfuse asked for by default, and on top: every listing a readdirplus (one round trip
+    # gives names and attributes, as pyfuse3 does); symlink targets cached (a symlink never
+    # changes in place: a new one is a new inode); setuid, setgid and file capabilities cleared
+    # by us on write, truncate and chown (HANDLE_KILLPRIV_V2: the kernel then stops asking for
+    # security.capability at every write).
+    want = (FUSE_ASYNC_READ | FUSE_PARALLEL_DIROPS | FUSE_AUTO_INVAL_DATA | FUSE_ASYNC_DIO
+            | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES | FUSE_MAX_PAGES
+            | FUSE_DO_READDIRPLUS | FUSE_CACHE_SYMLINKS | FUSE_HANDLE_KILLPRIV_V2)
+    if _writeback:
+        want |= FUSE_WRITEBACK_CACHE
+    elif _pt_mode != "off":
+        # The kernel refuses passthrough beside the writeback cache.
+        want |= UF_PASSTHROUGH
+    want &= offered
+    if want & UF_PASSTHROUGH:
+        # A write the kernel passes through never reaches us, and under HANDLE_KILLPRIV_V2 the
+        # kernel then leaves setuid on the file: it must clear it itself (a SETATTR of the mode).
+        # Nor may an open truncate atomically: only the kernel knows whether the opener has
+        # CAP_FSETID, so the truncation comes as a SETATTR that clears setuid with it.
+        want &= ~(<uint64_t>(FUSE_HANDLE_KILLPRIV_V2 | FUSE_ATOMIC_O_TRUNC))
+    if _pt_mode == "on" and not want & UF_PASSTHROUGH:
+        log.warning("passthrough=on, but the kernel does not offer FUSE passthrough")
+    memset(&out, 0, sizeof(out))
+    out.major = FUSE_KERNEL_VERSION
+    out.minor = min(arg.minor, OUR_MINOR)
+    out.max_readahead = arg.max_readahead
+    out.flags = <uint32_t>want | FUSE_INIT_EXT
+    out.flags2 = <uint32_t>(want >> 32)
     # Requests in flight the kernel allows (reads ahead, writes back): libfuse's default is 12.
-    conn.max_background = 64
-    conn.congestion_threshold = 48
+    out.max_background = 64
+    out.congestion_threshold = 48
+    out.max_write = _bufsize - HEADER_ROOM
+    out.max_pages = MAX_PAGES
+    out.time_gran = 1
+    if want & UF_PASSTHROUGH:
+        # The layers are on a plain filesystem (stack depth 0): one level of stacking. A layer
+        # on an overlay is refused by BACKING_OPEN (ELOOP) and served through us.
+        out.max_stack_depth = 1
+        _start_passthrough()
+    _killpriv = bool(want & FUSE_HANDLE_KILLPRIV_V2)
+    s.flags = want
+    _reply(unique, &out, sizeof(out))
 
 
-cdef void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) noexcept with gil:
-    _reply_entry(req, _ops.lookup, (parent, <bytes>name, None))
-
-
-cdef void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) noexcept with gil:
-    try:
-        _run(_ops.forget([(ino, nlookup)]))
-    except BaseException as exc:
-        log.error("forget: %r", exc)
-    fuse_reply_none(req)
-
-
-cdef void op_forget_multi(fuse_req_t req, size_t count,
-                          fuse_forget_data *forgets) noexcept with gil:
-    cdef size_t i
-    try:
-        _run(_ops.forget([(forgets[i].ino, forgets[i].nlookup) for i in range(count)]))
-    except BaseException as exc:
-        log.error("forget: %r", exc)
-    fuse_reply_none(req)
-
-
-cdef void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
-    _reply_attr(req, _ops.getattr, (ino, None))
-
-
-cdef void op_setattr(fuse_req_t req, fuse_ino_t ino, struct_stat *attr, int to_set,
-                     fuse_file_info *fi) noexcept with gil:
+cdef void do_setattr(uint64_t unique, fuse_in_header *h, fuse_setattr_in *arg):
     cdef SetattrIn s = SetattrIn.__new__(SetattrIn)
     cdef timespec now
     cdef int64_t now_ns = 0
-    if to_set & (FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW):
+    cdef uint32_t valid = arg.valid
+    if valid & (FATTR_ATIME_NOW | FATTR_MTIME_NOW):
         clock_gettime(CLOCK_REALTIME, &now)
         now_ns = <int64_t>now.tv_sec * 1000000000 + now.tv_nsec
-    s.st_mode, s.st_uid, s.st_gid, s.st_size = attr.st_mode, attr.st_uid, attr.st_gid, attr.st_size
-    s.st_atime_ns = <int64_t>attr.st_atim.tv_sec * 1000000000 + attr.st_atim.tv_nsec
-    s.st_mtime_ns = <int64_t>attr.st_mtim.tv_sec * 1000000000 + attr.st_mtim.tv_nsec
-    if to_set & FUSE_SET_ATTR_ATIME_NOW:
+    s.st_mode, s.st_uid, s.st_gid, s.st_size = arg.mode, arg.uid, arg.gid, arg.size
+    s.st_atime_ns = <int64_t>arg.atime * 1000000000 + arg.atimensec
+    s.st_mtime_ns = <int64_t>arg.mtime * 1000000000 + arg.mtimensec
+    if valid & FATTR_ATIME_NOW:
         s.st_atime_ns = now_ns
-    if to_set & FUSE_SET_ATTR_MTIME_NOW:
+    if valid & FATTR_MTIME_NOW:
         s.st_mtime_ns = now_ns
-    s.update_atime = bool(to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_ATIME_NOW))
-    s.update_mtime = bool(to_set & (FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_MTIME_NOW))
-    s.update_ctime = bool(to_set & FUSE_SET_ATTR_CTIME)
-    s.update_mode = bool(to_set & FUSE_SET_ATTR_MODE)
-    s.update_uid = bool(to_set & FUSE_SET_ATTR_UID)
-    s.update_gid = bool(to_set & FUSE_SET_ATTR_GID)
-    s.update_size = bool(to_set & FUSE_SET_ATTR_SIZE)
-    fh = None if fi is NULL else fi.fh
-    _reply_attr(req, _ops.setattr, (ino, s, s, fh, _ctx(req),))
+    s.update_atime = bool(valid & (FATTR_ATIME | FATTR_ATIME_NOW))
+    s.update_mtime = bool(valid & (FATTR_MTIME | FATTR_MTIME_NOW))
+    s.update_ctime = bool(valid & FATTR_CTIME)
+    s.update_mode = bool(valid & FATTR_MODE)
+    s.update_uid = bool(valid & FATTR_UID)
+    s.update_gid = bool(valid & FATTR_GID)
+    s.update_size = bool(valid & FATTR_SIZE)
+    s.kill_suidgid = bool(valid & FATTR_KILL_SUIDGID)
+    s.caller_gid = h.gid
+    fh = arg.fh if valid & FATTR_FH else None
+    _reply_attr(unique, _ops.setattr, (h.nodeid, s, s, fh, _ctx(h, 0)))
 
 
-cdef void op_readlink(fuse_req_t req, fuse_ino_t ino) noexcept with gil:
+cdef void _reply_open(uint64_t unique, object fh, uint32_t open_flags):
+    cdef uf_open_out out
+    memset(&out, 0, sizeof(out))
+    out.fh = fh
+    out.open_flags = open_flags
+    _reply(unique, &out, sizeof(out))
+
+
+cdef int _file_open_flags(object fh, uf_open_out *out) except -1:
+    """FOPEN_* of a file's open, and its backing file when the kernel is to pass it through."""
+    out.fh = fh
+    out.open_flags = FOPEN_KEEP_CACHE     # a file changes only through this mount
+    if _pt is not None:
+        kind, out.backing_id = _pt.opened(fh)
+        if kind == "passthrough":
+            out.open_flags = UF_FOPEN_PASSTHROUGH
+    return 0
+
+
+cdef void do_open(uint64_t unique, fuse_in_header *h, fuse_open_in *arg):
+    cdef uf_open_out out
+    memset(&out, 0, sizeof(out))
     try:
-        target = _run(_ops.readlink(ino, None))
+        fh = _run(_ops.open(h.nodeid, arg.flags, None))
+        if (arg.open_flags & FUSE_OPEN_KILL_SUIDGID
+                and _run(_ops.kill_priv(fh, True, h.gid))):
+            _inval_attrs(h.nodeid)
+        _file_open_flags(fh, &out)
     except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
+        _reply_err(unique, _errno_of(exc))
         return
-    fuse_reply_readlink(req, <bytes>target)
+    _reply(unique, &out, sizeof(out))
 
 
-cdef void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
-                   dev_t rdev) noexcept with gil:
-    _reply_entry(req, _ops.mknod, (parent, <bytes>name, mode, rdev, _ctx(req),))
+cdef void do_release(uint64_t unique, fuse_release_in *arg):
+    if _pt is not None:
+        try:
+            _pt.released(arg.fh)
+        except BaseException as exc:
+            log.error("release of passthrough: %r", exc)
+    _reply_ok(unique, _ops.release, (arg.fh,))
 
 
-cdef void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name,
-                   mode_t mode) noexcept with gil:
-    mode = (mode & ~<mode_t>S_IFMT) | <mode_t>S_IFDIR
-    _reply_entry(req, _ops.mkdir, (parent, <bytes>name, mode, _ctx(req),))
+def _backing_open(int fd):
+    """Register a layer file with the kernel as a backing file; its id."""
+    cdef uf_backing_map m
+    memset(&m, 0, sizeof(m))
+    m.fd = fd
+    cdef int r = ioctl(_fd, UF_DEV_IOC_BACKING_OPEN, &m)
+    if r < 0:
+        raise OSError(errno, "FUSE_DEV_IOC_BACKING_OPEN: " + os.strerror(errno))
+    return r
 
 
-cdef void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name) noexcept with gil:
-    _reply_ok(req, _ops.unlink, (parent, <bytes>name, None))
+def _backing_close(int backing_id):
+    cdef uint32_t i = backing_id
+    if ioctl(_fd, UF_DEV_IOC_BACKING_CLOSE, &i) < 0:
+        raise OSError(errno, "FUSE_DEV_IOC_BACKING_CLOSE: " + os.strerror(errno))
 
 
-cdef void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name) noexcept with gil:
-    _reply_ok(req, _ops.rmdir, (parent, <bytes>name, None))
+cdef void _start_passthrough():
+    global _pt
+    from unionfs.passthrough import Passthrough
+    _pt = Passthrough(_ops.u, _backing_open, _backing_close)
 
 
-cdef void op_symlink(fuse_req_t req, const char *link, fuse_ino_t parent,
-                     const char *name) noexcept with gil:
-    _reply_entry(req, _ops.symlink, (parent, <bytes>name, <bytes>link, _ctx(req),))
-
-
-cdef void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t newparent,
-                    const char *newname, unsigned int flags) noexcept with gil:
-    _reply_ok(req, _ops.rename, (parent, <bytes>name, newparent, <bytes>newname, flags, None))
-
-
-cdef void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent,
-                  const char *newname) noexcept with gil:
-    _reply_entry(req, _ops.link, (ino, newparent, <bytes>newname, None))
-
-
-cdef void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
+cdef void do_create(uint64_t unique, fuse_in_header *h, fuse_create_in *arg):
+    cdef uf_create_out out
+    memset(&out, 0, sizeof(out))
     try:
-        fi.fh = _run(_ops.open(ino, fi.flags, None))
+        fh, a = _run(_ops.create(h.nodeid, _name(<char *>(arg + 1)), arg.mode, arg.flags,
+                                 _ctx(h, arg.umask)))
+        _fill_entry(&out.e, a)
+        _file_open_flags(fh, &out.o)
     except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
+        _reply_err(unique, _errno_of(exc))
         return
-    fi.keep_cache = 1       # a file changes only through this mount
-    fuse_reply_open(req, fi)
+    _reply(unique, &out, sizeof(out))
 
 
-cdef void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
-                    fuse_file_info *fi) noexcept with gil:
-    cdef fuse_entry_param e
-    try:
-        fh, a = _run(_ops.create(parent, <bytes>name, mode, fi.flags, _ctx(req)))
-        _fill_entry(&e, a)
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    fi.fh = fh
-    fi.keep_cache = 1
-    fuse_reply_create(req, &e, fi)
-
-
-cdef void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
-                  fuse_file_info *fi) noexcept with gil:
+cdef void do_read(uint64_t unique, fuse_read_in *arg):
     cdef bytes data
     try:
-        data = _run(_ops.read(fi.fh, off, size))
+        data = _run(_ops.read(arg.fh, arg.offset, arg.size))
     except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
+        _reply_err(unique, _errno_of(exc))
         return
-    fuse_reply_buf(req, data, len(data))
+    cdef const char *p = data
+    cdef size_t n = len(data)
+    with nogil:
+        _reply(unique, p, n)
 
 
-cdef void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
-                   fuse_file_info *fi) noexcept with gil:
-    cdef size_t n
-    # The data as a view of libfuse's buffer, not a copy (up to max_write a request); released
+cdef void do_write(uint64_t unique, fuse_in_header *h, fuse_write_in *arg):
+    cdef fuse_write_out out
+    # The data as a view of the worker's buffer, not a copy (up to 1 MiB a request); released
     # before the buffer is reused, so a handler that kept it would get an error, never stale data.
-    data = PyMemoryView_FromMemory(<char *>buf, size, PyBUF_READ)
+    data = PyMemoryView_FromMemory(<char *>(arg + 1), arg.size, PyBUF_READ)
     try:
-        n = _run(_ops.write(fi.fh, off, data))
+        if _killpriv and _run(_ops.kill_priv(arg.fh, bool(arg.write_flags & FUSE_WRITE_KILL_SUIDGID),
+                                             h.gid)):
+            _inval_attrs(h.nodeid)
+        n = _run(_ops.write(arg.fh, arg.offset, data))
     except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
+        _reply_err(unique, _errno_of(exc))
         return
     finally:
         data.release()
-    fuse_reply_write(req, n)
+    memset(&out, 0, sizeof(out))
+    out.size = n
+    _reply(unique, &out, sizeof(out))
 
 
-# Where a write's data is gathered when libfuse hands it over in a pipe. Used only by a handler
-# holding the runtime's lock, which a write never lets go of: one buffer is enough.
-cdef char *_wbuf = NULL
-cdef size_t _wbuf_size = 0
-
-
-cdef void op_write_buf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec *bufv, off_t off,
-                       fuse_file_info *fi) noexcept with gil:
-    """A write as libfuse received it. With this handler libfuse may read big requests from
-    /dev/fuse with splice(2), moving the data's pages into a pipe instead of copying them, where
-    it can grow a pipe to a whole request (pipe-max-size is 1 MiB, a request up to 1 MiB and a
-    page: only with CAP_SYS_RESOURCE); else the data is in its buffer, as for ``op_write``."""
-    global _wbuf, _wbuf_size
-    cdef size_t size = fuse_buf_size(bufv) - bufv.off
-    cdef fuse_bufvec dst
-    cdef ssize_t got
-    cdef char *grown
-    if bufv.count == 1 and not (bufv.buf[0].flags & FUSE_BUF_IS_FD):
-        op_write(req, ino, <const char *>bufv.buf[0].mem + bufv.off, size, off, fi)
-        return
-    if _wbuf_size < size:
-        grown = <char *>malloc(size)
-        if grown is NULL:
-            fuse_reply_err(req, _errno.ENOMEM)
-            return
-        free(_wbuf)
-        _wbuf, _wbuf_size = grown, size
-    memset(&dst, 0, sizeof(dst))
-    dst.count = 1
-    dst.buf[0].size = size
-    dst.buf[0].mem = _wbuf
-    got = fuse_buf_copy(&dst, bufv, 0)
-    if got < 0:
-        fuse_reply_err(req, -got)
-        return
-    op_write(req, ino, _wbuf, got, off, fi)
-
-
-cdef void op_flush(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
-    _reply_ok(req, _ops.flush, (fi.fh,))
-
-
-cdef void op_release(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
-    _reply_ok(req, _ops.release, (fi.fh,))
-
-
-cdef void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync,
-                   fuse_file_info *fi) noexcept with gil:
-    _reply_ok(req, _ops.fsync, (fi.fh, bool(datasync),))
-
-
-cdef void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
-                       fuse_file_info *fi) noexcept with gil:
-    _reply_ok(req, _ops.fallocate, (fi.fh, mode, offset, length))
-
-
-cdef void op_opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
+cdef void do_opendir(uint64_t unique, fuse_in_header *h):
     try:
-        fi.fh = _run(_ops.opendir(ino, None))
+        fh = _run(_ops.opendir(h.nodeid, None))
     except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
+        _reply_err(unique, _errno_of(exc))
         return
     # The kernel may keep the listing it read between opens (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE):
     # a directory changes only through this mount, and the kernel drops the cached listing when
     # it makes a change itself or sees the directory's mtime change.
-    fi.cache_readdir = 1
-    fi.keep_cache = 1
-    fuse_reply_open(req, fi)
-
-
-cdef void op_releasedir(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
-    _reply_ok(req, _ops.releasedir, (fi.fh,))
-
-
-cdef void op_fsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync,
-                      fuse_file_info *fi) noexcept with gil:
-    _reply_ok(req, _ops.fsyncdir, (fi.fh, bool(datasync),))
+    _reply_open(unique, fh, FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE)
 
 
 cdef class _DirBuf:
     """The reply buffer of one readdirplus; ``add`` is what the readdir handler calls."""
-    cdef fuse_req_t req
     cdef char *buf
     cdef size_t size, pos
 
-    def add(self, bytes name, tuple a, off_t next_id):
-        cdef fuse_entry_param e
-        _fill_entry(&e, a)
-        cdef size_t n = fuse_add_direntry_plus(self.req, self.buf + self.pos,
-                                               self.size - self.pos, name, &e, next_id)
-        if n > self.size - self.pos:
+    def add(self, bytes name, tuple a, uint64_t next_id):
+        cdef size_t namelen = len(name)
+        cdef size_t entlen = FUSE_DIRENT_ALIGN(FUSE_NAME_OFFSET_DIRENTPLUS + namelen)
+        if entlen > self.size - self.pos:
             return False
-        self.pos += n
+        cdef fuse_direntplus *d = <fuse_direntplus *>(self.buf + self.pos)
+        memset(d, 0, entlen)
+        _fill_entry(&d.entry_out, a)
+        d.dirent.ino = d.entry_out.attr.ino
+        d.dirent.off = next_id
+        d.dirent.namelen = namelen
+        d.dirent.type = (d.entry_out.attr.mode & S_IFMT) >> 12
+        memcpy(d.dirent.name, <char *>name, namelen)
+        self.pos += entlen
         return True
 
 
-cdef void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
-                         fuse_file_info *fi) noexcept with gil:
+cdef void do_readdirplus(uint64_t unique, fuse_read_in *arg):
     cdef _DirBuf d = _DirBuf.__new__(_DirBuf)
-    d.req, d.size, d.pos = req, size, 0
-    d.buf = <char *>malloc(size)
+    d.size, d.pos = arg.size, 0
+    d.buf = <char *>malloc(arg.size)
     if d.buf is NULL:
-        fuse_reply_err(req, _errno.ENOMEM)
+        _reply_err(unique, _errno.ENOMEM)
         return
     try:
         try:
-            _run(_ops.readdir(fi.fh, off, d.add))
+            _run(_ops.readdir(arg.fh, arg.offset, d.add))
         except BaseException as exc:
-            fuse_reply_err(req, _errno_of(exc))
+            _reply_err(unique, _errno_of(exc))
             return
-        fuse_reply_buf(req, d.buf, d.pos)
+        _reply(unique, d.buf, d.pos)
     finally:
         free(d.buf)
         d.buf = NULL
 
 
-cdef void op_statfs(fuse_req_t req, fuse_ino_t ino) noexcept with gil:
-    cdef struct_statvfs out
+cdef void do_statfs(uint64_t unique):
+    cdef fuse_statfs_out out
     memset(&out, 0, sizeof(out))
     try:
         sv = _run(_ops.statfs(None))
-        out.f_bsize, out.f_frsize, out.f_namemax = sv.f_bsize, sv.f_frsize, sv.f_namemax
-        out.f_blocks, out.f_bfree, out.f_bavail = sv.f_blocks, sv.f_bfree, sv.f_bavail
-        out.f_files, out.f_ffree, out.f_favail = sv.f_files, sv.f_ffree, sv.f_favail
+        out.st.bsize, out.st.frsize, out.st.namelen = sv.f_bsize, sv.f_frsize, sv.f_namemax
+        out.st.blocks, out.st.bfree, out.st.bavail = sv.f_blocks, sv.f_bfree, sv.f_bavail
+        out.st.files, out.st.ffree = sv.f_files, sv.f_ffree
     except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
+        _reply_err(unique, _errno_of(exc))
         return
-    fuse_reply_statfs(req, &out)
+    _reply(unique, &out, sizeof(out))
 
 
 async def _setxattr(ino, name, value, int flags):
@@ -657,83 +700,150 @@ async def _setxattr(ino, name, value, int flags):
     await _ops.setxattr(ino, name, value, None)
 
 
-cdef void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value,
-                      size_t size, int flags) noexcept with gil:
-    _reply_ok(req, _setxattr, (ino, <bytes>name, value[:size], flags))
+cdef void do_getxattr(uint64_t unique, fuse_in_header *h, fuse_getxattr_in *arg):
+    try:
+        value = _run(_ops.getxattr(h.nodeid, _name(<char *>(arg + 1)), None))
+    except BaseException as exc:
+        _reply_err(unique, _errno_of(exc))
+        return
+    _reply_data(unique, value, arg.size)
 
 
-cdef void _reply_sized(fuse_req_t req, bytes data, size_t size) noexcept with gil:
-    """getxattr/listxattr: the length when asked with size 0, else the data if it fits."""
-    if size == 0:
-        fuse_reply_xattr(req, len(data))
-    elif <size_t>len(data) <= size:
-        fuse_reply_buf(req, data, len(data))
+cdef void do_listxattr(uint64_t unique, fuse_in_header *h, fuse_getxattr_in *arg):
+    try:
+        names = _run(_ops.listxattr(h.nodeid, None))
+    except BaseException as exc:
+        _reply_err(unique, _errno_of(exc))
+        return
+    _reply_data(unique, b"".join([n + b"\0" for n in names]), arg.size)
+
+
+cdef void do_forget(fuse_in_header *h, char *arg):
+    """FORGET and BATCH_FORGET: no reply."""
+    cdef fuse_batch_forget_in *batch
+    cdef fuse_forget_one *one
+    cdef uint32_t i
+    if h.opcode == FUSE_FORGET:
+        forgets = [(h.nodeid, (<fuse_forget_in *>arg).nlookup)]
     else:
-        fuse_reply_err(req, _errno.ERANGE)
-
-
-cdef void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name,
-                      size_t size) noexcept with gil:
+        batch = <fuse_batch_forget_in *>arg
+        one = <fuse_forget_one *>(batch + 1)
+        forgets = [(one[i].nodeid, one[i].nlookup) for i in range(batch.count)]
     try:
-        value = _run(_ops.getxattr(ino, <bytes>name, None))
+        _run(_ops.forget(forgets))
     except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _reply_sized(req, value, size)
+        log.error("forget: %r", exc)
 
 
-cdef void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) noexcept with gil:
-    try:
-        names = _run(_ops.listxattr(ino, None))
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _reply_sized(req, b"".join([n + b"\0" for n in names]), size)
-
-
-cdef void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name) noexcept with gil:
-    _reply_ok(req, _ops.removexattr, (ino, <bytes>name, None))
-
-
-cdef void op_access(fuse_req_t req, fuse_ino_t ino, int mask) noexcept with gil:
-    _reply_ok(req, _ops.access, (ino, mask, None))
-
-
-cdef void _init_ops():
-    memset(&_fuse_ops, 0, sizeof(_fuse_ops))
-    _fuse_ops.init = op_init
-    _fuse_ops.lookup = op_lookup
-    _fuse_ops.forget = op_forget
-    _fuse_ops.forget_multi = op_forget_multi
-    _fuse_ops.getattr = op_getattr
-    _fuse_ops.setattr = op_setattr
-    _fuse_ops.readlink = op_readlink
-    _fuse_ops.mknod = op_mknod
-    _fuse_ops.mkdir = op_mkdir
-    _fuse_ops.unlink = op_unlink
-    _fuse_ops.rmdir = op_rmdir
-    _fuse_ops.symlink = op_symlink
-    _fuse_ops.rename = op_rename
-    _fuse_ops.link = op_link
-    _fuse_ops.open = op_open
-    _fuse_ops.create = op_create
-    _fuse_ops.read = op_read
-    _fuse_ops.write = op_write
-    _fuse_ops.write_buf = op_write_buf
-    _fuse_ops.flush = op_flush
-    _fuse_ops.release = op_release
-    _fuse_ops.fsync = op_fsync
-    _fuse_ops.fallocate = op_fallocate
-    _fuse_ops.opendir = op_opendir
-    _fuse_ops.readdirplus = op_readdirplus
-    _fuse_ops.releasedir = op_releasedir
-    _fuse_ops.fsyncdir = op_fsyncdir
-    _fuse_ops.statfs = op_statfs
-    _fuse_ops.setxattr = op_setxattr
-    _fuse_ops.getxattr = op_getxattr
-    _fuse_ops.listxattr = op_listxattr
-    _fuse_ops.removexattr = op_removexattr
-    _fuse_ops.access = op_access
+cdef void dispatch(Session s, char *buf):
+    """Serve one request read from /dev/fuse; holds the GIL and the runtime's lock."""
+    cdef fuse_in_header *h = <fuse_in_header *>buf
+    cdef char *arg = buf + sizeof(fuse_in_header)
+    cdef uint32_t op = h.opcode
+    cdef uint64_t u = h.unique
+    cdef uint64_t ino = h.nodeid
+    cdef char *name2
+    if op == FUSE_LOOKUP:
+        _reply_entry(u, _ops.lookup, (ino, _name(arg), None))
+    elif op == FUSE_GETATTR:
+        _reply_attr(u, _ops.getattr, (ino, None))
+    elif op == FUSE_OPEN:
+        do_open(u, h, <fuse_open_in *>arg)
+    elif op == FUSE_READ:
+        do_read(u, <fuse_read_in *>arg)
+    elif op == FUSE_WRITE:
+        do_write(u, h, <fuse_write_in *>arg)
+    elif op == FUSE_FLUSH:
+        _reply_ok(u, _ops.flush, ((<fuse_flush_in *>arg).fh,))
+    elif op == FUSE_RELEASE:
+        do_release(u, <fuse_release_in *>arg)
+    elif op == FUSE_FORGET or op == FUSE_BATCH_FORGET:
+        do_forget(h, arg)
+    elif op == FUSE_CREATE:
+        do_create(u, h, <fuse_create_in *>arg)
+    elif op == FUSE_SETATTR:
+        do_setattr(u, h, <fuse_setattr_in *>arg)
+    elif op == FUSE_READDIRPLUS:
+        do_readdirplus(u, <fuse_read_in *>arg)
+    elif op == FUSE_OPENDIR:
+        do_opendir(u, h)
+    elif op == FUSE_RELEASEDIR:
+        _reply_ok(u, _ops.releasedir, ((<fuse_release_in *>arg).fh,))
+    elif op == FUSE_READLINK:
+        try:
+            target = _run(_ops.readlink(ino, None))
+        except BaseException as exc:
+            _reply_err(u, _errno_of(exc))
+        else:
+            _reply(u, <char *>target, len(target))
+    elif op == FUSE_MKNOD:
+        m = <fuse_mknod_in *>arg
+        _reply_entry(u, _ops.mknod, (ino, _name(<char *>(m + 1)), m.mode, m.rdev,
+                                     _ctx(h, m.umask)))
+    elif op == FUSE_MKDIR:
+        d = <fuse_mkdir_in *>arg
+        mode = (d.mode & ~<uint32_t>S_IFMT) | <uint32_t>S_IFDIR
+        _reply_entry(u, _ops.mkdir, (ino, _name(<char *>(d + 1)), mode, _ctx(h, d.umask)))
+    elif op == FUSE_SYMLINK:
+        # The new name first, then the target.
+        name2 = arg + strlen(arg) + 1
+        _reply_entry(u, _ops.symlink, (ino, _name(arg), _name(name2), _ctx(h, 0)))
+    elif op == FUSE_UNLINK:
+        _reply_ok(u, _ops.unlink, (ino, _name(arg), None))
+    elif op == FUSE_RMDIR:
+        _reply_ok(u, _ops.rmdir, (ino, _name(arg), None))
+    elif op == FUSE_RENAME:
+        r = <fuse_rename_in *>arg
+        name2 = <char *>(r + 1) + strlen(<char *>(r + 1)) + 1
+        _reply_ok(u, _ops.rename, (ino, _name(<char *>(r + 1)), r.newdir, _name(name2), 0, None))
+    elif op == FUSE_RENAME2:
+        r2 = <fuse_rename2_in *>arg
+        name2 = <char *>(r2 + 1) + strlen(<char *>(r2 + 1)) + 1
+        _reply_ok(u, _ops.rename, (ino, _name(<char *>(r2 + 1)), r2.newdir, _name(name2),
+                                   r2.flags, None))
+    elif op == FUSE_LINK:
+        l = <fuse_link_in *>arg
+        _reply_entry(u, _ops.link, (l.oldnodeid, ino, _name(<char *>(l + 1)), None))
+    elif op == FUSE_STATFS:
+        do_statfs(u)
+    elif op == FUSE_FSYNC:
+        f = <fuse_fsync_in *>arg
+        _reply_ok(u, _ops.fsync, (f.fh, bool(f.fsync_flags & FUSE_FSYNC_FDATASYNC)))
+    elif op == FUSE_FSYNCDIR:
+        f = <fuse_fsync_in *>arg
+        _reply_ok(u, _ops.fsyncdir, (f.fh, bool(f.fsync_flags & FUSE_FSYNC_FDATASYNC)))
+    elif op == FUSE_FALLOCATE:
+        fa = <fuse_fallocate_in *>arg
+        _reply_ok(u, _ops.fallocate, (fa.fh, fa.mode, fa.offset, fa.length))
+    elif op == FUSE_SETXATTR:
+        sx = <fuse_setxattr_in *>arg
+        # Without FUSE_SETXATTR_EXT the kernel sends the 8-byte form of fuse_setxattr_in.
+        name2 = arg + FUSE_COMPAT_SETXATTR_IN_SIZE
+        value = (name2 + strlen(name2) + 1)[:sx.size]
+        _reply_ok(u, _setxattr, (ino, _name(name2), value, sx.flags))
+    elif op == FUSE_GETXATTR:
+        do_getxattr(u, h, <fuse_getxattr_in *>arg)
+    elif op == FUSE_LISTXATTR:
+        do_listxattr(u, h, <fuse_getxattr_in *>arg)
+    elif op == FUSE_REMOVEXATTR:
+        _reply_ok(u, _ops.removexattr, (ino, _name(arg), None))
+    elif op == FUSE_ACCESS:
+        _reply_ok(u, _ops.access, (ino, (<fuse_access_in *>arg).mask, None))
+    elif op == FUSE_INIT:
+        do_init(s, u, <fuse_init_in *>arg)
+    elif op == FUSE_INTERRUPT:
+        # Every request runs to its end here: ENOSYS tells the kernel to send no more of these
+        # (a process waiting on a request can still be killed).
+        _reply_err(u, _errno.ENOSYS)
+    elif op == FUSE_NOTIFY_REPLY:
+        pass
+    elif op == FUSE_DESTROY:
+        _reply_err(u, 0)
+        s.exited = True
+    else:
+        # Locks (the kernel keeps them itself), ioctl, poll, lseek, copy_file_range, statx...:
+        # the kernel falls back or answers for us.
+        _reply_err(u, _errno.ENOSYS)
 
 
 # --- the session -------------------------------------------------------------------------------
@@ -746,14 +856,16 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 cdef class Session:
     """One mount: made by the constructor, served by ``serve()``, ended by ``close()``."""
-    cdef fuse_session *se
+    cdef object mounted             # fusedev.Mounted
     cdef object lock, done, threads, errors
     cdef int running        # workers alive
     cdef int reading        # workers in (or about to enter) a read of /dev/fuse
     cdef bint stopped
+    cdef public bint exited
+    cdef uint64_t flags     # what INIT agreed on
 
     def __init__(self, ops, mountpoint, options):
-        global _ops, _timeout, _writeback
+        global _ops, _fd, _tsec, _tnsec, _writeback, _bufsize, _pt_mode
         if _ops is not None:
             raise RuntimeError("one session per process")
         rt = ops.u.rt
@@ -764,36 +876,14 @@ cdef class Session:
         self.done = threading.Event()
         self.threads = []
         self.errors = []
-        argv = [b"unionmount"]
-        for opt in sorted(options):
-            argv += [b"-o", opt.encode()]
-        cdef fuse_args args
-        args.argc = len(argv)
-        args.allocated = 0
-        cdef char **argv0 = <char **>malloc((args.argc + 1) * sizeof(char *))
-        if argv0 is NULL:
-            raise MemoryError()
-        args.argv = argv0
-        try:
-            for i, a in enumerate(argv):
-                args.argv[i] = <char *>a
-            args.argv[args.argc] = NULL
-            _init_ops()
-            _ops, _timeout, _writeback = ops, ops.timeout, ops.writeback
-            self.se = fuse_session_new(&args, &_fuse_ops, sizeof(_fuse_ops), NULL)
-        finally:
-            if args.argv != argv0:
-                fuse_opt_free_args(&args)       # libfuse's parsed copy
-            free(argv0)
-        if self.se is NULL:
-            _ops = None
-            raise RuntimeError("fuse_session_new() failed (see the line above)")
-        mnt = os.fsencode(os.path.abspath(mountpoint))
-        if fuse_session_mount(self.se, mnt) != 0:
-            fuse_session_destroy(self.se)
-            self.se = NULL
-            _ops = None
-            raise RuntimeError("fuse_session_mount() failed")
+        t = max(0.0, min(float(ops.timeout), 2.0 ** 63))
+        _tsec = <uint64_t>t
+        _tnsec = <uint32_t>((t - _tsec) * 1e9)
+        _writeback = ops.writeback
+        _pt_mode = ops.passthrough
+        _bufsize = MAX_PAGES * os.sysconf("SC_PAGE_SIZE") + HEADER_ROOM
+        self.mounted = fusedev.mount(os.path.abspath(mountpoint), options)
+        _ops, _fd = ops, self.mounted.fd
 
     def serve(self):
         """Serve until unmounted from outside (False) or told to stop by a signal (True)."""
@@ -813,7 +903,7 @@ cdef class Session:
 
     def _on_signal(self, signum, frame):
         self.stopped = True
-        fuse_session_exit(self.se)
+        self.exited = True
         self._wake_workers()
 
     def _wake_workers(self):
@@ -833,30 +923,36 @@ cdef class Session:
 
     def _on_wait(self):
         """A handler is about to wait with the lock released: keep one worker reading."""
-        if self.reading == 0 and not fuse_session_exited(self.se):
+        if self.reading == 0 and not self.exited:
             self._start_worker()
 
     def _worker(self):
-        cdef fuse_buf buf
-        cdef int res
+        cdef char *buf = <char *>malloc(_bufsize)
+        cdef ssize_t n
+        cdef int err = 0, fd = _fd
+        cdef size_t size = _bufsize
         cdef bint surplus = False
-        cdef fuse_session *se = self.se
-        memset(&buf, 0, sizeof(buf))
         lock = self.lock
         try:
-            while not fuse_session_exited(se):
+            if buf is NULL:
+                raise MemoryError()
+            while not self.exited:
                 with nogil:
-                    res = fuse_session_receive_buf(se, &buf)
-                if res == -EINTR:       # woken to look at the exit flag
+                    n = read(fd, buf, size)
+                    err = errno if n < 0 else 0
+                # EINTR: woken to look at the exit flag; ENOENT: the request was interrupted
+                # before we read it.
+                if err == EINTR or err == EAGAIN or err == ENOENT:
                     continue
                 self.reading -= 1
-                if res <= 0:
-                    if res < 0:
-                        self.errors.append(OSError(-res, "reading /dev/fuse: " + os.strerror(-res)))
+                if n <= 0 or <size_t>n < sizeof(fuse_in_header):
+                    # ENODEV: unmounted (or the connection aborted): the session ends.
+                    if err and err != ENODEV:
+                        self.errors.append(OSError(err, "reading /dev/fuse: " + os.strerror(err)))
                     break
                 lock.acquire()
                 try:
-                    fuse_session_process_buf(se, &buf)
+                    dispatch(self, buf)
                 finally:
                     lock.release()
                 if self.reading > 0:
@@ -868,24 +964,25 @@ cdef class Session:
         except BaseException as e:
             self.errors.append(e)
         finally:
-            free(buf.mem)
+            free(buf)
             self.running -= 1
             if not surplus:
                 # The session is over (unmounted, stopped, or an error): every worker ends.
-                fuse_session_exit(se)
+                self.exited = True
                 self._wake_workers()
             if self.running == 0:
                 self.done.set()
 
     def close(self, unmount):
-        global _ops
-        if self.se is NULL:
+        global _ops, _fd, _pt, _killpriv
+        if self.mounted is None:
             return
         if unmount:
-            fuse_session_unmount(self.se)
-        fuse_session_destroy(self.se)
-        self.se = NULL
-        _ops = None
+            fusedev.unmount(self.mounted)
+        else:
+            os.close(self.mounted.fd)
+        self.mounted = None
+        _ops, _fd, _pt, _killpriv = None, -1, None, False
 
 
 def _ignore(signum, frame):

@@ -25,12 +25,14 @@ system_packages() {
     # The rest are the real parts the tests start: a small static init (tini), libseccomp, the
     # user-namespace helpers, stress-ng, the registry and skopeo, the network engine and its
     # firewall tools, the peers (unionfs-fuse), fio and liburing for the bench, containerd for the
-    # snapshotter (tests/test_containerd.py).
+    # snapshotter (tests/test_containerd.py); man and bash's completion for unionrun's pages and
+    # completion script.
     echo fuse3 libfuse3-dev "$pc" busybox-static attr fuse-overlayfs gcc libc6-dev \
          python3-dev python3-venv e2fsprogs dosfstools podman runc \
          tini catatonit libseccomp2 libseccomp-dev uidmap stress-ng docker-registry skopeo \
          netavark aardvark-dns containernetworking-plugins slirp4netns iptables nftables \
-         openssl apache2-utils dpkg-dev apt-utils mmdebstrap unionfs-fuse fio liburing-dev containerd
+         openssl apache2-utils dpkg-dev apt-utils mmdebstrap unionfs-fuse fio liburing-dev containerd \
+         man-db bash-completion
 }
 
 # With "always" (CI), updates and installs unconditionally; otherwise only when one is missing.
@@ -112,6 +114,12 @@ install_commands() {
         rm -f /usr/local/bin/unionfs
     fi
     echo "commands linked in /usr/local/bin: unionmount unionrun unionfs-snapshotter"
+    # Generated from unionrun's argument parser (unionfs/launcher/docs.py): `man unionrun-run`,
+    # and TAB completion in every new bash (bash-completion loads it from there on demand).
+    "$VENV/bin/python" -m unionfs.launcher.docs --man-dir /usr/local/share/man/man1 \
+        --bash-completion /usr/local/share/bash-completion/completions/unionrun
+    echo "man pages in /usr/local/share/man/man1 (man unionrun, man unionrun-run, ...)," \
+         "bash completion in /usr/local/share/bash-completion/completions/unionrun"
 }
 
 setup_all() {

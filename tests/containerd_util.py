@@ -7,6 +7,7 @@ PATH: the venv's bin comes first in it, so that this checkout's unionmount serve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -26,6 +27,18 @@ VENV_BIN = Path(sys.executable).parent
 IMAGE = "localhost/unionfs-snaptest:latest"
 TIMEOUT = 60
 ECHILD_ATTEMPTS = 3
+
+
+def readme_block(intro: str) -> str:
+    """The README's indented block after the paragraph that starts with ``intro``, unindented."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rest = text[text.index("\n" + intro) + 1:].split("\n\n", 1)[1]
+    lines = []
+    for line in rest.splitlines():
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    return "\n".join(lines).strip() + "\n"
 
 
 def why_no_containerd() -> str | None:
@@ -88,6 +101,16 @@ def image_layers() -> list[bytes]:
     return [_tar(base), _tar(top)]
 
 
+def chain_id(layers: list) -> str:
+    """The chain id of the top layer (OCI image spec): the name containerd commits it under."""
+    chain = None
+    for layer in layers:
+        diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+        chain = diff_id if chain is None else \
+            "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
+    return chain
+
+
 def write_oci_archive(path: Path, name: str = IMAGE, layers: list[bytes] | None = None) -> None:
     """An OCI image layout in a tar, as `podman save --format oci-archive` writes it; of
     image_layers() unless ``layers`` are given."""
@@ -136,8 +159,10 @@ def _wait_socket(path: Path, proc: subprocess.Popen, log: Path, what: str) -> No
 class Snapshotter:
     """unionfs-snapshotter as containerd's proxy plugin talks to it (restartable, kill -9-able)."""
 
-    def __init__(self, root: Path, address: Path, log: Path, impl: str):
+    def __init__(self, root: Path, address: Path, log: Path, impl: str, wrapper=()):
+        """``wrapper``: a command that execs it (``unshare ...``)."""
         self.root, self.address, self.log, self.impl = root, address, log, impl
+        self.wrapper = list(wrapper)
         self.proc = None
 
     def start(self):
@@ -145,7 +170,7 @@ class Snapshotter:
         self.address.unlink(missing_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(VENV_BIN / "unionfs-snapshotter"), "--root", str(self.root),
+                self.wrapper + [str(VENV_BIN / "unionfs-snapshotter"), "--root", str(self.root),
                  "--address", str(self.address)],
                 stdout=log, stderr=log, env=daemon_env(self.impl), start_new_session=True)
         _wait_socket(self.address, self.proc, self.log, "unionfs-snapshotter")
@@ -154,24 +179,28 @@ class Snapshotter:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(TIMEOUT)
-        return self.proc.returncode
+        return self.proc.returncode if self.proc else None
 
 
 class Containerd:
     """A containerd of its own: config, root, state, sockets under ``base``; namespace ``ns``."""
 
-    def __init__(self, base: Path, snap_address: Path, impl: str, ns: str):
+    def __init__(self, base: Path, snap_address: Path, impl: str, ns: str, cri: str = ""):
+        """``cri``: the configuration of the proxy plugin and the CRI plugin (TOML), to run the CRI
+        plugin too; without, the proxy plugin is configured here and the CRI plugin disabled."""
         self.base, self.impl, self.ns = base, impl, ns
         self.address = base / "containerd.sock"
         self.config = base / "config.toml"
         self.log = base / "containerd.log"
         self.proc = None
         self.echild_retries = 0
+        proxy = f'[proxy_plugins.unionfs]\n  type = "snapshot"\n  address = "{snap_address}"\n'
         self.config.write_text(f"""version = 2
 root = "{base}/root"
 state = "{base}/state"
-# What this machine cannot or need not run: the CRI (Kubernetes), snapshotters of other filesystems.
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",
+# What this machine cannot or need not run: snapshotters of other filesystems; the CRI (Kubernetes)
+# unless asked for.
+disabled_plugins = [{'' if cri else '"io.containerd.grpc.v1.cri", '}"io.containerd.snapshotter.v1.btrfs",
                     "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
                     "io.containerd.snapshotter.v1.aufs"]
 [grpc]
@@ -184,10 +213,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
   address = ""
 [plugins."io.containerd.internal.v1.opt"]
   path = "{base}/opt"
-[proxy_plugins.unionfs]
-  type = "snapshot"
-  address = "{snap_address}"
-""")
+{cri or proxy}""")
 
     def start(self):
         self.address.unlink(missing_ok=True)
@@ -213,8 +239,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
                 self.proc.wait()
 
     def ctr(self, *args, check=True, timeout=TIMEOUT) -> subprocess.CompletedProcess:
+        # ctr mounts too (its temporary mount of a container's rootfs to read /etc/group): with
+        # the daemons' PATH, so that it runs this checkout's unionmount.
         r = subprocess.run(["ctr", "-a", str(self.address), "-n", self.ns, *args],
-                           capture_output=True, text=True, timeout=timeout)
+                           capture_output=True, text=True, timeout=timeout,
+                           env=daemon_env(self.impl))
         if check and r.returncode != 0:
             raise AssertionError(f"ctr {' '.join(args)} exited {r.returncode}: {r.stderr.strip()}\n"
                                  f"containerd log: {self.log.read_text()[-3000:]}")
@@ -247,8 +276,67 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
     def gc(self):
         """containerd removes snapshots from the snapshotter only at garbage collection: force one."""
         lease = f"gc-{time.monotonic_ns()}"
+        mark = self.log.stat().st_size     # collections that failed before (a dead snapshotter's) are not this one's
         self.ctr("leases", "create", "--id", lease)
         self.ctr("leases", "rm", "--sync", lease)
-        failed = [line for line in self.log.read_text().splitlines()
-                  if "garbage collection failed" in line]
+        with open(self.log, "rb") as f:
+            f.seek(mark)
+            failed = [line for line in f.read().decode(errors="replace").splitlines()
+                      if "garbage collection failed" in line]
         assert not failed, failed
+
+
+# -- snapshots, through containerd ------------------------------------------------------------------
+
+class Snapshots:
+    """containerd's own snapshots service for one snapshotter (what `ctr snapshots` calls), with
+    every snapshot made here a GC root: unlabelled ones are garbage to containerd's next collection,
+    which may come at any time."""
+    LABELS = {"containerd.io/gc.root": "test"}
+
+    def __init__(self, cd: Containerd, snapshotter: str):
+        import grpc
+        from unionfs.snapshotter.proto import snapshots_pb2 as pb, snapshots_pb2_grpc as pb_grpc
+        self.pb, self.name = pb, snapshotter
+        self.channel = grpc.insecure_channel(f"unix://{cd.address}")
+        self.stub = pb_grpc.SnapshotsStub(self.channel)
+        self.kw = {"metadata": (("containerd-namespace", cd.ns),), "timeout": TIMEOUT}
+
+    def prepare(self, key, parent):
+        return self.stub.Prepare(self.pb.PrepareSnapshotRequest(
+            snapshotter=self.name, key=key, parent=parent, labels=self.LABELS), **self.kw).mounts
+
+    def view(self, key, parent):
+        return self.stub.View(self.pb.ViewSnapshotRequest(
+            snapshotter=self.name, key=key, parent=parent, labels=self.LABELS), **self.kw).mounts
+
+    def commit(self, name, key):
+        self.stub.Commit(self.pb.CommitSnapshotRequest(
+            snapshotter=self.name, name=name, key=key, labels=self.LABELS), **self.kw)
+
+    def remove(self, key):
+        self.stub.Remove(self.pb.RemoveSnapshotRequest(snapshotter=self.name, key=key), **self.kw)
+
+
+def lowerdirs(mount) -> list:
+    return next(o for o in mount.options if o.startswith("lowerdir="))[len("lowerdir="):].split(":")
+
+
+@contextlib.contextmanager
+def mounted(impl: str, mounts, target: Path):
+    """A snapshot's one mount at ``target``, as containerd mounts it (a fuse3.* type by
+    `mount.fuse3 SOURCE TARGET -o OPTION... -t SUBTYPE`). Yields its type."""
+    [m] = mounts
+    target.mkdir(exist_ok=True)
+    if m.type.startswith("fuse3."):
+        cmd = ["mount.fuse3", m.source, str(target)]
+        for option in m.options:
+            cmd += ["-o", option]
+        cmd += ["-t", m.type[len("fuse3."):]]
+    else:
+        cmd = ["mount", "-t", m.type, m.source, str(target), "-o", ",".join(m.options)]
+    subprocess.run(cmd, check=True, env=daemon_env(impl), timeout=TIMEOUT)
+    try:
+        yield m.type
+    finally:
+        subprocess.run(["umount", str(target)], check=True, timeout=TIMEOUT)

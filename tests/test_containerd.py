@@ -8,9 +8,12 @@ containerd's PATH) with the build of ``impl``; the snapshotter itself never moun
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import tarfile
 import threading
@@ -22,6 +25,7 @@ import grpc
 import pytest
 
 import containerd_util as cu
+import registry_util as ru
 import util
 
 pytestmark = pytest.mark.skipif(bool(cu.why_no_containerd()), reason=cu.why_no_containerd() or "")
@@ -37,11 +41,16 @@ class Env:
         self.snap_root = base / "snapshots"
         self.snap = cu.Snapshotter(self.snap_root, base / "snap.sock", base / "snap.log", impl)
         self.cd = cu.Containerd(base, self.snap.address, impl, ns=f"t{os.getpid()}")
-        self.snap.start()
-        self.cd.start()
-        archive = base / "image.tar"
-        cu.write_oci_archive(archive)
-        self.cd.ctr("images", "import", str(archive))
+        try:
+            self.snap.start()
+            self.cd.start()
+            archive = base / "image.tar"
+            cu.write_oci_archive(archive)
+            self.cd.ctr("images", "import", str(archive))
+        except BaseException:
+            self.cd.stop()      # no daemon outlives a failed start
+            self.snap.kill(signal.SIGTERM)
+            raise
 
     def run(self, snapshotter, cid, script, *, rm=True, check=True):
         args = (["--rm"] if rm else []) + ["--snapshotter", snapshotter, cu.IMAGE, cid,
@@ -127,7 +136,7 @@ def test_changes_diff_the_same(env):
         r = subprocess.run(["ctr", "-a", str(env.cd.address), "-n", env.cd.ns, "snapshots",
                             "--snapshotter", s, "diff", "--media-type",
                             "application/vnd.oci.image.layer.v1.tar", cid],
-                           capture_output=True, timeout=cu.TIMEOUT)
+                           capture_output=True, timeout=cu.TIMEOUT, env=cu.daemon_env(env.impl))
         assert r.returncode == 0, r.stderr
         diffs[s] = _tar_entries(r.stdout)
         env.cd.ctr("containers", "rm", cid)
@@ -164,23 +173,96 @@ def _store_rows_and_dirs(env):
     return rows, sorted(os.listdir(env.snap_root / "snapshots"))
 
 
+def _image_chain(env, s):
+    """The image's committed snapshots (the unpacked layers, named by chain id), topmost first;
+    unpacked for ``s`` first where they are not (ctr 1.6 unpacks for a snapshotter only to run)."""
+    if not any(row[0].startswith("sha256:") for row in _ls(env, s)):
+        env.run(s, f"unpack-{s}", "true")
+    parents = {row[0]: row[1] if len(row) == 3 else "" for row in _ls(env, s)
+               if row[-1] == "Committed" and row[0].startswith("sha256:")}
+    top = next(k for k in parents if k not in parents.values())
+    chain = [top]
+    while parents[chain[-1]]:
+        chain.append(parents[chain[-1]])
+    return chain
+
+
+def test_unpack_writes_the_layers_overlayfs_does(env1):
+    """containerd's applier writes each layer straight into our upper directory, as into its
+    overlayfs snapshotter's: the same files, whiteout devices and opaque xattrs, byte for byte."""
+    env = env1
+    layers = {}
+    for s in SNAPSHOTTERS:
+        api = cu.Snapshots(env.cd, s)
+        [m] = api.view(f"layers-{s}", _image_chain(env, s)[0])
+        api.remove(f"layers-{s}")
+        layers[s] = cu.lowerdirs(m)
+    assert len(layers["unionfs"]) == len(layers["overlayfs"]) == 2
+    for ours, theirs in zip(layers["unionfs"], layers["overlayfs"]):
+        util.assert_same(util.snapshot(ours), util.snapshot(theirs), ours)
+    top = util.snapshot(layers["unionfs"][0]).entries
+    assert top["data/b"]["xattrs"] == {"trusted.overlay.opaque": b"y"}
+    assert (top["data/gone"]["type"], top["data/gone"]["rdev"]) == (stat.S_IFCHR, (0, 0))
+
+
+# What a layer written through unionmount holds for the kernel to read: a lower directory renamed
+# (a redirect), a deleted one made again (opaque), whiteouts, a symlink, new directories.
+MORE = ("rm data/a/f1; rm -r data/renamed; mkdir data/renamed; echo z > data/renamed/z;"
+        " echo w > data/b/w; mv data/deep data/deeper; rm data/a/link")
+
+
+def test_the_unpack_answer_mounted_by_the_kernel_is_the_union(env, tmp_path):
+    """containerd never mounts the `overlay` answer of an unpack snapshot (its applier writes into
+    the upper directory), but whoever does gets the kernel's overlay of our layers, and that is the
+    same union: over a layer a union daemon wrote, it shows what unionmount shows, and what is
+    written through it reads the same through unionmount; all as with the overlayfs snapshotter."""
+    trees = {}
+    mnt = tmp_path / "m"
+    for s in SNAPSHOTTERS:
+        api = cu.Snapshots(env.cd, s)
+        k = f"k-{s}-{env.impl}"
+        union_type = {"unionfs": "fuse3.unionmount", "overlayfs": "overlay"}[s]
+        with cu.mounted(env.impl, api.prepare(k, _image_chain(env, s)[0]), mnt) as kind:
+            assert kind == union_type
+            subprocess.run(["sh", "-ec", CHANGES.replace("/data", "data")], cwd=mnt, check=True,
+                           timeout=cu.TIMEOUT)
+        api.commit(f"{k}-1", k)
+        v1 = api.view(f"{k}-v1", f"{k}-1")
+        with cu.mounted(env.impl, v1, mnt) as kind:
+            assert kind == union_type
+            view1 = util.snapshot(mnt)
+        if s == "unionfs":      # what the kernel is to follow: the redirect unionmount wrote
+            assert os.getxattr(f"{cu.lowerdirs(v1[0])[0]}/data/renamed", "trusted.overlay.redirect")
+        with cu.mounted(env.impl, api.prepare(f"extract-{k}", f"{k}-1"), mnt) as kind:
+            assert kind == "overlay"            # the kernel's
+            util.assert_same(util.snapshot(mnt), view1, f"{s}: the kernel's view")
+            subprocess.run(["sh", "-ec", MORE], cwd=mnt, check=True, timeout=cu.TIMEOUT)
+            kernel = util.snapshot(mnt)
+        api.commit(f"{k}-2", f"extract-{k}")
+        with cu.mounted(env.impl, api.view(f"{k}-v2", f"{k}-2"), mnt):
+            util.assert_same(util.snapshot(mnt), kernel, f"{s}: after the kernel wrote")
+        trees[s] = (view1, kernel)
+        for key in (f"{k}-v2", f"{k}-2", f"{k}-v1", f"{k}-1"):
+            api.remove(key)
+    for ours, theirs in zip(trees["unionfs"], trees["overlayfs"]):
+        util.assert_same(ours, theirs, "unionfs and overlayfs snapshotters")
+    assert "data/renamed/x" in trees["unionfs"][0].entries
+    assert "data/deeper/er/file" in trees["unionfs"][1].entries
+
+
 def test_snapshots_ls_usage_rm(env1):
     env = env1
     for s in SNAPSHOTTERS:
         env.run(s, f"unpack-{s}", "true")      # ctr 1.6 unpacks for a snapshotter only to run
     assert _ls(env, "unionfs") == _ls(env, "overlayfs")
     chain = [row[0] for row in _ls(env, "unionfs")]
-    base = next(row[0] for row in _ls(env, "unionfs") if len(row) == 2)
-    top = next(row[0] for row in _ls(env, "unionfs") if len(row) == 3)
+    top = _image_chain(env, "unionfs")[0]
+    # The layers are the overlayfs snapshotter's, byte for byte (the applier writes both): so is
+    # their usage.
     usage = _usage(env, "unionfs")
-    assert usage[base] == _usage(env, "overlayfs")[base]
-    # The top layer's opaque directory arrives as the applier writes it through a mount that is not
-    # the kernel's overlay: a whiteout per hidden entry, not an opaque mark; so count its own inodes.
-    rows, _ = _store_rows_and_dirs(env)
-    top_id = next(i for i, k in rows.items() if k.endswith("/" + top))
-    top_fs = env.snap_root / "snapshots" / top_id / "fs"
-    assert usage[top] == 1 + sum(len(d) + len(f) for _, d, f in os.walk(top_fs))
-    env.cd.ctr("snapshots", "--snapshotter", "unionfs", "prepare", "rm-me", top)
+    assert {k: usage[k] for k in _image_chain(env, "unionfs")} == \
+        {k: _usage(env, "overlayfs")[k] for k in _image_chain(env, "overlayfs")}
+    cu.Snapshots(env.cd, "unionfs").prepare("rm-me", top)     # a GC root: gone only when removed
     rows, dirs = _store_rows_and_dirs(env)
     assert len(rows) == len(set(rows.values()))
     assert "rm-me" in " ".join(rows.values())       # containerd prefixes its namespace and an id
@@ -234,6 +316,147 @@ def test_restarts_and_kill9_lose_nothing(env1):
     rows, dirs = _store_rows_and_dirs(env)
     assert cid not in " ".join(rows.values())
     assert dirs == sorted(rows)
+
+
+def _bulk_layer(files: int) -> bytes:
+    """A layer of ``files`` small files in directories of 100: long enough to unpack to be killed in."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(files):
+            if i % 100 == 0:
+                ti = tarfile.TarInfo(f"bulk/d{i // 100}")
+                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(ti)
+            ti = tarfile.TarInfo(f"bulk/d{i // 100}/f{i}")
+            ti.size = len(data := f"{i}\n".encode() * 100)
+            tar.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_kill9_during_an_unpack_loses_nothing(env1, tmp_path):
+    """The snapshotter killed -9 while containerd's applier writes a layer into one of its
+    directories: the unpack fails; once the snapshotter is back the same unpack succeeds, the union
+    shows the layer, and removing the image leaves nothing behind."""
+    env = env1
+    image = "localhost/unionfs-killtest:latest"
+    archive = tmp_path / "image.tar"
+    layers = cu.image_layers() + [_bulk_layer(1000)]
+    cu.write_oci_archive(archive, name=image, layers=layers)
+    env.cd.ctr("images", "import", "--no-unpack", str(archive))
+    unpack = subprocess.Popen(["ctr", "-a", str(env.cd.address), "-n", env.cd.ns, "images",
+                               "import", "--snapshotter", "unionfs", str(archive)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=cu.daemon_env(env.impl))
+    deadline = time.monotonic() + cu.TIMEOUT
+    with sqlite3.connect(env.snap_root / "metadata.db") as db:
+        # The image's lower layers are there already (the module's image): the first unpack
+        # snapshot is the bulk layer's; kill once the applier is writing into it.
+        while not (rows := db.execute("SELECT id FROM snapshots WHERE kind = 2 AND key LIKE "
+                                      "'%/extract-%'").fetchall()) \
+                or not (env.snap_root / f"snapshots/{rows[0][0]}/fs/bulk").exists():
+            assert time.monotonic() < deadline and unpack.poll() is None, unpack.stderr.read()
+            time.sleep(0.005)
+    env.snap.kill(signal.SIGKILL)
+    assert unpack.wait(cu.TIMEOUT) != 0
+    env.snap.start()
+    env.cd.wait_snapshotter()
+    env.cd.ctr("images", "import", "--snapshotter", "unionfs", str(archive))
+    api = cu.Snapshots(env.cd, "unionfs")
+    with cu.mounted(env.impl, api.view("killtest", cu.chain_id(layers)), tmp_path / "m"):
+        assert (tmp_path / "m/bulk/d9/f999").read_text() == "999\n" * 100
+        assert (tmp_path / "m/data/a/f1").read_text() == "one, changed\n"
+    api.remove("killtest")
+    env.cd.ctr("images", "rm", "--sync", image)
+    env.cd.gc()
+    rows, dirs = _store_rows_and_dirs(env)
+    assert dirs == sorted(rows), "a directory no snapshot owns, or a snapshot without one"
+    assert not [k for k in rows.values() if "extract-" in k], rows
+    assert len(rows) == len([r for r in _ls(env, "unionfs")])
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while n > 0x7f:
+        out += bytes([n & 0x7f | 0x80])
+        n >>= 7
+    return out + bytes([n])
+
+
+def _pb_bytes(number: int, data: bytes) -> bytes:
+    """One length-delimited protobuf field: the wire form of a string or a message."""
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+# The README's configuration (the proxy plugin; the CRI plugin's snapshotter), with this test's socket,
+# and what the CRI plugin needs here: no TCP or CNI of the machine's, the registry over plain HTTP.
+README_CONFIG = cu.readme_block("containerd's configuration")
+CRI_CONFIG = """[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{base}/cni/bin"
+    conf_dir = "{base}/cni/conf"
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]
+    endpoint = ["http://{registry}"]
+"""
+
+
+@pytest.mark.skipif(bool(ru.why_no_registry()), reason=ru.why_no_registry() or "")
+@pytest.mark.skipif(shutil.which("skopeo") is None, reason="needs skopeo (apt-get install skopeo)")
+def test_cri_pulls_into_unionfs(tmp_path):
+    """Kubernetes' way in: the CRI plugin configured with `snapshotter = "unionfs"` pulls an image
+    (its PullImage call, over containerd's socket) from a registry, and its unpacker writes the
+    layers into our store: straight into the upper directories (the opaque mark of the top layer
+    shows it), each labelled with its chain id, and the union of them is the image."""
+    registry = ru.Registry(tmp_path / "registry")
+    snap = cu.Snapshotter(tmp_path / "snapshots", tmp_path / "snap.sock", tmp_path / "snap.log",
+                          "cython")
+    assert 'snapshotter = "unionfs"' in README_CONFIG
+    config = README_CONFIG.replace("/run/unionfs-snapshotter/snapshotter.sock", str(snap.address))
+    cd = cu.Containerd(tmp_path, snap.address, "cython", ns="k8s.io",
+                       cri=config + CRI_CONFIG.format(base=tmp_path, registry=registry.host))
+    try:
+        cu.write_oci_archive(tmp_path / "image.tar")
+        ref = f"{registry.host}/snaptest:latest"
+        subprocess.run(["skopeo", "copy", "--dest-tls-verify=false",
+                        f"oci-archive:{tmp_path / 'image.tar'}", f"docker://{ref}"],
+                       check=True, capture_output=True, timeout=cu.TIMEOUT)
+        snap.start()
+        cd.start()
+        with grpc.insecure_channel(f"unix://{cd.address}") as channel:
+            pull = channel.unary_unary("/runtime.v1.ImageService/PullImage")
+            # PullImageRequest{image: ImageSpec{image: ref}} -> PullImageResponse{image_ref}
+            reply = pull(_pb_bytes(1, _pb_bytes(1, ref.encode())), timeout=cu.TIMEOUT)
+        assert reply[0] == 0x0a and reply[2:].decode().startswith("sha256:"), reply
+        with sqlite3.connect(snap.root / "metadata.db") as db:
+            rows = db.execute("SELECT id, key, kind, labels FROM snapshots ORDER BY id").fetchall()
+        assert [(kind, json.loads(labels)["containerd.io/snapshot.ref"] == key.split("/")[-1])
+                for _, key, kind, labels in rows] == [(3, True), (3, True)], rows
+        top = snap.root / "snapshots" / str(rows[1][0]) / "fs"
+        assert os.getxattr(top / "data/b", "trusted.overlay.opaque") == b"y"
+        api = cu.Snapshots(cd, "unionfs")
+        with cu.mounted("cython", api.view("look", rows[1][1].split("/")[-1]), tmp_path / "m"):
+            assert (tmp_path / "m/data/a/f1").read_text() == "one, changed\n"
+            assert sorted(os.listdir(tmp_path / "m/data")) == ["a", "b", "old"]
+            assert os.listdir(tmp_path / "m/data/b") == ["h"]
+        api.remove("look")
+    finally:
+        cd.stop()
+        snap.kill(signal.SIGTERM)
+        registry.stop()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_readme_systemd_unit_verifies(tmp_path):
+    unit = cu.readme_block("A systemd unit")
+    assert "ExecStart=/usr/local/bin/unionfs-snapshotter " in unit
+    # This checkout's program: /usr/local/bin's is whatever was installed last.
+    path = tmp_path / "unionfs-snapshotter.service"
+    path.write_text(unit.replace("/usr/local/bin/", f"{cu.VENV_BIN}/"))
+    r = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True,
+                       timeout=cu.TIMEOUT)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
 
 
 @pytest.mark.parametrize("args, says", [
@@ -299,6 +522,38 @@ def test_api_mounts_are_overlayfs_snapshotters_answers(api):
         ("fuse3.unionmount", "unionmount", [f"lowerdir={fs(3)}:{fs(1)}"])]
     # Committed without copying: the same directory under its new name.
     assert not os.path.exists(fs(6)) and os.path.isdir(fs(3))
+    # What containerd's unpacker prepares gets its overlayfs snapshotter's very answer (its applier
+    # writes into the upperdir); nothing else does.
+    unpack = "ns/9/extract-1701 sha256:ab"
+    want = [("overlay", "overlay", ["index=off"] * os.path.exists("/sys/module/overlay/parameters/index")
+             + [f"workdir={work(6)}", f"upperdir={fs(6)}", f"lowerdir={fs(3)}:{fs(1)}"])]
+    assert _mounts(stub.Prepare(pb.PrepareSnapshotRequest(key=unpack, parent="B"))) == want
+    assert _mounts(stub.Mounts(pb.MountsRequest(key=unpack))) == want
+    assert _mounts(stub.Prepare(pb.PrepareSnapshotRequest(key="ns/9/x/extract-1", parent="B"))) == [
+        ("fuse3.unionmount", "unionmount", [f"workdir={work(7)}", f"upperdir={fs(7)}",
+                                            f"lowerdir={fs(3)}:{fs(1)}"])]
+    assert _mounts(stub.View(pb.ViewSnapshotRequest(key="ns/9/extract-2", parent="B"))) == [
+        ("fuse3.unionmount", "unionmount", [f"lowerdir={fs(3)}:{fs(1)}"])]
+
+
+def test_api_in_a_user_namespace_unpacks_through_the_union(tmp_path):
+    """In a user namespace containerd's applier would mount an `overlay` answer with the kernel's
+    overlay, which cannot reach our trusted.* markers there: a snapshotter in one (as in a rootless
+    containerd's) answers fuse3.unionmount for unpack snapshots too."""
+    from unionfs.snapshotter.proto import snapshots_pb2 as pb, snapshots_pb2_grpc as pb_grpc
+    snap = cu.Snapshotter(tmp_path / "root", tmp_path / "snap.sock", tmp_path / "snap.log", "cython",
+                          wrapper=["unshare", "--user", "--map-root-user"])
+    snap.start()
+    try:
+        with grpc.insecure_channel(f"unix://{snap.address}") as channel:
+            stub = pb_grpc.SnapshotsStub(channel)
+            stub.Prepare(pb.PrepareSnapshotRequest(key="a"), timeout=cu.TIMEOUT)
+            stub.Commit(pb.CommitSnapshotRequest(name="A", key="a"), timeout=cu.TIMEOUT)
+            mounts = _mounts(stub.Prepare(pb.PrepareSnapshotRequest(
+                key="ns/9/extract-1701 sha256:ab", parent="A"), timeout=cu.TIMEOUT))
+    finally:
+        snap.kill(signal.SIGTERM)
+    assert [m[0] for m in mounts] == ["fuse3.unionmount"], mounts
 
 
 def test_api_errors_are_what_containerd_expects(api):

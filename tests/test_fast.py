@@ -7,6 +7,8 @@ import errno
 import importlib
 import os
 import stat
+import shutil
+import tempfile
 import types
 
 import pytest
@@ -371,3 +373,96 @@ def test_twins_agree(twins, tree):
             assert results[0] == results[1], (dirpath, flags)
     listings = [([b"a", b"b"], {b"c"}), ([b"c", b"d", b"a"], {b"e"}), ([b"e", b"f"], set())]
     assert py.merge_names(listings) == c.merge_names(listings)
+
+
+# --- copy_file: the copy of one file for copy-up -------------------------------------------------
+
+def _source(tmp_path, size, hole_at=None):
+    """A source file of ``size`` bytes with a user xattr, setuid, odd owner and old times; with a
+    hole from ``hole_at`` to the end but its last byte."""
+    src = tmp_path / "src"
+    with open(src, "wb") as f:
+        if hole_at is None:
+            f.write(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+        else:
+            f.write(b"d" * hole_at)
+            f.seek(size - 1)
+            f.write(b"e")
+    os.setxattr(src, b"user.kept", b"value")
+    os.chown(src, 1234, 5678)
+    os.chmod(src, 0o4751)
+    os.utime(src, ns=(1_000_000_123, 2_000_000_456))
+    return src
+
+
+def _copy(fast, src, dst_dir, name, data=True, fsync=True, xattrs=(), reflink=True):
+    st = os.lstat(src)
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open(dst_dir, os.O_PATH | os.O_DIRECTORY)
+    try:
+        return fast.copy_file(sfd, dfd, name, st, data, fsync, list(xattrs), reflink)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+
+
+@pytest.mark.parametrize("size, hole_at", [(0, None), (5000, None), (3 << 20, None),
+                                           (3 << 20, 4096)], ids=["empty", "small", "big", "holes"])
+def test_copy_file_is_whole(fast, tmp_path, size, hole_at):
+    src = _source(tmp_path, size, hole_at)
+    (tmp_path / "work").mkdir()
+    refused = _copy(fast, src, tmp_path / "work", b"copy",
+                    xattrs=[(b"trusted.origin", b"42")])
+    assert isinstance(refused, bool)
+    dst = tmp_path / "work" / "copy"
+    d = os.lstat(dst)       # before reading it moves its atime
+    assert (d.st_uid, d.st_gid, stat.S_IMODE(d.st_mode)) == (1234, 5678, 0o4751)
+    assert (d.st_atime_ns, d.st_mtime_ns) == (1_000_000_123, 2_000_000_456)
+    assert dst.read_bytes() == src.read_bytes()
+    s = os.lstat(src)
+    assert os.getxattr(dst, b"trusted.origin") == b"42"
+    if hole_at is not None:
+        assert d.st_blocks < s.st_size // 512      # the hole stayed a hole
+    assert os.listdir(tmp_path / "work") == ["copy"]
+
+
+def test_copy_file_only_the_xattrs_asked(fast, tmp_path):
+    src = _source(tmp_path, 10)
+    (tmp_path / "work").mkdir()
+    _copy(fast, src, tmp_path / "work", b"copy", xattrs=[(b"user.other", b"v")])
+    assert sorted(os.listxattr(tmp_path / "work" / "copy")) == ["user.other"]
+
+
+def test_copy_file_without_data(fast, tmp_path):
+    src = _source(tmp_path, 5000)
+    (tmp_path / "work").mkdir()
+    _copy(fast, src, tmp_path / "work", b"copy", data=False, fsync=False)
+    d = os.lstat(tmp_path / "work" / "copy")
+    assert d.st_size == 0 and stat.S_IMODE(d.st_mode) == 0o4751 and d.st_uid == 1234
+
+
+def test_copy_file_leaves_nothing_when_it_fails(fast, tmp_path):
+    src = _source(tmp_path, 5000)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "copy").write_bytes(b"there")
+    with pytest.raises(OSError) as exc:
+        _copy(fast, src, tmp_path / "work", b"copy")
+    assert exc.value.errno == errno.EEXIST and exc.value.filename == b"copy"
+    assert os.listdir(tmp_path / "work") == ["copy"]
+    assert (tmp_path / "work" / "copy").read_bytes() == b"there"
+    with pytest.raises(OSError) as exc:
+        _copy(fast, src, tmp_path / "work", b"other", xattrs=[(b"bogus.ns", b"v")])
+    assert exc.value.errno == errno.EOPNOTSUPP
+    assert os.listdir(tmp_path / "work") == ["copy"]
+
+
+def test_copy_file_reflink_refused_across_filesystems(fast, tmp_path):
+    # /dev/shm is a tmpfs: no extents shared with the test's directory, whatever it is.
+    src = _source(tmp_path, 5000)
+    work = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        assert _copy(fast, src, work, b"copy") is True
+        assert _copy(fast, src, work, b"copy2", reflink=False) is False
+        assert open(os.path.join(work, "copy2"), "rb").read() == src.read_bytes()
+    finally:
+        shutil.rmtree(work)

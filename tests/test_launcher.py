@@ -875,13 +875,63 @@ def test_detached_lifecycle(layers, ur):
     assert os.listdir(ur.root) == []
 
 
+def test_the_detached_supervisor_waits_lean_forwards_signals_and_restarts(layers, ur):
+    """A detached container's supervisor waits as waiter.py (python -S, same pid): a signal to
+    it still reaches the command, and --restart still starts the command again."""
+    name = ur.name("lean")
+    r = ur("run", "-d", "--name", name, "--layers", layers.spec, "--", "sh", "-c",
+           "trap 'exit 7' TERM; echo started; while :; do sleep 0.1; done")
+    assert r.returncode == 0, r.stderr
+    st = ur.state(name)
+    sup = st["supervisor"][0]
+    argv = open(f"/proc/{sup}/cmdline", "rb").read().split(b"\0")
+    assert argv[1:5] == [b"-S", b"-m", b"unionfs.launcher.waiter", b"wait"], argv
+    assert _wait_for(lambda: ur("logs", name).stdout == "started\n")
+    os.kill(sup, signal.SIGTERM)
+    assert _wait_for(lambda: not state.alive(st["supervisor"]))
+    assert " exited (7) " in ur.ps_line(name)
+    assert not state.alive(st["daemon"]) and _mounts_under(ur.root) == []
+    assert _our_cgroups(name) == []
+    # --restart on-failure:2 under the waiter: two more runs, then it stays exited.
+    again = ur.name("again")
+    r = ur("run", "-d", "--name", again, "--restart", "on-failure:2", "--layers", layers.spec,
+           "--", "sh", "-c", "echo run; exit 3")
+    assert r.returncode == 0, r.stderr
+    sup = ur.state(again)["supervisor"]
+    assert _wait_for(lambda: not state.alive(sup), 30)
+    st = ur.state(again)
+    assert (st["status"], st["exit_code"], st["restarts"]) == ("exited", 3, 2)
+    assert ur("logs", again).stdout == "run\nrun\nrun\n"
+    assert _mounts_under(ur.root) == [] and _our_cgroups(again) == []
+
+
+def test_a_unionfs_package_in_the_working_directory_is_never_imported(layers, ur, tmp_path):
+    """ATTACK: root runs unionrun from a directory where someone left a "unionfs" package. The
+    processes unionrun starts with `python -m` (the -p forwarder, the detached supervisor's
+    waiter) must not import it: on 250e09d the forwarder did."""
+    evil, marker = tmp_path / "evil", tmp_path / "imported"
+    for pkg in ("unionfs", "unionfs/launcher"):
+        (evil / pkg).mkdir(parents=True)
+        (evil / pkg / "__init__.py").write_text(f"open({str(marker)!r}, 'a').write('x')\n")
+    for mod in ("waiter", "ports"):
+        (evil / "unionfs/launcher" / f"{mod}.py").write_text(
+            f"open({str(marker)!r}, 'a').write('x')\n")
+    name = ur.name("cwd")
+    r = ur("run", "-d", "--name", name, "--net", "none", "-p", f"127.0.0.1:{_free_port()}:80",
+           "--layers", layers.spec, "--", "sh", "-c", "exit 0", cwd=evil)
+    assert r.returncode == 0, r.stderr
+    assert _wait_for(lambda: " exited (0) " in (ur.ps_line(name) or ""), 20)
+    assert not marker.exists()
+
+
 def test_logs_follow_and_rm_flag_of_a_detached_container(layers, ur):
     name = ur.name("follow")
     r = ur("run", "-d", "--rm", "--name", name, "--layers", layers.spec, "--", "sh", "-c",
            "echo one; sleep 1; echo two >&2; sleep 0.5")
     assert r.returncode == 0, r.stderr
     r = ur("logs", "-f", name, timeout=20)
-    assert r.stdout == "one\ntwo\n", r.stderr
+    # The command's stderr on ours, as docker's logs.
+    assert (r.stdout, r.stderr) == ("one\n", "two\n")
     # --rm: gone once its command ended.
     assert _wait_for(lambda: not (ur.root / name).exists())
     assert _mounts_under(ur.root) == []

@@ -55,30 +55,51 @@ def _blob(data):
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def store(layers):
-    """An image busybox:1 (the base layer, CMD echo image-cmd) in a store of its own."""
+def _load(store_path, tree, config, name, archive):
+    """Load ``tree`` as a one-layer image ``name`` with ``config`` into the store."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
-        tf.add(layers["base"], arcname=".")
+        tf.add(tree, arcname=".")
     layer = buf.getvalue()
     cfg = json.dumps({"rootfs": {"type": "layers", "diff_ids": [_blob(layer)]},
-                      "config": {"Cmd": ["echo", "image-cmd"]}}).encode()
+                      "config": config}).encode()
     man = json.dumps({"schemaVersion": 2, "config": {"digest": _blob(cfg), "size": len(cfg)},
                       "layers": [{"digest": _blob(layer), "size": len(layer)}]}).encode()
     idx = json.dumps({"schemaVersion": 2, "manifests": [{"digest": _blob(man),
                                                           "size": len(man)}]}).encode()
-    archive = layers["dir"] / "busybox.tar"
     with tarfile.open(archive, "w") as tf:
-        for name, data in ((_blob(layer), layer), (_blob(cfg), cfg), (_blob(man), man),
-                           ("index.json", idx)):
-            ti = tarfile.TarInfo(name if name == "index.json" else "blobs/sha256/" + name[7:])
+        for n, data in ((_blob(layer), layer), (_blob(cfg), cfg), (_blob(man), man),
+                        ("index.json", idx)):
+            ti = tarfile.TarInfo(n if n == "index.json" else "blobs/sha256/" + n[7:])
             ti.size = len(data)
             tf.addfile(ti, io.BytesIO(data))
-    path = layers["dir"] / "store"
-    r = subprocess.run([f"{BIN}/unionrun", "--store", str(path), "load", "-q", "-i", str(archive),
-                        "busybox:1"], capture_output=True, text=True)
+    r = subprocess.run([f"{BIN}/unionrun", "--store", str(store_path), "load", "-q", "-i",
+                        str(archive), name], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.fixture(scope="module")
+def store(layers):
+    """busybox:1 (the base layer, CMD echo image-cmd) and busybox:vol (the base layer with
+    /data and hostile symlinks, VOLUME /data and /vlink) in a store of its own."""
+    path = layers["dir"] / "store"
+    _load(path, layers["base"], {"Cmd": ["echo", "image-cmd"]}, "busybox:1",
+          layers["dir"] / "busybox.tar")
+    vol = layers["dir"] / "volbase"
+    shutil.copytree(layers["base"], vol, symlinks=True)
+    (vol / "data/sub").mkdir(parents=True)
+    (vol / "data/f").write_text("image data\n")
+    os.chmod(vol / "data/f", 0o640)
+    os.chown(vol / "data/f", 7, 8)
+    os.symlink("f", vol / "data/sub/lf")
+    os.chmod(vol / "data", 0o751)
+    _load(path, vol, {"Cmd": ["ls", "/data"], "Volumes": {"/data": {}, "/empty": {}}},
+          "busybox:vol", layers["dir"] / "busyvol.tar")
+    # ATTACK material: VOLUMEs at symlinks to a host directory, absolute and relative.
+    os.symlink(str(layers["host"]), vol / "vlink")
+    os.symlink("../" * 20 + str(layers["host"]).lstrip("/"), vol / "data/vlink2")
+    _load(path, vol, {"Cmd": ["ls", "/data"], "Volumes": {"/vlink": {}, "/data/vlink2": {}}},
+          "busybox:vlink", layers["dir"] / "busyvlink.tar")
     return path
 
 
@@ -108,19 +129,74 @@ def _one_line_125(r):
 
 # ---- the parser: no container needed ------------------------------------------------------------
 
+def _commands(parser, words=()):
+    """(words, parser) of every command and sub-command of ``parser``, nested ones too."""
+    out = [(words, parser)]
+    for a in parser._actions:
+        if a.dest != "help" and hasattr(a, "choices") and isinstance(a.choices, dict):
+            for name, p in a.choices.items():
+                out += _commands(p, words + (name,))
+    return out
+
+
 def test_version_and_a_description_everywhere():
     ap = cli._parser()
     sub = next(a for a in ap._actions if a.dest == "cmd")
     assert {"run", "exec", "ps", "stop", "rm", "logs", "commit", "kill", "wait", "rename",
-            "inspect", "diff", "top"} <= set(sub.choices)
-    missing = [f"{name} {a.option_strings or a.dest}"
-               for name, p in [("", ap), *sub.choices.items()]
-               for a in p._actions if not a.help and a.dest != "cmd"]
+            "inspect", "diff", "top", "volume"} <= set(sub.choices)
+    commands = _commands(ap)
+    assert ("volume", "create") in dict(commands) and ("network", "ls") in dict(commands)
+    missing = [f"{' '.join(words)} {a.option_strings or a.dest}"
+               for words, p in commands for a in p._actions
+               if not a.help and a.dest not in ("cmd", "net_cmd", "vol_cmd", "image_cmd")]
     assert missing == []
-    assert all(p.description for p in sub.choices.values())
-    for args in (["--version"], ["ps", "--version"], ["run", "--version"]):
+    assert all(p.description for words, p in commands if words)
+    for args in (["--version"], ["ps", "--version"], ["run", "--version"],
+                 ["volume", "create", "--version"], ["network", "ls", "--version"]):
         r = subprocess.run([f"{BIN}/unionrun", *args], capture_output=True, text=True)
         assert r.returncode == 0 and r.stdout.startswith("unionrun "), r
+
+
+def test_man_pages_and_bash_completion_from_the_parser(tmp_path):
+    """What scripts/setup.sh installs: a page per command, generated from the parser with
+    every option of it, and a completion that knows every command and option."""
+    man, comp = tmp_path / "man1", tmp_path / "completions" / "unionrun"
+    r = subprocess.run([sys.executable, "-m", "unionfs.launcher.docs", "--man-dir", str(man),
+                        "--bash-completion", str(comp)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ap = cli._parser()
+    top = [(w, p) for w, p in _commands(ap) if len(w) <= 1]
+    assert sorted(os.listdir(man)) == sorted(
+        "-".join(("unionrun",) + w) + ".1" for w, _ in top)
+    for words, p in _commands(ap):
+        page = (man / ("-".join(("unionrun",) + words[:1]) + ".1")).read_text()
+        if len(words) == 1:
+            assert page.startswith(f'.TH UNIONRUN\\-{words[0].upper()} "1"'), page[:80]
+            assert f"unionrun\\-{words[0]} \\- " in page
+        for a in p._actions:
+            for opt in a.option_strings:
+                assert opt in ("-h", "--help") or opt.replace("-", "\\-") in page, (words, opt)
+    if shutil.which("man"):
+        r = subprocess.run(["man", "-l", str(man / "unionrun-volume.1")], capture_output=True,
+                           text=True, env={**os.environ, "MANWIDTH": "100"})
+        assert "unionrun-volume - manage volumes" in r.stdout and "--filter" in r.stdout
+    # Completion: bash sources the script and completes as a user's TAB would.
+    script = f"""
+source {comp}
+complete_words() {{ COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); COMPREPLY=();
+    _shtab_unionrun; echo "${{COMPREPLY[*]}}"; }}
+complete_words unionrun ''
+complete_words unionrun volume ''
+complete_words unionrun logs --
+complete_words unionrun run --ent
+"""
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert set(lines[0].split()) >= {w[0] for w, _ in top if w}
+    assert set(lines[1].split()) == {"create", "ls", "inspect", "rm", "prune"}
+    assert {"--since", "--timestamps", "--tail", "--follow"} <= set(lines[2].split())
+    assert lines[3].split() == ["--entrypoint"]
 
 
 # ---- run: --userns, --entrypoint, --env-file ----------------------------------------------------
@@ -245,11 +321,12 @@ def test_inspect_diff_top_rename(ur, layers, tmp_path):
     assert sorted(r.stdout.split()) == ["memfd:tini", "sleep"], r.stdout
     assert ur("diff", "vb-c").stdout == ("C /etc\nD /etc/gone\nC /etc/motd\nA /etc/new\n"
                                          "A /ready\nC /root\nA /root/d\nA /root/d/e\n")
-    r = ur("rename", "vb-c", "vb-d")
-    assert _one_line_125(r) and "running" in r.stderr
-    assert ur("stop", "-t", "10", "vb-c").returncode == 0
-    assert _one_line_125(ur("rename", "vb-c", "bad/name"))
-    assert ur("rename", "vb-c", "vb-d").returncode == 0
+    # Renamed while it runs, then once stopped.
+    assert ur("rename", "vb-c", "vb-e").returncode == 0
+    assert ur("top", "vb-e", "-o", "comm=").returncode == 0
+    assert ur("stop", "-t", "10", "vb-e").returncode == 0
+    assert _one_line_125(ur("rename", "vb-e", "bad/name"))
+    assert ur("rename", "vb-e", "vb-d").returncode == 0
     assert ur("ps", "-aq").stdout == "vb-d\n"
     [obj] = json.loads(ur("inspect", "vb-d").stdout)
     assert obj["State"]["Status"] == "exited" and obj["State"]["Running"] is False
@@ -341,11 +418,12 @@ def test_start_restart_and_restart_policies(ur, layers):
     assert (r.returncode, r.stdout) == (4, "1\nK=v\n"), r.stderr
     assert ur("start", "vb-s").stdout == "vb-s\n"
     assert ur("wait", "vb-s").stdout == "4\n"
-    assert ur("logs", "vb-s").stdout == "2\nK=v\n"
+    # The log has the foreground run's output too, as docker's.
+    assert ur("logs", "vb-s").stdout == "1\nK=v\n2\nK=v\n"
     r = ur("restart", "vb-s")
     assert r.returncode == 0, r.stderr
     assert ur("wait", "vb-s").stdout == "4\n"
-    assert ur("logs", "vb-s").stdout == "2\nK=v\n3\nK=v\n"
+    assert ur("logs", "vb-s").stdout == "1\nK=v\n2\nK=v\n3\nK=v\n"
     assert _one_line_125(ur("start", "vb-nope"))
     # A long-running one: restart stops it and starts it again.
     assert ur("run", "-d", "--name", "vb-l", "--layers", lay, "--", "sh", "-c",
@@ -424,3 +502,136 @@ def test_diff_wait_inspect_as_podman(ur, layers, tmp_path):
         subprocess.run(pm + ["rm", "-af"], capture_output=True)
         subprocess.run(pm + ["rmi", "-af"], capture_output=True)
         shutil.rmtree(runroot, ignore_errors=True)
+
+
+# ---- volumes ------------------------------------------------------------------------------------
+
+def _volumes(ur):
+    return ur("volume", "ls", "-q").stdout.split()
+
+
+@root_only
+def test_named_volumes(ur, layers):
+    r = ur("volume", "create", "--label", "a=b", "vb-data")
+    assert (r.returncode, r.stdout) == (0, "vb-data\n"), r.stderr
+    [v] = json.loads(ur("volume", "inspect", "vb-data").stdout)
+    assert (v["Name"], v["Driver"], v["Labels"]) == ("vb-data", "local", {"a": "b"})
+    assert v["Mountpoint"] == str(ur.root / ".volumes/vb-data/_data")
+    assert oct(os.stat(ur.root / ".volumes").st_mode & 0o777) == "0o700"
+    # First use: an empty volume is filled from the image at its path (owners, modes, links).
+    script = "stat -c '%n %a %u:%g' /data /data/f; readlink /data/sub/lf; cat /data/f; " \
+             "echo written > /data/new"
+    r = ur("run", "--name", "vb-v1", "-v", "vb-data:/data", "busybox:vol", "sh", "-c", script)
+    assert r.stdout == "/data 751 0:0\n/data/f 640 7:8\nf\nimage data\n", r.stderr
+    # Kept: the next container sees what the first wrote; no second copy-up.
+    r = ur("run", "--rm", "-v", "vb-data:/etc/mnt:ro", "busybox:1", "sh", "-c",
+           "ls /etc/mnt; echo x > /etc/mnt/y")
+    assert r.returncode != 0 and r.stdout == "f\nnew\nsub\n", r.stderr
+    [obj] = json.loads(ur("inspect", "vb-v1").stdout)
+    assert {"Type": "volume", "Name": "vb-data", "Destination": "/data",
+            "RW": True} .items() <= obj["Mounts"][0].items()
+    # In use by a container (stopped): refused, as docker does.
+    r = ur("volume", "rm", "vb-data")
+    assert _one_line_125(r) and "vb-v1" in r.stderr
+    assert ur("rm", "-v", "vb-v1").returncode == 0      # and its anonymous /empty
+    assert _volumes(ur) == ["vb-data"]
+    assert ur("volume", "rm", "vb-data").stdout == "vb-data\n"
+    assert _volumes(ur) == []
+    # A volume named on the command line is made at first use (no copy-up target: empty).
+    r = ur("run", "--rm", "-v", "vb-new:/nowhere", "busybox:1", "ls", "-A", "/nowhere")
+    assert (r.returncode, r.stdout) == (0, ""), r.stderr
+    assert _volumes(ur) == ["vb-new"]
+    assert ur("volume", "ls", "--filter", "dangling=true", "--format", "{{.Name}}").stdout == \
+        "vb-new\n"
+    # Bad input: one line, 125, nothing made. A name is never a path.
+    for args in (["volume", "create", "../vb-x"], ["volume", "create", "-x"],
+                 ["volume", "rm", "vb-none"], ["volume", "inspect", "a/b"],
+                 ["run", "--rm", "-v", "../vb-x:/x", "busybox:1", "true"],
+                 ["run", "--rm", "-v", "a/b:/x", "busybox:1", "true"],
+                 ["run", "--rm", "-v", "vb-y:rel", "busybox:1", "true"],
+                 ["volume", "ls", "--filter", "colour=red"]):
+        assert _one_line_125(ur(*args)), args
+    # A run that fails after its volumes were made takes them back (a directory volume over
+    # a file).
+    r = ur("run", "--rm", "-v", "vb-z:/etc/motd", "busybox:1", "true")
+    assert r.returncode == 125 and "Traceback" not in r.stderr, r.stderr
+    assert _volumes(ur) == ["vb-new"]
+    assert ur("volume", "rm", "-f", "vb-new", "vb-none").returncode == 0
+    assert _volumes(ur) == [] and not (ur.root / ".volumes").exists()
+
+
+@root_only
+def test_anonymous_volumes_and_attacks(ur, layers, tmp_path):
+    host = layers["host"]
+    # The image's VOLUMEs get anonymous volumes: /data filled from the image.
+    r = ur("run", "--name", "vb-an", "busybox:vol")
+    assert (r.returncode, r.stdout) == (0, "f\nsub\n"), r.stderr
+    anon = _volumes(ur)
+    assert len(anon) == 2 and all(len(n) == 64 for n in anon)
+    # rm keeps them (docker's), rm -v takes them.
+    assert ur("rm", "vb-an").returncode == 0 and sorted(_volumes(ur)) == sorted(anon)
+    assert ur("volume", "prune").returncode == 0 and _volumes(ur) == []
+    r = ur("run", "--name", "vb-an2", "-v", "/x", "busybox:1", "sh", "-c", "touch /x/y")
+    assert r.returncode == 0 and len(_volumes(ur)) == 1, r.stderr
+    assert ur("rm", "-v", "vb-an2").returncode == 0 and _volumes(ur) == []
+    # run --rm takes them; a -v over an image's VOLUME replaces its anonymous one.
+    r = ur("run", "--rm", "-v", "vb-named:/data", "busybox:vol", "cat", "/data/f")
+    assert (r.returncode, r.stdout) == (0, "image data\n"), r.stderr
+    assert _volumes(ur) == ["vb-named"]
+    # ATTACK: VOLUMEs, anonymous or named, at an image's symlinks to a host directory. They
+    # resolve inside the container's root, where they dangle: the run is refused in one line,
+    # nothing of the host is copied or mounted, no volume is left behind.
+    for args in ([], ["-v", "vb-named:/vlink"], ["-v", "vb-named:/data/vlink2"]):
+        r = ur("run", "--rm", *args, "busybox:vlink", "sh", "-c", "ls /vlink /data/vlink2;"
+               " echo planted > /vlink/planted")
+        assert _one_line_125(r) and "dangling" in r.stderr, (args, r.stdout, r.stderr)
+        assert _volumes(ur) == ["vb-named"]
+        assert os.listdir(ur.root / ".volumes/vb-named/_data") == ["f", "sub"]
+        assert _host_unchanged(host)
+    # --userns: the volume's files belong to the container's root.
+    r = ur("run", "--rm", "--userns", "-v", "vb-uns:/data", "busybox:vol", "sh", "-c",
+           "stat -c '%u:%g' /data /data/f; touch /data/mine")
+    assert (r.returncode, r.stdout) == (0, "0:0\n7:8\n"), r.stderr
+    assert ur("volume", "rm", "vb-named", "vb-uns").returncode == 0
+
+
+# ---- logs -t/--since of foreground containers, rename of a running one --------------------------
+
+@root_only
+def test_logs_timestamps_since_and_running_rename(ur, layers):
+    lay = layers["layers"]
+    t0 = time.time()
+    r = ur("run", "--name", "vb-lg", "--layers", lay, "--", "sh", "-c",
+           "echo out1; echo err1 >&2; sleep 0.2; echo out2; printf partial")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "out1\nout2\npartial", "err1\n")
+    r = ur("logs", "vb-lg")
+    assert (r.stdout, r.stderr) == ("out1\nout2\npartial", "err1\n")
+    r = ur("logs", "-t", "vb-lg")
+    lines = r.stdout.splitlines()
+    assert [x.split(" ", 1)[1] for x in lines] == ["out1", "out2", "partial"]
+    stamps = [x.split(" ", 1)[0] for x in lines]
+    assert all(len(s) == 30 and s.endswith("Z") for s in stamps), stamps
+    # --since the second line's time: from it on; --until it: before it.
+    assert ur("logs", "--since", stamps[1], "vb-lg").stdout == "out2\npartial"
+    assert ur("logs", "--until", stamps[1], "vb-lg").stdout == "out1\n"
+    assert ur("logs", "--since", f"{t0 - 60:.3f}", "vb-lg").stdout == "out1\nout2\npartial"
+    assert ur("logs", "--since", f"{time.time() + 60:.0f}", "vb-lg").stdout == ""
+    assert ur("logs", "--since", "1h", "--tail", "1", "vb-lg").stdout == "partial"
+    assert ur("logs", "--since", "2100-01-01T00:00:00Z", "vb-lg").stdout == ""
+    assert _one_line_125(ur("logs", "--since", "yesterday", "vb-lg"))
+    # Renamed while it runs: the new name works for every verb, the old one no more.
+    assert ur("run", "-d", "--name", "vb-rn", "--layers", lay, "--", "sh", "-c",
+              "echo started; exec sleep 60").returncode == 0
+    assert ur("rename", "vb-rn", "vb-rn2").returncode == 0
+    assert ur("ps", "-q").stdout == "vb-rn2\n"
+    assert ur("exec", "vb-rn2", "echo", "in").stdout == "in\n"
+    assert _one_line_125(ur("exec", "vb-rn", "true"))
+    assert _one_line_125(ur("rename", "vb-rn2", "vb-lg"))
+    assert ur("stop", "-t", "0", "vb-rn2").returncode == 0
+    assert ur("ps", "-a", "--filter", "name=rn", "--format", "{{.Names}} {{.State}}").stdout \
+        == "vb-rn2 exited\n"
+    assert ur("logs", "vb-rn2").stdout == "started\n"
+    assert ur("start", "vb-rn2").returncode == 0
+    assert ur("ps", "-q").stdout == "vb-rn2\n"
+    assert ur("rm", "-f", "vb-rn2").returncode == 0
+    assert sorted(os.listdir(ur.root)) == ["vb-lg"]

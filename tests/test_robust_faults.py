@@ -103,7 +103,9 @@ def _read_name(m, name):
 def test_unexpected_exception_costs_one_request(tmp_path, impl, no_mounts_left, handler):
     layers = _layers(tmp_path)
     action, check = CASES[handler]
-    with ru.daemon(layers, impl, options=("timeout=0",),
+    # passthrough=off: the fault is injected in the daemon's write handler, which the kernel's
+    # passthrough would never call.
+    with ru.daemon(layers, impl, options=("timeout=0", "passthrough=off"),
                    env={"UNIONFS_FAULT_INJECT": handler}) as d:
         m = layers.mnt
         with pytest.raises(OSError) as info:

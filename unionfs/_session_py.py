@@ -7,6 +7,7 @@ the handlers' plain ones (see operations.py), and runs the handlers as trio task
 
 import errno
 import functools
+import os
 import signal
 
 import pyfuse3
@@ -126,7 +127,14 @@ class _Adapter(pyfuse3.Operations):
 
     @_errors
     async def open(self, inode, flags, ctx):
-        return pyfuse3.FileInfo(fh=await self.ops.open(inode, flags, ctx), keep_cache=True)
+        fh = await self.ops.open(inode, flags, ctx)
+        if flags & os.O_TRUNC and ctx.uid != 0:
+            # libfuse asks for atomic O_TRUNC and the kernel then leaves it to us to clear
+            # setuid, as a truncate by a caller without CAP_FSETID does: who is not root has
+            # none here (the Cython session is told by the kernel instead).
+            if await self.ops.kill_priv(fh, True, ctx.gid):
+                pyfuse3.invalidate_inode(inode, attr_only=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_errors
     async def create(self, parent, name, mode, flags, ctx):

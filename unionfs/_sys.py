@@ -6,7 +6,6 @@ follows a symlink and never leaves the layer. Each call is debug-logged with its
 
 import ctypes
 import errno
-import fcntl
 import logging
 import os
 import stat
@@ -18,8 +17,6 @@ log = logging.getLogger("unionfs.sys")
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
-FICLONE = 0x40049409
-_COPY_CHUNK = 1 << 24
 
 
 def join(dirpath, name):
@@ -357,100 +354,24 @@ def remove_tree(layer, path):
 
 def copy_file(src_layer, src_path, dst_layer, dst_path, st, data, fsync, extra_xattrs, skip_xattr):
     """Build a copy of a regular file at dst: data (holes kept), xattrs but those ``skip_xattr``
-    names, ``extra_xattrs``, then owner, mode and times of ``st``; fsync'ed if asked. All through
-    the two open files. Runs in a worker thread for big files: uses no cached fd."""
+    names, ``extra_xattrs``, then owner, mode and times of ``st``; fsync'ed if asked. The copy
+    itself is one call of ``_fast.copy_file`` (without the GIL in the Cython build). Runs in a
+    worker thread for big files: uses no cached fd."""
     src = open_file(src_layer, src_path, os.O_RDONLY)
     try:
-        dst, unnamed = _new_copy(dst_layer, dst_path)
-        try:
-            if data:
-                copy_data(src, dst, st.st_size, st.st_blocks,
-                          (src_layer.st_dev, dst_layer.st_dev))
-            for attr in os.listxattr(src):
-                if not skip_xattr(attr.encode()):
-                    os.setxattr(dst, attr, os.getxattr(src, attr))
-            for attr, value in extra_xattrs:
-                os.setxattr(dst, attr, value)
-            os.fchown(dst, st.st_uid, st.st_gid)
-            os.fchmod(dst, stat.S_IMODE(st.st_mode))   # after chown, which clears setuid bits
-            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-            if fsync:
-                os.fsync(dst)
-            if unnamed:
-                with ParentDir(dst_layer, dst_path) as (dfd, name):
-                    os.link(b"/proc/self/fd/%d" % dst, name, dst_dir_fd=dfd, follow_symlinks=True)
-        finally:
-            os.close(dst)
+        xattrs = [(attr, os.getxattr(src, attr)) for attr in os.listxattr(src)
+                  if not skip_xattr(attr.encode())]
+        xattrs += extra_xattrs
+        devs = (src_layer.st_dev, dst_layer.st_dev)
+        with ParentDir(dst_layer, dst_path) as (dfd, name):
+            if _fast.copy_file(src, dfd, name, st, data, fsync, xattrs, devs not in _no_reflink):
+                _no_reflink.add(devs)
     finally:
         os.close(src)
-    _trace("copy_file", src_layer.index, src_path, dst_layer.index, dst_path, data, unnamed)
+    _trace("copy_file", src_layer.index, src_path, dst_layer.index, dst_path, data)
 
 
-def _new_copy(layer, path):
-    """(fd, unnamed) of a new file to build a copy in, to be found at ``path`` once whole.
-
-    Where the filesystem has them it is an unnamed file (O_TMPFILE) in path's directory, given its
-    name only once written and synced: nothing of it is ever visible before, a crash leaves
-    nothing behind, and its fsync has no new directory entry to write out (on ext4 without a
-    journal that is a sync of the parent directory per copy). Else it is created at ``path``.
-    """
-    with ParentDir(layer, path) as (dfd, _):
-        try:
-            return os.open(b".", os.O_TMPFILE | os.O_WRONLY, 0o600, dir_fd=dfd), True
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.EBADF):
-                raise
-    return open_file(layer, path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), False
-
-
-_SMALL_COPY = 1 << 20
 _no_reflink = set()       # (source st_dev, destination st_dev) where FICLONE was refused
-
-
-def copy_data(src_fd, dst_fd, size, blocks=None, devs=None):
-    """Copy file data keeping holes: a reflink where the filesystem can, else data extents only.
-    ``blocks`` (st_blocks of the source), when given, lets a small file with no hole (the most
-    common kind) be copied in one read and one write; ``devs`` (source and destination st_dev),
-    when given, remembers that they cannot share extents so that it is not asked again."""
-    if devs is None or devs not in _no_reflink:
-        try:
-            fcntl.ioctl(dst_fd, FICLONE, src_fd)
-            return
-        except OSError as e:
-            if devs is not None and e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV,
-                                                errno.EINVAL):
-                _no_reflink.add(devs)
-    if blocks is not None and 0 < size <= _SMALL_COPY and blocks * 512 >= size:
-        buf = os.pread(src_fd, size, 0)
-        if len(buf) == size:
-            view, off = memoryview(buf), 0
-            while off < size:
-                off += os.pwrite(dst_fd, view[off:], off)
-            return
-    off = 0
-    while off < size:
-        try:
-            data = os.lseek(src_fd, off, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:       # only a hole is left
-                break
-            raise
-        hole = os.lseek(src_fd, data, os.SEEK_HOLE)
-        pos = data
-        while pos < hole:
-            n = min(hole - pos, _COPY_CHUNK)
-            try:
-                done = os.copy_file_range(src_fd, dst_fd, n, pos, pos)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise
-                buf = os.pread(src_fd, n, pos)
-                done = os.pwrite(dst_fd, buf, pos) if buf else 0
-            if done == 0:
-                break
-            pos += done
-        off = hole
-    os.ftruncate(dst_fd, size)
 
 
 # --- open files (by fd, for entries that may no longer have a name) ------------------------------
@@ -478,8 +399,35 @@ def fd_setattr(fd, mode=None, uid=-1, gid=-1, atime_ns=None, mtime_ns=None, size
                         st.st_mtime_ns if mtime_ns is None else mtime_ns))
 
 
+def fd_listxattr(fd):
+    try:
+        return [os.fsencode(a) for a in os.listxattr(fd)]
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return []
+        raise
+
+
+def fd_removexattr(fd, attr):
+    os.removexattr(fd, attr)
+    _trace("fremovexattr", fd, attr)
+
+
 def pread(fd, size, off):
-    return os.pread(fd, size, off)
+    """`size` bytes at `off`, fewer only at the end of the file. FUSE takes a short reply for the end
+    of the file (the kernel then believes the file that short): a lower that returns part of a
+    request and fails on the rest (a lazy layer whose next chunk is refused) must fail, not end."""
+    data = os.pread(fd, size, off)
+    if len(data) == size or not data:
+        return data
+    parts, n = [data], len(data)
+    while n < size:
+        more = os.pread(fd, size - n, off + n)
+        if not more:
+            break
+        parts.append(more)
+        n += len(more)
+    return b"".join(parts)
 
 
 def pwrite(fd, data, off):

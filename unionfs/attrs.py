@@ -43,8 +43,13 @@ async def setattr(u, node, attr, fields, fh):
     if size is not None and u.quota is not None:
         _truncate_within_limit(u, fd if by_fd else None, None if by_fd else node.path(), size)
         size = None
+    # A truncate or chown by a caller without CAP_FSETID (the session's flag, under
+    # FUSE_HANDLE_KILLPRIV_V2): the kernel leaves clearing setuid and capabilities to us.
+    kill = getattr(fields, "kill_suidgid", False)     # (pyfuse3's fields have none)
     if by_fd:
         _sys.fd_setattr(fd, mode, uid, gid, atime, mtime, size)
+        if kill:
+            kill_priv(u, node, True, fd, fields.caller_gid)
         return u.attrs(node)
     upper, path = u.stack.upper, node.path()
     if size is not None:
@@ -55,6 +60,8 @@ async def setattr(u, node, attr, fields, fh):
         _sys.chmod(upper, path, mode)
     if atime is not None or mtime is not None:
         _sys.utime(upper, path, atime, mtime)
+    if kill and node.kind == stat.S_IFREG:
+        kill_priv(u, node, True, caller_gid=fields.caller_gid)
     return u.attrs(node)
 
 
@@ -87,6 +94,43 @@ def _truncate_within_limit(u, fd, path, size):
 
 def readlink(u, node):
     return _sys.readlink(*_top(u, node))
+
+
+_CAPS = b"security.capability"
+
+
+def kill_priv(u, node, suidgid, fd=None, caller_gid=None):
+    """What the kernel does to a file written or truncated (FUSE_HANDLE_KILLPRIV_V2 leaves it to
+    us): file capabilities go at every write; with ``suidgid`` (the caller lacks CAP_FSETID)
+    setuid goes, and setgid where the group may execute or the caller is not of the file's group
+    (of its supplementary groups we know nothing: a member by one of them loses the bit too).
+    On the upper copy, through ``fd`` when given (a writer's, or a file with no name left).
+    Whether anything changed."""
+    changed = False
+    if fd is not None and node.xattr_names is None:
+        # Through the fd: the file may have no name left.
+        node.xattr_names = frozenset(_sys.fd_listxattr(fd)) or _NONE
+    if _CAPS in _names(u, node):
+        changed = True
+        if fd is not None:
+            _sys.fd_removexattr(fd, _CAPS)
+        else:
+            _sys.removexattr(u.stack.upper, node.path(), _CAPS)
+        node.xattr_names = None
+    if suidgid:
+        st = _sys.fstat(fd) if fd is not None else _sys.lstat(u.stack.upper, node.path())
+        mode = st.st_mode
+        kill = mode & stat.S_ISUID
+        if mode & stat.S_ISGID and (mode & stat.S_IXGRP or caller_gid is None
+                                    or u.disk_ids(-1, caller_gid)[1] != st.st_gid):
+            kill |= stat.S_ISGID
+        if kill:
+            changed = True
+            if fd is not None:
+                _sys.fd_setattr(fd, mode=stat.S_IMODE(mode & ~kill))
+            else:
+                _sys.chmod(u.stack.upper, node.path(), stat.S_IMODE(mode & ~kill))
+    return changed
 
 
 def _check_name(u, name):

@@ -5,6 +5,7 @@
     unionmount -o lowerdir=L1:L2[,upperdir=U,workdir=W] [SOURCE] MOUNTPOINT   (fuse-overlayfs style)
 """
 
+import os
 import re
 import sys
 
@@ -26,6 +27,8 @@ Mounts the union of the lower layers (leftmost topmost) under a copy-on-write up
                 hold; past it a write, copy-up or new entry gets ENOSPC),
                 writeback=1 (the kernel caches writes: fewer, larger requests, but a
                 full disk or a dead daemon is reported late, at fsync, not at write),
+                passthrough=auto|on|off (the kernel reads and writes the layer files
+                itself where it can: as root, without writeback=1; auto: the default),
                 uidmapping=D:P:N[:D:P:N...] (on-disk id D shown as P, as
                 fuse-overlayfs), gidmapping=..., squash_to_root,
                 squash_to_uid=ID, squash_to_gid=ID, and the fuse-overlayfs form
@@ -86,6 +89,10 @@ def parse(argv):
             positional.append(arg)
 
     kw = {}
+    # The default of -o passthrough= (scripts/passthrough_off.sh runs the tests without it).
+    default_passthrough = os.environ.get("UNIONFS_PASSTHROUGH")
+    if default_passthrough:
+        opts.insert(0, ("passthrough", default_passthrough))
     mappings, squash, squash_exact = {}, {}, {}
     lowerdir = upperdir = workdir = None
     unknown = []
@@ -115,6 +122,10 @@ def parse(argv):
             if value not in (None, "0", "1"):
                 raise UsageError("option writeback takes 0 or 1")
             kw["writeback"] = value != "0"
+        elif key == "passthrough":
+            if value not in ("on", "off", "auto"):
+                raise UsageError("option passthrough takes on, off or auto")
+            kw["passthrough"] = value
         elif key == "volatile":
             kw["fsync"] = False
         elif key == "ro":
@@ -166,6 +177,8 @@ def parse(argv):
             raise UsageError(f"expected LOWERS [UPPER] MOUNTPOINT (see {PROG} --help)")
     if upper is None and workdir is not None:
         raise UsageError("workdir= needs an upper layer")
+    if kw.get("passthrough") == "on" and kw.get("writeback"):
+        raise UsageError("passthrough=on and writeback=1 exclude each other (the kernel's rule)")
     if kw.get("upper_size") is not None and upper is None:
         raise UsageError("upper_size= needs an upper layer")
     if kw.get("readonly") and upper is not None:

@@ -72,6 +72,13 @@ def check(opts):
         raise UsageError(f"mountpoint {opts.mountpoint}: already a mount point")
     if os.listdir(mnt[0]):
         raise UsageError(f"mountpoint {opts.mountpoint}: not empty")
+    if opts.passthrough == "on":
+        if session.IMPLEMENTATION != "Cython loop":
+            raise UsageError("passthrough=on needs the Cython session (pyfuse3 cannot pass "
+                             "files through)")
+        if not may_pass_through():
+            raise UsageError("passthrough=on needs CAP_SYS_ADMIN in the initial user namespace "
+                             "(root outside a container); passthrough=auto falls back")
     workdir = None
     if upper is not None:
         workdir = opts.workdir or _default_workdir(upper[0])
@@ -112,6 +119,16 @@ def check(opts):
                              "must not contain each other")
     return Prepared(lowers=[r for r, _ in lowers], upper=upper[0] if upper else None,
                     workdir=workdir, mountpoint=mnt[0])
+
+
+def may_pass_through():
+    """Whether the kernel would let us register backing files: FUSE_DEV_IOC_BACKING_OPEN needs
+    CAP_SYS_ADMIN in the initial user namespace."""
+    with open("/proc/self/uid_map") as f:
+        initial = f.read().split() == ["0", "0", "4294967295"]
+    with open("/proc/self/status") as f:
+        caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    return initial and bool(caps & (1 << 21))     # CAP_SYS_ADMIN
 
 
 def prepare_workdir(prep):
@@ -248,7 +265,11 @@ def serve(opts, prep, ready):
                       gidmap=opts.gidmap, xattrs=opts.xattrs, writeback=opts.writeback,
                       rt=session.Runtime(), quota=quota)
         union.outer_ino = os.stat(os.path.dirname(prep.mountpoint)).st_ino
-        ops = Operations(union, debug=opts.debug)
+        # Without the kernel's leave, auto asks for nothing (the connection stays as before).
+        passthrough = opts.passthrough
+        if opts.writeback or (passthrough == "auto" and not may_pass_through()):
+            passthrough = "off"
+        ops = Operations(union, debug=opts.debug, passthrough=passthrough)
         try:
             s = session.Session(ops, prep.mountpoint, fuse_options(opts, prep))
         except Exception as e:
@@ -274,6 +295,14 @@ def _setup_logging(debug):
 
 
 def main(opts):
+    # 0, 1 and 2 open (on /dev/null where they were closed) before any fd of ours is: else a
+    # layer's fd or /dev/fuse could take one of them, and the daemon's detaching from the
+    # terminal (dup2 of /dev/null over 0-2) would replace it.
+    while True:
+        fd = os.open(os.devnull, os.O_RDWR)
+        if fd > 2:
+            os.close(fd)
+            break
     _setup_logging(opts.debug)
     prep = check(opts)
     try:

@@ -71,13 +71,15 @@ def _is_ctx(obj):
 
 
 class Operations:
-    def __init__(self, union, debug=False):
+    def __init__(self, union, debug=False, passthrough="off"):
         self.u = union
         self.debug = debug
-        # What the session tells the kernel: how long it may cache names and attributes, and
-        # whether to ask for FUSE_CAP_WRITEBACK_CACHE (files.layer_flags adapts opens to it).
+        # What the session tells the kernel: how long it may cache names and attributes,
+        # whether to ask for FUSE_CAP_WRITEBACK_CACHE (files.layer_flags adapts opens to it),
+        # and for FUSE passthrough (on, off, auto: passthrough.py; the Cython session only).
         self.timeout = union.timeout
         self.writeback = union.writeback
+        self.passthrough = passthrough
 
     # --- names ----------------------------------------------------------------------------------
 
@@ -187,6 +189,14 @@ class Operations:
     @_handler
     async def write(self, fh, off, buf):
         return files.write(self.u, fh, off, buf)
+
+    @_handler
+    async def kill_priv(self, fh, suidgid, caller_gid):
+        """After a write or open with O_TRUNC, where the kernel leaves it to us (the Cython
+        session under FUSE_HANDLE_KILLPRIV_V2): see attrs.kill_priv. Whether the attributes the
+        kernel holds changed."""
+        h = self.u.handle(fh)
+        return h.upper and attrs.kill_priv(self.u, h.node, suidgid, h.fd, caller_gid)
 
     @_handler
     async def fallocate(self, fh, mode, off, length):

@@ -31,6 +31,7 @@ class MountOptions:
     # a flag not given takes the default of mount.fuse_options
     flags: tuple[tuple[str, bool], ...] = field(default=())
     upper_size: int | None = None   # upper_size=SIZE: bytes the upper layer may hold (quota.py)
+    passthrough: str = "auto"       # passthrough=on|off|auto: FUSE passthrough (passthrough.py)
     unknown: tuple[str, ...] = field(default=())
 
 

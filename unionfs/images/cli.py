@@ -11,15 +11,27 @@ import json
 import sys
 import time
 
-from . import archive, auth, copy, layer, manifest, reference, store
+from . import layer, manifest, reference, store
 from .limits import Limits
 
-# httpx (registry) and rich (progress) are imported by the verbs that use them: `unionrun run` of a
-# stored image starts without them.
+# httpx (registry) and rich (progress) are imported by the verbs that use them, and so are the
+# transports (archive, auth, copy: ~40 ms): `unionrun run` of a stored image starts without them.
 
 VERBS = ("pull", "push", "login", "logout", "images", "tag", "rmi", "image", "save", "load")
-ERRORS = (store.StoreError, archive.ArchiveError, layer.LayerError, manifest.ManifestError,
-          copy.TransportError, auth.AuthError, reference.ReferenceError, OSError)
+
+
+def _errors():
+    from . import archive, auth, copy
+    return (store.StoreError, archive.ArchiveError, layer.LayerError, manifest.ManifestError,
+            copy.TransportError, auth.AuthError, reference.ReferenceError, OSError)
+
+
+def __getattr__(name):
+    # ERRORS, the errors of every verb: an `except cli.ERRORS` asks for it only when something
+    # was raised, so the transports are imported only then.
+    if name == "ERRORS":
+        return _errors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ImageError(Exception):
@@ -62,7 +74,7 @@ def image_for_run(st, text, args):
                 raise store.StoreError(f"{missing} (--pull=never)") from None
             try:
                 return pull(st, text, args)
-            except ERRORS as e:
+            except _errors() as e:
                 raise store.StoreError(f"{missing}; pulling it: {e}") from None
     return pull(st, text, args)
 
@@ -80,6 +92,8 @@ def add_parsers(sub):
     _transport_options(p)
     p.add_argument("--creds", metavar="USER[:PASS]", help="credentials for this push only")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    p.add_argument("--estargz", action="store_true", help="re-encode the layers as eStargz (lazily "
+                   "pullable; stored as DESTREF too) and push that image")
     p.add_argument("image", metavar="IMAGE", help="the store's image")
     p.add_argument("dest", metavar="DESTREF", nargs="?", help="where to (default: its own name)")
     p = sub.add_parser("login", help="check and store credentials for a registry (auth.json)")
@@ -144,6 +158,7 @@ def pull(st, text, args, quiet=False):
     from .progress import Progress
     try:
         with Progress(quiet) as prog:
+            from . import copy
             im = copy.pull(st, reg, ref, platform, prog)
     finally:
         reg.close()
@@ -160,11 +175,17 @@ def _cmd_push(args, st):
     dest = reference.parse(args.dest or im.name)
     if not dest.tag:
         raise ImageError(f"{args.dest}: push needs a tag, not a digest")
-    reg = _registry(args, dest)
     from .progress import Progress
+    image = args.image
+    if args.estargz:
+        from . import lazy
+        with Progress(args.quiet) as prog:
+            image = lazy.convert(st, image, str(dest), progress=prog).name
+    reg = _registry(args, dest)
     try:
         with Progress(args.quiet) as prog:
-            counts = copy.push(st, reg, args.image, dest, prog)
+            from . import copy
+            counts = copy.push(st, reg, image, dest, prog)
     finally:
         reg.close()
     if not args.quiet:
@@ -187,11 +208,13 @@ def _cmd_login(args, st):
         reg.ping()
     finally:
         reg.close()
+    from . import auth
     auth.store_credentials(reg_name, user, pw)
     print("Login Succeeded!")
 
 
 def _cmd_logout(args, st):
+    from . import auth
     if not auth.remove_credentials(args.registry.rstrip("/")):
         raise ImageError(f"not logged into {args.registry}")
     print(f"Removed login credentials for {args.registry}")
@@ -268,7 +291,7 @@ def _cmd_rmi(args, st):
                 print(f"Untagged: {reference.familiar(name)}")
             for gone in ([image_id] if image_id else []) + layers:
                 print(f"Deleted: {gone}")
-        except ERRORS as e:
+        except _errors() as e:
             print(f"unionrun: {e}", file=sys.stderr)
             code = 125
     return code
@@ -292,6 +315,7 @@ def _cmd_image(args, st):
 
 
 def _cmd_save(args, st):
+    from . import copy
     im = copy.save(st, args.image, args.output)
     print(f"saved {reference.familiar(im.name)} to {args.output}", file=sys.stderr)
 
@@ -299,6 +323,7 @@ def _cmd_save(args, st):
 def _cmd_load(args, st):
     from .progress import Progress
     with Progress(args.quiet) as prog:
+        from . import copy
         im, added, shared = copy.load(st, args.input, args.name, prog)
     print(f"Loaded image: {im.name} ({len(im.layers)} layers: {added} new, {shared} shared)")
 
@@ -310,7 +335,7 @@ def main(args, store_dir):
         lim = Limits.from_env(getattr(args, "max_layer_size", None), getattr(args, "max_layer_entries", None))
         st = store.open_store(store_dir, lim)
         return handler(args, st) or 0
-    except ERRORS + (ImageError,) as e:
+    except _errors() + (ImageError,) as e:
         print(f"unionrun: {e}", file=sys.stderr)
         return 125
     except KeyboardInterrupt:

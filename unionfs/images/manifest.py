@@ -144,7 +144,8 @@ def summary(config_data):
     c = oci.get("config") or oci.get("Config") or {}
     return {"entrypoint": c.get("Entrypoint"), "cmd": c.get("Cmd"), "env": c.get("Env") or [],
             "workdir": c.get("WorkingDir") or "", "user": c.get("User") or "",
-            "exposed_ports": sorted(c.get("ExposedPorts") or {})}
+            "exposed_ports": sorted(c.get("ExposedPorts") or {}),
+            "volumes": sorted(c.get("Volumes") or {})}
 
 
 def config_from_summary(summary_, diff_ids):

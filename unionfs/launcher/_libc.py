@@ -58,6 +58,8 @@ OPEN_TREE_CLONE = 1
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
 RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
 
 _libc.syscall.restype = ctypes.c_long
@@ -153,6 +155,14 @@ def capset(effective, permitted, inheritable):
 def openat2(dirfd, path, flags, resolve, mode=0):
     how = struct.pack("=QQQ", flags | os.O_CLOEXEC, mode, resolve)
     buf = ctypes.create_string_buffer(how, len(how))
+    # RESOLVE_IN_ROOT and RESOLVE_BENEATH fail with EAGAIN when a rename or mount anywhere on
+    # the machine races with a ".." of the walk; openat2(2) says to try again.
+    for _ in range(1000):
+        try:
+            return _check(_libc.syscall(_NR["openat2"], dirfd, _b(path), buf,
+                                        ctypes.c_size_t(len(how))), os.fsdecode(path))
+        except BlockingIOError:
+            continue
     return _check(_libc.syscall(_NR["openat2"], dirfd, _b(path), buf, ctypes.c_size_t(len(how))),
                   os.fsdecode(path))
 

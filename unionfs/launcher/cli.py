@@ -13,7 +13,7 @@ import time
 
 from ..build import cli as build_cli
 from ..images import cli as image_cli
-from . import enter, lifecycle, rootless, run, seccomp, spec, state, verbs
+from . import enter, lifecycle, rootless, run, seccomp, spec, state, verbs, volume_cli, volumes
 from ..net import NetError
 from ..net import cli as _net_cli
 from ..net import container as _net
@@ -50,6 +50,8 @@ def _parser():
     p.add_argument("-d", "--detach", action="store_true",
                    help="run in the background; its output goes to `logs`")
     p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    p.add_argument("--lazy", action="store_true",
+                   help="an image the store lacks with eStargz layers: start before they are downloaded")
     p.add_argument("-t", "--tty", action="store_true", help="a pty of the container's devpts")
     p.add_argument("-i", "--interactive", action="store_true", help="pass our stdin on")
     p.add_argument("-e", "--env", action="append", default=[], metavar="NAME[=VALUE]",
@@ -58,8 +60,10 @@ def _parser():
                    help="the command's working directory (default: the image's, else /)")
     p.add_argument("-u", "--user", metavar="UID[:GID]|NAME[:GROUP]",
                    help="run the command as this user (names from the container's /etc/passwd)")
-    p.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:CTR[:ro]",
-                   help="bind-mount a host path into the container")
+    p.add_argument("-v", "--volume", action="append", default=[],
+                   metavar="HOST:CTR[:ro]|NAME:CTR[:ro]|CTR",
+                   help="bind-mount a host path (absolute), a named volume (made if missing; "
+                        "filled from the image at first use) or a new anonymous volume")
     p.add_argument("--hostname", help="the container's host name (default: its name)")
     # ---- networks (unionfs.net)
     p.add_argument("-p", "--publish", action="append", default=[],
@@ -133,8 +137,11 @@ def _parser():
     p.add_argument("names", nargs="+", metavar="NAME", help="the containers")
     p = sub.add_parser("rm", help="remove containers (their upper and state; layers untouched)")
     p.add_argument("-f", "--force", action="store_true", help="stop running ones first")
+    p.add_argument("-v", "--volumes", action="store_true",
+                   help="remove the containers' anonymous volumes too")
     p.add_argument("names", nargs="+", metavar="NAME", help="the containers")
     verbs.add_parsers(sub)
+    volume_cli.add_parsers(sub)
     p = sub.add_parser("commit", help="a stopped container's upper as a new image")
     p.add_argument("name", help="the container")
     p.add_argument("image", help="the new image's name")
@@ -143,15 +150,20 @@ def _parser():
 
     # --- image verbs (pull, push, login, logout, images, tag, rmi, image, save, load): unionfs/images/cli.py
     image_cli.add_parsers(sub)
-    for p in sub.choices.values():
-        # Each sub-command's help line is its description too, and each has --version.
-        p.description = p.description or _helps(sub).get(p.prog.split()[-1])
-        verbs.add_version(p)
+    _finish(sub)
     return ap
 
 
-def _helps(sub):
-    return {a.dest: a.help for a in sub._choices_actions}
+def _finish(sub):
+    """Each sub-command's help line is its description too, and each has --version; their
+    own sub-commands (network's, volume's) too."""
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    for name, p in sub.choices.items():
+        p.description = p.description or helps.get(name)
+        verbs.add_version(p)
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _finish(action)
 
 
 def _command_args(args):
@@ -178,14 +190,44 @@ def _image_config(args):
     from ..images import store as _store
     try:
         st = _store.open_store(args.store)
+        im = None
+        if getattr(args, "lazy", False) and args.pull != "always":
+            try:
+                im = st.image(rest[0])
+            except _store.StoreError:
+                session = _lazy_start(args, st, rest[0])
+                if session is not None:
+                    return session.lowers, session.config, None, None, _command_args(rest[1:])
         # As docker does: an image the store lacks is pulled (--pull, and pull's transport options).
-        im = image_cli.image_for_run(st, rest[0], args)
+        im = im or image_cli.image_for_run(st, rest[0], args)
     except image_cli.ERRORS as e:
         raise spec.SpecError(str(e)) from None
     return tuple(im.layers), im.config or {}, im.name, st, _command_args(rest[1:])
 
 
-def _build_spec(args):
+def _lazy_start(args, st, text):
+    """`run --lazy`: the lazy-layer daemon serving the image (see images/lazy.py), or None to pull."""
+    from ..images import lazy
+    if args.detach:
+        raise spec.SpecError("--lazy runs in the foreground only (its layers are served by this run)")
+    try:
+        args.lazy_session = lazy.start_for_run(st, text, _root(args))
+    except image_cli.ERRORS as e:
+        raise spec.SpecError(str(e)) from None
+    return args.lazy_session
+
+
+def _lazy_finish(args):
+    session = getattr(args, "lazy_session", None)
+    if session is None:
+        return
+    from ..images import lazy
+    failure = lazy.finish(session)
+    if failure:
+        sys.stderr.write(f"{PROG}: lazy pull: {failure}\n")
+
+
+def _build_spec(args, root):
     lowers, config, image, store, cmd = _image_config(args)
     entrypoint = list(config.get("entrypoint") or [])
     image_cmd = list(config.get("cmd") or [])
@@ -214,7 +256,7 @@ def _build_spec(args):
         name=name, lowers=lowers, upper=spec.parse_upper(args.upper), argv=tuple(argv),
         env=env, hostname=hostname, workdir=os.path.normpath(workdir),
         user=spec.parse_user(args.user or config.get("user") or None),
-        volumes=tuple(spec.parse_volume(v) for v in args.volume),
+        volumes=_volumes(args, config, root),
         ports=_ports(args, config), limits=limits,
         storage=spec.parse_storage_opts(args.storage_opt),
         caps=spec.parse_caps(args.cap_add, args.cap_drop), net=args.net or "bridge",
@@ -225,6 +267,11 @@ def _build_spec(args):
         interactive=args.interactive, detach=args.detach, remove=args.rm,
         restart=_restart(args),
         **_security(args)), image, store
+
+
+def _volumes(args, config, root):
+    given = tuple(spec.parse_volume(v, root) for v in args.volume)
+    return given + spec.image_volumes(config, given, root)
 
 
 def _restart(args):
@@ -254,7 +301,15 @@ def _alias(value):
 
 
 def _cmd_run(args, root):
-    rs, image, store = _build_spec(args)
+    try:
+        return _run(args, root)
+    finally:
+        # The container is gone (or never started): the lazy layers' daemon finishes its fetch.
+        _lazy_finish(args)
+
+
+def _run(args, root):
+    rs, image, store = _build_spec(args, root)
     try:
         _net.check(root, rs)
     except NetError as e:
@@ -328,7 +383,11 @@ def _cmd_stop(args, root):
 
 
 def _cmd_rm(args, root):
-    return _each(args.names, lambda name: lifecycle.rm(root, name, args.force))
+    def rm(name):
+        st = lifecycle.rm(root, name, args.force)
+        if args.volumes:
+            volumes.remove_anonymous(root, st)
+    return _each(args.names, rm)
 
 
 def _cmd_commit(args, root):
@@ -396,14 +455,14 @@ def main(argv=None):
         return image_cli.main(args, args.store)
     handler = {"run": _cmd_run, "exec": _cmd_exec, "stop": _cmd_stop, "rm": _cmd_rm,
                "commit": _cmd_commit, "network": _cmd_network, "build": build_cli.cmd_build,
-               **verbs.HANDLERS}[args.cmd]
+               "volume": volume_cli.cmd_volume, **verbs.HANDLERS}[args.cmd]
     try:
         return handler(args, root)
     except run.CommandFailed as e:
         sys.stderr.write(f"{PROG}: {e}\n")
         return e.code
     except (spec.SpecError, run.RunError, enter.EnterError, lifecycle.LifecycleError,
-            verbs.VerbError, _Fail, NetError) as e:
+            verbs.VerbError, volumes.VolumeError, _Fail, NetError) as e:
         sys.stderr.write(f"{PROG}: {e}\n")
         return FAILED
     except KeyboardInterrupt:

@@ -173,6 +173,9 @@ def _parent(child, r, master, interactive, cgroup_dirs):
     kind, _, rest = line.partition(" ")
     if kind != "pid":
         os.waitpid(child, 0)
+        if kind == "exec":
+            # The command failed to exec before our child could say its pid.
+            return _exec_failed(rest)
         raise EnterError(rest or "exec: the command could not be started")
     # The command is born inside the limits; our Python child, which waits for it, leaves them
     # (the OOM killer would take it rather than the command).
@@ -188,8 +191,13 @@ def _parent(child, r, master, interactive, cgroup_dirs):
         if kind == "error":
             raise EnterError(msg)
         if kind == "exec":
-            code, _, msg = msg.partition(" ")
-            sys.stderr.write(msg + "\n")
-            sys.stderr.flush()
-            return int(code)
+            return _exec_failed(msg)
     return status
+
+
+def _exec_failed(report):
+    """The command could not be exec'd ("CODE MESSAGE"): its one line to stderr; its status."""
+    code, _, msg = report.partition(" ")
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+    return int(code)

@@ -6,6 +6,7 @@ supervisor was killed can still be stopped and removed by a later unionrun.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -20,7 +21,8 @@ class LifecycleError(Exception):
 def load(root, name):
     paths = state.Paths(root, name)
     st = state.read(paths)
-    if st is None:
+    # A container renamed while it ran answers to its new name only.
+    if st is None or (state.alias(paths.dir) or os.path.basename(paths.dir)) != name:
         raise LifecycleError(f"no container named {name!r}")
     return paths, st
 
@@ -63,6 +65,9 @@ def remove(paths, st):
     if union.is_mounted(st.get("merged") or paths.merged):
         raise LifecycleError(f"{paths.merged} is still mounted: not removing the container")
     state.remove_tree(paths.dir)
+    if paths.link is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(paths.link)
 
 
 def stop(root, name, timeout=10.0):
@@ -105,6 +110,7 @@ def rm(root, name, force=False):
     if problem:
         raise LifecycleError(f"container {name}: {problem}")
     remove(paths, st)
+    return st
 
 
 def containers(root):

@@ -101,9 +101,11 @@ def start(ports, pid, log_path):
         with open(log_path, "ab") as log:
             # subprocess forks and execs without running Python in between: safe in a threaded
             # caller. The process forks once more when it is listening, so it is not our child.
+            # cwd "/": `python -m` puts the working directory first on sys.path, and a
+            # "unionfs" where unionrun was run would be imported by root.
             proc = subprocess.Popen(argv + ["--ready-fd", str(w)], stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=log, pass_fds=(w,), env=env,
-                                    start_new_session=True, close_fds=True)
+                                    start_new_session=True, close_fds=True, cwd="/")
         os.close(w)
         w = -1
         reply = _read_all(r, READY_TIMEOUT)

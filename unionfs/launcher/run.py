@@ -19,8 +19,9 @@ import threading
 import time
 
 from . import _libc as L
-from . import cgroups, init, lifecycle, ports, seccomp, union
+from . import cgroups, init, lifecycle, logger, ports, seccomp, union, volumes
 from . import process as P
+from . import spec as _spec
 from . import state
 from ..net import NetError
 from ..net import container as _net
@@ -53,7 +54,8 @@ def initial_state(spec, image=None, store=None):
             # What `exec` gives its command too.
             "seccomp": spec.seccomp, "no_new_privs": spec.no_new_privs,
             # For inspect.
-            "volumes": [{"source": v.source, "target": v.target, "readonly": v.readonly}
+            "volumes": [{"source": v.source, "target": v.target, "readonly": v.readonly,
+                         **({"name": v.name, "anonymous": v.anonymous} if v.name else {})}
                         for v in spec.volumes],
             "network_mode": spec.net, "readonly": spec.readonly, "tty": spec.tty,
             "interactive": spec.interactive,
@@ -66,17 +68,58 @@ def initial_state(spec, image=None, store=None):
 class _Started:
     """A container whose command runs: what the supervisor waits on and then releases."""
 
-    def __init__(self, paths, st, init_pid, failure, master, signals):
+    def __init__(self, paths, st, init_pid, failure, master, signals, log=None):
         self.paths, self.st = paths, st
         self.init_pid, self.failure, self.master = init_pid, failure, master
         self.signals = signals      # our handlers from before we forwarded signals to the init
+        self.log = log              # _Log, or None when an earlier start's is still in place
 
 
-def start(spec, root, image=None, store=None, to_log=False, again=False):
+class _Log:
+    """Our stdout and stderr (and so the command's) as the pipes of the container's logger;
+    ``tee``: copied on to what they were (the foreground), whose fds are kept in ``saved``."""
+
+    def __init__(self, path, tee):
+        self.saved = (os.dup(1), os.dup(2)) if tee else None
+        try:
+            self.pid, out_w, err_w = logger.start(path, self.saved)
+        except BaseException:
+            self._close_saved()
+            raise
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        os.close(out_w)
+        os.close(err_w)
+
+    def close(self):
+        """Back to our own stdout and stderr (/dev/null if we had none to keep); the logger
+        ends once the container's processes, its other writers, are gone too."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.saved:
+            os.dup2(self.saved[0], 1)
+            os.dup2(self.saved[1], 2)
+        else:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            os.close(null)
+        self._close_saved()
+        logger.wait(self.pid)
+
+    def _close_saved(self):
+        for fd in self.saved or ():
+            os.close(fd)
+        self.saved = None
+
+
+def start(spec, root, image=None, store=None, to_log=False, again=False, log=True):
     """Everything up to the command running; returns a _Started. Raises RunError, after
-    undoing what was done. ``to_log``: our stdout and stderr, and so the command's, go to the
-    container's log from the moment it has a directory. ``again``: the container exists,
-    stopped (start, restart): its directory and upper are kept, and kept on failure."""
+    undoing what was done. The command's stdout and stderr go through a logger to the
+    container's log from the moment it has a directory (``log``: start one; False: the one of
+    an earlier start is in place), and on to ours unless ``to_log`` (detached).
+    ``again``: the container exists, stopped (start, restart): its directory and upper are
+    kept, and kept on failure."""
     if threading.active_count() != 1:
         raise RunError("internal error: the launcher must be single-threaded to clone")
     old = None
@@ -101,14 +144,13 @@ def start(spec, root, image=None, store=None, to_log=False, again=False):
         st["created"], st["started"] = old["created"], time.time()
     st["merged"] = paths.merged
     st["supervisor"] = state.identity(os.getpid())
-    init_pid, master = None, None
+    init_pid, master, made, the_log = None, None, [], None
     try:
         state.write(paths, st)
-        if to_log:
-            log = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-            os.dup2(log, 1)
-            os.dup2(log, 2)
-            os.close(log)
+        if log:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            the_log = _Log(paths.log, tee=not to_log)
         if spec.ports and spec.net == "none":
             ports.check_free([p for p in spec.ports if p.host_port])
         st["cgroups"] = cgroups.create(spec.name, spec.limits, cgroups.device_control())
@@ -135,6 +177,9 @@ def start(spec, root, image=None, store=None, to_log=False, again=False):
         finally:
             # Recorded even on failure: a daemon that did start is found and stopped by release.
             state.write(paths, st)
+        # Volumes missing are made, and new ones filled from the image's content (through the
+        # union, before anything of the container runs).
+        made = volumes.prepare(root, spec.volumes, paths.merged, spec.userns)
         # ---- network (unionfs.net): address, held ports, /etc/hosts and resolv.conf as volumes
         spec = _net.prepare(spec, root, paths, st, lambda: state.write(paths, st))
         state.write(paths, st)
@@ -153,14 +198,17 @@ def start(spec, root, image=None, store=None, to_log=False, again=False):
     except BaseException as e:
         if init_pid is not None:
             _kill_init(init_pid)
+        if the_log is not None:
+            the_log.close()
         lifecycle.release(paths, st)
+        volumes.undo(root, made)
         if old is None:
             state.remove_tree(paths.dir)
         else:
             old["status"], old["finished"] = "exited", time.time()
             state.write(paths, old)
         if isinstance(e, (ports.PortError, cgroups.CgroupError, union.UnionError, P.SetupError,
-                          init.InitError, RunError, NetError, SpecError)):
+                          init.InitError, RunError, NetError, SpecError, volumes.VolumeError)):
             raise RunError(str(e)) from None
         if isinstance(e, OSError):
             raise RunError(f"cannot start the container: {e.strerror}"
@@ -169,7 +217,7 @@ def start(spec, root, image=None, store=None, to_log=False, again=False):
     failure = _exec_outcome(rep_r)
     # Held until now: the init checks, before it execs tini, that we are still there.
     os.close(ctl_w)
-    return _Started(paths, st, init_pid, failure, master, signals)
+    return _Started(paths, st, init_pid, failure, master, signals, the_log)
 
 
 def _exec_outcome(rep_r):
@@ -346,6 +394,8 @@ def finish(started, code):
     lifecycle.release(paths, st)
     if st["remove"]:
         lifecycle.remove(paths, st)
+        # docker's run --rm takes the container's anonymous volumes with it.
+        volumes.remove_anonymous(os.path.dirname(paths.dir), st)
     else:
         state.write(paths, st)
 
@@ -359,23 +409,66 @@ def _should_restart(spec, code, count, paths):
     return policy in ("always", "unless-stopped")
 
 
-def _wait_and_restart(spec, root, image, store, started, to_log):
-    """Wait for the command; under --restart start it again (with docker's doubling delay)
-    until the policy or a `stop` says no. The last exit status."""
-    count = 0
-    while True:
-        code = wait(started, spec.interactive and not to_log)
-        again = _should_restart(spec, code, count, started.paths)
-        finish(started, code)
-        if not again:
-            return code
-        time.sleep(min(0.1 * 2 ** count, 10.0))
-        count += 1
-        if os.path.lexists(started.paths.stopped):
-            return code
-        started = start(spec, root, image, store, to_log=to_log, again=True)
-        started.st["restarts"] = count
-        state.write(started.paths, started.st)
+def _wait_and_restart(spec, root, image, store, started, to_log, count=0, code=None):
+    """Wait for the command (unless its ``code`` is known: resume); under --restart start it
+    again (with docker's doubling delay) until the policy or a `stop` says no. The last exit
+    status. ``to_log`` (detached): the waiting is done by waiter.py, exec'd in our place. The
+    logger of the first start logs every run; in the foreground it is closed at the end."""
+    the_log = started.log
+    try:
+        while True:
+            if code is None:
+                if to_log and started.master is None and not started.failure:
+                    _become_waiter(spec, root, started, count)
+                code = wait(started, spec.interactive and not to_log)
+            again = _should_restart(spec, code, count, started.paths)
+            finish(started, code)
+            if not again:
+                return code
+            time.sleep(min(0.1 * 2 ** count, 10.0))
+            count += 1
+            if os.path.lexists(started.paths.stopped):
+                return code
+            # Our stdout and stderr are the logger's pipes still (waiter.py kept them).
+            started = start(spec, root, image, store, to_log=to_log, again=True, log=False)
+            started.st["restarts"] = count
+            state.write(started.paths, started.st)
+            code = None
+    finally:
+        if the_log is not None:
+            the_log.close()
+
+
+def _become_waiter(spec, root, started, count):
+    """Exec waiter.py, which waits for the init with a few MB instead of our ~17, then comes
+    back as resume(). Returns only if the exec failed: then we wait ourselves."""
+    from ..net import ports as _ports
+    from . import waiter
+    held = _ports.held_fds()
+    for fd in held:
+        os.set_inheritable(fd, True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    waiter.become("wait", root, spec.name, started.init_pid, count, ",".join(map(str, held)))
+    for fd in held:
+        os.set_inheritable(fd, False)
+
+
+def resume(root, name, count, code):
+    """The detached supervisor again, after waiter.py saw its init exit with ``code``: release
+    the container (or restart it, as --restart says), as _supervise would have. Never returns."""
+    status = 1
+    try:
+        paths = state.Paths(root, name)
+        st = state.read(paths)
+        rs = _spec.spec_from_record(st["spec"])
+        started = _Started(paths, st, st["init"][0], None, None, {})
+        _wait_and_restart(rs, root, st["image"], st["store"], started, True, count, code)
+        status = 0
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def run(spec, root, image=None, store=None):

@@ -49,17 +49,43 @@ class _Pyseccomp:
     filter (ps, stop, rm, logs) do not pay for it (with ctypes.util and typing, ~20 ms)."""
 
     def __getattr__(self, name):
-        import pyseccomp
-        return getattr(pyseccomp, name)
+        return getattr(_import_pyseccomp(), name)
 
 
 S = _Pyseccomp()
+
+# The libraries pyseccomp looks up with ctypes.util.find_library, by the sonames Linux ships
+# them as: each find_library runs `ldconfig -p` (two a container start, ~10 ms, ~0.1 s under
+# load); a soname the dynamic linker loads is the answer it would have found.
+_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+
+
+def _import_pyseccomp():
+    import ctypes.util
+    real = ctypes.util.find_library
+
+    def find_library(name):
+        soname = _SONAMES.get(name)
+        if soname is not None:
+            try:
+                ctypes.CDLL(soname)
+                return soname
+            except OSError:
+                pass
+        return real(name)
+
+    ctypes.util.find_library = find_library
+    try:
+        import pyseccomp
+    finally:
+        ctypes.util.find_library = real
+    return pyseccomp
 
 
 def preload():
     """Import pyseccomp (and load libseccomp) now, while the host's files are still in reach and
     before any pid namespace: a filter is built after the switch to the container's root."""
-    import pyseccomp  # noqa: F401
+    _import_pyseccomp()
 
 
 class ProfileError(Exception):

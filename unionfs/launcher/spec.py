@@ -27,11 +27,13 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 @dataclass(frozen=True)
 class Volume:
-    source: str         # host path, absolute, exists
+    source: str         # host path, absolute, exists (a volume's: made at run)
     target: str         # container path, absolute; resolved inside the new root
     readonly: bool
     is_dir: bool
     optional: bool = False  # skipped when the target cannot be made (the network's files)
+    name: str = ""          # a volume's (volumes.py): named, or anonymous
+    anonymous: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,25 +123,61 @@ def parse_upper(value):
     return os.path.abspath(value)
 
 
-def parse_volume(value):
+def parse_volume(value, root):
+    """-v as docker's: HOST:CTR[:ro] (HOST absolute), NAME:CTR[:ro] (a named volume, made if
+    missing) or CTR alone (an anonymous volume); volumes live under the state ``root``."""
+    from . import volumes
     parts = value.split(":")
-    if len(parts) == 3 and parts[2] in ("ro", "rw"):
-        readonly = parts[2] == "ro"
-        parts = parts[:2]
+    # The mode: HOST:CTR:ro, NAME:CTR:ro, or CTR:ro (an anonymous volume).
+    if parts[-1] in ("ro", "rw") and (len(parts) == 3 or len(parts) == 2
+                                      and parts[0].startswith("/")):
+        readonly = parts[-1] == "ro"
+        parts = parts[:-1]
     else:
         readonly = False
+    if len(parts) == 1 and parts[0].startswith("/"):
+        parts = [volumes.anonymous_name(), parts[0]]
+        anonymous = True
+    else:
+        anonymous = False
     if len(parts) != 2 or not parts[0] or not parts[1]:
-        raise SpecError(f"-v {value!r}: expected HOST:CONTAINER[:ro]")
+        raise SpecError(f"-v {value!r}: expected HOST:CONTAINER[:ro], NAME:CONTAINER[:ro] or "
+                        "CONTAINER")
     src, dst = parts
     if not dst.startswith("/"):
         raise SpecError(f"-v {value!r}: the container path must be absolute")
     if os.path.normpath(dst) == "/":
         raise SpecError(f"-v {value!r}: cannot mount over the container's root")
+    if not src.startswith("/"):
+        # Not a path: a volume's name, docker's characters only (so never "..", never a "/").
+        if not volumes.NAME_RE.fullmatch(src):
+            raise SpecError(f"-v {value!r}: {src!r} is neither an absolute host path nor a "
+                            "volume name ([a-zA-Z0-9][a-zA-Z0-9_.-]*)")
+        return Volume(volumes.data_path(root, src), os.path.normpath(dst), readonly, True,
+                      name=src, anonymous=anonymous)
     try:
         st = os.stat(src)
     except OSError as e:
         raise SpecError(f"-v: volume source {src}: {e.strerror}") from None
     return Volume(os.path.abspath(src), os.path.normpath(dst), readonly, stat.S_ISDIR(st.st_mode))
+
+
+def image_volumes(config, given, root):
+    """An anonymous volume for each of the image's VOLUME paths that no -v covers (docker's)."""
+    from . import volumes
+    taken = {v.target for v in given}
+    out = []
+    for path in config.get("volumes") or []:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise SpecError(f"the image's VOLUME {path!r}: not an absolute path")
+        target = os.path.normpath(path)
+        if target == "/" or target in taken:
+            continue
+        taken.add(target)
+        name = volumes.anonymous_name()
+        out.append(Volume(volumes.data_path(root, name), target, False, True, name=name,
+                          anonymous=True))
+    return tuple(out)
 
 
 def parse_port(value):

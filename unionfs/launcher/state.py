@@ -6,8 +6,10 @@ Processes are recorded as (pid, start time) so that a recycled pid is never mist
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import time
 
 from .. import rmtree
@@ -17,10 +19,19 @@ DEFAULT_ROOT = "/var/lib/unionrun"
 
 
 class Paths:
-    """Where one container's pieces live."""
+    """Where one container's pieces live. A container renamed while it ran keeps its directory
+    (every record of its supervisor, network and image hold names that path): its new name is
+    a symlink ROOT/NEW -> its directory's name (``link``), and the file `name` in it."""
 
     def __init__(self, root, name):
-        self.dir = os.path.join(root, name)
+        self.link = None
+        path = os.path.join(root, name)
+        if os.path.islink(path):
+            target = os.readlink(path)
+            if "/" not in target and target not in (".", ".."):
+                self.link, path = path, os.path.join(root, target)
+        self.dir = path
+        self.alias = os.path.join(self.dir, "name")
         self.state = os.path.join(self.dir, "state.json")
         self.merged = os.path.join(self.dir, "merged")
         self.upper = os.path.join(self.dir, "upper")
@@ -73,7 +84,9 @@ def write(paths, state):
     """Replace state.json in one step: readers see the old or the new state, never a part."""
     tmp = paths.state + ".tmp"
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
-        json.dump(state, f, indent=1, sort_keys=True)
+        # dumps without indent: json's C encoder does it (dump, or an indent, takes the pure-Python one:
+        # ~10 ms a write, and a start writes the state seven times).
+        f.write(json.dumps(state, sort_keys=True))
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, paths.state)
@@ -89,11 +102,40 @@ def read(paths):
         return None
 
 
-def names(root):
+def alias(dir_):
+    """The name a running rename gave the container of ``dir_``, or None."""
     try:
-        return sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)))
+        with open(os.path.join(dir_, "name")) as f:
+            return f.read().strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def set_alias(paths, name):
+    """Record ``name`` as the container's (None: its directory's name again), atomically."""
+    if name is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(paths.alias)
+        return
+    tmp = paths.alias + ".tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
+        f.write(name + "\n")
+    os.rename(tmp, paths.alias)
+
+
+def names(root):
+    """The containers' names: their directories' (not the symlinks of renamed ones), or the
+    name a rename gave them."""
+    try:
+        entries = os.listdir(root)
     except FileNotFoundError:
         return []
+    out = []
+    for n in entries:
+        p = os.path.join(root, n)
+        if os.path.isdir(p) and not os.path.islink(p):
+            out.append(alias(p) or n)
+    return sorted(out)
 
 
 def start_time(pid):
@@ -130,12 +172,29 @@ def kill(ident, sig):
 
 
 def wait_gone(ident, timeout):
+    """Whether the process is gone within ``timeout`` s. Woken by its pidfd when it exits (a
+    20 ms poll cost a start ~50 ms waiting for the union's daemon after its unmount)."""
     deadline = time.monotonic() + timeout
     while alive(ident):
-        if time.monotonic() > deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             return False
-        time.sleep(0.02)
+        _wait_exit(ident, left)
     return True
+
+
+def _wait_exit(ident, timeout):
+    try:
+        fd = os.pidfd_open(ident[0])
+    except OSError:             # gone already, or a kernel without pidfds
+        time.sleep(min(timeout, 0.02))
+        return
+    try:
+        # Opened after a check of its start time: the pidfd is that process, not a reuse of its pid.
+        if alive(ident) and select.select([fd], [], [], timeout)[0] and alive(ident):
+            time.sleep(min(timeout, 0.02))      # exited, but a zombie of ours until reaped
+    finally:
+        os.close(fd)
 
 
 def remove_tree(path):

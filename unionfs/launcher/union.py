@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 from . import state as _state
 
@@ -96,12 +95,8 @@ def unmount(mountpoint, daemon, timeout=10.0):
         r = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, cwd="/")
         if r.returncode != 0 and is_mounted(mountpoint):
             subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, cwd="/")
-    deadline = time.monotonic() + timeout
-    while daemon and _state.alive(daemon):
-        if time.monotonic() > deadline:
-            # It outlived its mount: it will not serve anyone any more.
-            _state.kill(daemon, 15)
-            _state.wait_gone(daemon, 2.0)
-            break
-        time.sleep(0.02)
+    if daemon and not _state.wait_gone(daemon, timeout):
+        # It outlived its mount: it will not serve anyone any more.
+        _state.kill(daemon, 15)
+        _state.wait_gone(daemon, 2.0)
     return not is_mounted(mountpoint)

@@ -32,9 +32,21 @@ def version():
         return "unknown"
 
 
+class _Version(argparse.Action):
+    """argparse's "version" action, but the version is looked up only when it is asked for:
+    importlib.metadata parses the package's metadata each time, and every verb's parser has
+    the option (29 lookups were a third of a container's start)."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"unionrun {version()}")      # on stdout, as argparse's own action does
+        parser.exit()
+
+
 def add_version(parser):
-    parser.add_argument("--version", action="version", version=f"unionrun {version()}",
-                        help="print unionrun's version and exit")
+    parser.add_argument("--version", action=_Version, help="print unionrun's version and exit")
 
 
 def add_parsers(sub):
@@ -53,10 +65,17 @@ def add_parsers(sub):
                    help="the N last created containers (all states)")
     p.add_argument("--no-trunc", action="store_true", help="accepted: nothing is truncated")
 
-    p = sub.add_parser("logs", help="the output of a detached container")
+    p = sub.add_parser("logs", help="the output of a container (detached or not): its stdout "
+                                    "on ours, its stderr on ours")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing what comes")
     p.add_argument("-n", "--tail", metavar="N", default="all",
                    help="only the last N lines (default: all)")
+    p.add_argument("-t", "--timestamps", action="store_true",
+                   help="each line after the time it was written (RFC 3339, ns, UTC)")
+    p.add_argument("--since", metavar="TIME",
+                   help="only lines written since TIME: RFC 3339 (2026-12-01T10:00:00Z, "
+                        "2026-12-01), a Unix time, or a duration before now (10m, 1h30m)")
+    p.add_argument("--until", metavar="TIME", help="only lines written before TIME (as --since)")
     p.add_argument("name", help="the container")
 
     p = sub.add_parser("kill", help="send a signal (default KILL) to a running container")
@@ -75,7 +94,7 @@ def add_parsers(sub):
     p = sub.add_parser("wait", help="wait for containers to end; print their exit codes")
     p.add_argument("names", nargs="+", metavar="NAME", help="the containers")
 
-    p = sub.add_parser("rename", help="rename a stopped container")
+    p = sub.add_parser("rename", help="rename a container (running or not)")
     p.add_argument("old", metavar="OLD", help="its name now")
     p.add_argument("new", metavar="NEW", help="its new name")
 
@@ -132,7 +151,7 @@ def _row(root, name, st):
             "Command": " ".join(st["argv"]), "Status": status, "State": status.split()[0],
             "CreatedAt": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["created"])),
             "Ports": ", ".join(st.get("ports") or []), "Pid": str(pid),
-            "Upper": st.get("upper") or os.path.join(root, name, "upper"),
+            "Upper": st.get("upper") or state.Paths(root, name).upper,
             "_created": st["created"], "_code": st.get("exit_code")}
 
 
@@ -214,40 +233,60 @@ def cmd_ps(args, root):
 
 # ---- logs ----------------------------------------------------------------------------------------
 
-def _tail(data, n):
-    if n == 0:
-        return b""
-    lines = data.splitlines(keepends=True)
-    return b"".join(lines[-n:])
+def _time_arg(option, value):
+    from . import logger
+    if value is None:
+        return None
+    try:
+        return logger.parse_since(value)
+    except ValueError:
+        raise VerbError(f"{option} {value!r}: expected an RFC 3339 time, a Unix time or a "
+                        "duration such as 10m") from None
 
 
 def cmd_logs(args, root):
+    from . import logger
     if args.tail == "all":
         tail = None
     elif args.tail.isdigit():
         tail = int(args.tail)
     else:
         raise VerbError(f"--tail {args.tail!r}: expected a number of lines or 'all'")
+    since, until = _time_arg("--since", args.since), _time_arg("--until", args.until)
     paths, st = lifecycle.load(root, args.name)
     try:
         f = open(paths.log, "rb")
     except FileNotFoundError:
         return 0
-    out = sys.stdout.buffer
-    with f:
-        if tail is not None:
-            out.write(_tail(f.read(), tail))
-            out.flush()
-        while True:
-            data = f.read(65536)
-            if data:
-                out.write(data)
-                out.flush()
+
+    def show(entries):
+        for e in entries:
+            if e.time is not None and (since is not None and e.time < since
+                                       or until is not None and e.time >= until):
                 continue
-            if not args.follow or not state.alive((state.read(paths) or st)["supervisor"]):
+            out = sys.stdout if e.stream == "stdout" else sys.stderr
+            if args.timestamps and e.time is not None:
+                out.buffer.write(logger.stamp(e.time).encode() + b" ")
+            out.buffer.write(e.data)
+            out.flush()
+
+    reader = logger.Reader()
+    with f:
+        entries = reader.feed(f.read())
+        if not args.follow:
+            entries += reader.flush()
+        if tail is not None:
+            entries = entries[-tail:] if tail else []
+        show(entries)
+        while args.follow and (until is None or time.time_ns() < until):
+            more = f.read(65536)
+            if more:
+                show(reader.feed(more))
+                continue
+            if not state.alive((state.read(paths) or st)["supervisor"]):
+                show(reader.feed(f.read()) + reader.flush())
                 break
             time.sleep(0.1)
-        out.write(f.read())
     return 0
 
 
@@ -303,7 +342,10 @@ def start(root, name):
     if "spec" not in st:
         raise VerbError(f"container {name} was made by an older unionrun: cannot start it")
     rs = spec.spec_from_record(st["spec"])
-    rs = dataclasses.replace(rs, detach=True, interactive=False)
+    # Its directory's name (a rename of the stopped container moved it; one of a running
+    # container left it).
+    rs = dataclasses.replace(rs, name=os.path.basename(paths.dir), detach=True,
+                             interactive=False)
     image, store = st.get("image"), st.get("store")
     try:
         run.run_detached(rs, root, image, store, again=True)
@@ -342,12 +384,12 @@ def cmd_rename(args, root):
     from . import spec
     new = spec.parse_name(args.new)
     paths, st = lifecycle.load(root, args.old)
-    if lifecycle.status(st) in ("running", "created"):
-        # Its supervisor writes to the old directory when it ends.
-        raise VerbError(f"container {args.old} is running: stop it before rename")
-    new_paths = state.Paths(root, new)
-    if os.path.lexists(new_paths.dir):
+    if os.path.lexists(os.path.join(root, new)):
         raise VerbError(f"a container named {new!r} already exists")
+    if lifecycle.status(st) in ("running", "created"):
+        _rename_running(root, paths, new)
+        return 0
+    new_paths = state.Paths(root, new)
     st["name"], st["merged"] = new, new_paths.merged
     # The image's hold names the state directory: a new hold first, so that the image is held
     # at every moment.
@@ -363,7 +405,27 @@ def cmd_rename(args, root):
         raise VerbError(f"rename: {e.strerror}") from None
     if store is not None:
         store.unhold(paths.dir)
+    # Renamed once while it ran: its directory has its true name now.
+    state.set_alias(state.Paths(root, new), None)
+    if paths.link is not None:
+        os.unlink(paths.link)
     return 0
+
+
+def _rename_running(root, paths, new):
+    """The supervisor, the network and the image hold know the container by its directory:
+    that stays, and the new name is a symlink to it (made first: it claims the name), recorded
+    in the directory too. Its host name and its name in its network's DNS stay (docker too
+    keeps the host name)."""
+    real = os.path.basename(paths.dir)
+    if new != real:
+        try:
+            os.symlink(real, os.path.join(root, new))
+        except FileExistsError:
+            raise VerbError(f"a container named {new!r} already exists") from None
+    state.set_alias(paths, None if new == real else new)
+    if paths.link is not None:
+        os.unlink(paths.link)
 
 
 def _store_of(st):
@@ -409,9 +471,7 @@ def inspect(root, name):
                    "Env": st["env"], "Cmd": st["argv"], "WorkingDir": st["workdir"],
                    "Image": st.get("image") or "", "Tty": bool(st.get("tty")),
                    "OpenStdin": bool(st.get("interactive"))},
-        "Mounts": [{"Type": "bind", "Source": v["source"], "Destination": v["target"],
-                    "Mode": "ro" if v["readonly"] else "", "RW": not v["readonly"],
-                    "Propagation": "rprivate"} for v in st.get("volumes") or []],
+        "Mounts": [_mount(v) for v in st.get("volumes") or []],
         "HostConfig": {"NetworkMode": st.get("network_mode") or "none",
                        "ReadonlyRootfs": bool(st.get("readonly")),
                        "AutoRemove": bool(st.get("remove")), "PortBindings": ports,
@@ -425,6 +485,16 @@ def inspect(root, name):
                                  "UpperDir": st.get("upper") or paths.upper,
                                  "MergedDir": st.get("merged") or paths.merged}},
     }
+
+
+def _mount(v):
+    if v.get("name"):
+        return {"Type": "volume", "Name": v["name"], "Source": v["source"],
+                "Destination": v["target"], "Driver": "local", "Mode": "",
+                "RW": not v["readonly"], "Propagation": ""}
+    return {"Type": "bind", "Source": v["source"], "Destination": v["target"],
+            "Mode": "ro" if v["readonly"] else "", "RW": not v["readonly"],
+            "Propagation": "rprivate"}
 
 
 _PATH = re.compile(r"\{\{\s*(json\s+)?\.([\w.]*)\s*\}\}")

@@ -78,6 +78,11 @@ def hold(ports):
     return done
 
 
+def held_fds():
+    """The fds of the held sockets (the waiter keeps them open across its exec)."""
+    return [s.fileno() for s in _held]
+
+
 def release():
     while _held:
         _held.pop().close()

@@ -5,7 +5,9 @@
     ROOT/snapshots/ID/work    the workdir of an active snapshot
 
 The same layout and mount answers as containerd's overlayfs snapshotter, with the union mounted through
-mount.fuse3 (type ``fuse3.unionmount``) instead of the kernel's overlay.
+mount.fuse3 (type ``fuse3.unionmount``) instead of the kernel's overlay; except for the snapshots
+containerd's unpacker writes a layer into, which get that snapshotter's very ``overlay`` answer, so
+that its applier writes the layer straight into the upper directory (see ``_mounts``).
 
 Why SQLite (standard library) rather than a bbolt-like store, which is what containerd's own snapshotters
 keep: the data is the same (key -> id, parent, kind, labels, usage), and SQLite gives the same atomic,
@@ -22,6 +24,7 @@ start, so that an id given back by a rolled-back insert finds its place free).
 import json
 import logging
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -89,6 +92,12 @@ CREATE TABLE IF NOT EXISTS snapshots (
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
 """
 
+# The key containerd's unpacker gives the active snapshot it writes one layer into:
+# "extract-UNIQUE CHAINID" (snapshots.UnpackKeyFormat), named to us by its metadata store as
+# "NAMESPACE/ID/KEY" (both the pull's unpacker and `ctr images import` use it; only the pull's adds
+# the label containerd.io/snapshot.ref, so the key is what tells).
+_UNPACK_KEY = re.compile(r"(?:[^/]+/\d+/)?extract-[^/]*\Z")
+
 _TMP_PREFIX = "new-"        # a directory being built
 _RM_PREFIX = "rm-"          # a directory being deleted
 
@@ -126,6 +135,15 @@ def _delete(path):
         log.warning("cannot delete %s (the next cleanup tries again): %s", path, e)
 
 
+def running_in_userns():
+    """As containerd's userns.RunningInUserNS: not the initial user namespace's full uid map."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.readline().split() != ["0", "0", "4294967295"]
+    except OSError:
+        return False
+
+
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -144,6 +162,12 @@ class Store:
             # Both separate mount options (lowerdir=A:B,upperdir=...) and cannot be escaped for
             # every consumer of the mounts we hand out.
             raise InvalidArgument(f"the root {self.root!r} must not contain ',' or ':'")
+        # Direct unpacks need the trusted.* xattrs and 0/0 devices the applier writes, and are what
+        # containerd's applier does only outside a user namespace (so do we: there it would mount
+        # the answer with the kernel's overlay instead).
+        self.direct_unpack = not running_in_userns()
+        # As containerd's overlayfs snapshotter: index=off where the kernel knows the option.
+        self._index_off = os.path.exists("/sys/module/overlay/parameters/index")
         self.snapshots_dir = os.path.join(self.root, "snapshots")
         os.makedirs(self.snapshots_dir, mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
@@ -218,7 +242,7 @@ class Store:
                 self._db.execute("ROLLBACK")
                 _delete(tmp)
                 raise
-            return self._mounts(sid, kind, parent_id)
+            return self._mounts(sid, key, kind, parent_id)
 
     def _new_dir(self, kind, parent_id):
         tmp = os.path.join(self.snapshots_dir, _TMP_PREFIX + uuid.uuid4().hex)
@@ -236,10 +260,20 @@ class Store:
     def mounts(self, key):
         with self._lock:
             row = self._row(key)
-            return self._mounts(row[0], row[3], row[2])
+            return self._mounts(row[0], key, row[3], row[2])
 
-    def _mounts(self, sid, kind, parent_id):
-        """containerd's overlayfs snapshotter's answers, with fuse3.unionmount for its overlay."""
+    def _mounts(self, sid, key, kind, parent_id):
+        """containerd's overlayfs snapshotter's answers, with fuse3.unionmount for its overlay but
+        where containerd unpacks a layer.
+
+        For a single ``overlay`` mount with an upperdir, containerd's applier (diff/apply) writes the
+        layer's tar straight into the upper directory, in the kernel's format (a whiteout as a 0/0
+        char device, an opaque directory as trusted.overlay.opaque=y), which is the format the union
+        reads: the layer is then byte for byte what containerd's overlayfs snapshotter makes, without
+        a FUSE daemon and a request per file. For any other mount it mounts it and writes through it.
+        Nothing mounts that answer in containerd's unpack; whoever does mount it gets the kernel's
+        overlay of the same directories, which reads the same format (our own redirects included:
+        the kernel follows them)."""
         parents = self._parent_ids(parent_id)
         if not parents:
             return [Mount("bind", self.fs_path(sid), ["ro" if kind == VIEW else "rw", "rbind"])]
@@ -250,6 +284,8 @@ class Store:
             options += [f"workdir={os.path.join(self._dir(sid), 'work')}",
                         f"upperdir={self.fs_path(sid)}"]
         options.append("lowerdir=" + ":".join(self.fs_path(p) for p in parents))
+        if kind == ACTIVE and self.direct_unpack and _UNPACK_KEY.match(key):
+            return [Mount("overlay", "overlay", ["index=off"] * self._index_off + options)]
         return [Mount("fuse3.unionmount", "unionmount", options)]
 
     def commit(self, name, key, labels):
