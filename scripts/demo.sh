@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end: build two small layers from busybox-static, mount their union under an
 # upper layer with unionmount, copy up, run a shell inside with chroot, unmount; then run containers
-# on the same layers with unionrun. Needs root.
+# on the same layers with unionrun; then an image's trip through a registry it starts on 127.0.0.1
+# (pull, run, commit, push, and podman pulls and runs it). Needs root.
 set -euo pipefail
 . "$(dirname "$0")/setup.sh"
 require_root "$@"
@@ -12,6 +13,8 @@ export PATH="$VENV/bin:$PATH"
 demo=$(mktemp -d /tmp/unionfs-demo.XXXXXX)
 cleanup() {
     cd /
+    if [ -n "${reg_pid:-}" ]; then kill "$reg_pid" 2>/dev/null || true; fi
+    if [ -n "${pmrun:-}" ]; then rm -rf "$pmrun"; fi
     if [ -d "$demo/run" ]; then
         for c in "$demo"/run/*/; do [ -d "$c" ] && unionrun --root "$demo/run" rm -f "$(basename "$c")"; done
         unionrun --root "$demo/run" network rm demo >/dev/null 2>&1 || true
@@ -151,6 +154,43 @@ run unionrun --root "$demo/run" --store "$demo/store" run --rm demo:1
 echo "(again: every step from the step cache)"
 run unionrun --root "$demo/run" --store "$demo/store" build -t demo:1 --build-arg WHO=demo ctx
 run unionrun --root "$demo/run" --store "$demo/store" images
+
+say "images travel: pull from a registry on 127.0.0.1, run, commit, push; podman on the other side"
+# The registry (Debian's docker-registry) with its own config and storage; podman with a store of its own.
+reg_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+reg="127.0.0.1:$reg_port"
+mkdir -p "$demo/registry" "$demo/podman"
+cat > "$demo/registry/config.yml" <<CFG
+version: 0.1
+log: {level: error, accesslog: {disabled: true}}
+storage: {filesystem: {rootdirectory: $demo/registry/data}}
+http: {addr: $reg}
+CFG
+docker-registry serve "$demo/registry/config.yml" >"$demo/registry/log" 2>&1 &
+reg_pid=$!
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$reg_port") 2>/dev/null && break; sleep 0.1; done
+pmrun=$(mktemp -d /tmp/pm.XXXXXX)    # podman wants a short run root
+printf '[engine]\nevents_logger = "none"\ncgroup_manager = "cgroupfs"\nruntime = "runc"\n' \
+    > "$demo/podman/containers.conf"
+pm() {
+    CONTAINERS_CONF="$demo/podman/containers.conf" podman --root "$demo/podman/root" --runroot "$pmrun" \
+        --tmpdir "$demo/podman/tmp" --storage-driver vfs --events-backend=none --runtime runc \
+        --cgroup-manager=cgroupfs "$@"
+}
+tar -C lower1 --numeric-owner -cf lower1.tar .
+pm import -q --change 'CMD ["cat", "/etc/motd"]' lower1.tar "$reg/demo/base:1" >/dev/null
+pm push -q --tls-verify=false "$reg/demo/base:1"
+echo "(pm: podman with a store of its own; it pushed $reg/demo/base:1, lower1 with CMD cat /etc/motd)"
+store=(--store "$demo/images" --root "$demo/run")
+run unionrun "${store[@]}" pull "$reg/demo/base:1"
+run unionrun "${store[@]}" run --rm "$reg/demo/base:1"
+run unionrun "${store[@]}" run --name hello "$reg/demo/base:1" sh -c 'echo "hello from unionrun" > /etc/motd'
+run unionrun "${store[@]}" commit hello "$reg/demo/hello:1"
+run unionrun "${store[@]}" push "$reg/demo/hello:1"
+run unionrun "${store[@]}" images
+run unionrun "${store[@]}" rm hello
+run pm pull -q --tls-verify=false "$reg/demo/hello:1"
+run pm run --rm --net=none --ulimit nproc=1000:1000 --ulimit nofile=1000:1000 "$reg/demo/hello:1"
 if grep -q " $demo/run" /proc/mounts; then die "a container's union is still mounted"; fi
 echo
 echo "demo done: every step worked"

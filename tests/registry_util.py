@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def make_ca(d: Path, host="127.0.0.1"):
 class Registry:
     """docker-registry serving from `home`; `log` holds every request it served (level info)."""
 
-    def __init__(self, home: Path, tls=None, htpasswd=None, token=None):
+    def __init__(self, home: Path, tls=None, htpasswd=None, token=None, relative_urls=False):
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -55,7 +56,11 @@ class Registry:
         self.log = home / "registry.log"
         cfg = ["version: 0.1", "log:", "  level: info", "  accesslog:", "    disabled: false",
                "storage:", "  filesystem:", f"    rootdirectory: {self.storage}", "  delete:", "    enabled: true",
+               # Foreign layers (with URLs) accepted, so that a test can show that we refuse them.
+               "validation:", "  manifests:", "    urls:", "      allow:", "        - ^http://127\\.0\\.0\\.1",
                "http:", f"  addr: 127.0.0.1:{self.port}"]
+        if relative_urls:
+            cfg += ["  relativeurls: true"]     # upload Locations as /v2/...?_state=..., no host
         if tls:
             cfg += ["  tls:", f"    certificate: {tls[0]}", f"    key: {tls[1]}"]
         if htpasswd:
@@ -109,7 +114,7 @@ class CuttingProxy:
 
     def __init__(self, target_port, cut_after, cuts=1, stall=False):
         self.target, self.cut_after, self.cuts, self.stall = target_port, cut_after, cuts, stall
-        self.stalled = threading.Event()
+        self.stalled, self._closed = threading.Event(), threading.Event()
         self.done_cuts = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -145,7 +150,7 @@ class CuttingProxy:
                             dst.sendall(data[:self.cut_after - n])
                             if self.stall:
                                 self.stalled.set()
-                                src.recv(1)     # until the proxy or the server closes it
+                                self._closed.wait()     # the connection left open, silent, until close()
                             raise ConnectionAbortedError
                     n += len(data)
                 dst.sendall(data)
@@ -160,6 +165,7 @@ class CuttingProxy:
                 so.close()
 
     def close(self):
+        self._closed.set()
         self.sock.close()
 
 
@@ -340,3 +346,77 @@ class RedirectingFront:
         for srv in (self.front, self.storage):
             srv.shutdown()
             srv.server_close()
+
+
+class RangeFront:
+    """An HTTP front of a registry whose first GET of blob `digest` sends half the body and closes; a
+    Range request after it is answered as `mode` says: "ignore" (a 200 with the whole blob, as a server
+    without Range support) or "elsewhere" (a 206 whose Content-Range starts at 0, not where asked).
+    `served` keeps (Range header, status) of each GET of that blob."""
+
+    def __init__(self, registry_port, digest, mode):
+        import http.server
+        import urllib.request
+        upstream = f"http://127.0.0.1:{registry_port}"
+        self.served = []
+        front = self
+
+        class Front(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _relay(self, head=False):
+                try:
+                    r = urllib.request.urlopen(urllib.request.Request(
+                        upstream + self.path, method="HEAD" if head else "GET",
+                        headers={k: v for k, v in self.headers.items() if k == "Accept"}))
+                    status, headers, body = r.status, r.headers, r.read()
+                except urllib.error.HTTPError as e:
+                    status, headers, body = e.code, e.headers, e.read()
+                return status, headers, body
+
+            def _send(self, status, headers, body, length=None, extra=()):
+                self.send_response(status)
+                for k in ("Content-Type", "Docker-Content-Digest"):
+                    if headers.get(k):
+                        self.send_header(k, headers[k])
+                for k, v in extra:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body) if length is None else length))
+                self.end_headers()
+
+            def do_HEAD(self):
+                status, headers, body = self._relay(head=True)
+                self._send(status, headers, b"", headers.get("Content-Length") or 0)
+
+            def do_GET(self):
+                status, headers, body = self._relay()
+                if not self.path.endswith("/blobs/" + digest):
+                    self._send(status, headers, body)
+                    self.wfile.write(body)
+                    return
+                rng = self.headers.get("Range")
+                if not front.served:                  # the first: half, then the connection drops
+                    front.served.append((rng, 200))
+                    self._send(200, headers, body)
+                    self.wfile.write(body[:len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                if rng and mode == "elsewhere":
+                    front.served.append((rng, 206))
+                    self._send(206, headers, body, extra=[("Content-Range", f"bytes 0-{len(body) - 1}/{len(body)}")])
+                else:
+                    front.served.append((rng, 200))
+                    self._send(200, headers, body)
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Front)
+        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -412,7 +412,7 @@ def test_unionrun_commit_export_podman_load_run(configured, tmp_path):
     assert r.returncode == 0, r.stderr
     # The image is held while the container exists, even stopped.
     r = cli(st, "image", "rm", "cfg")
-    assert r.returncode != 0 and "in use" in r.stderr
+    assert r.returncode == 125 and "(must force) - container c1 is using its referenced image" in r.stderr
     r = unionrun(root, st, "commit", "c1", "localhost/committed:2")
     assert r.returncode == 0, r.stderr
     # Link counts aside: a lower file keeps its lower nlink after one of its names is deleted above it,

@@ -464,6 +464,30 @@ def test_unpack_stops_before_the_reserve(tmp_path):
         assert one_line_error(r) and "reserve" in r.stderr, r.stderr
 
 
+@needs_root
+def test_commit_staging_stops_before_the_reserve(tmp_path):
+    """A commit's tar and gzip in tmp/ count against the reserve as an unpack does: 40 MiB of random
+    data (tar, then gzip: 80 MiB) into a 64 MiB store that must keep 32 MiB free stops at the reserve in
+    one line, before the disk fills (it ran into ENOSPC before), with nothing left; a small one commits."""
+    from unionfs.images.limits import LimitError, Limits
+    from unionfs.images.store import open_store
+    env = {"UNIONFS_STORE_RESERVE": "32m"}
+    with small_fs(tmp_path / "store", "64m") as st:
+        with_good_image(st, tmp_path, env=env)
+        upper = tmp_path / "upper"
+        upper.mkdir()
+        (upper / "big").write_bytes(os.urandom(40 << 20))
+        s = open_store(str(st), Limits(reserve=32 << 20))
+        before = sorted(os.listdir(st / "layers")), sorted(os.listdir(st / "blobs/sha256"))
+        with pytest.raises(LimitError, match="reserve"):
+            s.commit(str(upper), "good", "big")
+        assert s.names() == ["docker.io/library/good:latest"] and os.listdir(st / "tmp") == []
+        assert (sorted(os.listdir(st / "layers")), sorted(os.listdir(st / "blobs/sha256"))) == before
+        assert shutil.disk_usage(st).free > 32 << 20
+        (upper / "big").write_bytes(b"small")
+        assert s.commit(str(upper), "good", "small").name == "docker.io/library/small:latest"
+
+
 def test_bad_limit_values_refused(tmp_path):
     for args, env in ((["--max-layer-size", "lots"], {}), (["--max-layer-entries", "-3"], {}),
                       ([], {"UNIONFS_MAX_LAYER_SIZE": "1x"}), ([], {"UNIONFS_STORE_RESERVE": "half"})):

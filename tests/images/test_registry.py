@@ -6,8 +6,10 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -91,6 +93,22 @@ def one_error(r):
                                                                              "Pushing", "Writing"))]
     assert len(lines) == 1 and lines[0].startswith("unionrun: ") and "Traceback" not in r.stderr, r.stderr
     return lines[0]
+
+
+def no_image_only_verified(store):
+    """What a failed pull may leave: no image, and only verified blobs and layers (each file's content
+    is its digest, each layer our committed one). Returns (blob digests, layer diff_id hexes)."""
+    r = unionrun(store, "images", "-q")     # an open: leftovers in tmp/ go
+    assert r.returncode == 0 and r.stdout == "", r.stdout + r.stderr
+    assert os.listdir(store / "images") == [] and os.listdir(store / "tmp") == []
+    blobs = set()
+    for name in os.listdir(store / "blobs/sha256"):
+        assert hashlib.sha256((store / "blobs/sha256" / name).read_bytes()).hexdigest() == name
+        blobs.add("sha256:" + name)
+    layers = set(os.listdir(store / "layers"))
+    for hexid in layers:
+        assert json.loads((store / "layers" / hexid / "meta.json").read_text())["diff_id"] == "sha256:" + hexid
+    return blobs, layers
 
 
 FUSE_OK = os.path.exists("/dev/fuse") and os.geteuid() == 0
@@ -177,8 +195,30 @@ def test_commit_push_podman_pulls_and_runs(world, tmp_path):
     assert r.returncode == 0, r.stderr
     puts = [line for line in reg.requests_since(mark) if '"PUT /v2/mine/blobs/' in line]
     assert len(puts) == 2, puts      # the new layer and the config; the base layer is mounted
-    ours = unionrun(st, "run", "--rm", f"{reg.host}/mine:1", "sh", "-c", SEE + "; cat /data/x/y/z", root=root)
-    assert ours.returncode == 0, ours.stderr
+    # --pull=always asks the registry again (every layer is there); --pull=never does not pull.
+    ours = unionrun(st, "run", "--rm", "--pull=always", f"{reg.host}/mine:1", "sh", "-c",
+                    SEE + "; cat /data/x/y/z", root=root)
+    assert ours.returncode == 0 and "skipped: already exists" in ours.stderr, ours.stderr
+    # (holds/ aside: the --rm run's hold goes at the next look, its container gone)
+    before = {k: v for k, v in snapshot(st).items() if not k.startswith("holds/")}
+    assert "(--pull=never)" in one_error(unionrun(st, "run", "--pull=never", f"{reg.host}/derived:1", root=root))
+    assert "invalid choice" in one_error(unionrun(st, "run", "--pull=sometimes", f"{reg.host}/mine:1", root=root))
+    # rmi of an image a container uses, as docker: its last name or its ID need -f (stopped container),
+    # and the ID is refused even with -f while a container runs on it.
+    image_id = _inspect(st, f"{reg.host}/base:1")["Id"]
+    assert 'container c is using its referenced image' in one_error(unionrun(st, "rmi", f"{reg.host}/base:1"))
+    assert "being used by stopped container c" in one_error(unionrun(st, "rmi", image_id[7:]))
+    assert {k: v for k, v in snapshot(st).items() if not k.startswith("holds/")} == before
+    r = unionrun(st, "run", "-d", "--network", "none", "--name", "up", f"{reg.host}/base:1", "sleep", "60",
+                 root=root)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert "(cannot be forced) - image is being used by running container up" in one_error(
+            unionrun(st, "rmi", "-f", image_id[7:], root=root))
+    finally:
+        assert unionrun(st, "rm", "-f", "up", root=root).returncode == 0
+    r = unionrun(st, "rmi", "-f", f"{reg.host}/base:1")
+    assert r.returncode == 0 and r.stdout == f"Untagged: {reg.host}/base:1\n", r.stdout + r.stderr
     pm("pull", "--tls-verify=false", f"{reg.host}/mine:1")
     assert pm.run("--rm", f"{reg.host}/mine:1", "sh", "-c", SEE + "; cat /data/x/y/z") == ours.stdout
     assert "committed" in ours.stdout and "deep" in ours.stdout
@@ -204,13 +244,32 @@ def test_save_load_keep_digests(world, tmp_path):
     # podman reads the archive with the same digests.
     raw = skopeo("inspect", "--raw", f"oci-archive:{tmp_path / 'd.tar'}")
     assert "sha256:" + hashlib.sha256(raw.encode()).hexdigest() == inspect["Digest"]
-    # tag and rmi: names come and go, the layers stay while a name needs them.
+    # SIZE is docker's: what the layers' files hold unpacked, counted here from the registry's blobs.
+    unpacked = 0
+    for lyr in manifest_of(reg, "derived:1")["layers"]:
+        with tarfile.open(reg.blob_file(lyr["digest"])) as tf:
+            unpacked += sum(m.size for m in tf if m.isreg())
+    assert again["Size"] == unpacked > sum(lyr["size"] for lyr in manifest_of(reg, "derived:1")["layers"])
+    row = unionrun(st2, "images").stdout.splitlines()[1].split()
+    assert row[-1] == f"{unpacked / 1e6:.3g}MB", row
+    # tag and rmi as docker: a name of several only untags; the ID of names in two repositories is
+    # refused without -f; the layers stay while a name needs them.
     assert unionrun(st2, "tag", f"{reg.host}/derived:1", "busybox:mine").returncode == 0
     assert unionrun(st2, "image", "inspect", "docker.io/library/busybox:mine").returncode == 0
+    before = snapshot(st2)
+    assert "image is referenced in multiple repositories" in one_error(unionrun(st2, "rmi", again["Id"][7:19]))
+    assert snapshot(st2) == before
     r = unionrun(st2, "rmi", f"{reg.host}/derived:1")
-    assert r.returncode == 0 and len(os.listdir(st2 / "layers")) == 2
+    assert r.returncode == 0 and r.stdout == f"Untagged: {reg.host}/derived:1\n" and \
+        len(os.listdir(st2 / "layers")) == 2, r.stdout
     r = unionrun(st2, "rmi", "busybox:mine")
     assert r.returncode == 0 and os.listdir(st2 / "layers") == [] and os.listdir(st2 / "blobs/sha256") == []
+    assert r.stdout.splitlines()[:2] == ["Untagged: busybox:mine", f"Deleted: {again['Id']}"], r.stdout
+    # -f: every name of the ID goes.
+    assert unionrun(st2, "load", "-i", tmp_path / "d.tar").returncode == 0
+    assert unionrun(st2, "tag", f"{reg.host}/derived:1", "other/name:2").returncode == 0
+    r = unionrun(st2, "rmi", "-f", again["Id"][7:19])
+    assert r.returncode == 0 and os.listdir(st2 / "images") == os.listdir(st2 / "layers") == [], r.stderr
 
 
 def test_resume_after_a_dropped_connection(world, tmp_path):
@@ -239,6 +298,31 @@ def test_resume_after_a_dropped_connection(world, tmp_path):
         proxy.close()
 
 
+def test_failed_pull_keeps_verified_layers_for_a_retry(world, tmp_path):
+    """As docker: a pull cut for good names no image, keeps the layers it verified (under a lease) and
+    nothing else; the retry fetches only the rest, and the lease goes once an image holds its layers."""
+    d, reg, pm = world
+    layers = manifest_of(reg, "derived:1")["layers"]
+    big, small = sorted(layers, key=lambda lyr: lyr["size"], reverse=True)
+    st = tmp_path / "store"
+    # Each connection cut after a tenth: more drops than the retries (resumes) allow.
+    proxy = ru.CuttingProxy(reg.port, cut_after=big["size"] // 10, cuts=None)
+    try:
+        assert "connection dropped" in one_error(unionrun(st, "pull", f"{proxy.host}/derived:1"))
+    finally:
+        proxy.close()
+    blobs, kept = no_image_only_verified(st)
+    assert blobs == {small["digest"]} and len(kept) == 1
+    assert len(os.listdir(st / "leases")) == 1
+    mark = reg.log_mark()
+    r = unionrun(st, "pull", f"{reg.host}/derived:1")
+    assert r.returncode == 0, r.stderr
+    assert f"Copying blob {small['digest'][7:19]} skipped: already exists" in r.stderr
+    gets = [line for line in reg.requests_since(mark) if '"GET /v2/derived/blobs/' in line]
+    assert any(big["digest"] in line for line in gets) and not any(small["digest"] in line for line in gets)
+    assert os.listdir(st / "leases") == []
+
+
 def test_bad_inputs_one_line_store_unchanged(world, tmp_path):
     d, reg, pm = world
     st = tmp_path / "store"
@@ -258,6 +342,8 @@ def test_bad_inputs_one_line_store_unchanged(world, tmp_path):
         assert want in one_error(r), (ref, r.stderr)
         assert snapshot(st) == before, ref
     for args, want in ((("push", "nosuch:1"), "no image"), (("rmi", "nosuch"), "no image"),
+                       (("push", f"{reg.host}/base:1", f"127.0.0.1:{down}/base:1"), "cannot reach registry"),
+                       (("push", f"{reg.host}/base:1", f"{reg.host}/base@sha256:{'0' * 64}"), "needs a tag"),
                        (("save", "-o", tmp_path / "x.tar", "nosuch"), "no image"),
                        (("load", "-i", tmp_path / "nosuch.tar"), "not a readable tar"),
                        (("tag", f"{reg.host}/base:1", "Bad Name"), "invalid reference")):
@@ -288,7 +374,9 @@ def test_bad_inputs_one_line_store_unchanged(world, tmp_path):
         assert "digest mismatch" in one_error(r)
     finally:
         path.write_bytes(good)
-    assert snapshot(fresh) == before
+    # The other layer verified and is kept (as docker keeps it); the corrupted one is nowhere.
+    blobs, _ = no_image_only_verified(fresh)
+    assert layer["digest"] not in blobs and blobs <= {lyr["digest"] for lyr in manifest_of(reg, "derived:1")["layers"]}
 
 
 def test_tls_and_basic_auth(world, tmp_path):
@@ -316,6 +404,10 @@ def test_tls_and_basic_auth(world, tmp_path):
         assert "401" in one_error(unionrun(st, "pull", *cert_dir, "--creds", "tester:wrong", ref, env=env))
         assert snapshot(st) == before
         r = subprocess.run([f"{BIN}/unionrun", "--store", str(st), "login", *map(str, cert_dir), "-u", "tester",
+                            "--password-stdin", reg.host], input="wrong\n", capture_output=True, text=True,
+                           env=dict(os.environ, **env))
+        assert "401" in one_error(r) and not (tmp_path / "auth.json").exists()
+        r = subprocess.run([f"{BIN}/unionrun", "--store", str(st), "login", *map(str, cert_dir), "-u", "tester",
                             "--password-stdin", reg.host], input="s3cret\n", capture_output=True, text=True,
                            env=dict(os.environ, **env))
         assert r.returncode == 0 and "Login Succeeded" in r.stdout, r.stderr
@@ -327,6 +419,14 @@ def test_tls_and_basic_auth(world, tmp_path):
         assert unionrun(st, "pull", "--tls-verify=false", ref, env=env).returncode == 0
         assert unionrun(st, "logout", reg.host, env=env).returncode == 0
         assert "not logged into" in one_error(unionrun(st, "logout", reg.host, env=env))
+        if "REGISTRY_AUTH_FILE" not in os.environ:
+            # Without $REGISTRY_AUTH_FILE: containers' $XDG_RUNTIME_DIR/containers/auth.json.
+            xdg = {"XDG_RUNTIME_DIR": str(tmp_path / "xdg")}
+            r = subprocess.run([f"{BIN}/unionrun", "--store", str(st), "login", *map(str, cert_dir), "-u",
+                                "tester", "--password-stdin", reg.host], input="s3cret\n", capture_output=True,
+                               text=True, env=dict(os.environ, **xdg))
+            assert r.returncode == 0 and (tmp_path / "xdg/containers/auth.json").exists(), r.stderr
+            assert unionrun(tmp_path / "store4", "pull", *cert_dir, ref, env=xdg).returncode == 0
         # docker's config.json is read too.
         home = tmp_path / "home"
         (home / ".docker").mkdir(parents=True)
@@ -340,6 +440,14 @@ def test_tls_and_basic_auth(world, tmp_path):
         r = unionrun(st3, "push", *cert_dir, "--creds", "tester:s3cret", ref, f"{reg.host}/again:1",
                      env=env)
         assert r.returncode == 0, r.stderr
+        if FUSE_OK:
+            # run's pull takes pull's transport options: the CA, the credentials.
+            st5 = tmp_path / "store5"
+            assert "CERTIFICATE_VERIFY_FAILED" in one_error(unionrun(st5, "run", "--rm", ref, root=tmp_path / "run",
+                                                                     env=env))
+            r = unionrun(st5, "run", "--rm", *cert_dir, "--creds", "tester:s3cret", f"{reg.host}/again:1",
+                         root=tmp_path / "run", env=env)
+            assert r.returncode == 0 and r.stdout == "1000\n/home/app\nbar\n", r.stdout + r.stderr
     finally:
         reg.stop()
 
@@ -385,6 +493,12 @@ def test_platform_from_an_index(world, tmp_path):
         r = unionrun(st, "pull", "-q", f"{reg.host}/base:multi")
         assert r.returncode == 0 and "sha256:" + r.stdout.strip() == base_cfg, r.stderr
     r = unionrun(st, "pull", "-q", "--platform", "linux/arm64", f"{reg.host}/base:multi")
+    assert r.returncode == 0 and "sha256:" + r.stdout.strip() == derived_cfg, r.stderr
+    # The same as a Docker manifest list.
+    docker_list = "application/vnd.docker.distribution.manifest.list.v2+json"
+    _put_manifest(reg, "base", "list", json.dumps({"schemaVersion": 2, "mediaType": docker_list,
+                                                   "manifests": entries}).encode(), docker_list)
+    r = unionrun(st, "pull", "-q", "--platform", "linux/arm64/v8", f"{reg.host}/base:list")
     assert r.returncode == 0 and "sha256:" + r.stdout.strip() == derived_cfg, r.stderr
     before = snapshot(st)
     assert "no image for platform linux/s390x" in one_error(
@@ -437,7 +551,7 @@ def test_token_auth_registry(world, tmp_path):
     """distribution's `auth: token` with a token issuer of the test's own (JWTs signed with a test key)."""
     d, plain, pm = world
     issuer = ru.TokenServer(tmp_path / "token", {"tester": "s3cret"})
-    reg = ru.Registry(tmp_path / "reg", token=issuer.registry_config())
+    reg = ru.Registry(tmp_path / "reg", token=issuer.registry_config(), relative_urls=True)
     try:
         st = tmp_path / "store"
         assert unionrun(st, "pull", f"{plain.host}/derived:1").returncode == 0
@@ -445,8 +559,12 @@ def test_token_auth_registry(world, tmp_path):
         # Anonymous tokens carry pull only: the push is refused (one line), the store untouched.
         r = unionrun(st, "push", f"{plain.host}/derived:1", f"{reg.host}/first:1")
         assert "401" in one_error(r) and snapshot(st) == before
+        mark = reg.log_mark()
         r = unionrun(st, "push", "--creds", "tester:s3cret", f"{plain.host}/derived:1", f"{reg.host}/first:1")
         assert r.returncode == 0, r.stderr
+        # Its upload Locations were relative, with a query (_state) the digest was added to.
+        puts = [line for line in reg.requests_since(mark) if '"PUT /v2/first/blobs/uploads/' in line]
+        assert len(puts) == 3 and all("_state=" in line and "digest=" in line for line in puts), puts
         # A second repository: the layers are mounted from the first, with a token that may pull there.
         issuer.requests.clear()
         mark = reg.log_mark()
@@ -468,8 +586,9 @@ def test_token_auth_registry(world, tmp_path):
         issuer.close()
 
 
-def test_killed_pull_leaves_nothing(world, tmp_path):
-    """kill -9 in the middle of a blob: the next use of the store finds no image, layer or blob of it."""
+def test_parallel_pulls_and_a_killed_one(world, tmp_path):
+    """A pull stalled mid-blob does not hold the store: another pull into it completes meanwhile. Then
+    kill -9 of the stalled one: no image of it, no half blob, nothing left in tmp/ at the next open."""
     d, reg, pm = world
     biggest = max(manifest_of(reg, "base:1")["layers"], key=lambda lyr: lyr["size"])
     proxy = ru.CuttingProxy(reg.port, cut_after=biggest["size"] // 2, stall=True)
@@ -479,14 +598,19 @@ def test_killed_pull_leaves_nothing(world, tmp_path):
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert proxy.stalled.wait(30)
         assert any(os.scandir(st / "tmp")), "the blob was being staged"
+        # The stalled pull waits for httpx's 60 s read timeout: a store lock held over it would fail this.
+        r = unionrun(st, "pull", "-q", f"{reg.host}/derived:1", timeout=40)
+        assert r.returncode == 0, r.stderr
+        assert p.poll() is None and any(os.scandir(st / "tmp")), "the stalled pull's staging was left alone"
         p.kill()
         p.wait()
     finally:
         proxy.close()
     r = unionrun(st, "images", "-q")
-    assert r.returncode == 0 and r.stdout == ""
-    for sub in ("images", "layers", "blobs/sha256", "tmp"):
-        assert os.listdir(st / sub) == [], sub
+    assert r.returncode == 0 and r.stdout.split() == [manifest_of(reg, "derived:1")["config"]["digest"][7:19]]
+    assert os.listdir(st / "tmp") == []
+    for name in os.listdir(st / "blobs/sha256"):
+        assert hashlib.sha256((st / "blobs/sha256" / name).read_bytes()).hexdigest() == name
 
 
 def test_progress_bars_on_a_terminal(world, tmp_path):
@@ -513,3 +637,78 @@ def test_redirect_to_storage_drops_authorization(world, tmp_path):
         assert not [h for h in front.storage_headers if "Authorization" in h], front.storage_headers
     finally:
         front.close()
+
+
+@pytest.mark.parametrize("mode", ["ignore", "elsewhere"])
+def test_resume_continues_only_where_it_stopped(world, tmp_path, mode):
+    """After a drop, only a 206 whose Content-Range starts where we stopped continues the digest: a 200
+    with the whole blob (a server that ignores Range) or a 206 from elsewhere starts the blob over."""
+    d, reg, pm = world
+    big = max(manifest_of(reg, "base:1")["layers"], key=lambda lyr: lyr["size"])
+    front = ru.RangeFront(reg.port, big["digest"], mode)
+    try:
+        r = unionrun(tmp_path / "store", "pull", "-q", f"{front.host}/base:1")
+        assert r.returncode == 0, r.stderr
+        assert "sha256:" + r.stdout.strip() == manifest_of(reg, "base:1")["config"]["digest"]
+        again = f"bytes={big['size'] // 2}-"
+        assert front.served == ([(None, 200), (again, 200)] if mode == "ignore" else
+                                [(None, 200), (again, 206), (None, 200)]), front.served
+    finally:
+        front.close()
+
+
+def test_foreign_layers_refused(world, tmp_path):
+    d, reg, pm = world
+    st = tmp_path / "store"
+    unionrun(st, "images")
+    before = snapshot(st)
+    for fmt, mt in (("v2s2", "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"),
+                    ("oci", "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip")):
+        skopeo("copy", "--src-tls-verify=false", "--dest-tls-verify=false", "-f", fmt, f"docker://{reg.host}/base:1",
+               f"docker://{reg.host}/foreign:{fmt}")
+        m = manifest_of(reg, f"foreign:{fmt}")
+        m["layers"].append({"mediaType": mt, "size": 1, "digest": "sha256:" + "1" * 64,
+                            "urls": ["http://127.0.0.1:1/layer"]})
+        _put_manifest(reg, "foreign", f"{fmt}-foreign", json.dumps(m).encode(),
+                      m.get("mediaType", "application/vnd.oci.image.manifest.v1+json"))
+        r = unionrun(st, "pull", f"{reg.host}/foreign:{fmt}-foreign")
+        assert "foreign/non-distributable" in one_error(r), r.stderr
+        assert snapshot(st) == before
+
+
+def test_a_refused_mount_uploads_instead(world, tmp_path):
+    """A blob the store saw in a repository the registry no longer has: the mount is answered 202
+    (an upload session) and the upload goes on there."""
+    d, reg, pm = world
+    st = tmp_path / "store"
+    assert unionrun(st, "pull", f"{reg.host}/derived:1").returncode == 0
+    sources = json.loads((st / "sources.json").read_text())
+    (st / "sources.json").write_text(json.dumps({digest: [f"{reg.host}/gone"] for digest in sources}))
+    mark = reg.log_mark()
+    r = unionrun(st, "push", f"{reg.host}/derived:1", f"{reg.host}/fallback:1")
+    assert r.returncode == 0 and "3 blobs uploaded, 0 mounted" in r.stderr, r.stderr
+    reqs = reg.requests_since(mark)
+    for lyr in manifest_of(reg, "derived:1")["layers"]:
+        assert any("from=gone" in line and lyr["digest"][7:] in line for line in reqs if '"POST' in line), reqs
+        assert any(lyr["digest"][7:] in line for line in reqs if '"PUT /v2/fallback/blobs/uploads/' in line)
+    assert manifest_of(reg, "fallback:1") == manifest_of(reg, "derived:1")
+
+
+def test_plain_http_only_on_loopback_names_or_without_tls_verify(world, tmp_path):
+    """This machine's host name leads to 127.0.0.1 too, but is no loopback name: as docker, plain HTTP to
+    it is refused unless --tls-verify=false."""
+    d, reg, pm = world
+    name = socket.gethostname()
+    try:
+        if socket.gethostbyname(name) != "127.0.0.1" or name != name.lower():
+            pytest.skip(f"the host name {name!r} does not lead to 127.0.0.1 as a plain registry name")
+    except OSError:
+        pytest.skip(f"the host name {name!r} does not resolve")
+    st, ref = tmp_path / "store", f"{name}:{reg.port}/base:1"
+    unionrun(st, "images")
+    before = snapshot(st)
+    err = one_error(unionrun(st, "pull", ref))
+    assert f"cannot reach registry {name}:{reg.port}" in err and "--tls-verify=false" in err, err
+    assert snapshot(st) == before
+    r = unionrun(st, "pull", "--tls-verify=false", ref)
+    assert r.returncode == 0, r.stderr

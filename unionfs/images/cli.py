@@ -53,6 +53,32 @@ def _transport_options(p):
                    "(default /etc/containers/certs.d and /etc/docker/certs.d)")
 
 
+def add_run_options(p):
+    """run's options for the pull of its image (as docker and podman spell them)."""
+    p.add_argument("--pull", choices=("always", "missing", "never"), default="missing",
+                   help="pull the image: always (a tag the store has is checked by HEAD), missing "
+                        "(the default: when the store lacks it), never")
+    _transport_options(p)
+    p.add_argument("--creds", metavar="USER[:PASS]", help="credentials for the pull")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="from a multi-platform index "
+                   "(default: this machine's)")
+
+
+def image_for_run(st, text, args):
+    """The store's image `text` for `run`, pulled as args.pull says (progress on stderr, as pull's)."""
+    if args.pull != "always":
+        try:
+            return st.image(text)
+        except store.StoreError as missing:
+            if args.pull == "never":
+                raise store.StoreError(f"{missing} (--pull=never)") from None
+            try:
+                return pull(st, text, args)
+            except _errors() as e:
+                raise store.StoreError(f"{missing}; pulling it: {e}") from None
+    return pull(st, text, args)
+
+
 def add_parsers(sub):
     p = sub.add_parser("pull", help="pull an image from a registry into the store")
     _transport_options(p)
@@ -84,6 +110,8 @@ def add_parsers(sub):
     p.add_argument("src", metavar="IMAGE", help="the image (name, NAME@DIGEST or ID)")
     p.add_argument("dst", metavar="NAME[:TAG]", help="the new name")
     p = sub.add_parser("rmi", help="remove image names (and the layers no image needs)")
+    p.add_argument("-f", "--force", action="store_true", help="an ID with names in several repositories, "
+                   "or an image a stopped container uses (its layers stay while the container does)")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="the images")
     p = sub.add_parser("image", help="image inspect IMAGE")
     isub = p.add_subparsers(dest="image_cmd", required=True, help="what to do")
@@ -193,16 +221,30 @@ def _cmd_logout(args, st):
 
 
 def _ago(created):
+    """docker's HumanDuration of the time since `created`, with " ago"."""
     try:
         t = time.mktime(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
     except (TypeError, ValueError):
         return "N/A"
     s = max(0, time.time() - t)
-    for unit, n in (("years", 365 * 86400), ("months", 30 * 86400), ("weeks", 7 * 86400), ("days", 86400),
-                    ("hours", 3600), ("minutes", 60)):
-        if s >= 2 * n:
-            return f"{int(s // n)} {unit} ago"
-    return "About a minute ago" if s >= 60 else "Less than a second ago" if s < 1 else f"{int(s)} seconds ago"
+    m, h = int(s // 60), round(s / 3600)
+    if s < 1:
+        text = "Less than a second"
+    elif s < 60:
+        text = "1 second" if int(s) == 1 else f"{int(s)} seconds"
+    elif m < 60:
+        text = "About a minute" if m == 1 else f"{m} minutes"
+    elif h < 48:
+        text = "About an hour" if h == 1 else f"{h} hours"
+    elif h < 24 * 7 * 2:
+        text = f"{h // 24} days"
+    elif h < 24 * 30 * 2:
+        text = f"{h // 24 // 7} weeks"
+    elif h < 24 * 365 * 2:
+        text = f"{h // 24 // 30} months"
+    else:
+        text = f"{int(h // 24 // 365)} years"
+    return text + " ago"
 
 
 def _size(n):
@@ -213,9 +255,11 @@ def _size(n):
 
 
 def _describe(st, name):
+    """(image, config, size): docker's size, what the layers' files hold unpacked (not what a pull moves)."""
     im, data, mt, config = st.manifest_of(name)
-    layers, _ = manifest.layers_of(data)
-    return im, json.loads(config), sum(d["size"] for d in layers)
+    metas = [st.layer_meta(h) for h in im.layer_ids]
+    # A layer unpacked before the store counted its files says only its blob's size.
+    return im, json.loads(config), sum(m.get("unpacked", m.get("size", 0)) for m in metas)
 
 
 def _cmd_images(args, st):
@@ -242,11 +286,11 @@ def _cmd_rmi(args, st):
     code = 0
     for text in args.images:
         try:
-            name = st.resolve(text)
-            n = st.remove(name)
-            print(f"Untagged: {reference.familiar(name)}")
-            if n:
-                print(f"Deleted: {n} layers")
+            untagged, image_id, layers = st.remove(text, args.force)
+            for name in untagged:
+                print(f"Untagged: {reference.familiar(name)}")
+            for gone in ([image_id] if image_id else []) + layers:
+                print(f"Deleted: {gone}")
         except _errors() as e:
             print(f"unionrun: {e}", file=sys.stderr)
             code = 125

@@ -32,7 +32,8 @@ def _run_all(fn, items):
 def pull(store, reg, ref, platform=None, progress=None):
     """Pull `ref` (a Reference) from registry `reg` into the store; returns the Image.
 
-    Verified layers of a pull that fails are not kept: the store is left exactly as it was.
+    A pull that fails names no image; the layers it verified stay (as docker keeps them) under a lease
+    of store.LEASE_SECONDS, so that a retry fetches only the rest. Nothing unverified is ever named.
     """
     if not ref.digest:
         # What the tag points at, by HEAD: when the store has that already, nothing is fetched.
@@ -56,17 +57,19 @@ def pull(store, reg, ref, platform=None, progress=None):
             raise manifest.ManifestError(f"{ref}: an index inside an index")
     layers, cfg_desc = manifest.layers_of(data)
     where = ref.name
-    with store.staging() as st:
-        if st.has_blob(cfg_desc["digest"]):
+    # Unlocked but for naming: each verified layer is named at once under the staging's lease (kept
+    # for a retry if the pull fails), the image only when every layer is.
+    with store.staging(keep=True) as st:
+        try:
             config = store.read_blob(cfg_desc["digest"])
-        else:
+        except FileNotFoundError:
             config = reg.get_blob_bytes(ref.repository, cfg_desc["digest"])
         diff_ids = manifest.diff_ids_of(config, len(layers))
 
         def fetch(i):
             d, diff_id = layers[i], diff_ids[i]
             label = f"Copying blob {_short(d['digest'])}"
-            if st.has_layer(d["digest"], diff_id):
+            if st.reuse(d["digest"], diff_id):
                 if progress:
                     progress.line(f"{label} skipped: already exists")
                 return
@@ -76,6 +79,7 @@ def pull(store, reg, ref, platform=None, progress=None):
                 reg.fetch_blob(ref.repository, d["digest"], d["size"], path, task)
                 st.add_blob(d["digest"], path)
             st.add_layer(d["digest"], diff_id)
+            st.publish_layer(d["digest"], diff_id)
             if task:
                 task.done()
 

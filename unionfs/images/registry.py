@@ -94,7 +94,10 @@ class Registry:
             verify_failed = "CERTIFICATE_VERIFY_FAILED" in str(e) or isinstance(e.__cause__,
                                                                                 ssl.SSLCertVerificationError)
             if verify_failed or not (reference.is_loopback(self.registry) or not self.tls_verify):
-                raise self._unreachable(e) from None
+                # A TLS handshake answered with something else: most likely a plain-HTTP registry.
+                plain = not verify_failed and "SSL" in str(e)
+                raise self._unreachable(e, " (plain HTTP is used only on loopback or with --tls-verify=false)"
+                                        if plain else "") from None
         except httpx.HTTPError as e:
             raise self._unreachable(e) from None
         try:
@@ -103,8 +106,8 @@ class Registry:
             raise self._unreachable(e) from None
         return f"http://{self.host}"
 
-    def _unreachable(self, e):
-        return RegistryError(f"cannot reach registry {self.registry}: {str(e) or type(e).__name__}")
+    def _unreachable(self, e, hint=""):
+        return RegistryError(f"cannot reach registry {self.registry}: {str(e) or type(e).__name__}{hint}")
 
     # --- auth
 
@@ -226,7 +229,9 @@ class Registry:
                         else:
                             r.read()
                             raise self._fail(r, what)
-                        for chunk in r.iter_raw(1 << 20):
+                        # As bytes arrive (a chunk size would hold back what came before a drop:
+                        # the resume would start over instead of where the bytes stopped).
+                        for chunk in r.iter_raw():
                             out.write(chunk)
                             h.update(chunk)
                             n += len(chunk)

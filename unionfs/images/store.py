@@ -1,9 +1,11 @@
 """The store on disk: blobs/sha256/<hex> (manifests, configs and compressed layers, verbatim),
 layers/<diff_id hex>/{diff,meta.json}, images/<name>.json, sources.json (where each blob was seen),
-build-cache/<key>.json (the layer a build step made, see unionfs/build/cache.py), tmp/ for staging, a lock file.
+leases/ (verified layers of a pull kept for a while without an image), build-cache/<key>.json (the layer
+a build step made, see unionfs/build/cache.py), tmp/ for staging, a lock file.
 
-Every mutation is staged in tmp/ and renamed into place under the lock: a crash leaves only tmp/ leftovers,
-which the next open removes along with blobs and layers no image needs.
+Every mutation is staged in tmp/ and renamed into place under the lock, which is held only to name things:
+downloads and unpacks run unlocked, each in a tmp/ dir its writer holds an flock on. A crash leaves only
+tmp/ leftovers nobody holds, which the next open removes along with blobs and layers no image or lease needs.
 """
 
 import contextlib
@@ -16,6 +18,7 @@ import re
 import stat
 import tempfile
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 
@@ -28,6 +31,9 @@ from .limits import LimitError, Limits
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 DEFAULT_STORE = "/var/lib/unionfs"
+# How long the verified layers of a failed or killed pull stay without an image: containerd's pull lease
+# (what docker keeps them under) lasts as long; a retry within it fetches only the rest.
+LEASE_SECONDS = 24 * 3600
 
 
 class StoreError(Exception):
@@ -47,9 +53,30 @@ class Image:
     platform: str = ""      # the platform picked from that index
 
 
-def in_use(store, image):
-    """Whether a container holds `image` (see Store.hold); call under the store's lock."""
-    return any(h["image"] == image for h in store.holds(prune=True))
+def _users(store, layers):
+    """(container, running) of each live hold on an image with these layers; call under the lock."""
+    from ..launcher import lifecycle
+    out = []
+    for h in store.holds(prune=True):
+        if h.get("layers") != layers:
+            continue
+        root, name = os.path.split(h["state"])
+        try:
+            running = lifecycle.is_running(lifecycle.load(root, name)[1])
+        except (lifecycle.LifecycleError, OSError, KeyError, ValueError):
+            running = True    # its creator is still making it
+        out.append((name, running))
+    return out
+
+
+def _single_reference(names):
+    """docker's isSingleReference: at most one tag, and every digest reference in that tag's repository."""
+    refs = [reference.parse(n) for n in names]
+    tags = [r for r in refs if not r.digest]
+    if len(tags) > 1 or not refs:
+        return False
+    repos = {r.name for r in refs}
+    return len(repos) == 1
 
 
 def normalise(name):
@@ -84,7 +111,7 @@ class Store:
         self.root = os.path.abspath(root)
         self.limits = limits or Limits()
         private_dir(self.root)
-        for sub in ("layers", "images", "tmp", "holds", "blobs", "blobs/sha256", "build-cache"):
+        for sub in ("layers", "images", "tmp", "holds", "blobs", "blobs/sha256", "leases", "build-cache"):
             private_dir(os.path.join(self.root, sub))
         with self._locked():
             self._fsck()
@@ -101,12 +128,22 @@ class Store:
     def _fsck(self):
         tmp = os.path.join(self.root, "tmp")
         for name in os.listdir(tmp):
-            _remove_tree(os.path.join(tmp, name))
+            if not _held(os.path.join(tmp, name)):
+                _remove_tree(os.path.join(tmp, name))
         layers, blobs = set(), set()
         for name in self.names():
             rec = self._read(name)
             layers.update(rec["layers"])
             blobs.update(rec.get("blobs") or ())
+        for lease in self._leases(prune=True):
+            if set(lease["layers"]) <= layers and set(lease["blobs"]) <= blobs and \
+                    not _held(os.path.join(tmp, lease["id"])):
+                # A pull that is over, whose layers a retry (or another pull) named since: images hold them.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._lease_path(lease["id"]))
+                continue
+            layers.update(lease["layers"])
+            blobs.update(lease["blobs"])
         # A container keeps the layers it runs on even when a pull or load gave its image's name to another.
         for h in self.holds():
             layers.update(h.get("layers") or ())
@@ -123,6 +160,42 @@ class Store:
         sources = self.sources()
         if any(d not in blobs for d in sources):
             self._write_json(self._sources_path(), {d: s for d, s in sources.items() if d in blobs})
+
+    def _lease_path(self, lease_id):
+        return os.path.join(self.root, "leases", lease_id + ".json")
+
+    def _leases(self, prune=False):
+        """The unexpired leases; `prune` (under the lock) removes the others."""
+        live, now = [], time.time()
+        for name in os.listdir(os.path.join(self.root, "leases")):
+            path = os.path.join(self.root, "leases", name)
+            try:
+                with open(path) as f:
+                    lease = json.load(f)
+                expired = lease["expires"] < now
+            except (OSError, ValueError, KeyError, TypeError):
+                lease, expired = None, True
+            if not expired:
+                live.append(dict(lease, id=name[:-5]))
+            elif prune:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        return live
+
+    def _lease_add(self, lease_id, blob=None, hexid=None):
+        """Keep `blob` and layer `hexid` under the lease (call under the lock)."""
+        path = self._lease_path(lease_id)
+        try:
+            with open(path) as f:
+                lease = json.load(f)
+        except FileNotFoundError:
+            lease = {"blobs": [], "layers": []}
+        lease["expires"] = time.time() + LEASE_SECONDS
+        if blob and blob not in lease["blobs"]:
+            lease["blobs"].append(blob)
+        if hexid and hexid not in lease["layers"]:
+            lease["layers"].append(hexid)
+        self._write_json(path, lease)
 
     def _drop(self, path):
         # Renamed into tmp first, so a crash mid-removal leaves no half layer under layers/.
@@ -142,22 +215,26 @@ class Store:
 
     def resolve(self, text):
         """The stored name `text` means: a reference (normalised), NAME@DIGEST, or an image ID (prefix)."""
+        return self._resolve(text)[0]
+
+    def _resolve(self, text):
+        """(name, whether `text` was an image ID)."""
         if re.fullmatch(r"(sha256:)?[0-9a-f]{6,64}", text):
             want = text if text.startswith("sha256:") else "sha256:" + text
             ids = {n: self._read(n).get("id", "") for n in self.names()}
             hits = {i for i in ids.values() if i.startswith(want)}
             if len(hits) == 1:
-                return next(n for n, i in ids.items() if i in hits)
+                return next(n for n, i in ids.items() if i in hits), True
         name = normalise(text)
         ref = reference.parse(name)
         if ref.digest:
             for n in self.names():
                 r = reference.parse(n)
                 if r.name == ref.name and self._read(n).get("manifest") == ref.digest:
-                    return n
+                    return n, False
         if not os.path.exists(self._image_path(name)):
             raise StoreError(f"no image {reference.familiar(name)!r} in {self.root}")
-        return name
+        return name, False
 
     def _hold_path(self, state_dir):
         return os.path.join(self.root, "holds", hashlib.sha256(os.fsencode(state_dir)).hexdigest())
@@ -273,23 +350,22 @@ class Store:
             self._write_json(self._sources_path(), src)
 
     @contextlib.contextmanager
-    def staging(self):
-        """A Staging under the store's lock; what it did not commit is gone when the block ends."""
-        with self._locked():
-            st = Staging(self)
-            try:
-                yield st
-            finally:
-                _remove_tree(st.dir)
+    def staging(self, keep=False):
+        """A Staging (see there); what it did not name in the store is gone when the block ends.
+        With `keep` (a pull), each verified layer is named as soon as it is, under a lease."""
+        st = Staging(self, keep)
+        try:
+            yield st
+        finally:
+            st.close()
 
     def manifest_of(self, text):
         """(image, manifest bytes, its media type, config bytes), materialising a store-made-before-blobs image."""
         name = self.resolve(text)
-        if "manifest" not in self._read(name):
+        rec = self._read(name)
+        if "manifest" not in rec:
             with self.staging() as st:
-                rec = self._read(name)
-                if "manifest" not in rec:
-                    st.materialise(name, rec)
+                st.materialise(name, rec)
         im = self.image(name)
         return im, self.read_blob(im.manifest), im.media_type, self.read_blob(im.id)
 
@@ -349,33 +425,121 @@ class Store:
         """Pack the dir as a layer (gzip blob and unpacked layer), named by the build cache `key`."""
         with self.staging() as st:
             digest, size, diff_id = st.pack(upper_dir, progress)
-            st.publish()
-            rec = {"diff_id": diff_id, "digest": digest, "size": size}
-            self._write_json(self._cache_path(key), rec)
+            with self._locked():
+                st.publish()
+                rec = {"diff_id": diff_id, "digest": digest, "size": size}
+                self._write_json(self._cache_path(key), rec)
             return rec
 
-    def remove(self, text):
-        """Remove an image name and the layers and blobs no other image needs; returns layers removed."""
+    def remove(self, text, force=False):
+        """docker's rmi of one image: a name is untagged (refused, unless `force`, when it is the last
+        name of an image a container uses); an ID removes every name (refused, unless `force`, when they
+        span repositories or a stopped container uses it; never while a running one does). Returns
+        (names untagged, the image ID if the image is gone, diff_ids of the layers removed)."""
         with self._locked():
-            name = self.resolve(text)
-            if in_use(self, name):
-                raise StoreError(f"image {reference.familiar(name)!r} is in use by a container")
-            os.unlink(self._image_path(name))
-            before = len(os.listdir(os.path.join(self.root, "layers")))
+            name, by_id = self._resolve(text)
+            rec = self._read(name)
+            short = rec.get("id", "")[7:19]
+            names = [n for n in self.names() if self._read(n).get("id") == rec.get("id")]
+            users = _users(self, rec["layers"])
+            if not by_id:
+                others = [reference.parse(n) for n in names if n != name]
+                if not others and users and not force:
+                    raise StoreError(f"conflict: unable to remove repository reference "
+                                     f"\"{reference.familiar(name)}\" (must force) - container {users[0][0]} "
+                                     f"is using its referenced image {short}")
+                untag, ref = [name], reference.parse(name)
+                # A tag gone and none left in its repository: that repository's NAME@DIGEST go too.
+                if not ref.digest and not any(not r.digest and r.name == ref.name for r in others):
+                    untag += [str(r) for r in others if r.digest and r.name == ref.name]
+            else:
+                if not _single_reference(names) and not force:
+                    raise StoreError(f"conflict: unable to delete {short} (must be forced) - image is "
+                                     "referenced in multiple repositories")
+                running = [c for c, up in users if up]
+                if running:
+                    raise StoreError(f"conflict: unable to delete {short} (cannot be forced) - image is "
+                                     f"being used by running container {running[0]}")
+                if users and not force:
+                    raise StoreError(f"conflict: unable to delete {short} (must be forced) - image is "
+                                     f"being used by stopped container {users[0][0]}")
+                untag = names
+            for n in untag:
+                os.unlink(self._image_path(n))
+            before = set(os.listdir(os.path.join(self.root, "layers")))
             self._fsck()
-            return before - len(os.listdir(os.path.join(self.root, "layers")))
+            gone = before - set(os.listdir(os.path.join(self.root, "layers")))
+            left = set(untag) != set(names) or users
+            return untag, None if left else rec.get("id"), ["sha256:" + h for h in rec["layers"] if h in gone]
+
+
+def _held(path):
+    """Whether a live Staging holds the tmp/ entry `path` (its flock; a killed writer's goes with it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 class Staging:
-    """One image being written under the store's lock: blobs and layers wait in a tmp/ dir, verified,
-    and only commit() names them in the store, together with the image."""
+    """One image being written: blobs and layers wait in a tmp/ dir (flocked, so that another process's
+    open leaves it alone), verified, without the store's lock; commit() takes the lock and names them in
+    the store, together with the image. With `keep` (a pull), publish() names each verified layer at once
+    under a lease, so that a pull that fails keeps them for a retry, without an image."""
 
-    def __init__(self, store):
+    def __init__(self, store, keep=False):
         self.store = store
-        self.dir = tempfile.mkdtemp(dir=os.path.join(store.root, "tmp"))
+        with store._locked():     # made and flocked before another open's clean-up can see it
+            self.dir = tempfile.mkdtemp(dir=os.path.join(store.root, "tmp"))
+            self._dir_fd = os.open(self.dir, _DIR_FLAGS)
+            fcntl.flock(self._dir_fd, fcntl.LOCK_EX)
+        self.lease = os.path.basename(self.dir) if keep else None
         self.blobs = {}     # digest -> staged file
         self.layers = {}    # diff_id hex -> staged layer dir
         self._mutex = threading.Lock()   # layers are fetched and unpacked in threads
+
+    def close(self):
+        _remove_tree(self.dir)
+        os.close(self._dir_fd)
+
+    def reuse(self, blob_digest, diff_id):
+        """Whether the store has the blob and its layer; if so they are kept (under the lease) until
+        commit, whatever another process removes meanwhile."""
+        hexid = manifest.check_digest(diff_id)[7:]
+        if not self.lease:
+            return self.has_layer(blob_digest, diff_id)
+        with self.store._locked():
+            if not (self.store.has_blob(blob_digest) and self.store.committed(hexid)):
+                return False
+            self.store._lease_add(self.lease, blob_digest, hexid)
+            return True
+
+    def publish_layer(self, blob_digest, diff_id):
+        """Name a verified blob and its unpacked layer in the store now, under the lease."""
+        hexid = manifest.check_digest(diff_id)[7:]
+        s = self.store
+        with s._locked():
+            with self._mutex:
+                path, staged = self.blobs.pop(blob_digest, None), self.layers.pop(hexid, None)
+            if path and not s.has_blob(blob_digest):
+                # Durable before it is named: it may be kept without an image, and nothing checks it again.
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+                os.chmod(path, 0o644)
+                os.rename(path, s.blob_path(blob_digest))
+            if staged and not s.committed(hexid):
+                dest = os.path.join(s.root, "layers", hexid)
+                if os.path.lexists(dest):
+                    s._drop(dest)   # not our verified layer: a leftover or planted; replaced
+                os.rename(staged, dest)
+            s._lease_add(self.lease, blob_digest, hexid)
 
     def has_blob(self, digest):
         return self.store.has_blob(digest) or digest in self.blobs
@@ -421,11 +585,11 @@ class Staging:
         self.add_blob(digest, path)
         return digest, n
 
-    def compress(self, tar):
+    def compress(self, tar, budget=None):
         """gzip a plain layer tar into a staged blob; returns (digest, size, path)."""
         path = self.new_file()
         with open(tar, "rb") as src, open(path, "wb") as raw:
-            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+            with gzip.GzipFile(fileobj=_Counted(raw, budget), mode="wb", mtime=0) as gz:
                 while chunk := src.read(1 << 20):
                     gz.write(chunk)
         h = hashlib.sha256()
@@ -437,9 +601,12 @@ class Staging:
     def pack(self, upper_dir, progress=None):
         """The dir packed as a staged gzip layer blob and its layer; returns (digest, size, diff_id)."""
         tar = os.path.join(self.dir, "layer.tar")
+        # The tar and its gzip count against the store's reserve as an unpack does: a full disk stops
+        # them in one line, and the staging's end removes what was written.
+        budget = self.store.limits.budget(self.store.root)
         with open(tar, "wb") as out:
-            diff_id, _ = layer.pack(upper_dir, out, progress)
-        digest, size, path = self.compress(tar)
+            diff_id, _ = layer.pack(upper_dir, out, progress, budget)
+        digest, size, path = self.compress(tar, budget)
         os.unlink(tar)
         self.add_blob(digest, path)
         self.add_layer(digest, diff_id)
@@ -458,10 +625,11 @@ class Staging:
         staged = tempfile.mkdtemp(dir=self.dir)
         os.chmod(staged, 0o755)   # mkdtemp's 0700 would keep other users out of the layer
         os.mkdir(os.path.join(staged, "diff"), 0o755)
+        budget = self.store.limits.budget(self.store.root)
         try:
             with open(self.blob_file(blob_digest), "rb") as blob:
                 _, got_diff, size = layer.unpack(blob, os.path.join(staged, "diff"), None, diff_id, progress,
-                                                 self.store.limits.budget(self.store.root))
+                                                 budget)
         except BaseException:
             with self._mutex:
                 del self.layers[hexid]
@@ -469,7 +637,8 @@ class Staging:
         # meta.json last, durable before the rename: it is what makes the dir a committed layer.
         with open(os.open(os.path.join(staged, "meta.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                           0o600), "w") as f:
-            json.dump({"diff_id": got_diff, "digest": blob_digest, "size": size}, f)
+            # unpacked: the bytes of its files, what docker counts as a layer's size.
+            json.dump({"diff_id": got_diff, "digest": blob_digest, "size": size, "unpacked": budget.bytes}, f)
             f.flush()
             os.fsync(f.fileno())
         with self._mutex:
@@ -477,8 +646,8 @@ class Staging:
         return True
 
     def publish(self):
-        """Move the staged layers and blobs into the store (under the store's lock: only what an image
-        or a build cache record names survives the next _fsck)."""
+        """Move the staged layers and blobs into the store (call under the store's lock: only what an
+        image or a build cache record names survives the next _fsck)."""
         s = self.store
         for hexid, staged in self.layers.items():
             dest = os.path.join(s.root, "layers", hexid)
@@ -494,15 +663,28 @@ class Staging:
     def commit(self, names, manifest_data, media_type, config_data, source=None, ref_digest=None,
                platform=None):
         """Name the staged blobs and layers and the image (under each of `names`); returns the Image."""
+        with self.store._locked():
+            im = self._commit(names, manifest_data, media_type, config_data, source, ref_digest, platform)
+            if self.lease:
+                # The image holds what the lease kept.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.store._lease_path(self.lease))
+            return im
+
+    def _commit(self, names, manifest_data, media_type, config_data, source, ref_digest, platform):
         s = self.store
         man_digest = self.put_bytes(manifest_data)
         cfg_digest = self.put_bytes(config_data)
         layers, _ = manifest.layers_of(manifest_data)
         diff_ids = manifest.diff_ids_of(config_data, len(layers))
         blobs = [man_digest, cfg_digest] + [d["digest"] for d in layers]
+        # What the store had when we looked may have gone since (an rmi meanwhile): then nothing is named.
         for d in blobs:
             if not self.has_blob(d):
-                raise StoreError(f"internal error: blob {d} was never fetched")
+                raise StoreError(f"blob {d} is no longer in the store (removed meanwhile?): try again")
+        for hexid in diff_ids:
+            if not (s.committed(hexid[7:]) or self.layers.get(hexid[7:])):
+                raise StoreError(f"layer {hexid} is no longer in the store (removed meanwhile?): try again")
         self.publish()
         rec = {"layers": [d[7:] for d in reversed(diff_ids)], "config": manifest.summary(config_data),
                "id": cfg_digest, "manifest": man_digest, "media_type": media_type, "blobs": blobs}
@@ -536,6 +718,21 @@ class Staging:
         cfg = manifest.config_from_summary(rec["config"], diff_ids)
         man, mt = manifest.build(cfg, descs)
         self.commit([name], man, mt, cfg)
+
+
+class _Counted:
+    """A file written through, each write charged to a limits.Budget first."""
+
+    def __init__(self, f, budget):
+        self.f, self.budget = f, budget
+
+    def write(self, b):
+        if self.budget:
+            self.budget.data(len(b))
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
 
 
 def open_store(path=None, limits=None):

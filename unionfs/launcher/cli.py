@@ -115,6 +115,7 @@ def _parser():
     p.add_argument("--restart", metavar="POLICY",
                    help="no (default), on-failure[:N] (at most N times), always: the supervisor "
                         "starts the command again when it ends, until `stop`")
+    image_cli.add_run_options(p)
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="-- CMD | IMAGE [CMD]",
                    help="the command after --layers, or the image and its command")
 
@@ -189,19 +190,16 @@ def _image_config(args):
     from ..images import store as _store
     try:
         st = _store.open_store(args.store)
-        try:
-            im = st.image(rest[0])
-        except _store.StoreError as missing:
-            if getattr(args, "lazy", False):
+        im = None
+        if getattr(args, "lazy", False) and args.pull != "always":
+            try:
+                im = st.image(rest[0])
+            except _store.StoreError:
                 session = _lazy_start(args, st, rest[0])
                 if session is not None:
                     return session.lowers, session.config, None, None, _command_args(rest[1:])
-            # As docker does: an image the store lacks is pulled (with the default transport options).
-            pull_args = argparse.Namespace(tls_verify=True, cert_dir=None, creds=None, platform=None)
-            try:
-                im = image_cli.pull(st, rest[0], pull_args)
-            except image_cli.ERRORS as e:
-                raise spec.SpecError(f"{missing}; pulling it: {e}") from None
+        # As docker does: an image the store lacks is pulled (--pull, and pull's transport options).
+        im = im or image_cli.image_for_run(st, rest[0], args)
     except image_cli.ERRORS as e:
         raise spec.SpecError(str(e)) from None
     return tuple(im.layers), im.config or {}, im.name, st, _command_args(rest[1:])
