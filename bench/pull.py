@@ -17,11 +17,8 @@ import argparse
 import gzip
 import hashlib
 import json
-import os
-import platform
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -33,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import registry_util  # noqa: E402
+import report  # noqa: E402
 from podman_util import Podman  # noqa: E402
 
 UNIONRUN = str(Path(sys.executable).parent / "unionrun")
@@ -159,8 +157,7 @@ def main(argv=None):
         if reg:
             reg.stop()
         shutil.rmtree(work, ignore_errors=True)
-    machine = {"cpu": _cpu(), "cores": os.cpu_count(), "kernel": platform.release(),
-               "load": os.getloadavg(), "python": platform.python_version()}
+    machine = report.short_machine()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine, "size_mb": args.size_mb, "layers": args.layers, "sibling_mb": args.sibling_mb,
@@ -172,21 +169,10 @@ def main(argv=None):
              f"{', '.join(f'{x:.1f}' for x in machine['load'])}; {args.runs} runs, seconds (median, min-max)", "",
              "| | image | sibling (shares the base) |", "|---|---|---|"]
     for name, runs in rows.items():
-        cells = []
-        for i in range(2):
-            xs = [r[i] for r in runs]
-            cells.append(f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})")
+        cells = [report.median_range([r[i] for r in runs]) for i in range(2)]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     (args.out / f"pull-{stamp}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _cpu():
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 if __name__ == "__main__":

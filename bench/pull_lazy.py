@@ -20,12 +20,9 @@ import gzip
 import hashlib
 import io
 import json
-import os
-import platform
 import random
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -38,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import registry_util  # noqa: E402
+import report as bench_report  # noqa: E402
 import util  # noqa: E402
 from podman_util import Podman  # noqa: E402
 
@@ -257,8 +255,7 @@ def main(argv=None):
 
 
 def report(args, rows):
-    machine = {"cpu": _cpu(), "cores": os.cpu_count(), "kernel": platform.release(),
-               "load": os.getloadavg(), "python": platform.python_version()}
+    machine = bench_report.short_machine()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine, "size_mb": args.size_mb, "layers": args.layers, "mbit": args.mbit,
@@ -273,21 +270,10 @@ def report(args, rows):
              "| | first output | all files read | exit (lazy: once the image is fetched and committed) |",
              "|---|---|---|---|"]
     for name, runs in rows.items():
-        cells = []
-        for i in range(3):
-            xs = [r[i] for r in runs]
-            cells.append(f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})")
+        cells = [bench_report.median_range([r[i] for r in runs]) for i in range(3)]
         lines.append(f"| {name} | {' | '.join(cells)} |")
     (args.out / f"pull-lazy-{stamp}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _cpu():
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 if __name__ == "__main__":

@@ -45,13 +45,27 @@ def _first_line(cmd: list[str]) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def machine(data_dir: Path, impl_versions: dict[str, str]) -> dict:
-    cpu = ""
+def cpu_name() -> str:
     with open("/proc/cpuinfo") as f:
         for line in f:
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def short_machine() -> dict:
+    """The machine in brief, for the pull benches: CPU, cores, kernel, load at the end, Python."""
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "kernel": platform.release(),
+            "load": os.getloadavg(), "python": platform.python_version()}
+
+
+def median_range(xs: list[float]) -> str:
+    """Seconds as "median (min-max)"."""
+    return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
+
+
+def machine(data_dir: Path, impl_versions: dict[str, str]) -> dict:
+    cpu = cpu_name()
     with open("/proc/meminfo") as f:
         mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
     fs = " ".join(
