@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import collections
 import errno
-import functools
 import json
 import os
 import stat
@@ -25,6 +24,7 @@ import zlib
 import pyfuse3
 import trio
 
+from ..fs._session_py import _errors   # the one place an OSError becomes a FUSE error
 from . import estargz, layer, lazytree, manifest, registry
 from . import store as _store
 
@@ -145,17 +145,6 @@ def _inflate(raw, skip, size):
     if len(out) < want:
         raise zlib.error("chunk shorter than the TOC says")
     return bytes(out[skip:])
-
-
-def _errors(fn):
-    """The one place an OSError of a handler becomes the FUSE error the kernel gets."""
-    @functools.wraps(fn)
-    async def wrapper(*args):
-        try:
-            return await fn(*args)
-        except OSError as e:
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-    return wrapper
 
 
 class LazyOps(pyfuse3.Operations):
