@@ -22,7 +22,6 @@ import io
 import json
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -43,57 +42,28 @@ UNIONRUN = str(Path(sys.executable).parent / "unionrun")
 CMD = "cat /etc/app.conf; for f in /data/*/small; do cat $f; done; head -c 1000000 /data/l0/big0 | wc -c"
 
 
-class Throttle:
+class Throttle(registry_util.Proxy):
     """127.0.0.1:port -> target, the server-to-client bytes of every connection drawn from one token
     bucket of `rate` bytes a second (a shared link, as a WAN is)."""
 
+    CHUNK = 16384
+
     def __init__(self, target_port, rate):
-        self.target, self.rate = target_port, rate
+        self.rate = rate
         self.lock = threading.Lock()
         self.next_free = time.monotonic()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.host = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(target_port)
 
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            s = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self._pipe, args=(c, s, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(s, c, True), daemon=True).start()
-
-    def _take(self, n):
+    def _from_server(self, dst, data, sent):
         # Each send books its slot on the shared link; senders queue behind each other.
+        n = len(data)
         with self.lock:
             now = time.monotonic()
             start = max(now, self.next_free)
             self.next_free = start + n / self.rate
         if start + n / self.rate > now:
             time.sleep(start + n / self.rate - now)
-
-    def _pipe(self, src, dst, limited):
-        try:
-            while data := src.recv(16384):
-                if limited:
-                    self._take(len(data))
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for so in (src, dst):
-                try:
-                    so.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                so.close()
-
-    def close(self):
-        self.sock.close()
+        dst.sendall(data)
 
 
 def _tar(files):

@@ -107,21 +107,19 @@ class Registry:
         self.logf.close()
 
 
-class CuttingProxy:
-    """127.0.0.1:port -> target; the server-to-client stream of a connection is cut after `cut_after`
-    bytes, for the first `cuts` connections that get that far (cuts=None: every one); with stall=True
-    it stops there instead, the connection left open."""
+class Proxy:
+    """127.0.0.1:port -> target: each connection piped both ways by a thread per direction; the
+    server-to-client bytes go through `_from_server`, where a subclass cuts, stalls or slows them."""
 
-    def __init__(self, target_port, cut_after, cuts=1, stall=False):
-        self.target, self.cut_after, self.cuts, self.stall = target_port, cut_after, cuts, stall
-        self.stalled, self._closed = threading.Event(), threading.Event()
-        self.done_cuts = 0
+    CHUNK = 65536
+
+    def __init__(self, target_port):
+        self.target = target_port
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
+        self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.host = f"127.0.0.1:{self.port}"
-        self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -138,22 +136,19 @@ class CuttingProxy:
             threading.Thread(target=self._pipe, args=(c, s, False), daemon=True).start()
             threading.Thread(target=self._pipe, args=(s, c, True), daemon=True).start()
 
-    def _pipe(self, src, dst, cutting):
-        n = 0
+    def _from_server(self, dst, data, sent):
+        """Pass `data` on to the client, `sent` bytes of this connection having gone before."""
+        dst.sendall(data)
+
+    def _pipe(self, src, dst, from_server):
+        sent = 0
         try:
-            while data := src.recv(65536):
-                if cutting:
-                    with self._lock:
-                        may_cut = self.cuts is None or self.done_cuts < self.cuts
-                        if may_cut and n + len(data) > self.cut_after:
-                            self.done_cuts += 1
-                            dst.sendall(data[:self.cut_after - n])
-                            if self.stall:
-                                self.stalled.set()
-                                self._closed.wait()     # the connection left open, silent, until close()
-                            raise ConnectionAbortedError
-                    n += len(data)
-                dst.sendall(data)
+            while data := src.recv(self.CHUNK):
+                if from_server:
+                    self._from_server(dst, data, sent)
+                    sent += len(data)
+                else:
+                    dst.sendall(data)
         except OSError:
             pass
         finally:
@@ -165,8 +160,36 @@ class CuttingProxy:
                 so.close()
 
     def close(self):
-        self._closed.set()
         self.sock.close()
+
+
+class CuttingProxy(Proxy):
+    """The server-to-client stream of a connection is cut after `cut_after` bytes, for the first
+    `cuts` connections that get that far (cuts=None: every one); with stall=True it stops there
+    instead, the connection left open."""
+
+    def __init__(self, target_port, cut_after, cuts=1, stall=False):
+        self.cut_after, self.cuts, self.stall = cut_after, cuts, stall
+        self.stalled, self._closed = threading.Event(), threading.Event()
+        self.done_cuts = 0
+        self._lock = threading.Lock()
+        super().__init__(target_port)
+
+    def _from_server(self, dst, data, sent):
+        with self._lock:
+            may_cut = self.cuts is None or self.done_cuts < self.cuts
+            if may_cut and sent + len(data) > self.cut_after:
+                self.done_cuts += 1
+                dst.sendall(data[:self.cut_after - sent])
+                if self.stall:
+                    self.stalled.set()
+                    self._closed.wait()     # the connection left open, silent, until close()
+                raise ConnectionAbortedError
+        dst.sendall(data)
+
+    def close(self):
+        self._closed.set()
+        super().close()
 
 
 def http_ok(url, timeout=2):
