@@ -29,6 +29,20 @@ def _run_all(fn, items):
         f.result()
 
 
+def resolve_manifest(reg, ref, platform):
+    """The image manifest `ref` names, through an index (picking `platform`, default the host's):
+    (bytes, media type, digest, the digest `ref` resolved to, the platform picked or None)."""
+    data, mt, digest = reg.get_manifest(ref.repository, ref.ref)
+    ref_digest, picked = digest, None
+    if mt in manifest.INDEXES:
+        desc = manifest.pick(data, platform)
+        picked = "/".join(filter(None, platform or manifest.host_platform()))
+        data, mt, digest = reg.get_manifest(ref.repository, desc["digest"])
+        if mt in manifest.INDEXES:
+            raise manifest.ManifestError(f"{ref}: an index inside an index")
+    return data, mt, digest, ref_digest, picked
+
+
 def pull(store, reg, ref, platform=None, progress=None):
     """Pull `ref` (a Reference) from registry `reg` into the store; returns the Image.
 
@@ -47,14 +61,7 @@ def pull(store, reg, ref, platform=None, progress=None):
             if progress:
                 progress.line(f"{ref}: image is up to date")
             return have
-    data, mt, digest = reg.get_manifest(ref.repository, ref.ref)
-    ref_digest, picked = digest, None
-    if mt in manifest.INDEXES:
-        desc = manifest.pick(data, platform)
-        picked = "/".join(filter(None, platform or manifest.host_platform()))
-        data, mt, digest = reg.get_manifest(ref.repository, desc["digest"])
-        if mt in manifest.INDEXES:
-            raise manifest.ManifestError(f"{ref}: an index inside an index")
+    data, mt, digest, ref_digest, picked = resolve_manifest(reg, ref, platform)
     layers, cfg_desc = manifest.layers_of(data)
     where = ref.name
     # Unlocked but for naming: each verified layer is named at once under the staging's lease (kept

@@ -17,7 +17,7 @@ import sys
 import tempfile
 
 from . import estargz, manifest, reference
-from .copy import TransportError
+from .copy import TransportError, resolve_manifest
 
 
 class LazyError(TransportError):
@@ -32,22 +32,10 @@ class Session:
         self.lowers, self.config, self.name = lowers, config, name
 
 
-def _manifest(reg, ref, platform):
-    data, mt, digest = reg.get_manifest(ref.repository, ref.ref)
-    ref_digest, picked = digest, None
-    if mt in manifest.INDEXES:
-        desc = manifest.pick(data, platform)
-        picked = "/".join(filter(None, platform or manifest.host_platform()))
-        data, mt, digest = reg.get_manifest(ref.repository, desc["digest"])
-        if mt in manifest.INDEXES:
-            raise manifest.ManifestError(f"{ref}: an index inside an index")
-    return data, mt, digest, ref_digest, picked
-
-
 def start(st, reg, ref, workroot, platform=None):
     """The daemon mounted and serving; returns a Session, or None when no layer is eStargz (the caller
     pulls as usual). Raises LazyError (nothing mounted) when the daemon refuses a layer or its TOC."""
-    data, mt, digest, ref_digest, picked = _manifest(reg, ref, platform)
+    data, mt, digest, ref_digest, picked = resolve_manifest(reg, ref, platform)
     layers, cfg_desc = manifest.layers_of(data)
     config = reg.get_blob_bytes(ref.repository, cfg_desc["digest"])
     diff_ids = manifest.diff_ids_of(config, len(layers))
