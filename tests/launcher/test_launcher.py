@@ -875,17 +875,33 @@ def test_detached_lifecycle(layers, ur):
     assert os.listdir(ur.root) == []
 
 
-def test_the_detached_supervisor_waits_lean_forwards_signals_and_restarts(layers, ur):
-    """A detached container's supervisor waits as waiter.py (python -S, same pid): a signal to
-    it still reaches the command, and --restart still starts the command again."""
+@pytest.mark.parametrize("twin", ["c", "python"])
+def test_the_detached_supervisor_waits_lean_forwards_signals_and_restarts(layers, ur, twin):
+    """A detached container's supervisor waits as csrc/waiter.c (or, pure Python, as waiter.py
+    with python -S), the same pid: a signal to it still reaches the command, and --restart still
+    starts the command again."""
+    from unionfs.launcher import waiter
+    env = dict(os.environ)
+    if twin == "c":
+        if not os.access(waiter.C_WAITER, os.X_OK):
+            if os.environ.get("UNIONFS_REQUIRE_EXT", "") not in ("", "0"):
+                pytest.fail(f"{waiter.C_WAITER} is required (UNIONFS_REQUIRE_EXT=1)")
+            pytest.skip("the C waiter is not built (python setup.py build_ext --inplace)")
+        env.pop("UNIONFS_PURE_PYTHON", None)
+    else:
+        env["UNIONFS_PURE_PYTHON"] = "1"
     name = ur.name("lean")
     r = ur("run", "-d", "--name", name, "--layers", layers.spec, "--", "sh", "-c",
-           "trap 'exit 7' TERM; echo started; while :; do sleep 0.1; done")
+           "trap 'exit 7' TERM; echo started; while :; do sleep 0.1; done", env=env)
     assert r.returncode == 0, r.stderr
     st = ur.state(name)
     sup = st["supervisor"][0]
     argv = open(f"/proc/{sup}/cmdline", "rb").read().split(b"\0")
-    assert argv[1:5] == [b"-S", b"-m", b"unionfs.launcher.waiter", b"wait"], argv
+    if twin == "c":
+        assert argv[0] == os.fsencode(waiter.C_WAITER) and argv[2:4] == [b"", b"--"], argv
+        assert argv[5:8] == [b"-m", b"unionfs.launcher.waiter", b"resume"], argv
+    else:
+        assert argv[1:5] == [b"-S", b"-m", b"unionfs.launcher.waiter", b"wait"], argv
     assert _wait_for(lambda: ur("logs", name).stdout == "started\n")
     os.kill(sup, signal.SIGTERM)
     assert _wait_for(lambda: not state.alive(st["supervisor"]))
@@ -895,7 +911,7 @@ def test_the_detached_supervisor_waits_lean_forwards_signals_and_restarts(layers
     # --restart on-failure:2 under the waiter: two more runs, then it stays exited.
     again = ur.name("again")
     r = ur("run", "-d", "--name", again, "--restart", "on-failure:2", "--layers", layers.spec,
-           "--", "sh", "-c", "echo run; exit 3")
+           "--", "sh", "-c", "echo run; exit 3", env=env)
     assert r.returncode == 0, r.stderr
     sup = ur.state(again)["supervisor"]
     assert _wait_for(lambda: not state.alive(sup), 30)

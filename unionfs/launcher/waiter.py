@@ -1,4 +1,6 @@
 """The detached supervisor while its container runs: waits for the init with the least memory.
+(Its C twin csrc/waiter.c does the waiting where it is built; this module stays the reference
+and resumes after either.)
 
 The supervisor that started a detached container holds all the launcher imported (~17 MB of
 PSS); waiting needs none of it. So once the command runs it execs this module (``python -S``,
@@ -20,14 +22,32 @@ FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT, _
              _signal.SIGUSR2)
 
 
+# Its C twin (csrc/waiter.c, built beside this module by setup.py): "wait" in ~0.3 MB of PSS
+# instead of this interpreter's ~3.6 MB; it execs "resume" here, as "wait" does below.
+C_WAITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_waiter")
+
+
+def _c_waiter():
+    if os.environ.get("UNIONFS_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    return C_WAITER if os.access(C_WAITER, os.X_OK) else None
+
+
 def command(mode, *args):
     """The argv and environment that run this module with ``mode`` (wait: without site, as the
-    daemon; resume: with it, as unionrun)."""
+    daemon, or the C twin; resume: with it, as unionrun)."""
     package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    args = [str(a) for a in args]
+    waiter = _c_waiter() if mode == "wait" else None
+    if waiter:
+        # _waiter PID FDS -- (resume's argv, less the exit code it appends)
+        root, name, pid, count, fds = args
+        resume, _ = command("resume", root, name, pid, count, "")
+        return [waiter, pid, fds, "--", *resume], env
     flags = ["-S"] if mode == "wait" else []
-    return [sys.executable, *flags, "-m", "unionfs.launcher.waiter", mode, *map(str, args)], env
+    return [sys.executable, *flags, "-m", "unionfs.launcher.waiter", mode, *args], env
 
 
 def become(mode, *args):
