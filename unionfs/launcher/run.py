@@ -144,16 +144,8 @@ def start(spec, root, image=None, store=None, to_log=False, again=False, log=Tru
         st["created"], st["started"] = old["created"], time.time()
     st["merged"] = paths.merged
     st["supervisor"] = state.identity(os.getpid())
-    init_pid, master, made, the_log = None, None, [], None
+    init_pid, master, made, the_log, mounting = None, None, [], None, None
     try:
-        state.write(paths, st)
-        if log:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            the_log = _Log(paths.log, tee=not to_log)
-        if spec.ports and spec.net == "none":
-            ports.check_free([p for p in spec.ports if p.host_port])
-        st["cgroups"] = cgroups.create(spec.name, spec.limits, cgroups.device_control())
         state.write(paths, st)
         if spec.upper is None:
             # Its root is the container's "/": 0755 as usual, private by the 0700 above it.
@@ -171,9 +163,21 @@ def start(spec, root, image=None, store=None, to_log=False, again=False, log=Tru
             # (fuse-overlayfs's order: on-disk id first, the id shown second).
             base, count = spec.userns
             options += [f"uidmapping=0:{base}:{count}", f"gidmapping=0:{base}:{count}"]
+        # The daemon starts first: its interpreter and imports run while we start the logger
+        # and make the cgroups (the unwinding below waits for it before it releases).
+        mounting = union.spawn(spec.lowers, upper, work, paths.merged, options,
+                               upper_size=spec.storage.size)
+        if log:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            the_log = _Log(paths.log, tee=not to_log)
+        if spec.ports and spec.net == "none":
+            ports.check_free([p for p in spec.ports if p.host_port])
+        st["cgroups"] = cgroups.create(spec.name, spec.limits, cgroups.device_control())
+        state.write(paths, st)
         try:
-            st["daemon"] = union.mount(spec.lowers, upper, work, paths.merged, options,
-                                       upper_size=spec.storage.size)
+            proc, mounting = mounting, None
+            st["daemon"] = union.mounted(proc, paths.merged)
         finally:
             # Recorded even on failure: a daemon that did start is found and stopped by release.
             state.write(paths, st)
@@ -196,6 +200,12 @@ def start(spec, root, image=None, store=None, to_log=False, again=False, log=Tru
             for fd in trees:
                 os.close(fd)
     except BaseException as e:
+        if mounting is not None:
+            # Failed while the daemon started: its mount, if it made one, is released below.
+            try:
+                st["daemon"] = union.mounted(mounting, paths.merged)
+            except union.UnionError:
+                pass
         if init_pid is not None:
             _kill_init(init_pid)
         if the_log is not None:

@@ -69,8 +69,9 @@ def _python():
     return [sys.executable, "-S"], env
 
 
-def mount(lowers, upper, work, mountpoint, options=(), upper_size=None):
-    """Mount and return the daemon's identity. Raises UnionError with unionmount's own line.
+def spawn(lowers, upper, work, mountpoint, options=(), upper_size=None):
+    """Start mounting; mounted() waits for it. The daemon's interpreter start and imports (the
+    most of its ~0.1 s) then run beside whatever the caller does meanwhile.
     ``upper_size``: bytes the upper layer may hold (unionmount's upper_size=), None for no limit."""
     os.makedirs(mountpoint, exist_ok=True)
     python, env = _python()
@@ -81,12 +82,23 @@ def mount(lowers, upper, work, mountpoint, options=(), upper_size=None):
         options.append(f"upper_size={upper_size}")
     if options:
         cmd += ["-o", ",".join(options)]
-    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd="/",
-                       env=env)
-    if r.returncode != 0:
-        lines = (r.stderr.strip() or r.stdout.strip() or "unionmount failed").splitlines()
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd="/", env=env)
+
+
+def mounted(proc, mountpoint):
+    """Wait for spawn()'s mount; the daemon's identity. Raises UnionError with unionmount's own
+    line."""
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        lines = (err.strip() or out.strip() or "unionmount failed").splitlines()
         raise UnionError(f"cannot mount the union: {lines[-1]}")
     return daemon_of(mountpoint)
+
+
+def mount(lowers, upper, work, mountpoint, options=(), upper_size=None):
+    """Mount and return the daemon's identity. Raises UnionError with unionmount's own line."""
+    return mounted(spawn(lowers, upper, work, mountpoint, options, upper_size), mountpoint)
 
 
 def unmount(mountpoint, daemon, timeout=10.0):
