@@ -40,6 +40,7 @@ class BuildError(Exception):
 
 @dataclass
 class Options:
+    """What `unionrun build` was asked: context, Containerfile, tags, build args, cache, target."""
     context: str
     file: str | None
     tags: list
@@ -50,6 +51,7 @@ class Options:
 
 @dataclass
 class ImageSoFar:
+    """The image a stage has built up to now: its config and layers."""
     top: dict = field(default_factory=lambda: {"architecture": manifest.host_platform()[1],
                                                "os": "linux"})
     config: dict = field(default_factory=dict)     # the OCI config's "config"

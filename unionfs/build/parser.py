@@ -31,6 +31,7 @@ _DIRECTIVE = re.compile(r"^#\s*([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.+?)\s*$")
 
 @dataclass(frozen=True)
 class Instruction:
+    """One instruction of a Containerfile, as written."""
     cmd: str                # upper case
     args: str               # the text after the flags, not expanded
     flags: tuple = ()       # ((name, raw value or None), ...)
@@ -47,6 +48,7 @@ class Instruction:
 
 @dataclass
 class Stage:
+    """One FROM and the instructions under it."""
     index: int
     base: str               # FROM's image, not expanded
     name: str | None
@@ -58,6 +60,7 @@ class Stage:
 
 @dataclass
 class Containerfile:
+    """A parsed Containerfile: its escape character, global ARGs and stages."""
     escape: str
     global_args: list       # ARG instructions before the first FROM
     stages: list

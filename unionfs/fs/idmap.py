@@ -16,6 +16,7 @@ OVERFLOW_ID = 65534
 
 @dataclass(frozen=True)
 class IdMap:
+    """uidmapping=/gidmapping= (and squash_to_*): ids on disk against ids as processes see them."""
     ranges: tuple = ()          # ((on disk, as processes see it, length), ...)
     squash: int | None = None   # every id shown as this one
 

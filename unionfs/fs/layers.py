@@ -11,6 +11,7 @@ UPPER = 0
 
 @dataclass(frozen=True)
 class Layer:
+    """One layer of the union: its index (0 the upper), path, root fd and identity."""
     index: int          # 0 is the upper layer, 1.. the lowers, topmost first
     path: str           # as the user named it, for messages
     fd: int             # O_PATH|O_DIRECTORY fd of the layer root

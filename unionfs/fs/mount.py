@@ -30,6 +30,7 @@ INDEX_SUBDIR = "index"    # the kernel's inode index (index=on), which we read
 
 @dataclass
 class Prepared:
+    """The checked layers and directories of a mount, ready for serve()."""
     lowers: list
     upper: str | None
     workdir: str | None

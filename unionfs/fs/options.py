@@ -13,6 +13,7 @@ class UsageError(Exception):
 
 @dataclass(frozen=True)
 class MountOptions:
+    """Everything unionmount was given: layers, mount point and -o options."""
     lowers: tuple[str, ...]
     upper: str | None
     mountpoint: str

@@ -33,6 +33,7 @@ def is_private_xattr(name):
 
 @dataclass(frozen=True, slots=True)
 class DirMarkers:
+    """The overlay markers a directory of a layer carries."""
     opaque: bool = False
     redirect: bytes | None = None
     xattr_whiteouts: bool = False     # the kernel's "opaque=x": may hold xattr-form whiteouts

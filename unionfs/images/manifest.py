@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform as _platform
+import os
 import time
 
 from . import digest as digests
@@ -72,7 +72,8 @@ def media_type(data, header_type=None):
 
 
 def host_platform():
-    machine = _platform.machine()
+    # os.uname() is what platform.machine() reads, without platform's ~4 ms of import in a start.
+    machine = os.uname().machine
     arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "i386": "386",
             "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}.get(machine, machine)
     return "linux", arch, "v7" if machine == "armv7l" else None

@@ -31,6 +31,7 @@ class ReferenceError(ValueError):
 
 @dataclass(frozen=True)
 class Reference:
+    """An image reference split into registry, repository, tag and digest."""
     registry: str           # docker.io, quay.io, 127.0.0.1:5000, localhost
     repository: str         # library/busybox
     tag: str | None = None

@@ -42,6 +42,7 @@ class StoreError(Exception):
 
 @dataclass
 class Image:
+    """An image of the store: its name, layer directories and config."""
     name: str
     layers: list            # absolute dirs, topmost first, as unionmount wants them
     config: dict = field(default_factory=dict)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import struct
 
 # runc's default allow-list (libcontainer/specconv AllowedDevices): mknod of any node (which still
@@ -28,7 +27,7 @@ def v1_lines():
 
 # ---- eBPF ---------------------------------------------------------------------------------------
 
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}[platform.machine()]
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}[os.uname().machine]      # platform.machine()'s source
 _PROG_LOAD, _PROG_ATTACH, _PROG_QUERY = 5, 8, 16
 _PROG_TYPE_CGROUP_DEVICE, _CGROUP_DEVICE = 15, 6
 _F_ALLOW_MULTI = 2      # programs of the cgroups above ours (systemd's) keep running too

@@ -27,6 +27,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 @dataclass(frozen=True)
 class Volume:
+    """One -v/--mount: a host path bound into the container."""
     source: str         # host path, absolute, exists (a volume's: made at run)
     target: str         # container path, absolute; resolved inside the new root
     readonly: bool
@@ -38,6 +39,7 @@ class Volume:
 
 @dataclass(frozen=True)
 class Port:
+    """One published port (-p)."""
     host_addr: str      # "": every address of the host
     host_port: int
     ctr_port: int
@@ -50,6 +52,7 @@ DEFAULT_PIDS_LIMIT = 2048
 
 @dataclass(frozen=True)
 class Limits:
+    """--memory, --cpus and --pids-limit."""
     memory: int | None = None       # bytes
     cpus: float | None = None
     pids: int | None = DEFAULT_PIDS_LIMIT   # -1: none ("max")
@@ -65,6 +68,7 @@ class Storage:
 
 @dataclass(frozen=True)
 class RunSpec:
+    """Everything a container is run with, validated before anything starts."""
     name: str
     lowers: tuple           # absolute paths, topmost first
     upper: str | None       # the user's upper layer, kept at rm; None: a fresh one in the state dir

@@ -62,6 +62,7 @@ class InvalidArgument(SnapshotError):
 
 @dataclass(frozen=True)
 class Info:
+    """A snapshot's record, as containerd's Info message has it."""
     key: str
     parent: str            # "" without a parent
     kind: int
@@ -72,6 +73,7 @@ class Info:
 
 @dataclass(frozen=True)
 class Mount:
+    """One mount of a snapshot, as containerd's Mount message has it."""
     type: str
     source: str
     options: list
