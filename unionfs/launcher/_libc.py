@@ -17,9 +17,9 @@ _libc_gil = ctypes.PyDLL(None, use_errno=True)
 # Syscall numbers for the calls glibc has no wrapper for (or only a callback-style one).
 _NR = {
     "x86_64": {"clone": 56, "pivot_root": 155, "capget": 125, "capset": 126, "openat2": 437,
-               "open_tree": 428, "move_mount": 429, "mount_setattr": 442},
+               "open_tree": 428, "move_mount": 429, "mount_setattr": 442, "seccomp": 317},
     "aarch64": {"clone": 220, "pivot_root": 41, "capget": 90, "capset": 91, "openat2": 437,
-                "open_tree": 428, "move_mount": 429, "mount_setattr": 442},
+                "open_tree": 428, "move_mount": 429, "mount_setattr": 442, "seccomp": 277},
 }[os.uname().machine]
 
 CLONE_NEWNS = 0x00020000
@@ -121,6 +121,22 @@ def clone(flags):
 def prctl(option, arg2=0, arg3=0, arg4=0, arg5=0):
     return _check(_libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
                               ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)))
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+SECCOMP_SET_MODE_FILTER = 1
+
+
+def seccomp_filter(bpf, flags):
+    """seccomp(SECCOMP_SET_MODE_FILTER, flags, prog): load a classic BPF program (struct
+    sock_filter entries, 8 bytes each) into this thread."""
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = _SockFprog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    _check(_libc.syscall(_NR["seccomp"], SECCOMP_SET_MODE_FILTER, ctypes.c_uint(flags),
+                         ctypes.byref(prog)), "seccomp")
 
 
 def set_name(name):

@@ -63,11 +63,12 @@ def sealed_tini():
     return fd
 
 
-def main(spec, root_tree, volume_trees, tini_fd, ctl_r, rep_w):
-    """Never returns."""
+def main(spec, root_tree, volume_trees, tini_fd, ctl_r, rep_w, seccomp_program=None):
+    """Never returns. ``seccomp_program``: the command's filter as seccomp.program() compiled
+    it (None: nothing to filter)."""
     code = P.SETUP_FAILED
     try:
-        _run(spec, root_tree, volume_trees, tini_fd, ctl_r, rep_w)
+        _run(spec, root_tree, volume_trees, tini_fd, ctl_r, rep_w, seccomp_program)
     except (P.SetupError, rootfs.RootfsError, _seccomp.ProfileError) as e:
         P.report(rep_w, f"error {e}")
     except OSError as e:
@@ -79,7 +80,7 @@ def main(spec, root_tree, volume_trees, tini_fd, ctl_r, rep_w):
         os._exit(code)
 
 
-def _run(spec, root_tree, volume_trees, tini_fd, ctl_r, rep_w):
+def _run(spec, root_tree, volume_trees, tini_fd, ctl_r, rep_w, seccomp_program):
     # ps inside shows "unionrun-init" until tini runs, not the host's paths in our command line.
     L.set_name("unionrun-init")
     L.set_cmdline("unionrun-init")
@@ -112,7 +113,7 @@ def _run(spec, root_tree, volume_trees, tini_fd, ctl_r, rep_w):
                     spec.workdir, spec.user, None if arg == "-" else int(arg),
                     spec.interactive, spec.caps, null, True, spec.seccomp,
                     _seccomp.guards_mounts(spec.caps, spec.userns), spec.no_new_privs,
-                    tini_fd, ctl_r)
+                    tini_fd, ctl_r, seccomp_program)
     P.exec_command(cmd, rep_w)
 
 

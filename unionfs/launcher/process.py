@@ -53,6 +53,8 @@ class Command:
     no_new_privs: bool = False
     init_fd: int | None = None      # run: exec this init (tini), which runs the command
     alive_fd: int | None = None     # run: hangs up when the supervisor is gone
+    # run: seccomp.program() of the above, compiled by the supervisor (else built here)
+    seccomp_program: tuple | None = None
 
 
 def report(w, line):
@@ -215,7 +217,10 @@ def exec_command(cmd, w):
 
 def _load_seccomp(cmd):
     try:
-        _seccomp.apply(cmd.seccomp, cmd.mask, cmd.guard_mounts)
+        if cmd.seccomp_program is not None:
+            _seccomp.load_program(cmd.seccomp_program)
+        else:
+            _seccomp.apply(cmd.seccomp, cmd.mask, cmd.guard_mounts)
     except OSError as e:
         raise SetupError(f"cannot load the seccomp filter: {e.strerror}") from None
 

@@ -167,6 +167,9 @@ def start(spec, root, image=None, store=None, to_log=False, again=False, log=Tru
         # and make the cgroups (the unwinding below waits for it before it releases).
         mounting = union.spawn(spec.lowers, upper, work, paths.merged, options,
                                upper_size=spec.storage.size)
+        # Compiled here, meanwhile, rather than in the init, whose set-up we wait for.
+        program = seccomp.program(spec.seccomp, spec.caps,
+                                  seccomp.guards_mounts(spec.caps, spec.userns))
         if log:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -195,7 +198,7 @@ def start(spec, root, image=None, store=None, to_log=False, again=False, log=Tru
             # twice as children of the container's PID 1, and its command would not be PID 2.
             seccomp.preload()
             init_pid, rep_r, ctl_w, master, signals = _clone_init(spec, paths, st,
-                                                                  trees[:-1], trees[-1])
+                                                                  trees[:-1], trees[-1], program)
         finally:
             for fd in trees:
                 os.close(fd)
@@ -218,7 +221,8 @@ def start(spec, root, image=None, store=None, to_log=False, again=False, log=Tru
             old["status"], old["finished"] = "exited", time.time()
             state.write(paths, old)
         if isinstance(e, (ports.PortError, cgroups.CgroupError, union.UnionError, P.SetupError,
-                          init.InitError, RunError, NetError, SpecError, volumes.VolumeError)):
+                          init.InitError, RunError, NetError, SpecError, volumes.VolumeError,
+                          seccomp.ProfileError)):
             raise RunError(str(e)) from None
         if isinstance(e, OSError):
             raise RunError(f"cannot start the container: {e.strerror}"
@@ -294,7 +298,7 @@ def _seal_host_view(paths):
         os.close(fd)
 
 
-def _clone_init(spec, paths, st, trees, tini_fd):
+def _clone_init(spec, paths, st, trees, tini_fd, program):
     ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC)
     rep_r, rep_w = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
@@ -309,7 +313,7 @@ def _clone_init(spec, paths, st, trees, tini_fd):
         if pid == 0:
             os.close(ctl_w)
             os.close(rep_r)
-            init.main(spec, trees[0], trees[1:], tini_fd, ctl_r, rep_w)
+            init.main(spec, trees[0], trees[1:], tini_fd, ctl_r, rep_w, program)
     finally:
         if pid != 0:
             os.fchdir(cwd)
