@@ -1,18 +1,20 @@
 """Published ports (-p): a user-space TCP forwarder, a process of its own, that listens on the host
 and connects each client to 127.0.0.1:CTRPORT inside the container's network namespace.
+
+The forwarder process (main) imports only what forwarding needs: each idle container with -p
+pays for every module it holds (argparse, subprocess and spec's dataclasses were ~2 MB of PSS).
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 from . import _libc as L
 from . import state
@@ -96,6 +98,7 @@ def start(ports, pid, log_path):
     argv = [sys.executable, "-S", "-m", "unionfs.launcher.ports", "--pid", str(pid),
             "--start-time", str(start_time), "--log", log_path]
     argv += [f"{_where(p.host_addr, p.host_port)}:{p.ctr_port}" for p in ports]
+    import subprocess
     r, w = os.pipe()
     try:
         with open(log_path, "ab") as log:
@@ -371,14 +374,25 @@ def _parse_mapping(text):
     return addr.strip("[]"), int(host), int(ctr)
 
 
+def _parse_args(argv):
+    """start()'s command line: --pid N --start-time N --log PATH --ready-fd N ADDR:HOST:CTR...
+    (ours alone, so no argparse in the forwarder)."""
+    args = SimpleNamespace(pid=None, start_time=None, log=None, ready_fd=None, mappings=[])
+    convert = {"--pid": int, "--start-time": int, "--log": str, "--ready-fd": int}
+    it = iter(argv)
+    for arg in it:
+        if arg in convert:
+            setattr(args, arg[2:].replace("-", "_"), convert[arg](next(it)))
+        else:
+            args.mappings.append(arg)
+    if None in (args.pid, args.start_time, args.log, args.ready_fd) or not args.mappings:
+        sys.exit("usage: python -m unionfs.launcher.ports --pid N --start-time N --log PATH "
+                 "--ready-fd N ADDR:HOSTPORT:CTRPORT...")
+    return args
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m unionfs.launcher.ports")
-    ap.add_argument("--pid", type=int, required=True)
-    ap.add_argument("--start-time", type=int, required=True)
-    ap.add_argument("--log", required=True)
-    ap.add_argument("--ready-fd", type=int, required=True)
-    ap.add_argument("mappings", nargs="+", metavar="ADDR:HOSTPORT:CTRPORT")
-    args = ap.parse_args(argv)
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
     ready = os.fdopen(args.ready_fd, "w")
     L.set_name("unionrun-ports")
 
@@ -396,8 +410,9 @@ def main(argv=None):
     if not _alive(args.pid, args.start_time):
         os.close(netns_fd)
         return fail(f"-p: container process {args.pid} is gone")
-    from .spec import Port
-    ports = [Port(*_parse_mapping(m)) for m in args.mappings]
+    ports = [SimpleNamespace(**dict(zip(("host_addr", "host_port", "ctr_port"),
+                                        _parse_mapping(m))))
+             for m in args.mappings]
     try:
         socks = _bind_all(ports)
     except PortError as e:

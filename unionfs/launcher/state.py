@@ -7,12 +7,12 @@ Processes are recorded as (pid, start time) so that a recycled pid is never mist
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import select
 import time
 
-from ..fs import rmtree
+# json (with re) and rmtree are imported where used: the -p forwarder imports this module for
+# start_time() alone, and holds what it imports for as long as its container runs.
 
 # Persistent, as the containers' upper layers are kept until rm (after a reboot, too).
 DEFAULT_ROOT = "/var/lib/unionrun"
@@ -82,6 +82,7 @@ def claim(root, name):
 
 def write(paths, state):
     """Replace state.json in one step: readers see the old or the new state, never a part."""
+    import json
     tmp = paths.state + ".tmp"
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
         # dumps without indent: json's C encoder does it (dump, or an indent, takes the pure-Python one:
@@ -93,6 +94,7 @@ def write(paths, state):
 
 
 def read(paths):
+    import json
     try:
         with open(paths.state) as f:
             return json.load(f)
@@ -200,4 +202,5 @@ def _wait_exit(ident, timeout):
 def remove_tree(path):
     """rm -r that does not follow symlinks, copes with whiteout devices and odd modes, and survives any
     depth a container gave its upper (iterative: shutil.rmtree recurses)."""
+    from ..fs import rmtree
     rmtree.remove_tree(path)
