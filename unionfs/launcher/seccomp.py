@@ -50,7 +50,10 @@ class _Pyseccomp:
     filter (ps, stop, rm, logs) do not pay for it (with ctypes.util and typing, ~20 ms)."""
 
     def __getattr__(self, name):
-        return getattr(_import_pyseccomp(), name)
+        # Kept once found: a filter of docker's profile looks names up ~1000 times.
+        value = getattr(_import_pyseccomp(), name)
+        setattr(self, name, value)
+        return value
 
 
 S = _Pyseccomp()
