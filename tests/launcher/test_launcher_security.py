@@ -205,6 +205,51 @@ def test_a_custom_profile_is_honoured(layers, ur, tmp_path):
     assert "Read-only file system" in out[0], out
 
 
+@pytest.mark.parametrize("how", ["program", "libseccomp"])
+def test_the_filter_compiled_by_the_supervisor_denies_as_libseccomp_s_load(how):
+    """ATTACK: a process under docker's default profile tries unshare(CLONE_NEWUSER) and mount.
+    The supervisor compiles the filter (seccomp.program) and the init loads that BPF itself: it
+    must deny what libseccomp's own load of the same filter denies."""
+    from unionfs.launcher import _libc as L
+    profile = json.load(open(_seccomp.DEFAULT_PATH))
+    program = _seccomp.program(profile, _caps.DEFAULT, True)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        out = []
+        try:
+            if how == "program":
+                _seccomp.load_program(program)
+            else:
+                _seccomp.apply(profile, _caps.DEFAULT, True)
+            for name, call in (("unshare", lambda: L.unshare(L.CLONE_NEWUSER)),
+                               # unfiltered: ENOENT, and nothing mounted either way
+                               ("mount", lambda: L.mount("none", "/nonexistent-unionfs-test",
+                                                         "tmpfs"))):
+                try:
+                    call()
+                    out.append(f"{name} allowed")
+                except OSError as e:
+                    out.append(f"{name} {e.errno}")
+            with open(f"/proc/{os.getpid()}/status") as f:
+                out += [line.split()[1] for line in f if line.startswith("Seccomp:")]
+        finally:
+            os.write(w, " ".join(out).encode())
+            os._exit(0)
+    os.close(w)
+    got = os.read(r, 4096).decode().split(" ", 4)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert got == ["unshare", "1", "mount", "1", "2"], got
+    # The profile's flags reach seccomp(2) as libseccomp's load passes them.
+    logged = _seccomp.program({"defaultAction": "SCMP_ACT_ALLOW", "flags":
+                               ["SECCOMP_FILTER_FLAG_LOG"], "syscalls": [
+                                   {"names": ["acct"], "action": "SCMP_ACT_ERRNO"}]},
+                              _caps.DEFAULT, False)
+    assert logged[1] == 2 and program[1] == 0 and len(program[0]) % 8 == 0
+
+
 def _rules(profile, caps=_caps.DEFAULT):
     """The syscalls named in the filter that ``profile`` gives (libseccomp's PFC text)."""
     with tempfile.TemporaryFile() as f:
