@@ -40,21 +40,25 @@ static int die(const char *what)
     return 125;
 }
 
+static int usage(const char *prog)
+{
+    fprintf(stderr, "usage: %s PID FDS -- PROGRAM ARG...\n", prog);
+    return 125;
+}
+
 int main(int argc, char **argv)
 {
-    if (argc < 5 || strcmp(argv[3], "--") != 0) {
-        fprintf(stderr, "usage: %s PID FDS -- PROGRAM ARG...\n", argv[0]);
-        return 125;
-    }
+    if (argc < 5 || strcmp(argv[3], "--") != 0)
+        return usage(argv[0]);
     char *end;
     long pid = strtol(argv[1], &end, 10);
     if (*end || pid <= 0)
-        return die("bad pid");
+        return usage(argv[0]);
     child = (pid_t)pid;
     for (char *p = argv[2]; *p;) {
         long fd = strtol(p, &end, 10);
         if (end == p || (*end && *end != ','))
-            return die("bad fd list");
+            return usage(argv[0]);
         fcntl((int)fd, F_SETFD, FD_CLOEXEC);
         p = *end ? end + 1 : end;
     }
