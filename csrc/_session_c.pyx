@@ -37,7 +37,7 @@ from posix.time cimport timespec
 from posix.types cimport mode_t, uid_t, gid_t, pid_t
 from posix.unistd cimport read
 
-from unionfs.fs import fusedev
+from unionfs.fs import fusedev, readahead
 from unionfs.fs.runtime import ThreadRuntime as Runtime  # noqa: F401  (the session names its runtime)
 
 IMPLEMENTATION = "Cython loop"
@@ -474,6 +474,8 @@ cdef void do_init(Session s, uint64_t unique, fuse_init_in *arg):
     _killpriv = bool(want & FUSE_HANDLE_KILLPRIV_V2)
     s.flags = want
     _reply(unique, &out, sizeof(out))
+    # The kernel has taken the smaller of its readahead and ours: now it may be raised.
+    readahead.raise_readahead(s.mounted.mountpoint)
 
 
 cdef void do_setattr(uint64_t unique, fuse_in_header *h, fuse_setattr_in *arg):
