@@ -209,9 +209,10 @@ class Unionmount(Impl):
     forced on or off (`-o passthrough=`; the default, auto, is on as root)."""
 
     def __init__(self, pure_python: bool, python: str, writeback: bool | None = None,
-                 fsync: bool = True, passthrough: str | None = None):
+                 fsync: bool = True, passthrough: str | None = None, repo: Path = REPO):
         self.pure_python = pure_python
         self.python = python
+        self.repo = repo
         self.writeback = writeback
         self.fsync = fsync
         self.passthrough = passthrough
@@ -229,10 +230,15 @@ class Unionmount(Impl):
             self.by_default = False
             self.key += f"-pt{passthrough}"
             self.label = f"{self.label[:-1]}, passthrough={passthrough})"
+        if repo != REPO:
+            # Another checkout (UNIONFS_BENCH_BASE), to compare with in the same run.
+            self.by_default = False
+            self.key = "base-" + self.key.removeprefix("unionmount-")
+            self.label = f"{self.label[:-1]}, {repo})"
 
     def mount_env(self) -> dict:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.repo), env.get("PYTHONPATH")]))
         env.pop("UNIONFS_PURE_PYTHON", None)
         if self.pure_python:
             env["UNIONFS_PURE_PYTHON"] = "1"
@@ -245,12 +251,12 @@ class Unionmount(Impl):
             text=True,
             timeout=60,
             env=self.mount_env(),
-            cwd=REPO,
+            cwd=self.repo,
         )
 
     def missing(self) -> str | None:
-        if not (REPO / "unionfs" / "__main__.py").exists():
-            return f"{REPO}/unionfs/__main__.py does not exist yet"
+        if not (self.repo / "unionfs" / "__main__.py").exists():
+            return f"{self.repo}/unionfs/__main__.py does not exist yet"
         proc = self._probe("import pyfuse3, trio, unionfs")
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -271,8 +277,8 @@ class Unionmount(Impl):
         return proc.stdout.strip() or f"unimportable: {proc.stderr.strip().splitlines()[-1:]}"
 
     def version(self) -> str:
-        commit = _tool_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-        dirty = _tool_output(["git", "-C", str(REPO), "status", "--porcelain", "--", "unionfs", "csrc"])
+        commit = _tool_output(["git", "-C", str(self.repo), "rev-parse", "--short", "HEAD"])
+        dirty = _tool_output(["git", "-C", str(self.repo), "status", "--porcelain", "--", "unionfs", "csrc"])
         pyfuse3 = self._probe("import pyfuse3; print(pyfuse3.__version__)").stdout.strip()
         session = self._probe("import unionfs.fs.session as s; print(s.IMPLEMENTATION)").stdout.strip()
         return (
@@ -314,4 +320,9 @@ def all_impls(python: str) -> list[Impl]:
         Unionmount(pure_python=False, python=python, fsync=False),
         Unionmount(pure_python=False, python=python, passthrough="on"),
         Unionmount(pure_python=False, python=python, passthrough="off"),
+    ] + [
+        # Named with --impl only: the same two rows run from another checkout (its extension
+        # built in place), e.g. the code a branch started from.
+        Unionmount(pure_python=False, python=python, passthrough=pt, repo=Path(base))
+        for base in filter(None, [os.environ.get("UNIONFS_BENCH_BASE")]) for pt in ("on", "off")
     ]
