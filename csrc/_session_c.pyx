@@ -475,7 +475,7 @@ cdef void do_init(Session s, uint64_t unique, fuse_init_in *arg):
     s.flags = want
     _reply(unique, &out, sizeof(out))
     # The kernel has taken the smaller of its readahead and ours: now it may be raised.
-    readahead.raise_readahead(s.mounted.mountpoint)
+    readahead.raise_readahead(s.mounted.mountpoint, _ops.u.stack)
 
 
 cdef void do_setattr(uint64_t unique, fuse_in_header *h, fuse_setattr_in *arg):

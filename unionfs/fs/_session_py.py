@@ -54,7 +54,7 @@ class _Adapter(pyfuse3.Operations):
         # libfuse replies to INIT when this returns; the kernel then takes the smaller of its
         # readahead and the reply's. Raised after that, at trio's next turn.
         trio.lowlevel.current_trio_token().run_sync_soon(readahead.raise_readahead,
-                                                         self.mountpoint)
+                                                         self.mountpoint, self.ops.u.stack)
 
     @_errors
     async def lookup(self, parent, name, ctx):

@@ -4,7 +4,8 @@ A FUSE mount gets a bdi of its own with the kernel's default readahead, 128 KiB,
 only lower it (the kernel keeps the smaller of its value and the reply's max_readahead). So a cold
 sequential read came as requests of 64-128 KiB, ~15,000 round trips a GiB, where the largest
 request we take is 1 MiB (max_pages 256). Root raises it in sysfs, as ``blockdev --setra`` would
-for a disk; the kernel's overlayfs reads the lowers with their disk's readahead (often more).
+for a disk: to 1 MiB, or to the readahead of the layers' disks where that is more, which is what
+the kernel's overlayfs reads ahead with (it reads the layer files themselves).
 """
 
 import logging
@@ -13,7 +14,7 @@ import re
 
 log = logging.getLogger("unionfs.readahead")
 
-# One window, one request of the Cython session's largest size (its max_pages).
+# At least one window of one request of the Cython session's largest size (its max_pages).
 READ_AHEAD_KB = 1024
 
 
@@ -31,10 +32,26 @@ def mount_dev(mountpoint):
     return found
 
 
-def raise_readahead(mountpoint, kib=READ_AHEAD_KB):
-    """Raise the readahead of the FUSE mount on ``mountpoint`` to ``kib`` (never lower it).
-    Only after the kernel has our INIT reply, which would lower it again. Whether it is set: a
-    user without root cannot, and keeps the default."""
+def layer_readahead_kb(st_dev):
+    """read_ahead_kb of the disk under a layer's filesystem (a partition's is its disk's); 0 where
+    there is none (tmpfs, an overlay, a network filesystem)."""
+    base = f"/sys/dev/block/{os.major(st_dev)}:{os.minor(st_dev)}"
+    for path in (f"{base}/bdi/read_ahead_kb", f"{base}/../bdi/read_ahead_kb"):
+        try:
+            with open(path) as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            pass
+    return 0
+
+
+def raise_readahead(mountpoint, stack):
+    """Raise the readahead of the FUSE mount on ``mountpoint`` to what the layers of ``stack``
+    (a LayerStack) get from their disks, and at least READ_AHEAD_KB (never lower it). Only after
+    the kernel has our INIT reply, which would lower it again. Whether it is set: a user
+    without root cannot, and keeps the default."""
+    layers = [layer for layer in (stack.upper, *stack.lowers) if layer is not None]
+    kib = max([READ_AHEAD_KB] + [layer_readahead_kb(layer.st_dev) for layer in layers])
     dev = mount_dev(mountpoint)
     if dev is None:
         log.debug("readahead: %s is not a mount point", mountpoint)
