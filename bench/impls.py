@@ -69,6 +69,9 @@ class Impl:
     def mount_env(self) -> dict | None:
         return None
 
+    def mount_cwd(self) -> Path | None:
+        return None
+
     def mount(self, stack: Stack) -> None:
         cmd = self.mount_cmd(stack)
         # Output goes to a file, not a pipe: a daemon that keeps the inherited stderr open would
@@ -82,6 +85,7 @@ class Impl:
                     stderr=log,
                     timeout=60,
                     env=self.mount_env(),
+                    cwd=self.mount_cwd(),
                 )
             except subprocess.TimeoutExpired:
                 raise MountError(f"{cmd[0]} did not return within 60 s") from None
@@ -209,10 +213,10 @@ class Unionmount(Impl):
     forced on or off (`-o passthrough=`; the default, auto, is on as root)."""
 
     def __init__(self, pure_python: bool, python: str, writeback: bool | None = None,
-                 fsync: bool = True, passthrough: str | None = None, repo: Path = REPO):
+                 fsync: bool = True, passthrough: str | None = None, repo: Path | None = None):
+        self.repo = repo or REPO
         self.pure_python = pure_python
         self.python = python
-        self.repo = repo
         self.writeback = writeback
         self.fsync = fsync
         self.passthrough = passthrough
@@ -230,8 +234,8 @@ class Unionmount(Impl):
             self.by_default = False
             self.key += f"-pt{passthrough}"
             self.label = f"{self.label[:-1]}, passthrough={passthrough})"
-        if repo != REPO:
-            # Another checkout (UNIONFS_BENCH_BASE), to compare with in the same run.
+        if repo is not None:
+            # Another checkout (--baseline): its code against this one's, in the same run.
             self.by_default = False
             self.key = "base-" + self.key.removeprefix("unionmount-")
             self.label = f"{self.label[:-1]}, {repo})"
@@ -243,6 +247,10 @@ class Unionmount(Impl):
         if self.pure_python:
             env["UNIONFS_PURE_PYTHON"] = "1"
         return env
+
+    def mount_cwd(self) -> Path:
+        # `python -m` puts the working directory first on sys.path: it must be this checkout.
+        return self.repo
 
     def _probe(self, code: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -305,8 +313,11 @@ class Unionmount(Impl):
         ) + ("" if self.passthrough is None else f",passthrough={self.passthrough}")
 
 
-def all_impls(python: str) -> list[Impl]:
-    return [
+def all_impls(python: str, baseline: Path | None = None) -> list[Impl]:
+    base = [] if baseline is None else [
+        Unionmount(pure_python=False, python=python, passthrough=pt, repo=baseline)
+        for pt in ("on", "off")]
+    return base + [
         Native(),
         KernelOverlay(),
         FuseOverlayfs(),
@@ -320,9 +331,4 @@ def all_impls(python: str) -> list[Impl]:
         Unionmount(pure_python=False, python=python, fsync=False),
         Unionmount(pure_python=False, python=python, passthrough="on"),
         Unionmount(pure_python=False, python=python, passthrough="off"),
-    ] + [
-        # Named with --impl only: the same two rows run from another checkout (its extension
-        # built in place), e.g. the code a branch started from.
-        Unionmount(pure_python=False, python=python, passthrough=pt, repo=Path(base))
-        for base in filter(None, [os.environ.get("UNIONFS_BENCH_BASE")]) for pt in ("on", "off")
     ]
