@@ -13,6 +13,7 @@ import signal
 import pyfuse3
 import trio
 
+from . import readahead
 from .runtime import TrioRuntime as Runtime  # noqa: F401  (the session module names its runtime)
 
 IMPLEMENTATION = "pyfuse3"
@@ -42,11 +43,18 @@ def _errors(fn):
 class _Adapter(pyfuse3.Operations):
     supports_dot_lookup = False
 
-    def __init__(self, ops):
+    def __init__(self, ops, mountpoint):
         super().__init__()
         self.ops = ops
         self.t = ops.timeout
         self.enable_writeback_cache = ops.writeback
+        self.mountpoint = mountpoint
+
+    def init(self):
+        # libfuse replies to INIT when this returns; the kernel then takes the smaller of its
+        # readahead and the reply's. Raised after that, at trio's next turn.
+        trio.lowlevel.current_trio_token().run_sync_soon(readahead.raise_readahead,
+                                                         self.mountpoint, self.ops.u.stack)
 
     @_errors
     async def lookup(self, parent, name, ctx):
@@ -186,7 +194,7 @@ class Session:
     """One mount: made by the constructor, served by ``serve()``, ended by ``close()``."""
 
     def __init__(self, ops, mountpoint, options):
-        pyfuse3.init(_Adapter(ops), mountpoint, options)
+        pyfuse3.init(_Adapter(ops, os.path.abspath(mountpoint)), mountpoint, options)
 
     def serve(self):
         """Serve until unmounted from outside (False) or told to stop by a signal (True)."""

@@ -72,6 +72,11 @@ def adopt(u, fd, node, upper, flags):
 
 
 def read(u, fh, off, size):
+    return _sys.pread(read_fd(u, fh), size, off)
+
+
+def read_fd(u, fh):
+    """The fd a read of ``fh`` goes to (the Cython session reads it itself, without the GIL)."""
     h = u.handle(fh)
     if not h.upper and h.node.upper:
         # Copied up since it was opened: read what writers see from now on, by name or, once it
@@ -86,7 +91,7 @@ def read(u, fh, off, size):
         if fd is not None:
             _sys.close(h.fd)
             h.fd, h.upper = fd, True
-    return _sys.pread(h.fd, size, off)
+    return h.fd
 
 
 def write(u, fh, off, buf):

@@ -8,13 +8,12 @@ order of setup.
 import ctypes
 import logging
 import os
-import re
 import resource
 import stat
 import sys
 from dataclasses import dataclass
 
-from . import _fast, _sys, session
+from . import _fast, _sys, readahead, session
 from .core import Union
 from .layers import LayerStack, open_layer
 from .operations import Operations
@@ -237,13 +236,7 @@ def fuse_options(opts, prep):
 def is_mounted(path):
     """Whether path is a mount point, from /proc/self/mountinfo: a stat of a FUSE mount point
     could hang on a daemon that no longer answers (ourselves, at exit)."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            point = line.split(b" ")[4]
-            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), point)
-            if point == os.fsencode(path):
-                return True
-    return False
+    return readahead.mount_dev(path) is not None
 
 
 def serve(opts, prep, ready):

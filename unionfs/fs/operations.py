@@ -23,8 +23,8 @@ log = logging.getLogger("unionfs.requests")
 _fault = {os.environ.get("UNIONFS_FAULT_INJECT", "")} - {""}
 
 
-def _handler(fn):
-    name = fn.__name__
+def _handler(fn, name=None):
+    name = name or fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(self, *args):
@@ -185,6 +185,12 @@ class Operations:
     @_handler
     async def read(self, fh, off, size):
         return files.read(self.u, fh, off, size)
+
+    async def read_fd(self, fh, off, size):
+        """A read whose data the Cython session reads itself, from the fd this gives; logged,
+        and failed by fault injection, as the read it is."""
+        return files.read_fd(self.u, fh)
+    read_fd = _handler(read_fd, name="read")
 
     @_handler
     async def write(self, fh, off, buf):
