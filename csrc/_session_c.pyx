@@ -20,6 +20,15 @@ first has the session start another worker if none is reading; a worker that fin
 while another one is reading ends. So there is one thread in the steady state, and no thread waits
 for the GIL or the lock behind another one that is only serving requests. (With four readers all
 the time, they queued on the GIL at every system call of a handler: compileall ran 30% slower.)
+
+FUSE over io_uring (-o uring, csrc/_uring.h): where INIT agrees on it, requests come as completions
+of one ring, and a reply is written into the request's entry and committed with the command that
+fetches the entry's next request: one io_uring_enter per batch instead of a read and a writev per
+request. One thread owns the ring and serves it the same way, under the same lock; a handler of
+its that waits hands the ring to another thread (a parked one, else a new one) and later commits
+its reply through the new owner. Ring threads live as long as the session (the kernel cancels the
+commands of a thread that exits, and their entries with them). INIT, FORGET, INTERRUPT and
+notifications stay on /dev/fuse, and so does its reader.
 """
 
 import errno as _errno
