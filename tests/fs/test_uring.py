@@ -14,6 +14,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,8 @@ import test_fsx as fsx_tests
 import test_killpriv as killpriv_tests
 import test_semantics as semantics_tests
 import util
-from test_cli import run_cli
+from rootless_util import dev_fuse_for_users, unionmount_for, unprivileged_user
+from test_cli import daemon_pids, run_cli, wait_gone
 from util import Dir, File
 
 PARAM = Path("/sys/module/fuse/parameters/enable_uring")
@@ -142,6 +144,31 @@ def test_without_enable_uring_on_refuses_and_auto_falls_back(tmp_path, impl, no_
             assert _ring_completions(proc.pid) is None
     log = (side.root / "auto.log").read_text()
     assert "does not offer FUSE over io_uring" in log and _served(log) is None
+
+
+def test_a_user_mount_through_fusermount3_uses_the_ring(tmp_path, impl, no_mounts_left):
+    """Registering entries needs nothing but the connection's fd: rootless mounts get rings too."""
+    if shutil.which("fusermount3") is None or shutil.which("setpriv") is None:
+        pytest.skip("needs fusermount3 and setpriv")
+    with unprivileged_user() as user, dev_fuse_for_users():
+        root = user.home / tmp_path.name
+        side = util.build_side(root, [{"a": File(b"lower")}], {})
+        for path in (root, *root.rglob("*")):
+            os.chown(path, user.uid, user.gid, follow_symlinks=False)
+        program = unionmount_for(user, root / "unionmount", impl)
+        try:
+            r = user.run(["sh", "-c", 'exec "$0" "$@"', program, side.lowers[0], side.upper,
+                          side.mnt, "-o", f"workdir={side.work},uring=on"])
+            assert r.returncode == 0, r.stderr
+            r = user.run(["sh", "-c", f"cat {side.mnt}/a && echo new > {side.mnt}/b"])
+            assert r.returncode == 0 and r.stdout == "lower", r.stderr
+            (pid,) = daemon_pids(side.mnt)
+            assert _ring_completions(pid) >= 2
+            user.run(["fusermount3", "-u", side.mnt], check=True)
+            assert wait_gone(pid)
+        finally:
+            util.fuse_unmount(side.mnt)
+            shutil.rmtree(root, ignore_errors=True)
 
 
 # --- ending a mount with rings --------------------------------------------------------------------
