@@ -225,6 +225,7 @@ cdef extern from "_uring.h" nogil:
     void uf_ring_commit(uf_ring *r, uf_ent *e)
     void uf_ring_drain(uf_ring *r)
     int uf_ring_wait(uf_ring *r)
+    int uf_ring_flush(uf_ring *r)
     int uf_ring_next(uf_ring *r, uint64_t *data, int *res)
 
 cdef extern from "<sys/uio.h>" nogil:
@@ -1114,6 +1115,11 @@ cdef class Session:
                         # Every request that comes through the ring has a reply; an entry
                         # without one would be lost to the kernel.
                         _reply_err(e.unique, _errno.EIO)
+                if uf_owner:
+                    with nogil:
+                        ret = uf_ring_flush(&_ring)
+                    if ret < 0 and ret != -EINTR:
+                        raise OSError(-ret, "io_uring_enter: " + os.strerror(-ret))
 
     def _ring_error(self, int err):
         if err == ENOTCONN or err == ECONNABORTED or err == ENODEV:

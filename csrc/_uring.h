@@ -247,6 +247,17 @@ static int uf_ring_wait(struct uf_ring *r)
     return ret < 0 ? ret : 0;
 }
 
+/* Commit now what is queued, without waiting: when more requests are ready, a reply is not to
+ * wait for them to be served (a reader waits for its pages). 0 or -errno. */
+static int uf_ring_flush(struct uf_ring *r)
+{
+    int ret;
+    if (!io_uring_cq_ready(&r->ring) || !io_uring_sq_ready(&r->ring))
+        return 0;
+    ret = io_uring_submit(&r->ring);
+    return ret < 0 ? ret : 0;
+}
+
 /* The next completion: 1 with its user data and result, or 0 if there is none. */
 static int uf_ring_next(struct uf_ring *r, uint64_t *data, int *res)
 {
