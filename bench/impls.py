@@ -70,6 +70,9 @@ class Impl:
     def mount_env(self) -> dict | None:
         return None
 
+    def mount_cwd(self) -> Path | None:
+        return None
+
     def mount(self, stack: Stack) -> None:
         cmd = self.mount_cmd(stack)
         # Output goes to a file, not a pipe: a daemon that keeps the inherited stderr open would
@@ -83,6 +86,7 @@ class Impl:
                     stderr=log,
                     timeout=60,
                     env=self.mount_env(),
+                    cwd=self.mount_cwd(),
                 )
             except subprocess.TimeoutExpired:
                 raise MountError(f"{cmd[0]} did not return within 60 s") from None
@@ -211,7 +215,9 @@ class Unionmount(Impl):
     io_uring (`-o uring=on`; the kernel's enable_uring is Y only while such a mount starts)."""
 
     def __init__(self, pure_python: bool, python: str, writeback: bool | None = None,
-                 fsync: bool = True, passthrough: str | None = None, uring: bool = False):
+                 fsync: bool = True, passthrough: str | None = None, uring: bool = False,
+                 repo: Path | None = None):
+        self.repo = repo or REPO
         self.pure_python = pure_python
         self.python = python
         self.writeback = writeback
@@ -232,6 +238,11 @@ class Unionmount(Impl):
             self.by_default = False
             self.key += f"-pt{passthrough}"
             self.label = f"{self.label[:-1]}, passthrough={passthrough})"
+        if repo is not None:
+            # Another checkout (--baseline): its code against this one's, in the same run.
+            self.by_default = False
+            self.key = "base-" + self.key.removeprefix("unionmount-")
+            self.label = f"{self.label[:-1]}, {repo})"
         if uring:
             self.by_default = False
             self.key += "-uring"
@@ -257,11 +268,15 @@ class Unionmount(Impl):
 
     def mount_env(self) -> dict:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.repo), env.get("PYTHONPATH")]))
         env.pop("UNIONFS_PURE_PYTHON", None)
         if self.pure_python:
             env["UNIONFS_PURE_PYTHON"] = "1"
         return env
+
+    def mount_cwd(self) -> Path:
+        # `python -m` puts the working directory first on sys.path: it must be this checkout.
+        return self.repo
 
     def _probe(self, code: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -270,12 +285,12 @@ class Unionmount(Impl):
             text=True,
             timeout=60,
             env=self.mount_env(),
-            cwd=REPO,
+            cwd=self.repo,
         )
 
     def _missing(self) -> str | None:
-        if not (REPO / "unionfs" / "__main__.py").exists():
-            return f"{REPO}/unionfs/__main__.py does not exist yet"
+        if not (self.repo / "unionfs" / "__main__.py").exists():
+            return f"{self.repo}/unionfs/__main__.py does not exist yet"
         proc = self._probe("import pyfuse3, trio, unionfs")
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -296,8 +311,8 @@ class Unionmount(Impl):
         return proc.stdout.strip() or f"unimportable: {proc.stderr.strip().splitlines()[-1:]}"
 
     def version(self) -> str:
-        commit = _tool_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-        dirty = _tool_output(["git", "-C", str(REPO), "status", "--porcelain", "--", "unionfs", "csrc"])
+        commit = _tool_output(["git", "-C", str(self.repo), "rev-parse", "--short", "HEAD"])
+        dirty = _tool_output(["git", "-C", str(self.repo), "status", "--porcelain", "--", "unionfs", "csrc"])
         pyfuse3 = self._probe("import pyfuse3; print(pyfuse3.__version__)").stdout.strip()
         session = self._probe("import unionfs.fs.session as s; print(s.IMPLEMENTATION)").stdout.strip()
         return (
@@ -325,8 +340,11 @@ class Unionmount(Impl):
             ",uring=on" if self.uring else "")
 
 
-def all_impls(python: str) -> list[Impl]:
-    return [
+def all_impls(python: str, baseline: Path | None = None) -> list[Impl]:
+    base = [] if baseline is None else [
+        Unionmount(pure_python=False, python=python, passthrough=pt, repo=baseline)
+        for pt in ("on", "off")]
+    return base + [
         Native(),
         KernelOverlay(),
         FuseOverlayfs(),
