@@ -77,7 +77,9 @@ else:
         "csrc/_session_c.pyx into unionfs.fs._session_c")
     ext_modules = cythonize(
         [Extension("unionfs.fs._fast_c", ["csrc/_fast_c.pyx"]),
-         Extension("unionfs.fs._session_c", ["csrc/_session_c.pyx"])],
+         # liburing (Debian's liburing-dev) sets up the rings of FUSE over io_uring.
+         Extension("unionfs.fs._session_c", ["csrc/_session_c.pyx"], include_dirs=["csrc"],
+                   libraries=["uring"], depends=["csrc/_uring.h"])],
         compiler_directives={"language_level": "3"},
     )
 

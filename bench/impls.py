@@ -16,6 +16,7 @@ from pathlib import Path
 
 # The repository this bench/ lives in: `python -m unionfs` is run from here.
 REPO = Path(__file__).resolve().parent.parent
+URING_PARAM = Path("/sys/module/fuse/parameters/enable_uring")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,16 +211,19 @@ class Unionmount(Impl):
     """This project: `python -m unionfs`, in its Cython build or forced to pure Python; with its
     default options, or with the kernel's writeback cache on (`-o writeback=1`) or off, or with
     no fsync of copy-ups (`-o fsync=0`, as fuse-overlayfs copies up), or with FUSE passthrough
-    forced on or off (`-o passthrough=`; the default, auto, is on as root)."""
+    forced on or off (`-o passthrough=`; the default, auto, is on as root), or with FUSE over
+    io_uring (`-o uring=on`; the kernel's enable_uring is Y only while such a mount starts)."""
 
     def __init__(self, pure_python: bool, python: str, writeback: bool | None = None,
-                 fsync: bool = True, passthrough: str | None = None, repo: Path | None = None):
+                 fsync: bool = True, passthrough: str | None = None, uring: bool = False,
+                 repo: Path | None = None):
         self.repo = repo or REPO
         self.pure_python = pure_python
         self.python = python
         self.writeback = writeback
         self.fsync = fsync
         self.passthrough = passthrough
+        self.uring = uring
         self.key = "unionmount-py" if pure_python else "unionmount-c"
         self.label = "unionmount (pure Python)" if pure_python else "unionmount (Cython)"
         if writeback is not None:
@@ -239,6 +243,28 @@ class Unionmount(Impl):
             self.by_default = False
             self.key = "base-" + self.key.removeprefix("unionmount-")
             self.label = f"{self.label[:-1]}, {repo})"
+        if uring:
+            self.by_default = False
+            self.key += "-uring"
+            self.label = f"{self.label[:-1]}, uring=on)"
+
+    def missing(self) -> str | None:
+        if self.uring and not URING_PARAM.exists():
+            return f"this kernel has no FUSE over io_uring ({URING_PARAM})"
+        return self._missing()
+
+    def mount(self, stack: Stack) -> None:
+        if not self.uring:
+            return super().mount(stack)
+        # enable_uring is global to the machine: Y only until this mount's connection has its
+        # rings (the first request waits for them); the connection keeps them after.
+        old = URING_PARAM.read_text().strip()
+        URING_PARAM.write_text("Y")
+        try:
+            super().mount(stack)
+            os.stat(stack.mountpoint)
+        finally:
+            URING_PARAM.write_text(old)
 
     def mount_env(self) -> dict:
         env = dict(os.environ)
@@ -262,7 +288,7 @@ class Unionmount(Impl):
             cwd=self.repo,
         )
 
-    def missing(self) -> str | None:
+    def _missing(self) -> str | None:
         if not (self.repo / "unionfs" / "__main__.py").exists():
             return f"{self.repo}/unionfs/__main__.py does not exist yet"
         proc = self._probe("import pyfuse3, trio, unionfs")
@@ -310,7 +336,8 @@ class Unionmount(Impl):
     def _options(self) -> str:
         return ("" if self.writeback is None else f",writeback={int(self.writeback)}") + (
             "" if self.fsync else ",fsync=0"
-        ) + ("" if self.passthrough is None else f",passthrough={self.passthrough}")
+        ) + ("" if self.passthrough is None else f",passthrough={self.passthrough}") + (
+            ",uring=on" if self.uring else "")
 
 
 def all_impls(python: str, baseline: Path | None = None) -> list[Impl]:
@@ -331,4 +358,7 @@ def all_impls(python: str, baseline: Path | None = None) -> list[Impl]:
         Unionmount(pure_python=False, python=python, fsync=False),
         Unionmount(pure_python=False, python=python, passthrough="on"),
         Unionmount(pure_python=False, python=python, passthrough="off"),
+        # FUSE over io_uring, with passthrough and without.
+        Unionmount(pure_python=False, python=python, passthrough="on", uring=True),
+        Unionmount(pure_python=False, python=python, passthrough="off", uring=True),
     ]

@@ -20,6 +20,15 @@ first has the session start another worker if none is reading; a worker that fin
 while another one is reading ends. So there is one thread in the steady state, and no thread waits
 for the GIL or the lock behind another one that is only serving requests. (With four readers all
 the time, they queued on the GIL at every system call of a handler: compileall ran 30% slower.)
+
+FUSE over io_uring (-o uring, csrc/_uring.h): where INIT agrees on it, requests come as completions
+of one ring, and a reply is written into the request's entry and committed with the command that
+fetches the entry's next request: one io_uring_enter per batch instead of a read and a writev per
+request. One thread owns the ring and serves it the same way, under the same lock; a handler of
+its that waits hands the ring to another thread (a parked one, else a new one) and later commits
+its reply through the new owner. Ring threads live as long as the session (the kernel cancels the
+commands of a thread that exits, and their entries with them). INIT, FORGET, INTERRUPT and
+notifications stay on /dev/fuse, and so does its reader.
 """
 
 import errno as _errno
@@ -29,8 +38,8 @@ import signal
 import threading
 
 from cpython.ref cimport PyObject, Py_XDECREF
-from libc.stdint cimport uint16_t, uint32_t, uint64_t, int32_t, int64_t
-from libc.errno cimport errno, EINTR, EAGAIN, ENOENT, ENODEV
+from libc.stdint cimport uint16_t, uint32_t, uint64_t, int32_t, int64_t, uintptr_t
+from libc.errno cimport errno, EINTR, EAGAIN, ENOENT, ENODEV, ENOTCONN, ECONNABORTED
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset, memcpy, strlen
 from posix.time cimport timespec
@@ -195,6 +204,30 @@ cdef extern from *:
     size_t FUSE_NAME_OFFSET_DIRENTPLUS
     size_t FUSE_DIRENT_ALIGN(size_t)
 
+cdef extern from "_uring.h" nogil:
+    enum:
+        UF_OVER_IO_URING, UF_EFD_TAG
+    struct uf_ent:
+        uint64_t unique
+    struct uf_ring:
+        int ready
+        int nents
+        uint64_t served
+    uf_ent *uf_cur
+    int uf_owner
+    int uf_ring_setup(uf_ring *r, int fuse_fd, int nqueues, int depth, size_t payload_size)
+    void uf_ring_free(uf_ring *r)
+    void uf_ring_register_all(uf_ring *r)
+    void uf_ring_rearm(uf_ring *r)
+    char *uf_ent_request(uf_ent *e)
+    void uf_ent_reply(uf_ring *r, uf_ent *e, int error, const void *a, size_t alen,
+                      const void *b, size_t blen)
+    void uf_ring_commit(uf_ring *r, uf_ent *e)
+    void uf_ring_drain(uf_ring *r)
+    int uf_ring_wait(uf_ring *r)
+    int uf_ring_flush(uf_ring *r)
+    int uf_ring_next(uf_ring *r, uint64_t *data, int *res)
+
 cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
         void *iov_base
@@ -246,6 +279,9 @@ cdef size_t _bufsize = 0            # a read buffer: the biggest request the ker
 cdef object _pt_mode = "off"        # -o passthrough=: on, off, auto
 cdef object _pt = None              # passthrough.Passthrough once INIT agreed on it
 cdef bint _killpriv = False         # INIT agreed on FUSE_HANDLE_KILLPRIV_V2
+cdef object _uring_mode = "off"     # -o uring=: on, off, auto
+cdef uf_ring _ring                  # FUSE over io_uring, once INIT agreed on it (_uring.h)
+cdef uint64_t _dev_served = 0       # requests read from /dev/fuse, INIT, FORGET, INTERRUPT aside
 
 
 cdef class Ctx:
@@ -296,7 +332,14 @@ cdef int _errno_of(BaseException e) noexcept:
 
 cdef void _send(uint64_t unique, int error, const void *a, size_t alen, const void *b,
                 size_t blen) noexcept nogil:
-    """One reply, header and payload in one writev (the kernel takes a reply whole or not)."""
+    """One reply, header and payload in one writev (the kernel takes a reply whole or not); a
+    request that came through the ring is answered in its entry."""
+    global uf_cur
+    if uf_cur is not NULL and unique != 0 and unique == uf_cur.unique:
+        uf_ent_reply(&_ring, uf_cur, error, a, alen, b, blen)
+        uf_ring_commit(&_ring, uf_cur)
+        uf_cur = NULL
+        return
     cdef fuse_out_header out
     cdef iovec iov[3]
     cdef int n = 1
@@ -453,6 +496,16 @@ cdef void do_init(Session s, uint64_t unique, fuse_init_in *arg):
         want &= ~(<uint64_t>FUSE_ATOMIC_O_TRUNC)
     if _pt_mode == "on" and not want & UF_PASSTHROUGH:
         log.warning("passthrough=on, but the kernel does not offer FUSE passthrough")
+    if _uring_mode != "off":
+        # The kernel offers it only while enable_uring is Y. Once agreed, it holds every request
+        # back until each CPU's queue has entries: so the ring is made before we agree.
+        if not offered & UF_OVER_IO_URING:
+            (log.warning if _uring_mode == "on" else log.info)(
+                "uring=%s, but the kernel does not offer FUSE over io_uring "
+                "(/sys/module/fuse/parameters/enable_uring is N): serving through /dev/fuse",
+                _uring_mode)
+        elif _ring_setup():
+            want |= UF_OVER_IO_URING
     memset(&out, 0, sizeof(out))
     out.major = FUSE_KERNEL_VERSION
     out.minor = min(arg.minor, OUR_MINOR)
@@ -475,6 +528,38 @@ cdef void do_init(Session s, uint64_t unique, fuse_init_in *arg):
     _reply(unique, &out, sizeof(out))
     # The kernel has taken the smaller of its readahead and ours: now it may be raised.
     readahead.raise_readahead(s.mounted.mountpoint, _ops.u.stack)
+    if want & UF_OVER_IO_URING:
+        # Entries are registered only after the reply: the kernel needs the connection's
+        # max_write to check their buffers.
+        s._start_ring()
+
+
+DEF URING_DEPTH = 4     # entries per CPU queue (requests are served one at a time anyway)
+
+
+cdef bint _ring_setup():
+    """Make the ring and its entries; False (logged) where the kernel or the system refuses."""
+    cdef int err = uf_ring_setup(&_ring, _fd, _possible_cpus(), URING_DEPTH, _bufsize - HEADER_ROOM)
+    if err < 0:
+        # io_uring_setup may be refused: kernel.io_uring_disabled, a seccomp filter, memlock.
+        (log.warning if _uring_mode == "on" else log.info)(
+            "cannot set up io_uring (%s): serving through /dev/fuse", os.strerror(-err))
+        return False
+    return True
+
+
+def _possible_cpus():
+    """How many queues the kernel makes: one per possible CPU (offline ones too), and it uses
+    the ring only once each of them has entries."""
+    n = 0
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            for span in f.read().strip().split(","):
+                first, _, last = span.partition("-")
+                n += int(last or first) - int(first) + 1
+    except (OSError, ValueError):
+        n = os.cpu_count() or 1
+    return n
 
 
 cdef void do_setattr(uint64_t unique, fuse_in_header *h, fuse_setattr_in *arg):
@@ -894,18 +979,24 @@ cdef class Session:
     cdef object lock, done, threads, errors
     cdef int running        # workers alive
     cdef int reading        # workers in (or about to enter) a read of /dev/fuse
+    # The ring's threads (with FUSE over io_uring): one owns the ring at a time; the others are
+    # parked on ring_idle until ring_wanted asks for a new owner. They live as long as the
+    # session: the kernel cancels a thread's io_uring commands when it exits.
+    cdef object ring_idle
+    cdef int ring_wanted, ring_parked
     cdef bint stopped
     cdef public bint exited
     cdef uint64_t flags     # what INIT agreed on
 
     def __init__(self, ops, mountpoint, options):
-        global _ops, _fd, _tsec, _tnsec, _writeback, _bufsize, _pt_mode
+        global _ops, _fd, _tsec, _tnsec, _writeback, _bufsize, _pt_mode, _uring_mode
         if _ops is not None:
             raise RuntimeError("one session per process")
         rt = ops.u.rt
         if not isinstance(rt, Runtime):
             raise TypeError("the union must run on this session's Runtime")
         self.lock = rt.lock
+        self.ring_idle = threading.Condition(rt.lock)
         rt.on_wait = self._on_wait
         self.done = threading.Event()
         self.threads = []
@@ -915,6 +1006,7 @@ cdef class Session:
         _tnsec = <uint32_t>((t - _tsec) * 1e9)
         _writeback = ops.writeback
         _pt_mode = ops.passthrough
+        _uring_mode = ops.uring
         _bufsize = MAX_PAGES * os.sysconf("SC_PAGE_SIZE") + HEADER_ROOM
         self.mounted = fusedev.mount(os.path.abspath(mountpoint), options)
         _ops, _fd = ops, self.mounted.fd
@@ -928,6 +1020,9 @@ cdef class Session:
             while not self.done.wait(0.5):
                 if self.stopped:
                     self._wake_workers()    # one may have gone back to read before the flag
+                if self.exited and self.ring_parked:
+                    with self.lock:
+                        self.ring_idle.notify_all()
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -956,11 +1051,125 @@ cdef class Session:
         t.start()
 
     def _on_wait(self):
-        """A handler is about to wait with the lock released: keep one worker reading."""
-        if self.reading == 0 and not self.exited:
+        """A handler is about to wait with the lock released: keep one worker reading, and if
+        this thread owns the ring, hand the ring to another."""
+        global uf_owner
+        if self.exited:
+            return
+        if self.reading == 0:
             self._start_worker()
+        if uf_owner:
+            uf_owner = 0
+            self._want_ring_owner()
+
+    def _want_ring_owner(self):
+        self.ring_wanted += 1
+        if self.ring_parked:
+            self.ring_idle.notify()
+        else:
+            t = threading.Thread(target=self._ring_worker, name=f"fuse-ring-{len(self.threads)}",
+                                 daemon=True)
+            self.threads = [w for w in self.threads if w.is_alive()] + [t]
+            self.running += 1
+            t.start()
+
+    def _start_ring(self):
+        """INIT agreed on io_uring: register the entries (submitted by the first owner)."""
+        uf_ring_register_all(&_ring)
+        log.info("FUSE over io_uring: %d entries in %d queues", _ring.nents,
+                 _ring.nents // URING_DEPTH)
+        self._want_ring_owner()
+
+    def _ring_worker(self):
+        """Wait to own the ring, then serve it until the session ends or a handler of ours
+        waits (and another thread takes the ring over); park again."""
+        global uf_owner
+        lock = self.lock
+        lock.acquire()
+        try:
+            while True:
+                while self.ring_wanted == 0 and not self.exited:
+                    self.ring_parked += 1
+                    try:
+                        self.ring_idle.wait()
+                    finally:
+                        self.ring_parked -= 1
+                if self.exited:
+                    break
+                self.ring_wanted -= 1
+                uf_owner = 1
+                self._serve_ring()
+                uf_owner = 0
+        except BaseException as e:
+            self.errors.append(e)
+            self.exited = True
+        finally:
+            self.running -= 1
+            if self.exited:
+                self.ring_idle.notify_all()
+                self._wake_workers()
+            if self.running == 0:
+                self.done.set()
+            lock.release()
+
+    def _serve_ring(self):
+        """Serve the ring while this thread owns it (holding the lock but while waiting)."""
+        global uf_cur
+        cdef uint64_t data
+        cdef int res, ret
+        cdef uf_ent *e
+        cdef char *req
+        lock = self.lock
+        while uf_owner and not self.exited:
+            uf_ring_drain(&_ring)
+            lock.release()
+            with nogil:
+                ret = uf_ring_wait(&_ring)
+            lock.acquire()
+            if ret < 0 and ret != -EINTR:
+                raise OSError(-ret, "io_uring_enter: " + os.strerror(-ret))
+            while uf_owner and not self.exited and uf_ring_next(&_ring, &data, &res):
+                if data == UF_EFD_TAG:
+                    uf_ring_rearm(&_ring)
+                    continue
+                e = <uf_ent *><uintptr_t>data
+                if res < 0:
+                    self._ring_error(-res)
+                    continue
+                req = uf_ent_request(e)
+                if req is NULL:
+                    log.error("a request of the ring does not add up: dropped")
+                    continue
+                _ring.served += 1
+                uf_cur = e
+                try:
+                    dispatch(self, req)
+                finally:
+                    if uf_cur == e:
+                        # Every request that comes through the ring has a reply; an entry
+                        # without one would be lost to the kernel.
+                        _reply_err(e.unique, _errno.EIO)
+                if uf_owner:
+                    with nogil:
+                        ret = uf_ring_flush(&_ring)
+                    if ret < 0 and ret != -EINTR:
+                        raise OSError(-ret, "io_uring_enter: " + os.strerror(-ret))
+
+    def _ring_error(self, int err):
+        if err == ENOTCONN or err == ECONNABORTED or err == ENODEV:
+            # Unmounted, or the connection aborted: the session ends.
+            self.exited = True
+        elif not _ring.served:
+            # A REGISTER refused (enable_uring set to N after INIT, ...): the kernel then goes
+            # back to /dev/fuse for every request.
+            (log.warning if _uring_mode == "on" else log.info)(
+                "the kernel refused an io_uring entry (%s): serving through /dev/fuse",
+                os.strerror(err))
+        else:
+            log.error("io_uring entry: %s", os.strerror(err))
 
     def _worker(self):
+        global _dev_served
         cdef char *buf = <char *>malloc(_bufsize)
         cdef ssize_t n
         cdef int err = 0, fd = _fd
@@ -986,6 +1195,9 @@ cdef class Session:
                     break
                 lock.acquire()
                 try:
+                    if (<fuse_in_header *>buf).opcode not in (FUSE_INIT, FUSE_FORGET,
+                                                              FUSE_BATCH_FORGET, FUSE_INTERRUPT):
+                        _dev_served += 1
                     dispatch(self, buf)
                 finally:
                     lock.release()
@@ -1008,15 +1220,20 @@ cdef class Session:
                 self.done.set()
 
     def close(self, unmount):
-        global _ops, _fd, _pt, _killpriv
+        global _ops, _fd, _pt, _killpriv, _dev_served
         if self.mounted is None:
             return
+        if _ring.ready:
+            log.info("served %d requests through io_uring, %d through /dev/fuse", _ring.served,
+                     _dev_served)
+            # Closing the ring cancels the entries the kernel holds; their buffers go with them.
+            uf_ring_free(&_ring)
         if unmount:
             fusedev.unmount(self.mounted)
         else:
             os.close(self.mounted.fd)
         self.mounted = None
-        _ops, _fd, _pt, _killpriv = None, -1, None, False
+        _ops, _fd, _pt, _killpriv, _dev_served = None, -1, None, False, 0
 
 
 def _ignore(signum, frame):

@@ -24,7 +24,8 @@ system_packages() {
     # crun for podman's "crun | runc").
     # The rest are the real parts the tests start: a small static init (tini), libseccomp, the
     # user-namespace helpers, stress-ng, the registry and skopeo, the network engine and its
-    # firewall tools, the peers (unionfs-fuse), fio and liburing for the bench, containerd for the
+    # firewall tools, the peers (unionfs-fuse), fio for the bench, liburing (the Cython session's
+    # FUSE over io_uring, and fio's io_uring engine), containerd for the
     # snapshotter (tests/snapshotter/test_containerd.py); man and bash's completion for unionrun's
     # pages and completion script.
     echo fuse3 libfuse3-dev "$pc" busybox-static attr fuse-overlayfs gcc libc6-dev \

@@ -21,8 +21,11 @@ import util
 
 LONG = os.environ.get("UNIONFS_LONG", "") not in ("", "0")
 
-# A process that had the mount open when its daemon died may see only these.
-DEAD_MOUNT_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
+# A process that had the mount open when its daemon died may see only these; over io_uring
+# (scripts/uring.sh) also ECANCELED: the kernel ends a request it was handing to the ring of a
+# dying daemon with it (fs/fuse/dev_uring.c, fuse_uring_send_in_task).
+DEAD_MOUNT_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED} | (
+    {errno.ECANCELED} if os.environ.get("UNIONFS_URING") == "on" else set()))
 
 
 def scale(short, long):

@@ -29,6 +29,9 @@ Mounts the union of the lower layers (leftmost topmost) under a copy-on-write up
                 full disk or a dead daemon is reported late, at fsync, not at write),
                 passthrough=auto|on|off (the kernel reads and writes the layer files
                 itself where it can: as root, without writeback=1; auto: the default),
+                uring=auto|on|off (requests and replies through io_uring instead of
+                read and write on /dev/fuse, where the kernel offers it: Linux 6.14 or
+                later with /sys/module/fuse/parameters/enable_uring Y; auto: the default),
                 uidmapping=D:P:N[:D:P:N...] (on-disk id D shown as P, as
                 fuse-overlayfs), gidmapping=..., squash_to_root,
                 squash_to_uid=ID, squash_to_gid=ID, and the fuse-overlayfs form
@@ -93,6 +96,10 @@ def parse(argv):
     default_passthrough = os.environ.get("UNIONFS_PASSTHROUGH")
     if default_passthrough:
         opts.insert(0, ("passthrough", default_passthrough))
+    # The default of -o uring= (scripts/uring.sh runs the tests with it on).
+    default_uring = os.environ.get("UNIONFS_URING")
+    if default_uring:
+        opts.insert(0, ("uring", default_uring))
     mappings, squash, squash_exact = {}, {}, {}
     lowerdir = upperdir = workdir = None
     unknown = []
@@ -126,6 +133,10 @@ def parse(argv):
             if value not in ("on", "off", "auto"):
                 raise UsageError("option passthrough takes on, off or auto")
             kw["passthrough"] = value
+        elif key == "uring":
+            if value not in ("on", "off", "auto"):
+                raise UsageError("option uring takes on, off or auto")
+            kw["uring"] = value
         elif key == "volatile":
             kw["fsync"] = False
         elif key == "ro":

@@ -79,6 +79,12 @@ def check(opts):
         if not may_pass_through():
             raise UsageError("passthrough=on needs CAP_SYS_ADMIN in the initial user namespace "
                              "(root outside a container); passthrough=auto falls back")
+    if opts.uring == "on":
+        if session.IMPLEMENTATION != "Cython loop":
+            raise UsageError("uring=on needs the Cython session (pyfuse3 reads /dev/fuse)")
+        why = why_no_uring()
+        if why:
+            raise UsageError(f"uring=on: {why}; uring=auto falls back")
     workdir = None
     if upper is not None:
         workdir = opts.workdir or _default_workdir(upper[0])
@@ -129,6 +135,29 @@ def may_pass_through():
     with open("/proc/self/status") as f:
         caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
     return initial and bool(caps & (1 << 21))     # CAP_SYS_ADMIN
+
+
+URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
+
+
+def why_no_uring():
+    """Why FUSE over io_uring cannot be used here, or None. The kernel offers it at INIT only
+    while the fuse module's enable_uring is Y (Linux 6.14 and later; off by default, set by
+    root for the whole machine); io_uring itself may be turned off by a sysctl."""
+    try:
+        with open(URING_PARAM) as f:
+            if f.read().strip() != "Y":
+                return f"the kernel has FUSE over io_uring off ({URING_PARAM} is N)"
+    except FileNotFoundError:
+        return "the kernel has no FUSE over io_uring (Linux 6.14 or later)"
+    try:
+        with open("/proc/sys/kernel/io_uring_disabled") as f:
+            disabled = f.read().strip()
+    except FileNotFoundError:
+        disabled = "0"
+    if disabled == "2":
+        return "io_uring is disabled (sysctl kernel.io_uring_disabled=2)"
+    return None
 
 
 def prepare_workdir(prep):
@@ -263,7 +292,7 @@ def serve(opts, prep, ready):
         passthrough = opts.passthrough
         if opts.writeback or (passthrough == "auto" and not may_pass_through()):
             passthrough = "off"
-        ops = Operations(union, debug=opts.debug, passthrough=passthrough)
+        ops = Operations(union, debug=opts.debug, passthrough=passthrough, uring=opts.uring)
         try:
             s = session.Session(ops, prep.mountpoint, fuse_options(opts, prep))
         except Exception as e:

@@ -71,15 +71,17 @@ def _is_ctx(obj):
 
 
 class Operations:
-    def __init__(self, union, debug=False, passthrough="off"):
+    def __init__(self, union, debug=False, passthrough="off", uring="off"):
         self.u = union
         self.debug = debug
         # What the session tells the kernel: how long it may cache names and attributes,
         # whether to ask for FUSE_CAP_WRITEBACK_CACHE (files.layer_flags adapts opens to it),
-        # and for FUSE passthrough (on, off, auto: passthrough.py; the Cython session only).
+        # for FUSE passthrough (on, off, auto: passthrough.py) and for FUSE over io_uring (on,
+        # off, auto; both the Cython session's only).
         self.timeout = union.timeout
         self.writeback = union.writeback
         self.passthrough = passthrough
+        self.uring = uring
 
     # --- names ----------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ class MountOptions:
     flags: tuple[tuple[str, bool], ...] = field(default=())
     upper_size: int | None = None   # upper_size=SIZE: bytes the upper layer may hold (quota.py)
     passthrough: str = "auto"       # passthrough=on|off|auto: FUSE passthrough (passthrough.py)
+    uring: str = "auto"             # uring=on|off|auto: FUSE over io_uring (the Cython session)
     unknown: tuple[str, ...] = field(default=())
 
 
