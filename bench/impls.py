@@ -209,8 +209,10 @@ class Unionmount(Impl):
     forced on or off (`-o passthrough=`; the default, auto, is on as root)."""
 
     def __init__(self, pure_python: bool, python: str, writeback: bool | None = None,
-                 fsync: bool = True, passthrough: str | None = None):
+                 fsync: bool = True, passthrough: str | None = None, checkout: Path | None = None):
         self.pure_python = pure_python
+        # Another checkout's code (extensions built in place): --baseline, for before/after.
+        self.repo = Path(checkout).resolve() if checkout else REPO
         self.python = python
         self.writeback = writeback
         self.fsync = fsync
@@ -229,10 +231,14 @@ class Unionmount(Impl):
             self.by_default = False
             self.key += f"-pt{passthrough}"
             self.label = f"{self.label[:-1]}, passthrough={passthrough})"
+        if checkout:
+            self.by_default = False
+            self.key += "-base"
+            self.label = f"{self.label[:-1]}, baseline)"
 
     def mount_env(self) -> dict:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.repo), env.get("PYTHONPATH")]))
         env.pop("UNIONFS_PURE_PYTHON", None)
         if self.pure_python:
             env["UNIONFS_PURE_PYTHON"] = "1"
@@ -245,12 +251,12 @@ class Unionmount(Impl):
             text=True,
             timeout=60,
             env=self.mount_env(),
-            cwd=REPO,
+            cwd=self.repo,
         )
 
     def missing(self) -> str | None:
-        if not (REPO / "unionfs" / "__main__.py").exists():
-            return f"{REPO}/unionfs/__main__.py does not exist yet"
+        if not (self.repo / "unionfs" / "__main__.py").exists():
+            return f"{self.repo}/unionfs/__main__.py does not exist yet"
         proc = self._probe("import pyfuse3, trio, unionfs")
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -271,8 +277,9 @@ class Unionmount(Impl):
         return proc.stdout.strip() or f"unimportable: {proc.stderr.strip().splitlines()[-1:]}"
 
     def version(self) -> str:
-        commit = _tool_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-        dirty = _tool_output(["git", "-C", str(REPO), "status", "--porcelain", "--", "unionfs", "csrc"])
+        commit = _tool_output(["git", "-C", str(self.repo), "rev-parse", "--short", "HEAD"])
+        dirty = _tool_output(["git", "-C", str(self.repo), "status", "--porcelain", "--", "unionfs",
+                              "csrc"])
         pyfuse3 = self._probe("import pyfuse3; print(pyfuse3.__version__)").stdout.strip()
         session = self._probe("import unionfs.fs.session as s; print(s.IMPLEMENTATION)").stdout.strip()
         return (
@@ -299,7 +306,10 @@ class Unionmount(Impl):
         ) + ("" if self.passthrough is None else f",passthrough={self.passthrough}")
 
 
-def all_impls(python: str) -> list[Impl]:
+def all_impls(python: str, baseline: Path | None = None) -> list[Impl]:
+    """Every implementation; with ``baseline`` (a checkout), its Cython build with passthrough on
+    too, as `unionmount-c-pton-base`, beside this checkout's `unionmount-c-pton`."""
+    base = [Unionmount(pure_python=False, python=python, passthrough="on", checkout=baseline)]
     return [
         Native(),
         KernelOverlay(),
@@ -314,4 +324,4 @@ def all_impls(python: str) -> list[Impl]:
         Unionmount(pure_python=False, python=python, fsync=False),
         Unionmount(pure_python=False, python=python, passthrough="on"),
         Unionmount(pure_python=False, python=python, passthrough="off"),
-    ]
+    ] + (base if baseline else [])

@@ -69,6 +69,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=sys.executable,
         help="interpreter that runs `python -m unionfs` (default: this one)",
     )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also run the Cython build of this other checkout (extensions built in place), "
+        "passthrough on, as unionmount-c-pton-base: before/after in one run",
+    )
     p.add_argument("--list", action="store_true", help="list workloads and implementations, then exit")
     p.add_argument(
         "--no-containers",
@@ -79,7 +86,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
 
     # Check every option before touching anything, one line per problem.
-    known = impls.all_impls(args.python)
+    known = impls.all_impls(args.python, args.baseline)
     all_keys = [i.key for i in known]
     # The container rows belong to a whole run, not to one chosen workload or implementation.
     args.containers = args.containers and not (args.only or args.impl)
@@ -236,13 +243,13 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    all_impls = [i for i in impls.all_impls(args.python) if i.key in args.impl]
+    all_impls = [i for i in impls.all_impls(args.python, args.baseline) if i.key in args.impl]
     chosen = [w for w in workloads.WORKLOADS if w.name in args.only]
     if args.list:
         for w in workloads.WORKLOADS:
             print(f"{w.name:18} {w.summary}")
         print()
-        for i in impls.all_impls(args.python):
+        for i in impls.all_impls(args.python, args.baseline):
             print(f"{i.key:18} {i.label}")
         return 0
 
