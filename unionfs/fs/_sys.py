@@ -123,6 +123,15 @@ def open_file(layer, path, flags, mode=0):
     return fd
 
 
+def create_file(layer, path, flags, mode):
+    """Create and open a new file (``flags`` has O_CREAT|O_EXCL, which follows no symlink), in
+    its parent's cached fd: one openat."""
+    with ParentDir(layer, path) as (dfd, name):
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
+    _trace("create", layer.index, path, flags, fd)
+    return fd
+
+
 def open_path(layer, path):
     """An O_PATH fd of the entry itself (a symlink is not followed)."""
     return _fast.open_beneath(layer.fd, path, os.O_PATH | os.O_NOFOLLOW)

@@ -129,7 +129,9 @@ class Union:
         return Found(st=ist, upper=False, lowers=((self.stack.index.index, entry),),
                      lower_st=found.lower_st)
 
-    def node_for(self, parent, name, found):
+    def node_for(self, parent, name, found, new=False):
+        """The node of an entry ``found`` under ``name`` in ``parent``: one the table knows, or
+        a new one. ``new``: an entry we just made, which has no origin to take its number from."""
         st = found.st
         key = (st.st_dev, st.st_ino)
         node = self.table.by_key(key)
@@ -155,8 +157,8 @@ class Union:
         keys = [key]
         if found.lower_st is not None:
             keys.append((found.lower_st.st_dev, found.lower_st.st_ino))
-        node = self.table.new(parent, name, found.kind, found.upper, found.lowers, keys,
-                              self._ino_for(parent, name, found))
+        ino = self.table.ino_for(st) if new else self._ino_for(parent, name, found)
+        node = self.table.new(parent, name, found.kind, found.upper, found.lowers, keys, ino)
         if not found.upper and found.lowers[0][0] in self.stack.lower_indices:
             node.lower_st = found.st
         return node

@@ -178,9 +178,9 @@ class Operations:
     @_handler
     async def create(self, parent_inode, name, mode, flags, ctx):
         u = self.u
-        node, fd = await dirops.create(u, u.table[parent_inode], name, mode, flags, ctx)
+        node, fd, st = await dirops.create(u, u.table[parent_inode], name, mode, flags, ctx)
         fh = u.add_handle(files.adopt(u, fd, node, True, flags))
-        return fh, u.entry(node)
+        return fh, u.entry(node, st)
 
     @_handler
     async def read(self, fh, off, size):
