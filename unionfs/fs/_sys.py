@@ -146,7 +146,9 @@ def statvfs(layer):
     return os.statvfs(layer.fd)
 
 
-def _xattr_target(layer, path):
+def _entry_at(layer, path):
+    """``with _entry_at(layer, path) as (dfd, name)``: the entry as a directory fd and a name in
+    it (an empty name for the layer's root: the fd itself), for the *_at calls of _fast."""
     return ParentDir(layer, path) if path else _RootDir(layer)
 
 
@@ -163,9 +165,9 @@ class _RootDir:
 
 def getxattr(layer, path, attr):
     """The value of one xattr of the entry, or None where it has none (or cannot have any)."""
-    with _xattr_target(layer, path) as (dfd, name):
+    with _entry_at(layer, path) as (dfd, name):
         try:
-            return os.getxattr(_proc(dfd, name), attr, follow_symlinks=not name)
+            return _fast.getxattr_at(dfd, name, attr)
         except OSError as e:
             if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
                 return None
@@ -173,10 +175,9 @@ def getxattr(layer, path, attr):
 
 
 def listxattr(layer, path):
-    with _xattr_target(layer, path) as (dfd, name):
+    with _entry_at(layer, path) as (dfd, name):
         try:
-            return [a.encode() if isinstance(a, str) else a
-                    for a in os.listxattr(_proc(dfd, name), follow_symlinks=not name)]
+            return _fast.listxattr_at(dfd, name)
         except OSError as e:
             if e.errno in (errno.ENOTSUP, errno.EPERM):
                 return []
@@ -184,30 +185,31 @@ def listxattr(layer, path):
 
 
 def getxattr_strict(layer, path, attr):
-    with _xattr_target(layer, path) as (dfd, name):
-        return os.getxattr(_proc(dfd, name), attr, follow_symlinks=not name)
+    with _entry_at(layer, path) as (dfd, name):
+        return _fast.getxattr_at(dfd, name, attr)
 
 
 def dir_state(layer, path, prefixes):
     """Markers of a directory in one layer: (xattrs by name for our prefixes, has .wh..wh..opq)."""
-    owned = layer.index < 0
-    fd = _fast.open_dir(layer.fd, path) if owned else dirfd(layer, path)
-    try:
-        p = _proc(fd, b"")
-        found = {}
+    found = {}
+    # Through the parent's fd and the name: one call each, where the directory's own O_PATH fd
+    # would take a path through /proc.
+    with _entry_at(layer, path) as (pfd, name):
         try:
-            names = os.listxattr(p)
+            names = _fast.listxattr_at(pfd, name)
         except OSError as e:
             if e.errno not in (errno.ENOTSUP, errno.EPERM):
                 raise
             names = []
         for a in names:
-            ab = a.encode()
-            if ab.startswith(prefixes):
+            if a.startswith(prefixes):
                 try:
-                    found[ab] = os.getxattr(p, a)
+                    found[a] = _fast.getxattr_at(pfd, name, a)
                 except OSError:
                     pass
+    owned = layer.index < 0
+    fd = _fast.open_dir(layer.fd, path) if owned else dirfd(layer, path)
+    try:
         has_opq = _fast.stat_at(fd, b".wh..wh..opq") is not None
     finally:
         if owned:
@@ -299,13 +301,13 @@ def rename(src_layer, src, dst_layer, dst, flags=0):
 
 
 def setxattr(layer, path, attr, value, flags=0):
-    with _xattr_target(layer, path) as (dfd, name):
+    with _entry_at(layer, path) as (dfd, name):
         os.setxattr(_proc(dfd, name), attr, value, flags, follow_symlinks=not name)
     _trace("setxattr", layer.index, path, attr)
 
 
 def removexattr(layer, path, attr):
-    with _xattr_target(layer, path) as (dfd, name):
+    with _entry_at(layer, path) as (dfd, name):
         os.removexattr(_proc(dfd, name), attr, follow_symlinks=not name)
     _trace("removexattr", layer.index, path, attr)
 
@@ -321,12 +323,8 @@ def chown(layer, path, uid, gid):
 
 
 def chmod(layer, path, mode):
-    fd = open_path(layer, path)
-    try:
-        # chmod through the O_PATH fd: the fd names the entry itself, so nothing is followed.
-        os.chmod(b"/proc/self/fd/%d" % fd, mode)
-    finally:
-        os.close(fd)
+    with _entry_at(layer, path) as (dfd, name):
+        _fast.chmod_at(dfd, name, mode)
 
 
 def utime(layer, path, atime_ns=None, mtime_ns=None):
