@@ -8,8 +8,9 @@ import errno
 import logging
 import stat
 
-from . import _sys
+from . import _fast, _sys
 from .inodes import InodeTable
+from .layers import UPPER
 from . import index
 from .lookup import Found, resolve
 
@@ -89,16 +90,34 @@ class Union:
             found = self._indexed(found)
         return found
 
-    def lookup(self, parent, name):
+    def lookup(self, parent, name, listed=None):
         """(node, lstat of its topmost copy or None) for ``name`` in ``parent``, or (None, None).
-        Does not count a lookup."""
+        Does not count a lookup. ``listed``: (layer index, dir path) where a listing of
+        ``parent`` just saw ``name`` first as a non-directory (readdir.merged_listing): then
+        that copy is the entry, and the layers above and below need no look."""
         node = self.table.child(parent, name)
         if node is not None:
             return node, None
-        found = self.resolve(parent, name)
+        found = self._listed(parent, name, listed) if listed is not None else None
+        if found is None:
+            found = self.resolve(parent, name)
         if found is None:
             return None, None
         return self.node_for(parent, name, found), found.st
+
+    def _listed(self, parent, name, listed):
+        """The Found of a non-directory in the layer a listing saw it in first; None where that
+        no longer holds (then resolve() answers)."""
+        index, dirpath = listed
+        st = _sys.lstat(self.stack.layer(index), _sys.join(dirpath, name))
+        if st is None or stat.S_ISDIR(st.st_mode) or _fast.is_whiteout(st):
+            return None
+        if index == UPPER:
+            return Found(st=st, upper=True, lowers=())
+        found = Found(st=st, upper=False, lowers=((index, _sys.join(dirpath, name)),), lower_st=st)
+        if self.index and st.st_nlink > 1:
+            found = self._indexed(found)
+        return found
 
     def walk(self, path):
         """The nodes along a merged path (root excluded); shorter when a component is missing.

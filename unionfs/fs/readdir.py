@@ -20,9 +20,27 @@ def merged_names(stack, dirs):
     return _fast.merge_names(listings)
 
 
+def merged_listing(stack, dirs):
+    """merged_names, and where each name was found first, top-down: {name: (layer index, dir
+    path)} for a non-directory, whose topmost copy is then the entry itself (nothing below it
+    merges), or None for a directory (merged with those below: resolved across the layers)."""
+    listings, top = [], {}
+    for index, path in dirs:
+        layer = stack.layer(index)
+        nondirs = set()
+        names, hidden = list_dir(layer, path, dir_markers(layer, path), nondirs)
+        listings.append((names, hidden))
+        where = (index, path)
+        for name in names:
+            if name not in top:
+                top[name] = where if name in nondirs else None
+    return _fast.merge_names(listings), top
+
+
 class DirHandle:
-    __slots__ = ("node", "names")
+    __slots__ = ("node", "names", "top")
 
     def __init__(self, node):
         self.node = node
         self.names = None       # taken by the first readdir
+        self.top = None         # merged_listing's {name: where the entry is}, with the names

@@ -108,8 +108,9 @@ def is_whiteout(layer, path, st):
     return False
 
 
-def list_dir(layer, path, markers):
-    """One layer's directory: (visible names, names it whites out for the layers below)."""
+def list_dir(layer, path, markers, nondirs=None):
+    """One layer's directory: (visible names, names it whites out for the layers below). The
+    visible names that are not directories are added to the set ``nondirs`` if one is given."""
     names, hidden = [], set()
     for name, kind in _sys.scandir(layer, path):
         if kind == 0:
@@ -123,6 +124,8 @@ def list_dir(layer, path, markers):
             hidden.add(name)
         else:
             names.append(name)
+            if nondirs is not None and kind != stat.S_IFDIR:
+                nondirs.add(name)
     return names, hidden
 
 
