@@ -41,6 +41,18 @@ _DIRFD_MAX = 4096
 _dirfds = {}
 
 
+# How many times a name in the upper layer was made, removed or moved: a listing taken at one
+# count still names what lookup would find at that count (readdir.merged_listing). Lower layers
+# never change, and the upper only through these functions.
+upper_changes = 0
+
+
+def _upper_changed(*layers):
+    global upper_changes
+    if any(layer.index == 0 for layer in layers):
+        upper_changes += 1
+
+
 def dirfd(layer, dirpath):
     """A borrowed O_PATH fd of a directory in a layer; valid until the next call into _sys."""
     key = (layer.index, dirpath)
@@ -118,6 +130,8 @@ def lstat(layer, path):
 
 
 def open_file(layer, path, flags, mode=0):
+    if flags & os.O_CREAT:
+        _upper_changed(layer)
     fd = _fast.open_beneath(layer.fd, path, flags, mode)
     _trace("open", layer.index, path, flags, fd)
     return fd
@@ -126,6 +140,7 @@ def open_file(layer, path, flags, mode=0):
 def create_file(layer, path, flags, mode):
     """Create and open a new file (``flags`` has O_CREAT|O_EXCL, which follows no symlink), in
     its parent's cached fd: one openat."""
+    _upper_changed(layer)
     with ParentDir(layer, path) as (dfd, name):
         fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
     _trace("create", layer.index, path, flags, fd)
@@ -251,36 +266,42 @@ def is_xattr_whiteout(layer, dirpath, name, prefix):
 # --- writing (upper layer and work directory only) -----------------------------------------------
 
 def mkdir(layer, path, mode):
+    _upper_changed(layer)
     with ParentDir(layer, path) as (dfd, name):
         os.mkdir(name, mode, dir_fd=dfd)
     _trace("mkdir", layer.index, path, oct(mode))
 
 
 def mknod(layer, path, mode, rdev=0):
+    _upper_changed(layer)
     with ParentDir(layer, path) as (dfd, name):
         os.mknod(name, mode, rdev, dir_fd=dfd)
     _trace("mknod", layer.index, path, oct(mode), rdev)
 
 
 def symlink(layer, path, target):
+    _upper_changed(layer)
     with ParentDir(layer, path) as (dfd, name):
         os.symlink(target, name, dir_fd=dfd)
     _trace("symlink", layer.index, path, target)
 
 
 def link(src_layer, src, dst_layer, dst):
+    _upper_changed(dst_layer)
     with ParentDir(src_layer, src) as (sfd, sname), ParentDir(dst_layer, dst) as (dfd, dname):
         os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
     _trace("link", src_layer.index, src, dst_layer.index, dst)
 
 
 def unlink(layer, path):
+    _upper_changed(layer)
     with ParentDir(layer, path) as (dfd, name):
         os.unlink(name, dir_fd=dfd)
     _trace("unlink", layer.index, path)
 
 
 def rmdir(layer, path):
+    _upper_changed(layer)
     with ParentDir(layer, path) as (dfd, name):
         os.rmdir(name, dir_fd=dfd)
     forget_dirs(layer)
@@ -288,6 +309,7 @@ def rmdir(layer, path):
 
 
 def rename(src_layer, src, dst_layer, dst, flags=0):
+    _upper_changed(src_layer, dst_layer)
     with ParentDir(src_layer, src) as (sfd, sname), ParentDir(dst_layer, dst) as (dfd, dname):
         if flags:
             _fast.renameat2(sfd, sname, dfd, dname, flags)

@@ -13,7 +13,7 @@ import logging
 import os
 
 from . import attrs, dirops, files
-from .readdir import DirHandle, merged_listing
+from .readdir import DirHandle
 
 log = logging.getLogger("unionfs.requests")
 
@@ -237,8 +237,7 @@ class Operations:
         if start_id == 0 or h.names is None:
             # "." and ".." first, as the kernel's overlayfs lists them; then the merged names
             # (taken again at each rewinddir, so that it sees changes).
-            names, h.top = merged_listing(u.stack, h.node.dirs())
-            h.names = [b".", b".."] + names
+            h.names = [b".", b".."] + h.take(u.stack)
         for i in range(start_id, len(h.names)):
             name = h.names[i]
             if i < 2:
@@ -252,7 +251,7 @@ class Operations:
                 if not add(name, a, i + 1):
                     break
                 continue
-            node, st = u.lookup(h.node, name, h.top.get(name))
+            node, st = u.lookup(h.node, name, h.listed(name))
             if node is None:
                 continue            # removed since the listing was taken
             if not add(name, u.attrs(node, st), i + 1):
