@@ -357,10 +357,12 @@ def utime(layer, path, atime_ns=None, mtime_ns=None):
                                         st.st_mtime_ns if mtime_ns is None else mtime_ns))
         return
     with ParentDir(layer, path) as (dfd, name):
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        ns = (st.st_atime_ns if atime_ns is None else atime_ns,
-              st.st_mtime_ns if mtime_ns is None else mtime_ns)
-        os.utime(name, ns=ns, dir_fd=dfd, follow_symlinks=False)
+        if atime_ns is None or mtime_ns is None:
+            # The one left as it is must be read first (os.utime has no UTIME_OMIT).
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+            mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+        os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=dfd, follow_symlinks=False)
 
 
 def truncate(layer, path, size):
