@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import os
 import shutil
 import signal
@@ -112,36 +111,9 @@ def chain_id(layers: list) -> str:
 
 
 def write_oci_archive(path: Path, name: str = IMAGE, layers: list[bytes] | None = None) -> None:
-    """An OCI image layout in a tar, as `podman save --format oci-archive` writes it; of
-    image_layers() unless ``layers`` are given."""
-    blobs = {}
-
-    def blob(data: bytes, media_type: str) -> dict:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        blobs[digest] = data
-        return {"mediaType": media_type, "digest": digest, "size": len(data)}
-
-    layers = image_layers() if layers is None else layers
-    layer_descs = [blob(t, "application/vnd.oci.image.layer.v1.tar") for t in layers]
-    config = {"architecture": "amd64", "os": "linux",
-              "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
-              "rootfs": {"type": "layers", "diff_ids": [d["digest"] for d in layer_descs]}}
-    config_desc = blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json")
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": config_desc, "layers": layer_descs}
-    manifest_desc = blob(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
-    manifest_desc["annotations"] = {"io.containerd.image.name": name,
-                                    "org.opencontainers.image.ref.name": name.rsplit(":", 1)[1]}
-    index = {"schemaVersion": 2, "manifests": [manifest_desc]}
-    with tarfile.open(path, "w") as tar:
-        def add(arcname, data):
-            ti = tarfile.TarInfo(arcname)
-            ti.size = len(data)
-            tar.addfile(ti, io.BytesIO(data))
-        add("oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
-        add("index.json", json.dumps(index).encode())
-        for digest, data in blobs.items():
-            add("blobs/sha256/" + digest.split(":", 1)[1], data)
+    """The test image (image_layers() unless ``layers`` are given) as an OCI archive named ``name``."""
+    util.oci_archive(path, image_layers() if layers is None else layers,
+                     {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"}, name=name)
 
 
 # -- the daemons -------------------------------------------------------------------------------------

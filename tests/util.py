@@ -10,6 +10,8 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import io
+import json
 import os
 import re
 import shutil
@@ -17,6 +19,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -538,6 +541,20 @@ def work_in_progress(work_subdir) -> list:
     return found
 
 
+def busybox_rootfs(base, dirs=(), passwd="root:x:0:0:root:/root:/bin/sh\n", group="root:x:0:\n",
+                   busybox="/bin/busybox") -> Path:
+    """A minimal image root at ``base``: /bin with busybox and its applets, /etc/passwd and
+    /etc/group as given, /tmp (1777) and the directories ``dirs``."""
+    base = Path(base)
+    for sub in ("bin", "etc", "tmp", *dirs):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    os.chmod(base / "tmp", 0o1777)
+    install_busybox(base / "bin", busybox)
+    (base / "etc/passwd").write_text(passwd)
+    (base / "etc/group").write_text(group)
+    return base
+
+
 def install_busybox(bindir, busybox="/bin/busybox") -> None:
     """``bindir``/busybox, a copy of the static one, and a link to it under each applet's name."""
     shutil.copy(busybox, os.path.join(bindir, "busybox"))
@@ -546,3 +563,39 @@ def install_busybox(bindir, busybox="/bin/busybox") -> None:
     for a in applets:
         if a != "busybox":
             os.symlink("busybox", os.path.join(bindir, a))
+
+
+def oci_archive(path, layers, config=None, name=None, diff_ids=None, digests=None) -> None:
+    """An OCI image layout in a tar, as `podman save --format oci-archive` writes it: ``layers``
+    (tar bytes, base first), the image config's "config" object ``config``, ``name`` (REPO:TAG)
+    in the index's annotations. ``diff_ids`` and ``digests`` replace the real ones (to be wrong
+    on purpose)."""
+    blobs = {}
+
+    def blob(data, media_type, digest=None):
+        digest = digest or "sha256:" + hashlib.sha256(data).hexdigest()
+        blobs[digest] = data
+        return {"mediaType": media_type, "digest": digest, "size": len(data)}
+
+    real = ["sha256:" + hashlib.sha256(layer).hexdigest() for layer in layers]
+    layer_descs = [blob(layer, "application/vnd.oci.image.layer.v1.tar",
+                        digests[i] if digests else None) for i, layer in enumerate(layers)]
+    cfg = {"architecture": "amd64", "os": "linux", "config": config or {},
+           "rootfs": {"type": "layers", "diff_ids": diff_ids or real}}
+    config_desc = blob(json.dumps(cfg).encode(), "application/vnd.oci.image.config.v1+json")
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": config_desc, "layers": layer_descs}
+    manifest_desc = blob(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
+    if name:
+        manifest_desc["annotations"] = {"io.containerd.image.name": name,
+                                        "org.opencontainers.image.ref.name": name.rsplit(":", 1)[1]}
+    index = {"schemaVersion": 2, "manifests": [manifest_desc]}
+    with tarfile.open(path, "w") as tar:
+        def add(arcname, data):
+            ti = tarfile.TarInfo(arcname)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+        add("oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
+        add("index.json", json.dumps(index).encode())
+        for digest, data in blobs.items():
+            add("blobs/sha256/" + digest.split(":", 1)[1], data)

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+import util
 from unionfs.images import store as images
 
 PODMAN = shutil.which("podman")
@@ -238,17 +239,7 @@ def _ti(name, kind=tarfile.REGTYPE, size=0, linkname=""):
 
 def _oci_archive(path, layer, diff_id=None, digest=None):
     """A minimal OCI archive of one layer; digest/diff_id may be given wrong on purpose."""
-    real = "sha256:" + hashlib.sha256(layer).hexdigest()
-    cfg = json.dumps({"rootfs": {"type": "layers", "diff_ids": [diff_id or real]}, "config": {}}).encode()
-    cd = "sha256:" + hashlib.sha256(cfg).hexdigest()
-    man = json.dumps({"schemaVersion": 2, "config": {"digest": cd, "size": len(cfg)},
-                      "layers": [{"digest": digest or real, "size": len(layer)}]}).encode()
-    md = "sha256:" + hashlib.sha256(man).hexdigest()
-    idx = json.dumps({"schemaVersion": 2, "manifests": [{"digest": md, "size": len(man)}]}).encode()
-    with tarfile.open(path, "w") as tf:
-        for name, data in (("blobs/sha256/" + (digest or real)[7:], layer), ("blobs/sha256/" + cd[7:], cfg),
-                           ("blobs/sha256/" + md[7:], man), ("index.json", idx)):
-            tf.addfile(_ti(name, size=len(data)), io.BytesIO(data))
+    util.oci_archive(path, [layer], diff_ids=diff_id and [diff_id], digests=digest and [digest])
 
 
 HOSTILE = {

@@ -137,13 +137,7 @@ ENV_FILE = "# a comment\nB=from file\nC\n"
 
 
 def _busybox_tar(tmp):
-    root = tmp / "rootfs"
-    for d in ("bin", "etc", "tmp", "root"):
-        (root / d).mkdir(parents=True)
-    (root / "tmp").chmod(0o1777)
-    util.install_busybox(root / "bin")
-    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (root / "etc/group").write_text("root:x:0:\n")
+    root = util.busybox_rootfs(tmp / "rootfs", ("root",))
     tar = tmp / "rootfs.tar"
     with tarfile.open(tar, "w") as tf:
         tf.add(root, arcname=".")

@@ -73,15 +73,12 @@ def layers(tmp_path_factory):
     d = tmp_path_factory.mktemp("layers")
     base, top = d / "base", d / "top"
     host, elsewhere = d / "host", d / "elsewhere"
-    for sub in ("bin", "etc", "tmp", "root", "www", "home/user", "mnt"):
-        (base / sub).mkdir(parents=True)
-    os.chmod(base / "tmp", 0o1777)
+    util.busybox_rootfs(base, ("root", "www", "home/user", "mnt"),
+                        passwd="root:x:0:0:root:/root:/bin/sh\n"
+                               "user:x:1000:1000:user:/home/user:/bin/sh\n",
+                        group="root:x:0:\ntty:x:5:\nuser:x:1000:\nextra:x:2000:user\n")
     os.chmod(base / "root", 0o700)
     os.chown(base / "home/user", 1000, 1000)
-    util.install_busybox(base / "bin", BUSYBOX)
-    (base / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
-                                     "user:x:1000:1000:user:/home/user:/bin/sh\n")
-    (base / "etc/group").write_text("root:x:0:\ntty:x:5:\nuser:x:1000:\nextra:x:2000:user\n")
     (base / "etc/motd").write_text("base motd\n")
     (base / "etc/base-only").write_text("base only\n")
     (base / "www/index.html").write_text("served from inside\n")

@@ -62,12 +62,8 @@ def layers(tmp_path_factory):
     and null (1:3, on the allow-list)."""
     d = tmp_path_factory.mktemp("hardening")
     base = d / "base"
-    for sub in ("bin", "etc", "tmp", "nodes"):
-        (base / sub).mkdir(parents=True)
-    os.chmod(base / "tmp", 0o1777)
-    util.install_busybox(base / "bin", BUSYBOX)
-    (base / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
-                                     "nobody:x:65534:65534::/:/bin/sh\n")
+    util.busybox_rootfs(base, ("nodes",), passwd="root:x:0:0:root:/root:/bin/sh\n"
+                                                 "nobody:x:65534:65534::/:/bin/sh\n")
     (d / "euid.c").write_bytes(EUID_C)
     subprocess.run(["gcc", "-static", "-o", str(base / "euid"), str(d / "euid.c")], check=True)
     for name, major, minor in (("fuse", 10, 229), ("mem", 1, 1), ("null", 1, 3)):
@@ -343,7 +339,7 @@ def test_without_the_pids_controller_the_default_is_skipped_and_an_asked_limit_r
         pytest.skip("needs the pids controller on cgroup v1 only")
     base = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
             " ".join(f"umount {m} &&" for m in pids_mounts)
-            + f' exec "$@"', "sh", f"{BIN}/unionrun", "--root", str(root), "run", "--rm"]
+            + ' exec "$@"', "sh", f"{BIN}/unionrun", "--root", str(root), "run", "--rm"]
     tail = ["--layers", layers, "--", "sh", "-c", "grep pids /proc/self/cgroup"]
     r = subprocess.run(base + tail, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.endswith(":pids:/\n"), r

@@ -36,13 +36,10 @@ pytestmark = [
 
 
 def _build_rootfs(root):
-    for d in ("bin", "etc", "proc", "dev", "tmp", "data", "www", "home/user"):
-        os.makedirs(os.path.join(root, d), exist_ok=True)
-    util.install_busybox(os.path.join(root, "bin"), BUSYBOX)
-    with open(os.path.join(root, "etc/passwd"), "w") as f:
-        f.write("root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n")
-    with open(os.path.join(root, "etc/group"), "w") as f:
-        f.write("root:x:0:\ntty:x:5:\nuser:x:1000:\nextra:x:2000:user\n")
+    util.busybox_rootfs(root, ("proc", "dev", "data", "www", "home/user"),
+                        passwd="root:x:0:0:root:/root:/bin/sh\n"
+                               "user:x:1000:1000:user:/home/user:/bin/sh\n",
+                        group="root:x:0:\ntty:x:5:\nuser:x:1000:\nextra:x:2000:user\n")
     with open(os.path.join(root, "www/index.html"), "w") as f:
         f.write("hello from inside\n")
     with open(os.path.join(root, "www/big.bin"), "wb") as f:

@@ -44,13 +44,10 @@ def layers(tmp_path_factory):
     host directory (a hostile image)."""
     d = tmp_path_factory.mktemp("layers")
     base, top, host = d / "base", d / "top", d / "hostdir"
-    for sub in ("bin", "etc", "tmp", "root", "www", "home/user"):
-        (base / sub).mkdir(parents=True)
-    os.chmod(base / "tmp", 0o1777)
-    util.install_busybox(base / "bin", BUSYBOX)
-    (base / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
-                                     "user:x:1000:1000:user:/home/user:/bin/sh\n")
-    (base / "etc/group").write_text("root:x:0:\ntty:x:5:\nuser:x:1000:\n")
+    util.busybox_rootfs(base, ("root", "www", "home/user"),
+                        passwd="root:x:0:0:root:/root:/bin/sh\n"
+                               "user:x:1000:1000:user:/home/user:/bin/sh\n",
+                        group="root:x:0:\ntty:x:5:\nuser:x:1000:\n")
     (base / "etc/motd").write_text("base motd\n")
     (base / "www/index.html").write_text("served from inside\n")
     (top / "etc").mkdir(parents=True)

@@ -95,13 +95,10 @@ def layers(tmp_path_factory):
     """busybox, a user, the probe (and a setuid-root copy of it)."""
     d = tmp_path_factory.mktemp("seclayers")
     base = d / "base"
-    for sub in ("bin", "etc", "tmp", "root", "home/user", "x"):
-        (base / sub).mkdir(parents=True)
-    os.chmod(base / "tmp", 0o1777)
-    util.install_busybox(base / "bin", BUSYBOX)
-    (base / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
-                                     "user:x:1000:1000:user:/home/user:/bin/sh\n")
-    (base / "etc/group").write_text("root:x:0:\nuser:x:1000:\n")
+    util.busybox_rootfs(base, ("root", "home/user", "x"),
+                        passwd="root:x:0:0:root:/root:/bin/sh\n"
+                               "user:x:1000:1000:user:/home/user:/bin/sh\n",
+                        group="root:x:0:\nuser:x:1000:\n")
     src = d / "probe.c"
     src.write_text(PROBE_C)
     r = subprocess.run(["gcc", "-static", "-O1", "-o", str(base / "bin/probe"), str(src)],

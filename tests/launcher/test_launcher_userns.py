@@ -25,11 +25,9 @@ pytestmark = [
 def layers(tmp_path_factory):
     d = tmp_path_factory.mktemp("userns")
     base, top = d / "base", d / "top"
-    for sub in ("bin", "etc", "tmp", "root"):
-        (base / sub).mkdir(parents=True)
-    util.install_busybox(base / "bin", BUSYBOX)
-    (base / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/tmp:/bin/sh\n")
-    (base / "etc/group").write_text("root:x:0:\ntty:x:5:\nuser:x:1000:\n")
+    util.busybox_rootfs(base, ("root",),
+                        passwd="root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/tmp:/bin/sh\n",
+                        group="root:x:0:\ntty:x:5:\nuser:x:1000:\n")
     (base / "etc/gone").write_text("deleted in the container\n")
     (top / "etc").mkdir(parents=True)
     (top / "etc/owned").write_text("owned by 1000 on disk\n")

@@ -32,11 +32,7 @@ root_only = pytest.mark.skipif(
 def layers(tmp_path_factory):
     d = tmp_path_factory.mktemp("verbs")
     base, top = d / "base", d / "top"
-    for sub in ("bin", "etc", "tmp", "root"):
-        (base / sub).mkdir(parents=True)
-    util.install_busybox(base / "bin", BUSYBOX)
-    (base / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (base / "etc/group").write_text("root:x:0:\n")
+    util.busybox_rootfs(base, ("root",))
     (base / "etc/motd").write_text("base motd\n")
     (base / "etc/gone").write_text("deleted in the container\n")
     (top / "etc").mkdir(parents=True)

@@ -36,11 +36,7 @@ def user():
 @pytest.fixture(scope="module")
 def layers(user):
     base, top = user.home / "base", user.home / "top"
-    for sub in ("bin", "etc", "tmp", "root"):
-        (base / sub).mkdir(parents=True)
-    util.install_busybox(base / "bin", BUSYBOX)
-    (base / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (base / "etc/group").write_text("root:x:0:\n")
+    util.busybox_rootfs(base, ("root",))
     (base / "etc/gone").write_text("deleted in the container\n")
     (top / "etc").mkdir(parents=True)
     (top / "etc/top").write_text("from the top layer\n")
@@ -162,7 +158,6 @@ def test_without_subordinate_ids_it_says_so(user, layers):
 
 
 def test_images_of_a_user_go_to_a_store_under_xdg_data_home(user, layers, tmp_path):
-    from test_images import _oci_archive
     rootfs = tmp_path / "rootfs"
     (rootfs / "data").mkdir(parents=True)
     shutil.copytree(layers.split(":")[1], rootfs, dirs_exist_ok=True, symlinks=True)
@@ -173,7 +168,7 @@ def test_images_of_a_user_go_to_a_store_under_xdg_data_home(user, layers, tmp_pa
     with tarfile.open(fileobj=buf, mode="w") as tf:
         tf.add(rootfs, arcname=".")
     archive = user.home / "image.tar"
-    _oci_archive(archive, buf.getvalue())
+    util.oci_archive(archive, [buf.getvalue()])
     python, env = user_python(user)
     r = user.run(["sh", "-c", 'exec "$0" -c "$1" load -i "$2" img', python,
                   "import sys; from unionfs.launcher.cli import main; sys.exit(main())", archive],

@@ -6,7 +6,6 @@ Traffic stays on this machine. Other programs may make links and rules meanwhile
 checked is only what is named by this test's networks and containers.
 """
 
-import hashlib
 import io
 import json
 import os
@@ -40,10 +39,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def layers(tmp_path_factory):
     d = tmp_path_factory.mktemp("netlayers")
-    for sub in ("bin", "etc", "tmp", "www"):
-        (d / sub).mkdir()
-    util.install_busybox(d / "bin", BUSYBOX)
-    (d / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    util.busybox_rootfs(d, ("www",))
     (d / "www/index.html").write_text("served from inside\n")
     return str(d)
 
@@ -381,30 +377,13 @@ def _try(f, *a, **kw):
 # ---- -P and commit, from an image ----------------------------------------------------------------
 
 
-def _oci_archive(path, layer, config):
-    diff = "sha256:" + hashlib.sha256(layer).hexdigest()
-    cfg = json.dumps({"rootfs": {"type": "layers", "diff_ids": [diff]},
-                      "config": config}).encode()
-    cd = "sha256:" + hashlib.sha256(cfg).hexdigest()
-    man = json.dumps({"schemaVersion": 2, "config": {"digest": cd, "size": len(cfg)},
-                      "layers": [{"digest": diff, "size": len(layer)}]}).encode()
-    md = "sha256:" + hashlib.sha256(man).hexdigest()
-    idx = json.dumps({"schemaVersion": 2, "manifests": [{"digest": md, "size": len(man)}]}).encode()
-    with tarfile.open(path, "w") as tf:
-        for name, data in (("blobs/sha256/" + diff[7:], layer), ("blobs/sha256/" + cd[7:], cfg),
-                           ("blobs/sha256/" + md[7:], man), ("index.json", idx)):
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tf.addfile(ti, io.BytesIO(data))
-
-
 def test_publish_all_exposed_ports_and_commit_leaves_the_files_out(layers, ur, tmp_path):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         tf.add(layers, arcname=".")
-    _oci_archive(tmp_path / "img.tar", buf.getvalue(),
-                 {"ExposedPorts": {"80/tcp": {}, "5353/udp": {}},
-                  "Cmd": ["httpd", "-f", "-p", "80", "-h", "/www"]})
+    util.oci_archive(tmp_path / "img.tar", [buf.getvalue()],
+                     {"ExposedPorts": {"80/tcp": {}, "5353/udp": {}},
+                      "Cmd": ["httpd", "-f", "-p", "80", "-h", "/www"]})
     st = tmp_path / "store"
     ur.ok("--store", str(st), "load", "-q", "-i", str(tmp_path / "img.tar"), "web")
     ur.ok("--store", str(st), "run", "-d", "--name", "all", "-P", "web")

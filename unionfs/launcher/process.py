@@ -284,12 +284,40 @@ def read_rest(r):
     return [ln for ln in out.decode(errors="replace").splitlines() if ln]
 
 
-def relay(child, master, interactive):
+class RawTerminal:
+    """Our terminal in raw mode (the container's pty does the line editing) from ``make_raw()``
+    until the end of the ``with``. When our stdout is a pipe to the container's logger, which
+    copies it on to the terminal, the ``with`` must end only once the logger is done: a line the
+    logger writes after the terminal is back in cooked mode would get the terminal's own
+    newline translation on top of the pty's (``\r\r\n``)."""
+
+    def __init__(self):
+        self.fd = our_terminal()
+        self.saved = None
+
+    def make_raw(self):
+        if self.fd is not None and self.saved is None:
+            self.saved = termios.tcgetattr(self.fd)
+            _tty.setraw(self.fd, termios.TCSANOW)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+            self.saved = None
+
+
+def relay(child, master, interactive, term=None):
     """Copy our stdin to the pty and the pty to our stdout until ``child`` is gone; its status.
-    Our terminal is raw meanwhile (the container's pty does the line editing) and restored after."""
+    ``term`` (a RawTerminal) is made raw here and restored by its owner; without one, our
+    terminal is restored as we return."""
+    if term is None:
+        with RawTerminal() as own:
+            return relay(child, master, interactive, own)
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
-    term_fd = our_terminal()
-    saved = termios.tcgetattr(term_fd) if term_fd is not None else None
+    term_fd = term.fd
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old_wakeup = signal.set_wakeup_fd(wake_w)
     old_winch = signal.signal(signal.SIGWINCH, lambda s, f: None)
@@ -299,7 +327,7 @@ def relay(child, master, interactive):
     try:
         if term_fd is not None:
             copy_winsize(term_fd, master)
-            _tty.setraw(term_fd, termios.TCSANOW)
+            term.make_raw()
         sel.register(master, selectors.EVENT_READ, "pty")
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         if interactive:
@@ -340,8 +368,6 @@ def relay(child, master, interactive):
                 return status
     finally:
         sel.close()
-        if saved is not None:
-            termios.tcsetattr(term_fd, termios.TCSADRAIN, saved)
         signal.signal(signal.SIGWINCH, old_winch)
         signal.signal(signal.SIGCHLD, old_chld)
         signal.set_wakeup_fd(old_wakeup)

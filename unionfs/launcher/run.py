@@ -367,16 +367,16 @@ def _kill_init(pid):
         pass
 
 
-def wait(started, interactive):
+def wait(started, interactive, term=None):
     """Wait for the command, forwarding our signals to the init (which passes them on); its
-    exit status. Messages of a failed exec go to our stderr."""
+    exit status. Messages of a failed exec go to our stderr. ``term``: see P.relay."""
     pid = started.init_pid
     try:
         L.malloc_trim()     # signals are forwarded by now: the trim widens no window
         if started.master is None:
             code = P.wait_status(pid)
         else:
-            code = P.relay(pid, started.master, interactive)
+            code = P.relay(pid, started.master, interactive, term)
             os.close(started.master)
     finally:
         P.restore_signals(started.signals)
@@ -415,28 +415,35 @@ def _wait_and_restart(spec, root, image, store, started, to_log, count=0, code=N
     status. ``to_log`` (detached): the waiting is done by waiter.py, exec'd in our place. The
     logger of the first start logs every run; in the foreground it is closed at the end."""
     the_log = started.log
-    try:
-        while True:
-            if code is None:
-                if to_log and started.master is None and not started.failure:
-                    _become_waiter(spec, root, started, count)
-                code = wait(started, spec.interactive and not to_log)
-            again = _should_restart(spec, code, count, started.paths)
-            finish(started, code)
-            if not again:
-                return code
-            time.sleep(min(0.1 * 2 ** count, 10.0))
-            count += 1
-            if os.path.lexists(started.paths.stopped):
-                return code
-            # Our stdout and stderr are the logger's pipes still (waiter.py kept them).
-            started = start(spec, root, image, store, to_log=to_log, again=True, log=False)
-            started.st["restarts"] = count
-            state.write(started.paths, started.st)
-            code = None
-    finally:
-        if the_log is not None:
-            the_log.close()
+    # The terminal goes back to cooked mode only after the logger, which copies the command's
+    # output on to it, is done.
+    with P.RawTerminal() as term:
+        try:
+            return _wait_loop(spec, root, image, store, started, to_log, count, code, term)
+        finally:
+            if the_log is not None:
+                the_log.close()
+
+
+def _wait_loop(spec, root, image, store, started, to_log, count, code, term):
+    while True:
+        if code is None:
+            if to_log and started.master is None and not started.failure:
+                _become_waiter(spec, root, started, count)
+            code = wait(started, spec.interactive and not to_log, term)
+        again = _should_restart(spec, code, count, started.paths)
+        finish(started, code)
+        if not again:
+            return code
+        time.sleep(min(0.1 * 2 ** count, 10.0))
+        count += 1
+        if os.path.lexists(started.paths.stopped):
+            return code
+        # Our stdout and stderr are the logger's pipes still (waiter.py kept them).
+        started = start(spec, root, image, store, to_log=to_log, again=True, log=False)
+        started.st["restarts"] = count
+        state.write(started.paths, started.st)
+        code = None
 
 
 def _become_waiter(spec, root, started, count):
