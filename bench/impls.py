@@ -69,6 +69,9 @@ class Impl:
     def mount_env(self) -> dict | None:
         return None
 
+    def mount_cwd(self) -> Path | None:
+        return None
+
     def mount(self, stack: Stack) -> None:
         cmd = self.mount_cmd(stack)
         # Output goes to a file, not a pipe: a daemon that keeps the inherited stderr open would
@@ -82,6 +85,7 @@ class Impl:
                     stderr=log,
                     timeout=60,
                     env=self.mount_env(),
+                    cwd=self.mount_cwd(),
                 )
             except subprocess.TimeoutExpired:
                 raise MountError(f"{cmd[0]} did not return within 60 s") from None
@@ -209,10 +213,9 @@ class Unionmount(Impl):
     forced on or off (`-o passthrough=`; the default, auto, is on as root)."""
 
     def __init__(self, pure_python: bool, python: str, writeback: bool | None = None,
-                 fsync: bool = True, passthrough: str | None = None, checkout: Path | None = None):
+                 fsync: bool = True, passthrough: str | None = None, repo: Path | None = None):
+        self.repo = repo or REPO
         self.pure_python = pure_python
-        # Another checkout's code (extensions built in place): --baseline, for before/after.
-        self.repo = Path(checkout).resolve() if checkout else REPO
         self.python = python
         self.writeback = writeback
         self.fsync = fsync
@@ -231,10 +234,11 @@ class Unionmount(Impl):
             self.by_default = False
             self.key += f"-pt{passthrough}"
             self.label = f"{self.label[:-1]}, passthrough={passthrough})"
-        if checkout:
+        if repo is not None:
+            # Another checkout (--baseline): its code against this one's, in the same run.
             self.by_default = False
-            self.key += "-base"
-            self.label = f"{self.label[:-1]}, baseline)"
+            self.key = "base-" + self.key.removeprefix("unionmount-")
+            self.label = f"{self.label[:-1]}, {repo})"
 
     def mount_env(self) -> dict:
         env = dict(os.environ)
@@ -243,6 +247,10 @@ class Unionmount(Impl):
         if self.pure_python:
             env["UNIONFS_PURE_PYTHON"] = "1"
         return env
+
+    def mount_cwd(self) -> Path:
+        # `python -m` puts the working directory first on sys.path: it must be this checkout.
+        return self.repo
 
     def _probe(self, code: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -278,8 +286,7 @@ class Unionmount(Impl):
 
     def version(self) -> str:
         commit = _tool_output(["git", "-C", str(self.repo), "rev-parse", "--short", "HEAD"])
-        dirty = _tool_output(["git", "-C", str(self.repo), "status", "--porcelain", "--", "unionfs",
-                              "csrc"])
+        dirty = _tool_output(["git", "-C", str(self.repo), "status", "--porcelain", "--", "unionfs", "csrc"])
         pyfuse3 = self._probe("import pyfuse3; print(pyfuse3.__version__)").stdout.strip()
         session = self._probe("import unionfs.fs.session as s; print(s.IMPLEMENTATION)").stdout.strip()
         return (
@@ -307,10 +314,10 @@ class Unionmount(Impl):
 
 
 def all_impls(python: str, baseline: Path | None = None) -> list[Impl]:
-    """Every implementation; with ``baseline`` (a checkout), its Cython build with passthrough on
-    too, as `unionmount-c-pton-base`, beside this checkout's `unionmount-c-pton`."""
-    base = [Unionmount(pure_python=False, python=python, passthrough="on", checkout=baseline)]
-    return [
+    base = [] if baseline is None else [
+        Unionmount(pure_python=False, python=python, passthrough=pt, repo=baseline)
+        for pt in ("on", "off")]
+    return base + [
         Native(),
         KernelOverlay(),
         FuseOverlayfs(),
@@ -324,4 +331,4 @@ def all_impls(python: str, baseline: Path | None = None) -> list[Impl]:
         Unionmount(pure_python=False, python=python, fsync=False),
         Unionmount(pure_python=False, python=python, passthrough="on"),
         Unionmount(pure_python=False, python=python, passthrough="off"),
-    ] + (base if baseline else [])
+    ]

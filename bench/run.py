@@ -72,9 +72,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--baseline",
         type=Path,
-        metavar="CHECKOUT",
-        help="also run the Cython build of this other checkout (extensions built in place), "
-        "passthrough on, as unionmount-c-pton-base: before/after in one run",
+        help="another unionmount checkout (built in place): adds base-c-pton and base-c-ptoff",
     )
     p.add_argument("--list", action="store_true", help="list workloads and implementations, then exit")
     p.add_argument(

@@ -436,7 +436,8 @@ cdef void do_init(Session s, uint64_t unique, fuse_init_in *arg):
     # gives names and attributes, as pyfuse3 does); symlink targets cached (a symlink never
     # changes in place: a new one is a new inode); setuid, setgid and file capabilities cleared
     # by us on write, truncate and chown (HANDLE_KILLPRIV_V2: the kernel then stops asking for
-    # security.capability at every write).
+    # security.capability at every write). With passthrough too: what a passed-through write
+    # would keep never passes through (passthrough.py).
     want = (FUSE_ASYNC_READ | FUSE_PARALLEL_DIROPS | FUSE_AUTO_INVAL_DATA | FUSE_ASYNC_DIO
             | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES | FUSE_MAX_PAGES
             | FUSE_DO_READDIRPLUS | FUSE_CACHE_SYMLINKS | FUSE_HANDLE_KILLPRIV_V2)
@@ -446,12 +447,10 @@ cdef void do_init(Session s, uint64_t unique, fuse_init_in *arg):
         # The kernel refuses passthrough beside the writeback cache.
         want |= UF_PASSTHROUGH
     want &= offered
-    if want & UF_PASSTHROUGH:
-        # A write the kernel passes through never reaches us, and under HANDLE_KILLPRIV_V2 the
-        # kernel then leaves setuid on the file: it must clear it itself (a SETATTR of the mode).
-        # Nor may an open truncate atomically: only the kernel knows whether the opener has
-        # CAP_FSETID, so the truncation comes as a SETATTR that clears setuid with it.
-        want &= ~(<uint64_t>(FUSE_HANDLE_KILLPRIV_V2 | FUSE_ATOMIC_O_TRUNC))
+    if want & UF_PASSTHROUGH and not want & FUSE_HANDLE_KILLPRIV_V2:
+        # Without it the kernel clears the bits itself, by a SETATTR of the mode (and an open
+        # with O_TRUNC must then truncate through a SETATTR too, which clears them with it).
+        want &= ~(<uint64_t>FUSE_ATOMIC_O_TRUNC)
     if _pt_mode == "on" and not want & UF_PASSTHROUGH:
         log.warning("passthrough=on, but the kernel does not offer FUSE passthrough")
     memset(&out, 0, sizeof(out))
@@ -501,6 +500,12 @@ cdef void do_setattr(uint64_t unique, fuse_in_header *h, fuse_setattr_in *arg):
     s.kill_suidgid = bool(valid & FATTR_KILL_SUIDGID)
     s.caller_gid = h.gid
     fh = arg.fh if valid & FATTR_FH else None
+    if _pt is not None and valid & FATTR_MODE:
+        try:
+            _pt.may_grant(h.nodeid, h.uid, mode=arg.mode)
+        except BaseException as exc:
+            _reply_err(unique, _errno_of(exc))
+            return
     _reply_attr(unique, _ops.setattr, (h.nodeid, s, s, fh, _ctx(h, 0)))
 
 
@@ -512,12 +517,17 @@ cdef void _reply_open(uint64_t unique, object fh, uint32_t open_flags):
     _reply(unique, &out, sizeof(out))
 
 
-cdef int _file_open_flags(object fh, uf_open_out *out) except -1:
-    """FOPEN_* of a file's open, and its backing file when the kernel is to pass it through."""
+cdef int _file_open_flags(object fh, uf_open_out *out, uid_t uid) except -1:
+    """FOPEN_* of a file's open by ``uid``, and its backing file when the kernel is to pass it
+    through. An open passthrough refuses is released here before the error goes on."""
     out.fh = fh
     out.open_flags = FOPEN_KEEP_CACHE     # a file changes only through this mount
     if _pt is not None:
-        kind, out.backing_id = _pt.opened(fh)
+        try:
+            kind, out.backing_id = _pt.opened(fh, uid)
+        except BaseException:
+            _run(_ops.release(fh))
+            raise
         if kind == "passthrough":
             out.open_flags = UF_FOPEN_PASSTHROUGH
     return 0
@@ -531,7 +541,7 @@ cdef void do_open(uint64_t unique, fuse_in_header *h, fuse_open_in *arg):
         if (arg.open_flags & FUSE_OPEN_KILL_SUIDGID
                 and _run(_ops.kill_priv(fh, True, h.gid))):
             _inval_attrs(h.nodeid)
-        _file_open_flags(fh, &out)
+        _file_open_flags(fh, &out, h.uid)
     except BaseException as exc:
         _reply_err(unique, _errno_of(exc))
         return
@@ -577,7 +587,7 @@ cdef void do_create(uint64_t unique, fuse_in_header *h, fuse_create_in *arg):
         fh, a = _run(_ops.create(h.nodeid, _name(<char *>(arg + 1)), arg.mode, arg.flags,
                                  _ctx(h, arg.umask)))
         _fill_entry(&out.e, a)
-        _file_open_flags(fh, &out.o)
+        _file_open_flags(fh, &out.o, h.uid)
     except BaseException as exc:
         _reply_err(unique, _errno_of(exc))
         return
@@ -684,10 +694,13 @@ cdef void do_statfs(uint64_t unique):
     _reply(unique, &out, sizeof(out))
 
 
-async def _setxattr(ino, name, value, int flags):
-    """XATTR_CREATE / XATTR_REPLACE checked against what getxattr answers, then set."""
+async def _setxattr(ino, name, value, int flags, uid):
+    """XATTR_CREATE / XATTR_REPLACE checked against what getxattr answers, then set (file
+    capabilities only where passthrough allows them: passthrough.py)."""
     if flags & ~(XATTR_CREATE | XATTR_REPLACE):
         raise OSError(_errno.EINVAL, "unknown setxattr flags")
+    if _pt is not None and name == b"security.capability":
+        _pt.may_grant(ino, uid, caps=True)
     if flags:
         try:
             await _ops.getxattr(ino, name, None)
@@ -820,7 +833,7 @@ cdef void dispatch(Session s, char *buf):
         # Without FUSE_SETXATTR_EXT the kernel sends the 8-byte form of fuse_setxattr_in.
         name2 = arg + FUSE_COMPAT_SETXATTR_IN_SIZE
         value = (name2 + strlen(name2) + 1)[:sx.size]
-        _reply_ok(u, _setxattr, (ino, _name(name2), value, sx.flags))
+        _reply_ok(u, _setxattr, (ino, _name(name2), value, sx.flags, h.uid))
     elif op == FUSE_GETXATTR:
         do_getxattr(u, h, <fuse_getxattr_in *>arg)
     elif op == FUSE_LISTXATTR:

@@ -38,6 +38,13 @@ def _scenario(m):
     st = os.stat(f)
     out.append(("size after a write past the end", st.st_size, os.fstat(second).st_size))
     out.append(("mtime moved by the write", st.st_mtime_ns != OLD_NS))
+    # Every open shows the file's one mtime and size, the lower copy's reader too.
+    out.append(("the same mtime and size through every open",
+                {(os.fstat(fd).st_mtime_ns, os.fstat(fd).st_size) for fd in (reader, writer, second)}
+                == {(st.st_mtime_ns, st.st_size)}))
+    os.pwrite(writer, b"in place", 10)
+    out.append(("an in-place write moves mtime, not size",
+                os.stat(f).st_mtime_ns >= st.st_mtime_ns, os.stat(f).st_size == st.st_size))
     out.append(("read across the hole", os.pread(second, 200, len(PATTERN))))
     appender = os.open(f, os.O_WRONLY | os.O_APPEND)
     os.write(appender, b"appended")

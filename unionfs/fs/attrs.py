@@ -133,6 +133,22 @@ def kill_priv(u, node, suidgid, fd=None, caller_gid=None):
     return changed
 
 
+def privileged(u, node, fd):
+    """Whether the file open as ``fd`` has what a write by a user must take away: setuid, setgid
+    (with or without group exec: the kernel clears the latter for a writer outside the group) or
+    file capabilities."""
+    if _sys.fstat(fd).st_mode & (stat.S_ISUID | stat.S_ISGID):
+        return True
+    if node.xattr_names is None:
+        node.xattr_names = frozenset(_sys.fd_listxattr(fd)) or _NONE
+    return _CAPS in node.xattr_names
+
+
+def grants_privilege(mode):
+    """Whether a chmod to ``mode`` makes a file one that ``privileged`` names."""
+    return bool(mode & (stat.S_ISUID | stat.S_ISGID))
+
+
 def _check_name(u, name):
     if not u.xattrs:
         # ENOSYS tells the kernel to stop asking: every later call fails with EOPNOTSUPP there,
