@@ -12,11 +12,15 @@ import os
 
 from cpython.object cimport PyTypeObject
 from cpython.ref cimport Py_INCREF
-from libc.errno cimport errno as c_errno, ENOENT, ENOSYS, ENOTDIR, ELOOP
+from libc.errno cimport errno as c_errno, ENOENT, ENOSYS, ENOTDIR, ELOOP, ERANGE, E2BIG
 from libc.string cimport memchr
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport malloc, free
 from unionfs.fs._fast_py import _walk_nofollow   # the fallback without openat2: never hot
+# and, without getxattrat/listxattrat/fchmodat2 (or for a value too big to fit), the same calls
+# through /proc: never hot where those exist
+from unionfs.fs._fast_py import (getxattr_at as _py_getxattr_at, listxattr_at as _py_listxattr_at,
+                                 chmod_at as _py_chmod_at)
 
 cdef extern from *:
     """
@@ -40,6 +44,41 @@ cdef extern from *:
     """
     int unionfs_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode,
                         uint64_t resolve) nogil
+
+cdef extern from *:
+    """
+    #include <sys/syscall.h>
+    #include <unistd.h>
+    #define UNIONFS_SYS_fchmodat2 452
+    #define UNIONFS_SYS_getxattrat 464
+    #define UNIONFS_SYS_listxattrat 465
+    #define UNIONFS_AT_SYMLINK_NOFOLLOW 0x100
+    struct unionfs_xattr_args { uint64_t value; uint32_t size; uint32_t flags; };
+
+    /* The _fast_py twins' calls: the result, or -errno. */
+    static long unionfs_getxattrat(int dirfd, const char *name, const char *attr, char *buf,
+                                   size_t size)
+    {
+        struct unionfs_xattr_args args = { (uint64_t)(uintptr_t)buf, (uint32_t)size, 0 };
+        long n = syscall(UNIONFS_SYS_getxattrat, dirfd, name, UNIONFS_AT_SYMLINK_NOFOLLOW, attr, &args, sizeof(args));
+        return n < 0 ? -errno : n;
+    }
+
+    static long unionfs_listxattrat(int dirfd, const char *name, char *buf, size_t size)
+    {
+        long n = syscall(UNIONFS_SYS_listxattrat, dirfd, name, UNIONFS_AT_SYMLINK_NOFOLLOW, buf, size);
+        return n < 0 ? -errno : n;
+    }
+
+    static int unionfs_fchmodat2(int dirfd, const char *name, unsigned int mode)
+    {
+        return syscall(UNIONFS_SYS_fchmodat2, dirfd, name, mode, UNIONFS_AT_SYMLINK_NOFOLLOW) < 0 ? -errno : 0;
+    }
+    """
+    long unionfs_getxattrat(int dirfd, const char *name, const char *attr, char *buf,
+                            size_t size) nogil
+    long unionfs_listxattrat(int dirfd, const char *name, char *buf, size_t size) nogil
+    int unionfs_fchmodat2(int dirfd, const char *name, unsigned int mode) nogil
 
 cdef extern from *:
     """
@@ -250,7 +289,7 @@ IMPLEMENTATION = "cython"
 
 __all__ = ["IMPLEMENTATION", "RESOLVE_BENEATH", "RESOLVE_NO_SYMLINKS", "RESOLVE_NO_MAGICLINKS",
            "RESOLVE_NO_XDEV", "open_beneath", "open_dir", "stat_at", "stat_beneath", "is_whiteout",
-           "renameat2", "merge_names", "copy_file"]
+           "renameat2", "merge_names", "copy_file", "getxattr_at", "listxattr_at", "chmod_at"]
 
 # openat2(2) resolve flags, from <linux/openat2.h>.
 RESOLVE_NO_XDEV = 0x01
@@ -262,8 +301,11 @@ cdef uint64_t _CONFINED = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAG
 cdef int _O_PATH = os.O_PATH
 cdef int _O_DIRECTORY = os.O_DIRECTORY
 
-# A module global, not a cdef one, so that tests can switch it off as they do in the twin.
+# Module globals, not cdef ones, so that tests can switch them off as they do in the twin.
 _have_openat2 = True
+_have_xattrat = True
+_have_fchmodat2 = True
+DEF XATTR_BUF = 256         # most values and lists fit; a bigger one is asked for again
 
 cdef object _stat_result = os.stat_result
 
@@ -521,3 +563,69 @@ def copy_file(int src_fd, int dst_dirfd, name, st, data, fsync, xattrs, reflink=
     if rc != 0:
         raise _oserror(-rc, name)
     return bool(refused)
+
+
+cdef const char *_cname(bytes b) except NULL:
+    if memchr(<const char *>b, 0, len(b)) != NULL:
+        raise ValueError("embedded null byte")
+    return b
+
+
+def getxattr_at(int dirfd, name, attr):
+    """The value of the xattr ``attr`` of ``name`` in the directory ``dirfd`` (of ``dirfd``
+    itself if ``name`` is empty); a symlink is not followed. OSError as getxattr(2) fails
+    (ENODATA: no such xattr). (An O_PATH fd takes no xattr call of its own, so the fd itself
+    goes through /proc.)"""
+    global _have_xattrat
+    cdef bytes bname = _fsencode(name), battr = _fsencode(attr)
+    cdef const char *cname = _cname(bname)
+    cdef const char *cattr = _cname(battr)
+    cdef char buf[XATTR_BUF]
+    cdef long n
+    if _have_xattrat and cname[0]:
+        with nogil:
+            n = unionfs_getxattrat(dirfd, cname, cattr, buf, XATTR_BUF)
+        if n >= 0:
+            return buf[:n]
+        if n == -ENOSYS:
+            _have_xattrat = False
+        elif n != -ERANGE and n != -E2BIG:
+            raise _oserror(-n, name)
+    return _py_getxattr_at(dirfd, bname, battr)
+
+
+def listxattr_at(int dirfd, name):
+    """The xattr names (bytes) of ``name`` in the directory ``dirfd``, as getxattr_at names it."""
+    global _have_xattrat
+    cdef bytes bname = _fsencode(name)
+    cdef const char *cname = _cname(bname)
+    cdef char buf[XATTR_BUF]
+    cdef long n
+    if _have_xattrat and cname[0]:
+        with nogil:
+            n = unionfs_listxattrat(dirfd, cname, buf, XATTR_BUF)
+        if n >= 0:
+            return buf[:n].split(b"\0")[:-1]
+        if n == -ENOSYS:
+            _have_xattrat = False
+        elif n != -ERANGE and n != -E2BIG:
+            raise _oserror(-n, name)
+    return _py_listxattr_at(dirfd, bname)
+
+
+def chmod_at(int dirfd, name, unsigned int mode):
+    """chmod of ``name`` in the directory ``dirfd`` (of ``dirfd`` itself if ``name`` is empty),
+    never following a symlink (a symlink's own mode cannot change: EOPNOTSUPP)."""
+    global _have_fchmodat2
+    cdef bytes bname = _fsencode(name)
+    cdef const char *cname = _cname(bname)
+    cdef int rc
+    if _have_fchmodat2 and cname[0]:
+        with nogil:
+            rc = unionfs_fchmodat2(dirfd, cname, mode)
+        if rc == 0:
+            return
+        if rc != -ENOSYS:
+            raise _oserror(-rc, name)
+        _have_fchmodat2 = False
+    _py_chmod_at(dirfd, bname, mode)

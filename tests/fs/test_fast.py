@@ -466,3 +466,50 @@ def test_copy_file_reflink_refused_across_filesystems(fast, tmp_path):
         assert open(os.path.join(work, "copy2"), "rb").read() == src.read_bytes()
     finally:
         shutil.rmtree(work)
+
+
+@pytest.fixture(params=[True, False], ids=["at-calls", "proc"])
+def fast_any_at(request, fast, monkeypatch):
+    """Each twin, once through getxattrat/listxattrat/fchmodat2 and once through /proc, as on
+    kernels without them (the Cython twin falls back to the Python one's /proc path)."""
+    if not request.param:
+        for mod in {fast, _load("unionfs.fs._fast_py")}:
+            monkeypatch.setattr(mod, "_have_xattrat", False)
+            monkeypatch.setattr(mod, "_have_fchmodat2", False)
+    return fast
+
+
+def test_xattr_at_reads_the_entry_never_its_target(fast_any_at, tree):
+    os.setxattr(tree.path / "file", "trusted.test.small", b"v")
+    os.setxattr(tree.path / "file", "trusted.test.big", b"B" * 1000)   # more than the buffer
+    os.setxattr(tree.path, "trusted.test.root", b"r")
+    fast = fast_any_at
+    assert fast.getxattr_at(tree.fd, b"file", b"trusted.test.small") == b"v"
+    assert fast.getxattr_at(tree.fd, b"file", b"trusted.test.big") == b"B" * 1000
+    assert fast.getxattr_at(tree.fd, b"", b"trusted.test.root") == b"r"
+    assert sorted(fast.listxattr_at(tree.fd, b"file")) == [b"trusted.test.big",
+                                                          b"trusted.test.small"]
+    assert b"trusted.test.root" in fast.listxattr_at(tree.fd, b"")
+    # A symlink is the entry itself: its target's xattrs do not show.
+    dfd = os.open(tree.path / "d", os.O_PATH | os.O_DIRECTORY)
+    try:
+        os.setxattr(tree.path / "d/sub/file", "trusted.test.small", b"t")
+        assert _errno(fast.getxattr_at, dfd, b"link_file", b"trusted.test.small") == errno.ENODATA
+        assert fast.listxattr_at(dfd, b"link_file") == []
+    finally:
+        os.close(dfd)
+    assert _errno(fast.getxattr_at, tree.fd, b"file", b"trusted.test.none") == errno.ENODATA
+    assert _errno(fast.getxattr_at, tree.fd, b"missing", b"trusted.test.small") == errno.ENOENT
+    assert _errno(fast.listxattr_at, tree.fd, b"missing") == errno.ENOENT
+
+
+def test_chmod_at_never_follows(fast_any_at, tree):
+    fast = fast_any_at
+    fast.chmod_at(tree.fd, b"file", 0o4640)
+    assert stat.S_IMODE(os.lstat(tree.path / "file").st_mode) == 0o4640
+    fast.chmod_at(tree.fd, b"", 0o750)
+    assert stat.S_IMODE(os.lstat(tree.path).st_mode) == 0o750
+    before = os.stat(tree.path / "d").st_mode
+    assert _errno(fast.chmod_at, tree.fd, b"link_dir", 0o700) == errno.EOPNOTSUPP
+    assert os.stat(tree.path / "d").st_mode == before
+    assert _errno(fast.chmod_at, tree.fd, b"missing", 0o700) == errno.ENOENT

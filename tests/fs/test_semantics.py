@@ -378,6 +378,54 @@ def test_open_flags(pair):
     assert results[1] == b"f0+app" and results[5] == "E:EEXIST"
 
 
+def _create_as(path, uid, gid, mode):
+    """open(O_CREAT|O_EXCL) + close in a child running as uid/gid: None, or the errno's name.
+    From the parent directory as its working directory: the test's tmp_path is not open to it."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.chdir(path.parent)
+            path = path.name
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+        except OSError as e:
+            code = e.errno
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.WEXITSTATUS(status)
+    return errno.errorcode.get(code, code) if code else None
+
+
+def test_create_owner_and_mode_where_it_is_made(pair):
+    """A new file is made in place or in the work directory depending on who creates it and what
+    holds its name: owner, group and mode (setuid and setgid too) come out as the kernel's."""
+    lowers = [{"merged/l": File(b"l"), "gone": File(b"deleted below"),
+               "pub": Dir(mode=0o1777), "sgid": Dir(mode=0o2777)}]
+    upper = {"udir/u": File(b"u"), "gone": Whiteout(), "sgid": Dir(mode=0o2777)}
+
+    def scenario(m):
+        r = []
+        for rel, mode in (("new-suid", 0o4755), ("merged/new-sgid", 0o2750), ("udir/plain", 0o640),
+                          ("gone", 0o6711), ("sgid/root", 0o644)):
+            r.append(attempt(os.close, os.open(m / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)))
+        r += [_create_as(m / "pub/theirs", 1000, 1000, 0o4755),
+              _create_as(m / "sgid/theirs", 1000, 1000, 0o2755),
+              _create_as(m / "udir/denied", 1000, 1000, 0o644)]
+        for rel in ("new-suid", "merged/new-sgid", "udir/plain", "gone", "sgid/root",
+                    "pub/theirs", "sgid/theirs"):
+            st = os.lstat(m / rel)
+            r.append((rel, oct(st.st_mode), st.st_uid, st.st_gid))
+        return r
+
+    results, _ = pair.run(scenario, lowers, upper)
+    assert results[5:8] == [None, None, "EACCES"]
+    assert ("pub/theirs", oct(0o104755), 1000, 1000) in results
+
+
 FALLOCATE_CASES = [        # (file, mode, offset, length)
     ("low", 0, 0, 1 << 20),                                          # plain, growing
     ("low2", util.FALLOC_FL_KEEP_SIZE, 0, 1 << 20),                  # a lower file: copy-up

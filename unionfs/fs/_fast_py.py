@@ -15,7 +15,7 @@ IMPLEMENTATION = "python"
 
 __all__ = ["IMPLEMENTATION", "RESOLVE_BENEATH", "RESOLVE_NO_SYMLINKS", "RESOLVE_NO_MAGICLINKS",
            "RESOLVE_NO_XDEV", "open_beneath", "open_dir", "stat_at", "stat_beneath", "is_whiteout",
-           "renameat2", "merge_names", "copy_file"]
+           "renameat2", "merge_names", "copy_file", "getxattr_at", "listxattr_at", "chmod_at"]
 
 # openat2(2) resolve flags, from <linux/openat2.h>.
 RESOLVE_NO_XDEV = 0x01
@@ -25,6 +25,15 @@ RESOLVE_BENEATH = 0x08
 _CONFINED = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 
 _SYS_openat2 = 437
+# Calls on an entry named relative to a directory fd, never following a symlink: fchmodat2(2)
+# (Linux 6.6) and getxattrat(2)/listxattrat(2) (6.13). Without them, the same call goes through
+# the entry's path in /proc/self/fd, whose lookup costs more than the call itself.
+_SYS_fchmodat2 = 452
+_SYS_getxattrat = 464
+_SYS_listxattrat = 465
+_AT_SYMLINK_NOFOLLOW = 0x100
+_XATTR_BUF = 256            # most values and lists fit; a bigger one is asked for again
+_TOO_SMALL = (errno.ERANGE, errno.E2BIG)    # what getxattrat says of a buffer too small
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _libc.renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
@@ -37,6 +46,13 @@ class _OpenHow(ctypes.Structure):
 
 
 _have_openat2 = True
+# Module globals, as _have_openat2, so that tests can take the fallback.
+_have_xattrat = True
+_have_fchmodat2 = True
+
+
+class _XattrArgs(ctypes.Structure):
+    _fields_ = [("value", ctypes.c_uint64), ("size", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
 def _refuse_symlink(dirfd, name, err):
@@ -253,3 +269,67 @@ def _copy_data(src_fd, dst_fd, size, blocks, reflink):
         off = hole
     os.ftruncate(dst_fd, size)
     return refused
+
+
+def _proc_path(dirfd, name):
+    return b"/proc/self/fd/%d/%s" % (dirfd, name) if name else b"/proc/self/fd/%d" % dirfd
+
+
+def getxattr_at(dirfd, name, attr):
+    """The value of the xattr ``attr`` of ``name`` in the directory ``dirfd`` (of ``dirfd``
+    itself if ``name`` is empty); a symlink is not followed. OSError as getxattr(2) fails
+    (ENODATA: no such xattr). (An O_PATH fd takes no xattr call of its own, so the fd itself
+    goes through /proc.)"""
+    global _have_xattrat
+    if _have_xattrat and name:
+        buf = ctypes.create_string_buffer(_XATTR_BUF)
+        args = _XattrArgs(ctypes.addressof(buf), _XATTR_BUF, 0)
+        n = _libc.syscall(_SYS_getxattrat, dirfd, name, _AT_SYMLINK_NOFOLLOW, attr,
+                          ctypes.byref(args), ctypes.sizeof(args))
+        if n >= 0:
+            return buf.raw[:n]
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            _have_xattrat = False
+        elif err not in _TOO_SMALL:
+            raise OSError(err, os.strerror(err), name)
+    # A value too big for the buffer, or no getxattrat: os.getxattr sizes its own.
+    return os.getxattr(_proc_path(dirfd, name), attr, follow_symlinks=not name)
+
+
+def listxattr_at(dirfd, name):
+    """The xattr names (bytes) of ``name`` in the directory ``dirfd``, as getxattr_at names it."""
+    global _have_xattrat
+    if _have_xattrat and name:
+        buf = ctypes.create_string_buffer(_XATTR_BUF)
+        n = _libc.syscall(_SYS_listxattrat, dirfd, name, _AT_SYMLINK_NOFOLLOW, buf, _XATTR_BUF)
+        if n >= 0:
+            return buf.raw[:n].split(b"\0")[:-1]
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            _have_xattrat = False
+        elif err not in _TOO_SMALL:
+            raise OSError(err, os.strerror(err), name)
+    return [os.fsencode(a) for a in os.listxattr(_proc_path(dirfd, name), follow_symlinks=not name)]
+
+
+def chmod_at(dirfd, name, mode):
+    """chmod of ``name`` in the directory ``dirfd`` (of ``dirfd`` itself if ``name`` is empty),
+    never following a symlink (a symlink's own mode cannot change: EOPNOTSUPP)."""
+    global _have_fchmodat2
+    if _have_fchmodat2 and name:
+        if _libc.syscall(_SYS_fchmodat2, dirfd, name, mode, _AT_SYMLINK_NOFOLLOW) == 0:
+            return
+        err = ctypes.get_errno()
+        if err != errno.ENOSYS:
+            raise OSError(err, os.strerror(err), name)
+        _have_fchmodat2 = False
+    if not name:
+        os.chmod(_proc_path(dirfd, name), mode)
+        return
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        # Through the O_PATH fd: it names the entry itself, so nothing is followed.
+        os.chmod(_proc_path(fd, b""), mode)
+    finally:
+        os.close(fd)

@@ -41,6 +41,18 @@ _DIRFD_MAX = 4096
 _dirfds = {}
 
 
+# How many times a name in the upper layer was made, removed or moved: a listing taken at one
+# count still names what lookup would find at that count (readdir.merged_listing). Lower layers
+# never change, and the upper only through these functions.
+upper_changes = 0
+
+
+def _upper_changed(*layers):
+    global upper_changes
+    if any(layer.index == 0 for layer in layers):
+        upper_changes += 1
+
+
 def dirfd(layer, dirpath):
     """A borrowed O_PATH fd of a directory in a layer; valid until the next call into _sys."""
     key = (layer.index, dirpath)
@@ -118,8 +130,20 @@ def lstat(layer, path):
 
 
 def open_file(layer, path, flags, mode=0):
+    if flags & os.O_CREAT:
+        _upper_changed(layer)
     fd = _fast.open_beneath(layer.fd, path, flags, mode)
     _trace("open", layer.index, path, flags, fd)
+    return fd
+
+
+def create_file(layer, path, flags, mode):
+    """Create and open a new file (``flags`` has O_CREAT|O_EXCL, which follows no symlink), in
+    its parent's cached fd: one openat."""
+    _upper_changed(layer)
+    with ParentDir(layer, path) as (dfd, name):
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
+    _trace("create", layer.index, path, flags, fd)
     return fd
 
 
@@ -137,7 +161,9 @@ def statvfs(layer):
     return os.statvfs(layer.fd)
 
 
-def _xattr_target(layer, path):
+def _entry_at(layer, path):
+    """``with _entry_at(layer, path) as (dfd, name)``: the entry as a directory fd and a name in
+    it (an empty name for the layer's root: the fd itself), for the *_at calls of _fast."""
     return ParentDir(layer, path) if path else _RootDir(layer)
 
 
@@ -154,9 +180,9 @@ class _RootDir:
 
 def getxattr(layer, path, attr):
     """The value of one xattr of the entry, or None where it has none (or cannot have any)."""
-    with _xattr_target(layer, path) as (dfd, name):
+    with _entry_at(layer, path) as (dfd, name):
         try:
-            return os.getxattr(_proc(dfd, name), attr, follow_symlinks=not name)
+            return _fast.getxattr_at(dfd, name, attr)
         except OSError as e:
             if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
                 return None
@@ -164,10 +190,9 @@ def getxattr(layer, path, attr):
 
 
 def listxattr(layer, path):
-    with _xattr_target(layer, path) as (dfd, name):
+    with _entry_at(layer, path) as (dfd, name):
         try:
-            return [a.encode() if isinstance(a, str) else a
-                    for a in os.listxattr(_proc(dfd, name), follow_symlinks=not name)]
+            return _fast.listxattr_at(dfd, name)
         except OSError as e:
             if e.errno in (errno.ENOTSUP, errno.EPERM):
                 return []
@@ -175,30 +200,31 @@ def listxattr(layer, path):
 
 
 def getxattr_strict(layer, path, attr):
-    with _xattr_target(layer, path) as (dfd, name):
-        return os.getxattr(_proc(dfd, name), attr, follow_symlinks=not name)
+    with _entry_at(layer, path) as (dfd, name):
+        return _fast.getxattr_at(dfd, name, attr)
 
 
 def dir_state(layer, path, prefixes):
     """Markers of a directory in one layer: (xattrs by name for our prefixes, has .wh..wh..opq)."""
-    owned = layer.index < 0
-    fd = _fast.open_dir(layer.fd, path) if owned else dirfd(layer, path)
-    try:
-        p = _proc(fd, b"")
-        found = {}
+    found = {}
+    # Through the parent's fd and the name: one call each, where the directory's own O_PATH fd
+    # would take a path through /proc.
+    with _entry_at(layer, path) as (pfd, name):
         try:
-            names = os.listxattr(p)
+            names = _fast.listxattr_at(pfd, name)
         except OSError as e:
             if e.errno not in (errno.ENOTSUP, errno.EPERM):
                 raise
             names = []
         for a in names:
-            ab = a.encode()
-            if ab.startswith(prefixes):
+            if a.startswith(prefixes):
                 try:
-                    found[ab] = os.getxattr(p, a)
+                    found[a] = _fast.getxattr_at(pfd, name, a)
                 except OSError:
                     pass
+    owned = layer.index < 0
+    fd = _fast.open_dir(layer.fd, path) if owned else dirfd(layer, path)
+    try:
         has_opq = _fast.stat_at(fd, b".wh..wh..opq") is not None
     finally:
         if owned:
@@ -240,36 +266,42 @@ def is_xattr_whiteout(layer, dirpath, name, prefix):
 # --- writing (upper layer and work directory only) -----------------------------------------------
 
 def mkdir(layer, path, mode):
+    _upper_changed(layer)
     with ParentDir(layer, path) as (dfd, name):
         os.mkdir(name, mode, dir_fd=dfd)
     _trace("mkdir", layer.index, path, oct(mode))
 
 
 def mknod(layer, path, mode, rdev=0):
+    _upper_changed(layer)
     with ParentDir(layer, path) as (dfd, name):
         os.mknod(name, mode, rdev, dir_fd=dfd)
     _trace("mknod", layer.index, path, oct(mode), rdev)
 
 
 def symlink(layer, path, target):
+    _upper_changed(layer)
     with ParentDir(layer, path) as (dfd, name):
         os.symlink(target, name, dir_fd=dfd)
     _trace("symlink", layer.index, path, target)
 
 
 def link(src_layer, src, dst_layer, dst):
+    _upper_changed(dst_layer)
     with ParentDir(src_layer, src) as (sfd, sname), ParentDir(dst_layer, dst) as (dfd, dname):
         os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
     _trace("link", src_layer.index, src, dst_layer.index, dst)
 
 
 def unlink(layer, path):
+    _upper_changed(layer)
     with ParentDir(layer, path) as (dfd, name):
         os.unlink(name, dir_fd=dfd)
     _trace("unlink", layer.index, path)
 
 
 def rmdir(layer, path):
+    _upper_changed(layer)
     with ParentDir(layer, path) as (dfd, name):
         os.rmdir(name, dir_fd=dfd)
     forget_dirs(layer)
@@ -277,6 +309,7 @@ def rmdir(layer, path):
 
 
 def rename(src_layer, src, dst_layer, dst, flags=0):
+    _upper_changed(src_layer, dst_layer)
     with ParentDir(src_layer, src) as (sfd, sname), ParentDir(dst_layer, dst) as (dfd, dname):
         if flags:
             _fast.renameat2(sfd, sname, dfd, dname, flags)
@@ -290,13 +323,13 @@ def rename(src_layer, src, dst_layer, dst, flags=0):
 
 
 def setxattr(layer, path, attr, value, flags=0):
-    with _xattr_target(layer, path) as (dfd, name):
+    with _entry_at(layer, path) as (dfd, name):
         os.setxattr(_proc(dfd, name), attr, value, flags, follow_symlinks=not name)
     _trace("setxattr", layer.index, path, attr)
 
 
 def removexattr(layer, path, attr):
-    with _xattr_target(layer, path) as (dfd, name):
+    with _entry_at(layer, path) as (dfd, name):
         os.removexattr(_proc(dfd, name), attr, follow_symlinks=not name)
     _trace("removexattr", layer.index, path, attr)
 
@@ -312,12 +345,8 @@ def chown(layer, path, uid, gid):
 
 
 def chmod(layer, path, mode):
-    fd = open_path(layer, path)
-    try:
-        # chmod through the O_PATH fd: the fd names the entry itself, so nothing is followed.
-        os.chmod(b"/proc/self/fd/%d" % fd, mode)
-    finally:
-        os.close(fd)
+    with _entry_at(layer, path) as (dfd, name):
+        _fast.chmod_at(dfd, name, mode)
 
 
 def utime(layer, path, atime_ns=None, mtime_ns=None):
@@ -328,10 +357,12 @@ def utime(layer, path, atime_ns=None, mtime_ns=None):
                                         st.st_mtime_ns if mtime_ns is None else mtime_ns))
         return
     with ParentDir(layer, path) as (dfd, name):
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        ns = (st.st_atime_ns if atime_ns is None else atime_ns,
-              st.st_mtime_ns if mtime_ns is None else mtime_ns)
-        os.utime(name, ns=ns, dir_fd=dfd, follow_symlinks=False)
+        if atime_ns is None or mtime_ns is None:
+            # The one left as it is must be read first (os.utime has no UTIME_OMIT).
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+            mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+        os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=dfd, follow_symlinks=False)
 
 
 def truncate(layer, path, size):

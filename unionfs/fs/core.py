@@ -8,8 +8,9 @@ import errno
 import logging
 import stat
 
-from . import _sys
+from . import _fast, _sys
 from .inodes import InodeTable
+from .layers import UPPER
 from . import index
 from .lookup import Found, resolve
 
@@ -89,16 +90,34 @@ class Union:
             found = self._indexed(found)
         return found
 
-    def lookup(self, parent, name):
+    def lookup(self, parent, name, listed=None):
         """(node, lstat of its topmost copy or None) for ``name`` in ``parent``, or (None, None).
-        Does not count a lookup."""
+        Does not count a lookup. ``listed``: (layer index, dir path) where a listing of
+        ``parent`` just saw ``name`` first as a non-directory (readdir.merged_listing): then
+        that copy is the entry, and the layers above and below need no look."""
         node = self.table.child(parent, name)
         if node is not None:
             return node, None
-        found = self.resolve(parent, name)
+        found = self._listed(parent, name, listed) if listed is not None else None
+        if found is None:
+            found = self.resolve(parent, name)
         if found is None:
             return None, None
         return self.node_for(parent, name, found), found.st
+
+    def _listed(self, parent, name, listed):
+        """The Found of a non-directory in the layer a listing saw it in first; None where that
+        no longer holds (then resolve() answers)."""
+        index, dirpath = listed
+        st = _sys.lstat(self.stack.layer(index), _sys.join(dirpath, name))
+        if st is None or stat.S_ISDIR(st.st_mode) or _fast.is_whiteout(st):
+            return None
+        if index == UPPER:
+            return Found(st=st, upper=True, lowers=())
+        found = Found(st=st, upper=False, lowers=((index, _sys.join(dirpath, name)),), lower_st=st)
+        if self.index and st.st_nlink > 1:
+            found = self._indexed(found)
+        return found
 
     def walk(self, path):
         """The nodes along a merged path (root excluded); shorter when a component is missing.
@@ -129,7 +148,9 @@ class Union:
         return Found(st=ist, upper=False, lowers=((self.stack.index.index, entry),),
                      lower_st=found.lower_st)
 
-    def node_for(self, parent, name, found):
+    def node_for(self, parent, name, found, new=False):
+        """The node of an entry ``found`` under ``name`` in ``parent``: one the table knows, or
+        a new one. ``new``: an entry we just made, which has no origin to take its number from."""
         st = found.st
         key = (st.st_dev, st.st_ino)
         node = self.table.by_key(key)
@@ -155,8 +176,8 @@ class Union:
         keys = [key]
         if found.lower_st is not None:
             keys.append((found.lower_st.st_dev, found.lower_st.st_ino))
-        node = self.table.new(parent, name, found.kind, found.upper, found.lowers, keys,
-                              self._ino_for(parent, name, found))
+        ino = self.table.ino_for(st) if new else self._ino_for(parent, name, found)
+        node = self.table.new(parent, name, found.kind, found.upper, found.lowers, keys, ino)
         if not found.upper and found.lowers[0][0] in self.stack.lower_indices:
             node.lower_st = found.st
         return node

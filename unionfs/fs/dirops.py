@@ -86,28 +86,65 @@ def _place(u, parent, name, path, tmp, is_dir):
         raise
 
 
-def _new_node(u, parent, name, path):
-    st = _sys.lstat(u.stack.upper, path)
-    return u.node_for(parent, name, Found(st=st, upper=True, lowers=()))
+def _new_node(u, parent, name, path, st=None):
+    if st is None:
+        st = _sys.lstat(u.stack.upper, path)
+    return u.node_for(parent, name, Found(st=st, upper=True, lowers=()), new=True)
+
+
+# The owner this process gives what it creates: a file for the same owner needs no chown, so it
+# can be created in place (below).
+_OWN_IDS = (os.geteuid(), os.getegid())
+
+
+def _create_in_place(u, parent, path, flags, mode, uid, gid):
+    """The new file created at its place in the upper layer, as the kernel's overlayfs creates
+    where no whiteout is in the way (ovl_create_upper): an fd, or None where it must be built in
+    the work directory instead. Only for the owner this process creates files as (so nothing of
+    the file is ever visible with another one: a crash leaves it empty, as the kernel's would);
+    with the parent setgid the filesystem gives it the parent's group itself, as _owner would.
+    O_EXCL fails on whatever holds the name (a whiteout): then the work directory's way."""
+    if (uid, gid) != _OWN_IDS:
+        return None
+    try:
+        fd = _sys.create_file(u.stack.upper, path, flags, mode)
+    except FileExistsError:
+        return None
+    if parent.lowers:
+        # A ".wh.NAME" marker of an OCI layer would hide the lower entries of the name again
+        # once this file is gone: it goes now, as _place does.
+        try:
+            remove_oci_whiteout(u.stack, path)
+        except BaseException:
+            _sys.close(fd)
+            _sys.unlink(u.stack.upper, path)
+            raise
+    return fd
 
 
 async def create(u, parent, name, mode, flags, ctx):
-    """A new regular file, opened: (node, fd)."""
+    """A new regular file, opened: (node, fd, lstat of the new file)."""
     path = await _prepare(u, parent, name)
     before = _room_for_name(u, parent)
-    uid, gid, _ = _owner(u, parent, ctx, False)
-    work, tmp = u.stack.work, work_name()
-    fd = _sys.open_file(work, tmp,
-                        os.O_CREAT | os.O_EXCL | files.layer_flags(u, flags & _OPEN_FLAGS_KEPT),
-                        stat.S_IMODE(mode))
-    try:
-        os.fchown(fd, uid, gid)
-        _place(u, parent, name, path, tmp, False)
-    except BaseException:
-        _sys.close(fd)
-        raise
+    flags = os.O_CREAT | os.O_EXCL | files.layer_flags(u, flags & _OPEN_FLAGS_KEPT)
+    mode = stat.S_IMODE(mode)
+    disk_uid, disk_gid = u.disk_ids(ctx.uid, ctx.gid)
+    fd = _create_in_place(u, parent, path, flags, mode, disk_uid, disk_gid)
+    if fd is None:
+        uid, gid, _ = _owner(u, parent, ctx, False)
+        work, tmp = u.stack.work, work_name()
+        fd = _sys.open_file(work, tmp, flags, mode)
+        try:
+            os.fchown(fd, uid, gid)
+            if mode & (stat.S_ISUID | stat.S_ISGID):
+                os.fchmod(fd, mode)         # the chown cleared them
+            _place(u, parent, name, path, tmp, False)
+        except BaseException:
+            _sys.close(fd)
+            raise
     _count_name(u, parent, before, path)
-    return _new_node(u, parent, name, path), fd
+    st = _sys.fstat(fd)
+    return _new_node(u, parent, name, path, st), fd, st
 
 
 async def mknod(u, parent, name, mode, rdev, ctx):

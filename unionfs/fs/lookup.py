@@ -114,7 +114,12 @@ def resolve(stack, parent_dirs, name):
                 queue[k:] = [(i, _sys.join(_sys.split(p)[0], target), w) for i, p, w in queue[k:]]
     if not hits:
         return None
-    top_index, _, top_st = hits[0]
+    top_index, top_path, top_st = hits[0]
+    if len(hits) == 1:
+        # The common case (a file, or a directory in one layer), without the generators below.
+        if top_index == UPPER:
+            return Found(st=top_st, upper=True, lowers=())
+        return Found(st=top_st, upper=False, lowers=((top_index, top_path),), lower_st=top_st)
     lowers = tuple((i, p) for i, p, _ in hits if i != UPPER)
     lower_st = next((s for i, _, s in hits if i != UPPER), None)
     return Found(st=top_st, upper=top_index == UPPER, lowers=lowers, lower_st=lower_st)

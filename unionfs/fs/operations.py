@@ -13,7 +13,7 @@ import logging
 import os
 
 from . import attrs, dirops, files
-from .readdir import DirHandle, merged_names
+from .readdir import DirHandle
 
 log = logging.getLogger("unionfs.requests")
 
@@ -180,9 +180,9 @@ class Operations:
     @_handler
     async def create(self, parent_inode, name, mode, flags, ctx):
         u = self.u
-        node, fd = await dirops.create(u, u.table[parent_inode], name, mode, flags, ctx)
+        node, fd, st = await dirops.create(u, u.table[parent_inode], name, mode, flags, ctx)
         fh = u.add_handle(files.adopt(u, fd, node, True, flags))
-        return fh, u.entry(node)
+        return fh, u.entry(node, st)
 
     @_handler
     async def read(self, fh, off, size):
@@ -212,7 +212,10 @@ class Operations:
 
     @_handler
     async def flush(self, fh):
-        pass
+        # Nothing to do at close: ENOSYS tells the kernel to send no more FLUSH, which saves a
+        # round trip at every close(2). (With the writeback cache the kernel still writes dirty
+        # pages back at close first; it holds no locks of ours to release.)
+        raise OSError(errno.ENOSYS, "no flush")
 
     @_handler
     async def fsync(self, fh, datasync):
@@ -242,7 +245,7 @@ class Operations:
         if start_id == 0 or h.names is None:
             # "." and ".." first, as the kernel's overlayfs lists them; then the merged names
             # (taken again at each rewinddir, so that it sees changes).
-            h.names = [b".", b".."] + merged_names(u.stack, h.node.dirs())
+            h.names = [b".", b".."] + h.take(u.stack)
         for i in range(start_id, len(h.names)):
             name = h.names[i]
             if i < 2:
@@ -256,7 +259,7 @@ class Operations:
                 if not add(name, a, i + 1):
                     break
                 continue
-            node, st = u.lookup(h.node, name)
+            node, st = u.lookup(h.node, name, h.listed(name))
             if node is None:
                 continue            # removed since the listing was taken
             if not add(name, u.attrs(node, st), i + 1):

@@ -16,6 +16,7 @@ import stat
 from dataclasses import dataclass
 
 from . import _sys
+from .layers import UPPER
 
 OCI_PREFIX = b".wh."
 OCI_OPAQUE = b".wh..wh..opq"
@@ -95,17 +96,22 @@ def _read_markers(layer, path):
 
 
 def is_whiteout(layer, path, st):
-    """Whether an existing entry is a whiteout, in the kernel's device or xattr form."""
+    """Whether an existing entry is a whiteout, in the kernel's device or xattr form. The xattr
+    form is read where the kernel reads it: an empty regular file in a lower layer's directory
+    marked as possibly holding such files (``overlay.opaque=x``, kept for lowers); so an empty
+    file of the upper layer costs no listxattr."""
     if stat.S_ISCHR(st.st_mode):
         return st.st_rdev == 0
-    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+    if (stat.S_ISREG(st.st_mode) and st.st_size == 0 and layer.index != UPPER
+            and dir_markers(layer, _sys.split(path)[0]).xattr_whiteouts):
         names = _sys.listxattr(layer, path)         # one call for both prefixes
         return any(p + b"whiteout" in names for p in PRIVATE_PREFIXES)
     return False
 
 
-def list_dir(layer, path, markers):
-    """One layer's directory: (visible names, names it whites out for the layers below)."""
+def list_dir(layer, path, markers, nondirs=None):
+    """One layer's directory: (visible names, names it whites out for the layers below). The
+    visible names that are not directories are added to the set ``nondirs`` if one is given."""
     names, hidden = [], set()
     for name, kind in _sys.scandir(layer, path):
         if kind == 0:
@@ -119,6 +125,8 @@ def list_dir(layer, path, markers):
             hidden.add(name)
         else:
             names.append(name)
+            if nondirs is not None and kind != stat.S_IFDIR:
+                nondirs.add(name)
     return names, hidden
 
 
