@@ -11,7 +11,6 @@ import functools
 import gettext
 import os
 import sys
-import time
 
 from ..build import cli as build_cli
 from ..images import cli as image_cli

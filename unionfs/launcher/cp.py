@@ -11,7 +11,7 @@ import os
 import stat
 
 from . import _libc as L
-from . import lifecycle, rootfs, state, union
+from . import lifecycle, rootfs, union
 
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
