@@ -11,6 +11,7 @@ run leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -90,6 +91,12 @@ class _Log:
         os.dup2(err_w, 2)
         os.close(out_w)
         os.close(err_w)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def close(self):
         """Back to our own stdout and stderr (/dev/null if we had none to keep); the logger
@@ -429,35 +436,27 @@ def _wait_and_restart(spec, root, image, store, started, to_log, count=0, code=N
     status. ``to_log`` (detached): the waiting is done by waiter.py, exec'd in our place. The
     logger of the first start logs every run; in the foreground it is closed at the end."""
     the_log = started.log
-    # The terminal goes back to cooked mode only after the logger, which copies the command's
-    # output on to it, is done.
-    with P.RawTerminal() as term:
-        try:
-            return _wait_loop(spec, root, image, store, started, to_log, count, code, term)
-        finally:
-            if the_log is not None:
-                the_log.close()
-
-
-def _wait_loop(spec, root, image, store, started, to_log, count, code, term):
-    while True:
-        if code is None:
-            if to_log and started.master is None and not started.failure:
-                _become_waiter(spec, root, started, count)
-            code = wait(started, spec.interactive and not to_log, term)
-        again = _should_restart(spec, code, count, started.paths)
-        finish(started, code)
-        if not again:
-            return code
-        time.sleep(min(0.1 * 2 ** count, 10.0))
-        count += 1
-        if os.path.lexists(started.paths.stopped):
-            return code
-        # Our stdout and stderr are the logger's pipes still (waiter.py kept them).
-        started = start(spec, root, image, store, to_log=to_log, again=True, log=False)
-        started.st["restarts"] = count
-        state.write(started.paths, started.st)
-        code = None
+    # Left in reverse order: the logger, which copies the command's output on to our terminal,
+    # is done before the terminal goes back to cooked mode.
+    with P.RawTerminal() as term, the_log or contextlib.nullcontext():
+        while True:
+            if code is None:
+                if to_log and started.master is None and not started.failure:
+                    _become_waiter(spec, root, started, count)
+                code = wait(started, spec.interactive and not to_log, term)
+            again = _should_restart(spec, code, count, started.paths)
+            finish(started, code)
+            if not again:
+                return code
+            time.sleep(min(0.1 * 2 ** count, 10.0))
+            count += 1
+            if os.path.lexists(started.paths.stopped):
+                return code
+            # Our stdout and stderr are the logger's pipes still (waiter.py kept them).
+            started = start(spec, root, image, store, to_log=to_log, again=True, log=False)
+            started.st["restarts"] = count
+            state.write(started.paths, started.st)
+            code = None
 
 
 def _become_waiter(spec, root, started, count):
